@@ -1,0 +1,1 @@
+"""gpen-watch service: hot folders, readiness, the job table, publishing, the process."""
