@@ -1,0 +1,89 @@
+"""The ``gpen-watch`` command line: one sub-command per job, each handled in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# sub-command -> "module:function"; imported lazily so `gpen-watch --help` stays instant.
+HANDLERS = {
+    "run": "daemon.service:command",
+    "enhance": "daemon.oneshot:command",
+    "bench": "daemon.benchcmd:command",
+    "models": "daemon.modelfiles:command",
+    "doctor": "daemon.doctor:command",
+    "init": "daemon.layout:command",
+    "status": "daemon.status:command",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML config (default: $GPEN_WATCH_CONFIG, /etc/gpen-watch/config.toml)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
+    p.add_argument("--models-dir", metavar="DIR", help="where weight files live (overrides the config)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpen-watch", description="Restore faces in photos dropped into hot folders.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the watch-folder daemon")
+    _common(p)
+    p.add_argument("--root", metavar="DIR", help="use DIR/in/<preset> hot folders and DIR/{out,backup,failed}/<preset>")
+    p.add_argument("--no-download", action="store_true", help="never download missing weight files")
+
+    p = sub.add_parser("enhance", help="restore files or folders once and exit")
+    _common(p)
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("-o", "--output", metavar="DIR", help="write results into DIR (default: beside each input)")
+    p.add_argument("--preset", default="fast", help="preset name (default: fast)")
+    p.add_argument("--compare", action="store_true", help="also write a side-by-side before/after image per file")
+    p.add_argument("--no-download", action="store_true", help="never download missing weight files")
+    p.add_argument("--random-weights", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("bench", help="measure the engine's speed")
+    _common(p)
+    p.add_argument("--preset", default="fast")
+    p.add_argument("--images", metavar="DIR", help="photos to use (default: synthetic)")
+    p.add_argument("--batch", type=int, help="generator batch size (default: the preset's)")
+    p.add_argument("--random-weights", action="store_true", help="random generator weights (speed only)")
+    p.add_argument("--baseline", action="store_true", help="also run the one-face-at-a-time official way")
+    p.add_argument("--repeat", type=int, default=3, help="timed passes over the images")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+
+    p = sub.add_parser("models", help="list, download or verify weight files")
+    _common(p)
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    msub.add_parser("list", help="each model, whether its file is present, and its size")
+    d = msub.add_parser("download", help="download missing weight files (all, or the ones named)")
+    d.add_argument("names", nargs="*", metavar="NAME")
+    d.add_argument("--force", action="store_true", help="download again even if present")
+    msub.add_parser("verify", help="load every present weight file strictly")
+
+    p = sub.add_parser("doctor", help="report on torch, the device and the weight files")
+    _common(p)
+
+    p = sub.add_parser("init", help="create a hot-folder layout and a commented config")
+    p.add_argument("dir", metavar="DIR")
+
+    p = sub.add_parser("status", help="per-folder counts, recent failures and throughput")
+    _common(p)
+    p.add_argument("--root", metavar="DIR")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = HANDLERS[args.command].split(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Configuration: a TOML file plus ``GPEN_WATCH_*`` environment overrides.
+
+Precedence, highest first: command-line flags, environment, the TOML file, defaults.
+config/gpen-watch.toml documents every setting; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from gpen_engine.options import BUILTIN_PRESETS, DecodeOptions, EncodeOptions, EngineOptions, Preset
+
+SYSTEM_CONFIG = Path("/etc/gpen-watch/config.toml")
+DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+
+Percent = Annotated[float, Field(ge=0, le=100)]
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the setting, the value and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PresetSettings(_Strict):
+    """Overrides for a built-in preset, or a new preset based on one (``base``)."""
+
+    base: str | None = None
+    model: str | None = None
+    batch_size: Annotated[int, Field(ge=1, le=256)] | None = None
+    max_long_side: Annotated[int, Field(ge=64)] | None = None
+    strength: Percent | None = None
+    denoise: Percent | None = None
+    sharpen: Percent | None = None
+    skin_protection: bool | None = None
+    detail: Percent | None = None
+    precision: Literal["fp32", "fp16", "bf16"] | None = None
+    device: str | None = None
+    detector: Literal["resnet50", "mobile0.25"] | None = None
+    detect_long_side: Annotated[int, Field(ge=64)] | None = None
+    det_confidence: Annotated[float, Field(gt=0, lt=1)] | None = None
+    min_face_size: Annotated[int, Field(ge=1)] | None = None
+    max_faces: Annotated[int, Field(ge=1)] | None = None
+    use_parsing: bool | None = None
+    faces_required: bool | None = None
+
+
+class FolderSettings(_Strict):
+    """One hot folder and where its results, backups and failures go."""
+
+    path: Path
+    preset: str = "fast"
+    output: Path
+    backup: Path
+    failed: Path
+    recursive: bool = True
+    watch: Literal["auto", "events", "poll"] = "auto"
+    stability_delay: Annotated[float, Field(ge=0)] = 2.0
+    priority: int = 0
+    after: Literal["delete", "keep", "move"] = "delete"
+    # Where originals go with ``after = "move"``; default: a "done" folder beside the backup folder.
+    done: Path | None = None
+
+    @model_validator(mode="after")
+    def _move_needs_target(self) -> FolderSettings:
+        if self.after == "move" and self.done is None:
+            object.__setattr__(self, "done", self.backup.parent / "done" / self.backup.name)
+        return self
+
+
+class ModelEntry(_Strict):
+    """A user's own GPEN checkpoint: a file plus the architecture it was trained with."""
+
+    name: str
+    path: Path
+    size: Annotated[int, Field(ge=16)]
+    style_dim: int = 512
+    n_mlp: int = 8
+    channel_multiplier: int = 2
+    narrow: float = 1.0
+    key: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+
+
+class MetricsSettings(_Strict):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 9477
+
+
+class Settings(BaseSettings):
+    """Everything gpen-watch reads at start-up (and again on SIGHUP)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GPEN_WATCH_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    # With no [[folders]], the layout under root: in/<preset>, out/<preset>, backup/<preset>, failed/<preset>.
+    root: Path | None = None
+    folders: list[FolderSettings] = []
+    presets: dict[str, PresetSettings] = {}
+    models: list[ModelEntry] = []
+
+    # systemd sets STATE_DIRECTORY for units with StateDirectory=.
+    state_dir: Path | None = None
+    models_dir: Path = Path("models")
+    download: bool = True
+    device: str = "auto"
+
+    extensions: list[str] = list(DEFAULT_EXTENSIONS)
+    poll_interval: Annotated[float, Field(gt=0)] = 2.0
+    rescan_interval: Annotated[float, Field(gt=0)] = 30.0
+    max_ready_wait: Annotated[float, Field(gt=0)] = 600.0
+    max_batch_delay: Annotated[float, Field(ge=0)] = 0.5
+    max_attempts: Annotated[int, Field(ge=1)] = 5
+    retry_backoff: Annotated[float, Field(gt=0)] = 5.0
+    retry_backoff_max: Annotated[float, Field(gt=0)] = 300.0
+
+    duplicates: Literal["process", "skip"] = "process"
+    collisions: Literal["suffix", "overwrite"] = "suffix"
+    no_face: Literal["publish", "fail"] = "publish"
+
+    max_pixels: Annotated[int, Field(ge=1)] = 100_000_000
+    output_format: Literal["JPEG", "PNG", "WEBP", "TIFF", "BMP"] | None = None
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
+    io_threads: Annotated[int, Field(ge=1, le=64)] = 4
+
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    metrics: MetricsSettings = MetricsSettings()
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_lowercase(cls, value: list[str]) -> list[str]:
+        return ["." + ext.lower().lstrip(".") for ext in value]
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        presets = preset_table(self)
+        for i, folder in enumerate(self.folders):
+            if folder.preset not in presets:
+                raise ValueError(
+                    f"folders.{i}.preset = {folder.preset!r}: unknown preset (known: {', '.join(sorted(presets))})"
+                )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = settings_cls.model_config.get("toml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
+    """The config file to read: --config, then $GPEN_WATCH_CONFIG, then /etc/gpen-watch/config.toml if present."""
+    if explicit:
+        return Path(explicit)
+    if env := os.environ.get("GPEN_WATCH_CONFIG"):
+        return Path(env)
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read and validate the configuration; raise ConfigError with a readable message."""
+    toml_file = config_path(path)
+    if toml_file is not None and not toml_file.is_file():
+        raise ConfigError(f"config file {toml_file} does not exist")
+    # A subclass per file keeps the file choice out of global state.
+    bound = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": toml_file}})
+    try:
+        return bound(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, toml_file)) from None
+    except (OSError, ValueError) as exc:  # unreadable file, TOML syntax error
+        raise ConfigError(f"cannot read config {toml_file}: {exc}") from None
+
+
+def format_validation_error(exc: ValidationError, source: Path | None) -> str:
+    where = f" in {source}" if source else ""
+    lines = [f"invalid configuration{where}:"]
+    for err in exc.errors():
+        name = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            lines.append(f"  {name}: required setting is missing")
+        elif "input" in err and not isinstance(err["input"], dict | list):
+            lines.append(f"  {name} = {err['input']!r}: {message}")
+        else:
+            lines.append(f"  {name}: {message}")
+    return "\n".join(lines)
+
+
+def preset_table(settings: Settings) -> dict[str, Preset]:
+    """Built-in presets with the config's changes applied, plus the config's own presets."""
+    table = dict(BUILTIN_PRESETS)
+    for name, custom in settings.presets.items():
+        base_name = custom.base or (name if name in table else "fast")
+        if base_name not in table:
+            raise ValueError(f"presets.{name}.base = {base_name!r}: unknown preset")
+        changes = {k: v for k, v in custom.model_dump(exclude={"base"}).items() if v is not None}
+        table[name] = table[base_name].with_(name=name, **changes)
+    return table
+
+
+def hot_folders(settings: Settings) -> list[FolderSettings]:
+    """The configured folders, or the default layout under ``root``: one hot folder per built-in preset."""
+    if settings.folders:
+        return list(settings.folders)
+    if settings.root is None:
+        raise ConfigError("no hot folders: pass --root DIR, set root in the config, or add [[folders]] entries")
+    root = settings.root.expanduser().absolute()
+    return [
+        FolderSettings(
+            path=root / "in" / name,
+            preset=name,
+            output=root / "out" / name,
+            backup=root / "backup" / name,
+            failed=root / "failed" / name,
+        )
+        for name in BUILTIN_PRESETS
+    ]
+
+
+def state_dir(settings: Settings) -> Path:
+    if settings.state_dir is not None:
+        return settings.state_dir
+    if env := os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
+        return Path(env.split(":")[0])
+    if settings.root is not None:
+        return settings.root.expanduser().absolute() / "state"
+    return Path.home() / ".local" / "state" / "gpen-watch"
+
+
+def engine_options(settings: Settings, preset: Preset) -> EngineOptions:
+    return EngineOptions(
+        preset=preset,
+        decode=DecodeOptions(max_pixels=settings.max_pixels),
+        encode=EncodeOptions(format=settings.output_format, jpeg_quality=settings.jpeg_quality),
+    )
