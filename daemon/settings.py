@@ -269,3 +269,14 @@ def engine_options(settings: Settings, preset: Preset) -> EngineOptions:
         decode=DecodeOptions(max_pixels=settings.max_pixels),
         encode=EncodeOptions(format=settings.output_format, jpeg_quality=settings.jpeg_quality),
     )
+
+
+def settings_from_args(args: Any) -> Settings:
+    """Settings for a CLI command: its flags override the environment and the config file."""
+    return load_settings(
+        getattr(args, "config", None),
+        root=getattr(args, "root", None),
+        device=getattr(args, "device", None),
+        models_dir=getattr(args, "models_dir", None),
+        download=False if getattr(args, "no_download", False) else None,
+    )
