@@ -1,0 +1,234 @@
+"""Download one weight file: resumable, verified, and never a half file under its final name.
+
+The bytes go to ``<name>.part`` beside the destination. A dropped connection resumes with an HTTP Range
+request when the server honours it (206) and starts over when it does not (200). Only a complete file that
+passes the checksum and the caller's ``verify`` (a strict load) is fsynced and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import http.client
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+CHUNK = 1 << 20
+USER_AGENT = "gpen-watch/0.1 (model downloader)"
+# Client errors another attempt cannot fix (408 Request Timeout and 429 Too Many Requests are worth a retry).
+_FATAL_STATUS = frozenset(range(400, 500)) - {408, 416, 429}
+
+
+class DownloadError(Exception):
+    """A file could not be downloaded; the message says which file, where it goes, and where it comes from."""
+
+
+class _Dropped(Exception):
+    """The transfer stopped early; what arrived stays in the .part file for the next attempt."""
+
+
+def part_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part")
+
+
+def download(
+    url: str,
+    dest: Path,
+    *,
+    progress: bool = True,
+    timeout: float = 30,
+    retries: int = 3,
+    expected_sha256: str | None = None,
+    verify: Callable[[Path], None] | None = None,
+    backoff: float = 1.0,
+    skip_if_present: bool = False,
+) -> Path:
+    """Fetch ``url`` into ``dest`` and return ``dest``.
+
+    ``retries`` counts attempts that end without the partial file growing past what an earlier attempt
+    had, so a slow but steady transfer over a flaky link still finishes. ``verify`` gets the complete
+    temporary file and raises to reject it. Raises DownloadError; on failure nothing exists under ``dest``
+    (a partial ``.part`` is kept for the next run unless it is known to be bad). With ``skip_if_present``,
+    a file another process finished while this one waited for the folder's lock is taken as it is.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _dir_lock(dest.parent, dest.name, progress):
+        if skip_if_present and dest.is_file():
+            return dest
+        part = part_path(dest)
+        failures = 0
+        best = 0
+        restarted_after_bad = False
+        while True:
+            try:
+                resumed = _fetch(url, part, timeout=timeout, progress=progress)
+            except _Dropped as exc:
+                size = part.stat().st_size if part.exists() else 0
+                if size > best:
+                    best = size
+                else:
+                    failures += 1
+                if failures > retries:
+                    reason = f"the connection kept dropping ({exc})"
+                    raise DownloadError(_message(dest, url, reason)) from None
+                time.sleep(backoff * min(2**failures, 30))
+                continue
+            except DownloadError as exc:
+                raise DownloadError(_message(dest, url, str(exc))) from None
+            try:
+                _check(part, expected_sha256, verify)
+            except DownloadError as exc:
+                part.unlink(missing_ok=True)
+                # Bytes kept from an earlier run may belong to another version of the file: one clean restart.
+                if resumed and not restarted_after_bad:
+                    restarted_after_bad = True
+                    continue
+                raise DownloadError(_message(dest, url, str(exc))) from None
+            os.replace(part, dest)
+            _fsync_dir(dest.parent)
+            return dest
+
+
+def _fetch(url: str, part: Path, *, timeout: float, progress: bool) -> bool:
+    """One attempt: append to or restart ``part`` until the server's bytes end. True if it resumed."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code == 416 and offset:
+            # The partial is as long as (or longer than) the file: complete, or junk. The checks decide.
+            total = _total_from_content_range(exc.headers.get("Content-Range"))
+            if total == offset:
+                return True
+            part.unlink(missing_ok=True)
+            raise _Dropped(f"HTTP 416 for a partial of {offset} bytes") from None
+        if exc.code in _FATAL_STATUS:
+            raise DownloadError(f"HTTP {exc.code} {exc.reason}") from None
+        raise _Dropped(f"HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _Dropped(str(reason)) from None
+
+    with response:
+        resumed = False
+        if response.status == 206 and offset:
+            start = _start_from_content_range(response.headers.get("Content-Range"))
+            if start != offset:
+                part.unlink(missing_ok=True)
+                raise _Dropped(f"server answered a range from byte {start}, asked for {offset}")
+            resumed = True
+            mode = "ab"
+        else:  # 200: the server ignores ranges (or none was asked); start over
+            offset = 0
+            mode = "wb"
+        length = response.headers.get("Content-Length")
+        expected = offset + int(length) if length and length.isdigit() else None
+        bar = tqdm(
+            total=expected, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=part.name.removesuffix(".part"), disable=not progress, file=sys.stderr, leave=False,
+        )
+        written = offset
+        with open(part, mode) as out, bar:
+            try:
+                for chunk in _chunks(response):
+                    out.write(chunk)
+                    written += len(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as exc:
+                _flush(out)
+                raise _Dropped(str(exc) or type(exc).__name__) from None
+            _flush(out)
+        if expected is not None and written != expected:
+            raise _Dropped(f"got {written} of {expected} bytes")
+        return resumed
+
+
+def _chunks(response: http.client.HTTPResponse) -> Iterator[bytes]:
+    while chunk := response.read(CHUNK):
+        yield chunk
+
+
+def _flush(out: object) -> None:
+    out.flush()  # type: ignore[attr-defined]
+    os.fsync(out.fileno())  # type: ignore[attr-defined]
+
+
+def _check(part: Path, expected_sha256: str | None, verify: Callable[[Path], None] | None) -> None:
+    if expected_sha256:
+        actual = sha256_of(part)
+        if actual.lower() != expected_sha256.lower():
+            raise DownloadError(f"checksum mismatch: expected sha256 {expected_sha256}, got {actual}")
+    if verify is not None:
+        try:
+            verify(part)
+        except Exception as exc:  # whatever the loader raises, the file is not usable
+            raise DownloadError(f"the downloaded file failed verification: {exc}") from None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _message(dest: Path, url: str, reason: str) -> str:
+    return (
+        f"could not download {dest.name}: {reason}\n"
+        f"  it comes from: {url}\n"
+        f"  it must go to: {dest}\n"
+        f"  download it by hand and put it there, or check the network and proxy settings and retry"
+    )
+
+
+_RANGE = re.compile(r"bytes\s+(\d+|\*)-?(\d*)/(\d+|\*)")
+
+
+def _start_from_content_range(value: str | None) -> int | None:
+    match = _RANGE.match(value or "")
+    return int(match.group(1)) if match and match.group(1) != "*" else None
+
+
+def _total_from_content_range(value: str | None) -> int | None:
+    match = _RANGE.match(value or "")
+    return int(match.group(3)) if match and match.group(3) != "*" else None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _dir_lock(directory: Path, name: str, progress: bool) -> Iterator[None]:
+    """One download per models folder at a time: daemons for several GPUs often start together."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another process downloading into {directory} ({name})", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

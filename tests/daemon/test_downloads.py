@@ -1,0 +1,181 @@
+"""The weight downloader against a local HTTP server that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from daemon.downloads import DownloadError, download, part_path
+
+PAYLOAD = os.urandom(300_000)
+
+
+@dataclass
+class Behaviour:
+    """How the fake server answers; ``requests`` records each request's Range header (or None)."""
+
+    honour_range: bool = True
+    drops: int = 0  # the first N responses stop halfway
+    always_drop: bool = False
+    status: int = 200
+    requests: list[str | None] = field(default_factory=list)
+
+
+def _handler(payload: bytes, behaviour: Behaviour) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            range_header = self.headers.get("Range")
+            behaviour.requests.append(range_header)
+            if behaviour.status != 200:
+                self.send_error(behaviour.status)
+                return
+            start = 0
+            if range_header and behaviour.honour_range:
+                start = int(range_header.removeprefix("bytes=").split("-")[0])
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+            else:
+                self.send_response(200)
+            body = payload[start:]
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if behaviour.always_drop or behaviour.drops > 0:
+                behaviour.drops -= 1
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def serve() -> Iterator:
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(behaviour: Behaviour, payload: bytes = PAYLOAD) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(payload, behaviour))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/GPEN-BFR-512.pth"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _get(url: str, dest: Path, **kwargs: object) -> Path:
+    return download(url, dest, progress=False, timeout=5, backoff=0, **kwargs)  # type: ignore[arg-type]
+
+
+class TestDownload:
+    def test_normal_download(self, serve, tmp_path: Path) -> None:
+        """A plain download puts exactly the server's bytes under the final name and leaves no .part."""
+        dest = tmp_path / "models" / "GPEN-BFR-512.pth"
+        assert dest == _get(serve(Behaviour()), dest)
+        assert dest.read_bytes() == PAYLOAD
+        assert not part_path(dest).exists()
+
+    def test_resumes_after_drop(self, serve, tmp_path: Path) -> None:
+        """A server that honours Range and drops halfway is resumed from where the bytes stopped."""
+        behaviour = Behaviour(drops=1)
+        dest = tmp_path / "GPEN-BFR-512.pth"
+        _get(serve(behaviour), dest, expected_sha256=hashlib.sha256(PAYLOAD).hexdigest())
+        assert dest.read_bytes() == PAYLOAD
+        assert [None, f"bytes={len(PAYLOAD) // 2}-"] == behaviour.requests
+
+    def test_resumes_partial_from_earlier_run(self, serve, tmp_path: Path) -> None:
+        """A .part left by an interrupted earlier run is continued, not thrown away."""
+        behaviour = Behaviour()
+        dest = tmp_path / "GPEN-BFR-512.pth"
+        part_path(dest).write_bytes(PAYLOAD[:1000])
+        _get(serve(behaviour), dest)
+        assert dest.read_bytes() == PAYLOAD
+        assert behaviour.requests == ["bytes=1000-"]
+
+    def test_restarts_when_range_ignored(self, serve, tmp_path: Path) -> None:
+        """A server that ignores Range (200) after a drop gives a clean restart, not a doubled file."""
+        behaviour = Behaviour(honour_range=False, drops=1)
+        dest = tmp_path / "GPEN-BFR-512.pth"
+        _get(serve(behaviour), dest)
+        assert dest.read_bytes() == PAYLOAD
+        assert len(behaviour.requests) == 2
+
+    def test_bad_partial_from_another_file_restarts(self, serve, tmp_path: Path) -> None:
+        """A stale .part of different content fails the checksum once, then a full download succeeds."""
+        behaviour = Behaviour()
+        dest = tmp_path / "GPEN-BFR-512.pth"
+        part_path(dest).write_bytes(b"x" * 5000)
+        _get(serve(behaviour), dest, expected_sha256=hashlib.sha256(PAYLOAD).hexdigest())
+        assert dest.read_bytes() == PAYLOAD
+        assert behaviour.requests == ["bytes=5000-", None]
+
+    def test_always_dropping_server_fails_clearly(self, serve, tmp_path: Path) -> None:
+        """A server that never completes: an error naming file, source and destination, and no final file."""
+        url = serve(Behaviour(honour_range=False, always_drop=True))
+        dest = tmp_path / "GPEN-BFR-512.pth"
+        with pytest.raises(DownloadError) as info:
+            _get(url, dest, retries=2)
+        message = str(info.value)
+        assert "GPEN-BFR-512.pth" in message
+        assert url in message
+        assert str(dest) in message
+        assert not dest.exists()
+
+    def test_checksum_mismatch_leaves_no_file(self, serve, tmp_path: Path) -> None:
+        """Bytes that do not match the expected sha256 never appear under the final name (nor as .part)."""
+        dest = tmp_path / "GPEN-BFR-512.pth"
+        with pytest.raises(DownloadError, match="checksum mismatch"):
+            _get(serve(Behaviour()), dest, expected_sha256="0" * 64)
+        assert not dest.exists()
+        assert not part_path(dest).exists()
+
+    def test_verify_failure_leaves_no_file(self, serve, tmp_path: Path) -> None:
+        """When the strict-load check rejects the file, the error carries its reason and no file is kept."""
+
+        def reject(path: Path) -> None:
+            assert path.read_bytes() == PAYLOAD  # the check sees the complete file
+            raise ValueError("unexpected key 'foo'")
+
+        dest = tmp_path / "GPEN-BFR-512.pth"
+        with pytest.raises(DownloadError, match="unexpected key 'foo'"):
+            _get(serve(Behaviour()), dest, verify=reject)
+        assert not dest.exists()
+        assert not part_path(dest).exists()
+
+    def test_not_found_is_not_retried(self, serve, tmp_path: Path) -> None:
+        """A 404 fails at once with the HTTP status in the message."""
+        behaviour = Behaviour(status=404)
+        dest = tmp_path / "GPEN-BFR-512.pth"
+        with pytest.raises(DownloadError, match="HTTP 404"):
+            _get(serve(behaviour), dest)
+        assert len(behaviour.requests) == 1
+        assert not dest.exists()
+
+    def test_offline_message(self, tmp_path: Path) -> None:
+        """With nothing listening, the error says which file, where it must go and where it comes from."""
+        import socket
+
+        with socket.socket() as s:  # a port that was free a moment ago: connection refused
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}/parsing_parsenet.pth"
+        dest = tmp_path / "parsing_parsenet.pth"
+        with pytest.raises(DownloadError) as info:
+            _get(url, dest, retries=0)
+        message = str(info.value)
+        assert "parsing_parsenet.pth" in message and url in message and str(dest) in message
+        assert not dest.exists()
