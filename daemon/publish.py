@@ -1,0 +1,591 @@
+"""Everything that writes to the outputs share, the backup folder and the failed folder.
+
+Rules every function here keeps:
+
+* A file appears under its final name complete or not at all: data goes to a hidden temporary
+  name in the same directory (``.gpen-watch.<16 hex>.tmp``), is fsynced, renamed, and the directory
+  is fsynced. On any error the temporary file is removed.
+* The root of an output/backup/failed/done tree is never created here. If it is missing, the share
+  is probably unmounted, and creating it would silently fill the local disk: we raise
+  ``ShareUnavailable`` (transient) instead. Subfolders below an existing root are created.
+* Below a root, nothing follows a symlink: directories are walked with ``O_NOFOLLOW`` and all
+  writes go through directory file descriptors, so a planted link cannot redirect a write
+  outside the configured folders. Relative paths with ``..`` or an absolute path are refused.
+* Names are never passed to a shell or a program, so spaces, Unicode, newlines and leading
+  dashes are ordinary names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import platform
+import re
+import secrets
+import stat
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Literal
+
+__all__ = [
+    "FailureInfo",
+    "ShareUnavailable",
+    "SourceChanged",
+    "UnsafePath",
+    "classify_os_error",
+    "cleanup_temp_files",
+    "copy_verified",
+    "dispose_source",
+    "is_mounted_share_available",
+    "plan_output_name",
+    "write_atomic",
+    "write_failure",
+]
+
+TEMP_PREFIX = ".gpen-watch."
+TEMP_SUFFIX = ".tmp"
+TEMP_PATTERN = re.compile(r"\.gpen-watch\.[0-9a-f]{16}\.tmp\Z")
+_CHUNK = 1 << 20
+_MAX_SUFFIX = 100_000
+
+Collisions = Literal["suffix", "overwrite"]
+After = Literal["delete", "keep", "move"]
+ErrorKind = Literal["transient", "permanent"]
+
+
+class ShareUnavailable(OSError):
+    """The root of an output/backup/failed tree is missing or unreachable: retry later."""
+
+    def __init__(self, root: Path, why: str = "folder is missing (share not mounted?)") -> None:
+        super().__init__(errno.ENOENT, why, str(root))
+
+
+class SourceChanged(Exception):
+    """The original's bytes no longer match the SHA-256 recorded in the job row."""
+
+
+class UnsafePath(ValueError):
+    """A relative path escapes its folder (``..``, absolute) or crosses a symlink."""
+
+
+# ---------------------------------------------------------------------------------------------
+# paths
+
+
+def _rel_parts(relpath: str | PurePath) -> tuple[str, ...]:
+    """Split a relative path into safe components; refuse anything that could leave the folder."""
+    text = str(relpath)
+    if not text or "\0" in text:
+        raise UnsafePath(f"invalid relative path {text!r}")
+    pure = PurePosixPath(text)
+    if pure.is_absolute() or text.startswith("\\"):
+        raise UnsafePath(f"relative path {text!r} is absolute")
+    parts = tuple(p for p in pure.parts if p != ".")
+    if not parts or ".." in parts:
+        raise UnsafePath(f"relative path {text!r} leaves its folder")
+    return parts
+
+
+def is_mounted_share_available(root: Path) -> bool:
+    """True when ``root`` exists and is a directory we can reach (stale NFS handles count as gone)."""
+    try:
+        return stat.S_ISDIR(os.stat(root).st_mode)
+    except OSError:
+        return False
+
+
+def _open_root(root: Path) -> int:
+    # The root itself may be a symlink the administrator configured; below it, none are followed.
+    try:
+        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ShareUnavailable(root) from None
+    except OSError as exc:
+        if exc.errno in _SHARE_GONE:
+            raise ShareUnavailable(root, os.strerror(exc.errno or 0)) from exc
+        raise
+
+
+def _open_subdir(root: Path, parts: Iterable[str], *, create: bool) -> int:
+    """A directory fd for root/parts, creating missing subfolders, never following a symlink."""
+    fd = _open_root(root)
+    try:
+        for name in parts:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o777, dir_fd=fd)
+            try:
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafePath(f"{name!r} below {root} is a symlink or not a folder") from exc
+                raise
+            os.close(fd)
+            fd = child
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _split_under(root: Path, path: Path) -> tuple[str, ...]:
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        raise UnsafePath(f"{path} is not inside {root}") from None
+    return _rel_parts(rel)
+
+
+def _fsync_dir(dir_fd: int) -> None:
+    try:
+        os.fsync(dir_fd)
+    except OSError as exc:
+        # Some network filesystems refuse fsync on a directory; the rename itself is still atomic.
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF):
+            raise
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes
+
+
+@dataclass
+class _Temp:
+    dir_fd: int
+    name: str
+    fd: int
+
+
+@contextlib.contextmanager
+def _temp_in(dir_fd: int) -> Iterator[_Temp]:
+    """A new temporary file in ``dir_fd``; removed again unless the caller renamed it away."""
+    while True:
+        name = f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        try:
+            # 0o666 lets the umask decide the final mode, as for any file the user would create.
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o666, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
+    temp = _Temp(dir_fd, name, fd)
+    try:
+        yield temp
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(temp.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temp.name, dir_fd=dir_fd)
+        raise
+    else:
+        with contextlib.suppress(OSError):
+            os.close(temp.fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view[:_CHUNK])
+        view = view[written:]
+
+
+def _commit(temp: _Temp, final: str, *, replace: bool, mtime_ns: int | None, atime_ns: int | None) -> None:
+    """fsync the temp file, give it its times, and move it to ``final`` in the same directory."""
+    os.fsync(temp.fd)
+    if mtime_ns is not None:
+        os.utime(temp.fd, ns=(atime_ns if atime_ns is not None else mtime_ns, mtime_ns))
+    if replace:
+        os.replace(temp.name, final, src_dir_fd=temp.dir_fd, dst_dir_fd=temp.dir_fd)
+    else:
+        _rename_noreplace(temp.dir_fd, temp.name, final)
+    _fsync_dir(temp.dir_fd)
+
+
+def _rename_noreplace(dir_fd: int, src: str, dst: str) -> None:
+    # link() fails with EEXIST instead of replacing; shares without hard links fall back to a
+    # check-then-rename, whose tiny race only matters if something else writes into our folder.
+    try:
+        os.link(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+            raise
+        if _lexists(dst, dir_fd):
+            raise FileExistsError(errno.EEXIST, "file exists", dst) from None
+        os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    else:
+        os.unlink(src, dir_fd=dir_fd)
+
+
+def _lexists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _dir_for(path: Path, root: Path | None) -> int:
+    if root is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return _open_subdir(root, _split_under(root, path)[:-1], create=True)
+
+
+def write_atomic(
+    path: Path,
+    data: bytes,
+    *,
+    mtime_ns: int | None = None,
+    root: Path | None = None,
+    replace: bool = True,
+) -> Path:
+    """Write ``data`` to ``path`` so that the file is complete or absent, never partial.
+
+    With ``root`` (the configured output/backup/failed folder), ``path`` must lie inside it, the
+    root must already exist (else ShareUnavailable) and no symlink below it is followed; without
+    it, missing parent folders are created. ``replace=False`` raises FileExistsError instead of
+    replacing an existing file.
+    """
+    dir_fd = _dir_for(path, root)
+    try:
+        with _temp_in(dir_fd) as temp:
+            _write_all(temp.fd, data)
+            _commit(temp, path.name, replace=replace, mtime_ns=mtime_ns, atime_ns=None)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def _open_source(src: Path) -> int:
+    # O_NOFOLLOW: the hot folder's file itself must not be a link to something elsewhere.
+    try:
+        return os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePath(f"{src} is a symlink") from exc
+        raise
+
+
+def copy_verified(
+    src: Path,
+    dst: Path,
+    expected_sha256: str,
+    *,
+    root: Path | None = None,
+    replace: bool = True,
+) -> Path:
+    """Byte-exact copy of ``src`` to ``dst``, checked against the job's SHA-256, mtime kept.
+
+    Raises SourceChanged (and leaves nothing under ``dst``) if the bytes read differ from
+    ``expected_sha256``: the original was rewritten after the job recorded it.
+    """
+    src_fd = _open_source(src)
+    try:
+        st = os.fstat(src_fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePath(f"{src} is not a regular file")
+        dir_fd = _dir_for(dst, root)
+        try:
+            with _temp_in(dir_fd) as temp:
+                digest = hashlib.sha256()
+                while chunk := os.read(src_fd, _CHUNK):
+                    digest.update(chunk)
+                    _write_all(temp.fd, chunk)
+                if digest.hexdigest() != expected_sha256.lower():
+                    raise SourceChanged(
+                        f"{src}: SHA-256 is {digest.hexdigest()}, the job recorded {expected_sha256}"
+                    )
+                _commit(temp, dst.name, replace=replace, mtime_ns=st.st_mtime_ns, atime_ns=st.st_atime_ns)
+        finally:
+            os.close(dir_fd)
+    finally:
+        os.close(src_fd)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# naming
+
+
+def _suffixed(name: str, n: int) -> str:
+    stem, dot, ext = name.rpartition(".")
+    if not stem:  # no extension
+        return f"{name} ({n})"
+    return f"{stem} ({n}){dot}{ext}"
+
+
+def plan_output_name(
+    out_dir: Path,
+    relpath: str | PurePath,
+    ext: str,
+    *,
+    collisions: Collisions = "suffix",
+    reserved: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Where the result for ``relpath`` goes: same subfolders under ``out_dir``, extension ``ext``.
+
+    ``suffix``: an existing file (or one ``reserved`` says is promised to another job) is never
+    overwritten; ``name (1).jpg``, ``name (2).jpg``... are tried in turn. ``overwrite``: an
+    existing file is replaced, but a name reserved for another job still gets a suffix, so two
+    different sources (``a.png`` and ``a.jpg``) never overwrite each other's results.
+    Raises ShareUnavailable if ``out_dir`` is missing.
+    """
+    parts = _rel_parts(relpath)
+    if not is_mounted_share_available(out_dir):
+        raise ShareUnavailable(out_dir)
+    ext = "." + ext.lstrip(".") if ext else ""
+    stem = PurePosixPath(parts[-1]).stem if ext else parts[-1]
+    base = stem + ext
+    folder = out_dir.joinpath(*parts[:-1])
+    is_reserved = reserved or (lambda _p: False)
+    for n in range(_MAX_SUFFIX):
+        candidate = folder / (base if n == 0 else _suffixed(base, n))
+        if is_reserved(candidate):
+            continue
+        if collisions == "overwrite" or not os.path.lexists(candidate):
+            return candidate
+    raise FileExistsError(errno.EEXIST, f"no free name after {_MAX_SUFFIX} tries", str(folder / base))
+
+
+# ---------------------------------------------------------------------------------------------
+# the original: backup done, now remove / keep / move it
+
+
+def _free_name(dir_fd: int, name: str) -> str:
+    candidate = name
+    n = 0
+    while _lexists(candidate, dir_fd):
+        n += 1
+        candidate = _suffixed(name, n)
+    return candidate
+
+
+def _move_into(src: Path, dst: Path, root: Path | None) -> Path:
+    """Move ``src`` to ``dst`` (a free name near it): rename when possible, else copy, then unlink."""
+    dir_fd = _dir_for(dst, root)
+    try:
+        final = _free_name(dir_fd, dst.name)
+        try:
+            os.rename(src, final, dst_dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            src_fd = _open_source(src)
+            try:
+                st = os.fstat(src_fd)
+                with _temp_in(dir_fd) as temp:
+                    while chunk := os.read(src_fd, _CHUNK):
+                        _write_all(temp.fd, chunk)
+                    _commit(temp, final, replace=False, mtime_ns=st.st_mtime_ns, atime_ns=st.st_atime_ns)
+            finally:
+                os.close(src_fd)
+            # The copy is durable; only now does the original go.
+            os.unlink(src)
+        else:
+            _fsync_dir(dir_fd)
+    finally:
+        os.close(dir_fd)
+    _fsync_parent(src)
+    return dst.with_name(final)
+
+
+def _fsync_parent(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _fsync_dir(fd)
+        finally:
+            os.close(fd)
+
+
+def dispose_source(
+    src: Path,
+    *,
+    after: After,
+    done_path: Path | None = None,
+    done_root: Path | None = None,
+) -> Path | None:
+    """Remove, keep or move the original. Call only once the output and the backup are durable.
+
+    Idempotent for ``delete`` (an already-missing source is fine: a restart may repeat this step).
+    Returns where the original is now (None when deleted).
+    """
+    if after == "keep":
+        return src
+    if after == "delete":
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(src)
+        _fsync_parent(src)
+        return None
+    if after == "move":
+        if done_path is None:
+            raise ValueError("after='move' needs done_path")
+        return _move_into(src, done_path, done_root)
+    raise ValueError(f"unknown after={after!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# failures
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for dist in ("gpen-watch", "torch"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = "unknown"
+    found["python"] = platform.python_version()
+    return found
+
+
+@dataclass(frozen=True)
+class FailureInfo:
+    """What went wrong with one file, written beside it in the failed folder."""
+
+    stage: str
+    error: str
+    attempts: int
+    preset: str
+    folder: str
+    sha256: str | None = None
+    time: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "stage": self.stage,
+            "error": self.error,
+            "attempts": self.attempts,
+            "time": self.time.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "preset": self.preset,
+            "folder": self.folder,
+            "sha256": self.sha256,
+            "versions": _versions(),
+        }
+
+
+def write_failure(
+    failed_dir: Path,
+    relpath: str | PurePath,
+    src: Path | None,
+    data: bytes | None,
+    info: FailureInfo,
+) -> Path:
+    """Put the original into ``failed_dir`` at its relative path with ``NAME.error.json`` beside it.
+
+    ``src`` (the original in the hot folder) is moved there, or copied and then removed when the
+    failed folder is on another filesystem; with no ``src``, ``data`` is written instead. An
+    earlier failure with the same name is never overwritten: ``name (1).jpg`` is used. The
+    original lands first, then the sidecar, so a crash in between loses nothing.
+    Returns the path of the stored original.
+    """
+    target = failed_dir.joinpath(*_rel_parts(relpath))
+    if src is not None:
+        stored = _move_into(src, target, failed_dir)
+    elif data is not None:
+        dir_fd = _dir_for(target, failed_dir)
+        try:
+            name = _free_name(dir_fd, target.name)
+            with _temp_in(dir_fd) as temp:
+                _write_all(temp.fd, data)
+                _commit(temp, name, replace=False, mtime_ns=None, atime_ns=None)
+        finally:
+            os.close(dir_fd)
+        stored = target.with_name(name)
+    else:
+        raise ValueError("write_failure needs the source file or its bytes")
+    sidecar = stored.with_name(stored.name + ".error.json")
+    payload = json.dumps(info.as_json(), indent=2, ensure_ascii=False).encode() + b"\n"
+    write_atomic(sidecar, payload, root=failed_dir)
+    return stored
+
+
+# ---------------------------------------------------------------------------------------------
+# crash leftovers
+
+
+def cleanup_temp_files(dirs: Iterable[Path], *, min_age: float = 600.0) -> int:
+    """Remove our own temporary files left by a crash; returns how many were removed.
+
+    Only names matching ``.gpen-watch.<16 hex>.tmp`` that are regular files are touched, and only
+    when their ctime is older than ``min_age`` seconds: another instance sharing the folder may be
+    writing one right now (ctime, unlike mtime, cannot be set back by the mtime we copy).
+    Missing folders are skipped; symlinked folders are not entered.
+    """
+    removed = 0
+    now = time.time()
+    for top in dirs:
+        for dirpath, _dirnames, filenames in os.walk(top, followlinks=False):
+            for name in filenames:
+                if not TEMP_PATTERN.match(name):
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.lstat(path)
+                    if stat.S_ISREG(st.st_mode) and now - st.st_ctime >= min_age:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+# A share that went away or hangs: retry later, the file is not at fault.
+_SHARE_GONE = {errno.ESTALE, errno.ENOTCONN, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENETDOWN,
+               errno.ENETUNREACH, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED}
+_TRANSIENT = _SHARE_GONE | {
+    errno.ENOSPC, errno.EDQUOT,  # disk full / quota: someone frees space
+    errno.EIO,  # network filesystems report many passing faults as EIO
+    errno.EAGAIN, errno.EBUSY, errno.ETXTBSY, errno.ENOLCK, errno.EDEADLK,  # locked by another program
+    errno.EINTR, errno.EMFILE, errno.ENFILE, errno.ENOMEM,  # our process or the host is short of resources
+}
+# Refused on the destination: an administrator fixes permissions, remounts read-write or puts
+# a removed subfolder back; the photo is not at fault and retrying costs nothing. On the source
+# these mean this very file is unreadable or gone.
+_SOURCE_PERMANENT = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
+# The name or the request itself is wrong: retrying cannot help on either side.
+_PERMANENT = {errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.EINVAL, errno.EFBIG,
+              errno.EILSEQ}
+
+
+def classify_os_error(
+    exc: BaseException, *, side: Literal["source", "destination"] = "source"
+) -> ErrorKind:
+    """Whether a failed file operation should be retried later or the file should fail now.
+
+    Transient: a missing output root (ShareUnavailable), a changed source (SourceChanged: it is
+    being rewritten), ENOSPC, EDQUOT, EIO, ESTALE, ENOTCONN, EHOSTDOWN, ETIMEDOUT and other
+    network errors, EAGAIN/EBUSY/ETXTBSY/ENOLCK (locked), EMFILE/ENFILE/ENOMEM; on the
+    destination side also EACCES/EPERM/EROFS/ENOENT, and EEXIST (re-plan the name). Any errno
+    not listed is transient too: retries are bounded by max_attempts, after which the file goes
+    to failed/, so guessing "transient" never loses a photo.
+    Permanent: EACCES/EPERM/EROFS/ENOENT on the source (unreadable or vanished), ENAMETOOLONG,
+    EISDIR, ENOTDIR, ELOOP, EINVAL, EFBIG, EILSEQ (a name the share cannot store), UnsafePath
+    (a symlink or ``..``), and exceptions that are not OS errors.
+    """
+    if isinstance(exc, ShareUnavailable | SourceChanged):
+        return "transient"
+    if isinstance(exc, UnsafePath) or not isinstance(exc, OSError):
+        return "permanent"
+    code = exc.errno
+    if code is None:
+        # OSError subclasses raised without an errno (TimeoutError(), BlockingIOError()...).
+        passing = isinstance(exc, TimeoutError | BlockingIOError | ConnectionError)
+        return "transient" if passing else "permanent"
+    if code in _TRANSIENT:
+        return "transient"
+    if code in _PERMANENT:
+        return "permanent"
+    if code in _SOURCE_PERMANENT and side == "source":
+        return "permanent"
+    return "transient"

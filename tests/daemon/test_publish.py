@@ -1,0 +1,386 @@
+"""Publishing: atomic results, verified backups, failures with sidecars, safe names, error classes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daemon.publish import (
+    FailureInfo,
+    ShareUnavailable,
+    SourceChanged,
+    UnsafePath,
+    classify_os_error,
+    cleanup_temp_files,
+    copy_verified,
+    dispose_source,
+    is_mounted_share_available,
+    plan_output_name,
+    write_atomic,
+    write_failure,
+)
+
+ODD_NAMES = [
+    "a b.png", "ünïcödé 写真.png", "new\nline.png", "-rf.png", "--help (1).png", "tab\there.png", "'q\".png",
+]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def temps(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.startswith(".gpen-watch.")]
+
+
+class TestWriteAtomic:
+    def test_writes_bytes_and_mtime_without_leftovers(self, tmp_path: Path) -> None:
+        """The file holds exactly the data, carries the requested mtime, and no temp file remains."""
+        target = tmp_path / "out" / "sub" / "a.jpg"
+        (tmp_path / "out").mkdir()
+        write_atomic(target, b"x" * 3_000_000, mtime_ns=1_600_000_000_123_456_789, root=tmp_path / "out")
+        assert target.read_bytes() == b"x" * 3_000_000
+        assert target.stat().st_mtime_ns == 1_600_000_000_123_456_789
+        assert temps(tmp_path) == []
+
+    def test_write_failing_midway_leaves_nothing(self, tmp_path: Path) -> None:
+        """A write that fails after part of the data (file size limit) leaves no partial or temp file."""
+        # RLIMIT_FSIZE makes the kernel refuse the write past 1 MiB: a real mid-write failure,
+        # in a child process so the limit does not touch the test runner.
+        script = textwrap.dedent(
+            """
+            import errno, resource, signal, sys
+            from pathlib import Path
+            from daemon.publish import write_atomic
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+            try:
+                write_atomic(Path(sys.argv[1]), b"y" * (3 << 20), root=Path(sys.argv[2]))
+            except OSError as exc:
+                sys.exit(10 if exc.errno == errno.EFBIG else 11)
+            sys.exit(0)
+            """
+        )
+        target = tmp_path / "big.png"
+        done = subprocess.run([sys.executable, "-c", script, str(target), str(tmp_path)], check=False)
+        assert done.returncode == 10
+        assert not target.exists()
+        assert temps(tmp_path) == []
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+    def test_disk_full_is_transient_and_leaves_nothing(self, tmp_path: Path) -> None:
+        """On a full filesystem (ENOSPC) nothing appears under the final name and the error is transient."""
+        small = tmp_path / "small"
+        small.mkdir()
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=False)
+        if mounted.returncode != 0:
+            pytest.skip("cannot mount tmpfs here")
+        try:
+            with pytest.raises(OSError) as info:
+                write_atomic(small / "x.jpg", b"z" * (4 << 20), root=small)
+            assert info.value.errno == errno.ENOSPC
+            assert classify_os_error(info.value, side="destination") == "transient"
+            assert list(small.iterdir()) == []
+        finally:
+            subprocess.run(["umount", str(small)], check=True)
+
+    def test_vanished_root_is_transient_and_not_recreated(self, tmp_path: Path) -> None:
+        """A missing output root (unmounted share) is transient and is not created on local disk."""
+        root = tmp_path / "share" / "out"
+        with pytest.raises(ShareUnavailable) as info:
+            write_atomic(root / "sub" / "a.jpg", b"data", root=root)
+        assert classify_os_error(info.value) == "transient"
+        assert not (tmp_path / "share").exists()
+        assert not is_mounted_share_available(root)
+
+    def test_no_replace_keeps_earlier_file(self, tmp_path: Path) -> None:
+        """With replace=False an existing result is kept and FileExistsError is raised, leaving no temp."""
+        target = tmp_path / "a.jpg"
+        target.write_bytes(b"first")
+        with pytest.raises(FileExistsError):
+            write_atomic(target, b"second", root=tmp_path, replace=False)
+        assert target.read_bytes() == b"first"
+        assert temps(tmp_path) == []
+
+    def test_symlinked_subfolder_is_refused(self, tmp_path: Path) -> None:
+        """A symlink planted below the output root cannot redirect a write outside it."""
+        root, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+        root.mkdir()
+        elsewhere.mkdir()
+        (root / "sub").symlink_to(elsewhere)
+        with pytest.raises(UnsafePath) as info:
+            write_atomic(root / "sub" / "a.jpg", b"data", root=root)
+        assert classify_os_error(info.value) == "permanent"
+        assert list(elsewhere.iterdir()) == []
+
+    def test_path_outside_root_is_refused(self, tmp_path: Path) -> None:
+        """A target that is not inside the given root is refused before anything is written."""
+        (tmp_path / "out").mkdir()
+        with pytest.raises(UnsafePath):
+            write_atomic(tmp_path / "out" / ".." / "escape.jpg", b"data", root=tmp_path / "out")
+        assert not (tmp_path / "escape.jpg").exists()
+
+
+class TestCopyVerified:
+    def test_backup_is_byte_exact_with_mtime(self, tmp_path: Path) -> None:
+        """The backup equals the source byte for byte and keeps its modification time."""
+        data = os.urandom(2_500_000)
+        src = tmp_path / "in" / "photo.jpg"
+        src.parent.mkdir()
+        src.write_bytes(data)
+        os.utime(src, ns=(1_500_000_000_000_000_000, 1_500_000_000_987_654_321))
+        (tmp_path / "backup").mkdir()
+        dst = copy_verified(src, tmp_path / "backup" / "d" / "photo.jpg", sha(data), root=tmp_path / "backup")
+        assert data == dst.read_bytes()
+        assert dst.stat().st_mtime_ns == 1_500_000_000_987_654_321
+        assert src.exists()
+        assert temps(tmp_path) == []
+
+    def test_hash_mismatch_raises_and_leaves_nothing(self, tmp_path: Path) -> None:
+        """A source rewritten since the job hashed it raises SourceChanged and writes no backup."""
+        src = tmp_path / "photo.jpg"
+        src.write_bytes(b"new bytes")
+        (tmp_path / "backup").mkdir()
+        dst = tmp_path / "backup" / "photo.jpg"
+        with pytest.raises(SourceChanged) as info:
+            copy_verified(src, dst, sha(b"old bytes"), root=tmp_path / "backup")
+        assert classify_os_error(info.value) == "transient"
+        assert not dst.exists()
+        assert temps(tmp_path) == []
+
+    def test_symlinked_source_is_refused(self, tmp_path: Path) -> None:
+        """A hot-folder entry that is a symlink is never followed to back up some other file."""
+        secret = tmp_path / "secret.txt"
+        secret.write_bytes(b"secret")
+        link = tmp_path / "photo.jpg"
+        link.symlink_to(secret)
+        (tmp_path / "backup").mkdir()
+        with pytest.raises(UnsafePath):
+            copy_verified(link, tmp_path / "backup" / "photo.jpg", sha(b"secret"), root=tmp_path / "backup")
+        assert not (tmp_path / "backup" / "photo.jpg").exists()
+
+
+class TestPlanOutputName:
+    def test_keeps_subfolders_and_changes_extension(self, tmp_path: Path) -> None:
+        """The result goes to the same relative path with the output format's extension."""
+        assert tmp_path / "2024" / "may" / "p.jpg" == plan_output_name(
+            tmp_path, "2024/may/p.png", "jpg", collisions="suffix"
+        )
+
+    def test_suffix_never_overwrites(self, tmp_path: Path) -> None:
+        """Existing results and names reserved for other jobs get ' (1)', ' (2)'... instead."""
+        (tmp_path / "p.jpg").write_bytes(b"1")
+        (tmp_path / "p (1).jpg").write_bytes(b"2")
+        reserved = {tmp_path / "p (2).jpg"}
+        assert tmp_path / "p (3).jpg" == plan_output_name(
+            tmp_path, "p.png", ".jpg", collisions="suffix", reserved=reserved.__contains__
+        )
+
+    def test_overwrite_replaces_existing_but_respects_reservations(self, tmp_path: Path) -> None:
+        """The overwrite policy reuses an existing name but never one promised to another job."""
+        (tmp_path / "p.jpg").write_bytes(b"old")
+        assert tmp_path / "p.jpg" == plan_output_name(tmp_path, "p.jpg", ".jpg", collisions="overwrite")
+        taken = {tmp_path / "p.jpg"}
+        assert tmp_path / "p (1).jpg" == plan_output_name(
+            tmp_path, "p.png", ".jpg", collisions="overwrite", reserved=taken.__contains__
+        )
+
+    @pytest.mark.parametrize("bad", ["../x.jpg", "a/../../x.jpg", "/etc/passwd", "", "a/\0.jpg"])
+    def test_rejects_escaping_relpaths(self, tmp_path: Path, bad: str) -> None:
+        """Relative paths with '..', absolute paths, empty names and NUL bytes are refused."""
+        with pytest.raises(UnsafePath):
+            plan_output_name(tmp_path, bad, ".jpg", collisions="suffix")
+
+    def test_missing_output_root_is_share_unavailable(self, tmp_path: Path) -> None:
+        """Planning into a vanished output folder reports the share as unavailable, creating nothing."""
+        with pytest.raises(ShareUnavailable):
+            plan_output_name(tmp_path / "gone", "a.png", ".jpg", collisions="suffix")
+        assert not (tmp_path / "gone").exists()
+
+
+class TestOddNames:
+    @pytest.mark.parametrize("name", ODD_NAMES)
+    def test_full_publish_flow(self, tmp_path: Path, name: str) -> None:
+        """Spaces, Unicode, newlines, quotes and leading dashes survive plan, write, backup and delete."""
+        hot, out, backup = tmp_path / "in", tmp_path / "out", tmp_path / "backup"
+        for d in (hot, out, backup):
+            d.mkdir()
+        rel = f"-sub dir/{name}"
+        src = hot / rel
+        src.parent.mkdir()
+        src.write_bytes(b"original")
+        result = plan_output_name(out, rel, ".png", collisions="suffix")
+        write_atomic(result, b"restored", root=out)
+        copy_verified(src, backup / rel, sha(b"original"), root=backup)
+        dispose_source(src, after="delete")
+        assert (out / rel).read_bytes() == b"restored"
+        assert (backup / rel).read_bytes() == b"original"
+        assert not src.exists()
+
+    @settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(name=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1,
+                        max_size=40).filter(lambda n: n not in (".", "..") and len(n.encode()) < 200))
+    def test_any_file_name_round_trips(self, tmp_path: Path, name: str) -> None:
+        """Any single file name a POSIX filesystem accepts is written under exactly that name."""
+        folder = tmp_path / "names"
+        folder.mkdir(exist_ok=True)
+        write_atomic(folder / name, b"ok", root=folder)
+        assert (folder / name).read_bytes() == b"ok"
+        assert temps(folder) == []
+        (folder / name).unlink()
+
+
+class TestDisposeSource:
+    def test_delete_keep_move(self, tmp_path: Path) -> None:
+        """delete removes the original (twice is fine), keep leaves it, move never overwrites in done."""
+        a, b, c = (tmp_path / n for n in ("a.jpg", "b.jpg", "c.jpg"))
+        for p in (a, b, c):
+            p.write_bytes(p.name.encode())
+        assert dispose_source(a, after="delete") is None
+        assert dispose_source(a, after="delete") is None
+        assert not a.exists()
+        assert b == dispose_source(b, after="keep")
+        assert b.exists()
+        done = tmp_path / "done"
+        done.mkdir()
+        (done / "c.jpg").write_bytes(b"earlier")
+        moved = dispose_source(c, after="move", done_path=done / "c.jpg", done_root=done)
+        assert done / "c (1).jpg" == moved
+        assert moved.read_bytes() == b"c.jpg"
+        assert (done / "c.jpg").read_bytes() == b"earlier"
+        assert not c.exists()
+
+
+class TestWriteFailure:
+    def info(self) -> FailureInfo:
+        return FailureInfo(stage="decode", error="cannot identify image file", attempts=3, preset="fast",
+                           folder="/srv/in/fast", sha256=sha(b"junk"),
+                           time=datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC))
+
+    def test_original_moved_with_sidecar(self, tmp_path: Path) -> None:
+        """The original lands at its relative path in failed/ with NAME.error.json describing why."""
+        src = tmp_path / "in" / "sub" / "bad photo.jpg"
+        src.parent.mkdir(parents=True)
+        src.write_bytes(b"junk")
+        failed = tmp_path / "failed"
+        failed.mkdir()
+        stored = write_failure(failed, "sub/bad photo.jpg", src, None, self.info())
+        assert failed / "sub" / "bad photo.jpg" == stored
+        assert stored.read_bytes() == b"junk"
+        assert not src.exists()
+        sidecar = json.loads((failed / "sub" / "bad photo.jpg.error.json").read_text())
+        assert {"stage": "decode", "error": "cannot identify image file", "attempts": 3,
+                "time": "2024-05-01T12:00:00Z", "preset": "fast", "folder": "/srv/in/fast",
+                "sha256": sha(b"junk")} == {k: v for k, v in sidecar.items() if k != "versions"}
+        assert {"gpen-watch", "torch", "python"} == set(sidecar["versions"])
+
+    def test_second_failure_does_not_overwrite_first(self, tmp_path: Path) -> None:
+        """A file that fails again under the same name is stored beside the first, each with its sidecar."""
+        failed = tmp_path / "failed"
+        failed.mkdir()
+        first = write_failure(failed, "x.jpg", None, b"one", self.info())
+        second = write_failure(failed, "x.jpg", None, b"two", self.info())
+        assert (failed / "x.jpg", failed / "x (1).jpg") == (first, second)
+        assert (first.read_bytes(), second.read_bytes()) == (b"one", b"two")
+        assert (failed / "x (1).jpg.error.json").is_file()
+
+    def test_across_filesystems_copies_then_removes(self, tmp_path: Path) -> None:
+        """When failed/ is on another filesystem the original is copied (bytes, mtime), then removed."""
+        shm = Path("/dev/shm")
+        if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+            pytest.skip("needs /dev/shm on a filesystem other than the temp folder")
+        src = tmp_path / "p.jpg"
+        src.write_bytes(b"payload")
+        os.utime(src, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+        failed = shm / f"gpen-watch-test-{os.getpid()}"
+        failed.mkdir()
+        try:
+            stored = write_failure(failed, "p.jpg", src, None, self.info())
+            assert stored.read_bytes() == b"payload"
+            assert stored.stat().st_mtime_ns == 1_000_000_000_000_000_000
+            assert not src.exists()
+            assert temps(failed) == []
+        finally:
+            for p in sorted(failed.rglob("*"), reverse=True):
+                p.unlink()
+            failed.rmdir()
+
+    def test_missing_failed_root_is_transient_and_keeps_source(self, tmp_path: Path) -> None:
+        """If the failed folder's share is gone the original stays put and the error is transient."""
+        src = tmp_path / "p.jpg"
+        src.write_bytes(b"payload")
+        with pytest.raises(ShareUnavailable):
+            write_failure(tmp_path / "nope", "p.jpg", src, None, self.info())
+        assert src.exists()
+        assert not (tmp_path / "nope").exists()
+
+
+class TestCleanupTempFiles:
+    def test_removes_only_our_stale_temps(self, tmp_path: Path) -> None:
+        """Our crash leftovers are removed; user files and symlinked folders are not touched."""
+        ours = [tmp_path / ".gpen-watch.0123456789abcdef.tmp",
+                tmp_path / "d" / ".gpen-watch.fedcba9876543210.tmp"]
+        theirs = [tmp_path / "photo.tmp", tmp_path / ".gpen-watch.notes.tmp", tmp_path / "d" / "x.jpg"]
+        (tmp_path / "d").mkdir()
+        for p in ours + theirs:
+            p.write_bytes(b"x")
+        outside = tmp_path.parent / f"{tmp_path.name}-outside"
+        outside.mkdir()
+        (outside / ".gpen-watch.aaaaaaaaaaaaaaaa.tmp").write_bytes(b"x")
+        (tmp_path / "link").symlink_to(outside)
+        try:
+            assert cleanup_temp_files([tmp_path, tmp_path / "missing"], min_age=0) == 2
+            assert [p.exists() for p in ours] == [False, False]
+            assert [p.exists() for p in theirs] == [True, True, True]
+            assert (outside / ".gpen-watch.aaaaaaaaaaaaaaaa.tmp").exists()
+        finally:
+            (outside / ".gpen-watch.aaaaaaaaaaaaaaaa.tmp").unlink()
+            outside.rmdir()
+
+    def test_fresh_temps_survive(self, tmp_path: Path) -> None:
+        """A temp file another instance may be writing right now (younger than min_age) is left alone."""
+        fresh = tmp_path / ".gpen-watch.0123456789abcdef.tmp"
+        fresh.write_bytes(b"x")
+        assert cleanup_temp_files([tmp_path], min_age=3600) == 0
+        assert fresh.exists()
+
+
+class TestClassifyOsError:
+    @pytest.mark.parametrize(
+        ("code", "side", "expected"),
+        [
+            (errno.ENOSPC, "destination", "transient"),
+            (errno.EDQUOT, "destination", "transient"),
+            (errno.EIO, "source", "transient"),
+            (errno.ESTALE, "source", "transient"),
+            (errno.ENOTCONN, "destination", "transient"),
+            (errno.EHOSTDOWN, "destination", "transient"),
+            (errno.ETIMEDOUT, "source", "transient"),
+            (errno.EBUSY, "source", "transient"),
+            (errno.EAGAIN, "source", "transient"),
+            (errno.EACCES, "source", "permanent"),
+            (errno.EACCES, "destination", "transient"),
+            (errno.ENOENT, "source", "permanent"),
+            (errno.ENAMETOOLONG, "destination", "permanent"),
+            (errno.ELOOP, "source", "permanent"),
+        ],
+    )
+    def test_errno_table(self, code: int, side: str, expected: str) -> None:
+        """Share, disk and lock errors are retried; unreadable or impossible files fail at once."""
+        assert expected == classify_os_error(OSError(code, os.strerror(code)), side=side)  # type: ignore[arg-type]
+
+    def test_non_os_errors(self) -> None:
+        """A bare TimeoutError is retried; a ValueError is not an I/O problem and is permanent."""
+        assert classify_os_error(TimeoutError()) == "transient"
+        assert classify_os_error(ValueError()) == "permanent"
