@@ -20,7 +20,7 @@ from daemon.notify import Notifier
 @pytest.fixture
 def notify_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
     """An AF_UNIX datagram socket standing in for systemd, named in NOTIFY_SOCKET."""
-    pytest.importorskip("systemd.daemon", reason="systemd-python not installed (pip install gpen-watch[systemd])")
+    pytest.importorskip("systemd.daemon", reason="needs systemd-python (pip install gpen-watch[systemd])")
     # A short directory: socket paths are limited to 108 bytes.
     folder = Path(tempfile.mkdtemp(prefix="gw-notify-", dir="/tmp"))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -78,7 +78,7 @@ class TestNotifierWithoutSystemd:
         assert logs == []
 
     def test_missing_module_logs_one_clear_error(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """Under systemd without systemd-python, one error says readiness is not reported and how to fix it."""
+        """Under systemd without systemd-python one error says readiness is not sent and how to fix it."""
         monkeypatch.setenv("NOTIFY_SOCKET", "/run/nonexistent/notify")
         monkeypatch.setitem(sys.modules, "systemd", None)  # makes `from systemd import daemon` fail
         with capture_logs() as logs:
