@@ -34,6 +34,8 @@ from importlib import metadata
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Literal
 
+from daemon.paths import UnsafePath, safe_join
+
 __all__ = [
     "FailureInfo",
     "ShareUnavailable",
@@ -71,16 +73,16 @@ class SourceChanged(Exception):
     """The original's bytes no longer match the SHA-256 recorded in the job row."""
 
 
-class UnsafePath(ValueError):
-    """A relative path escapes its folder (``..``, absolute) or crosses a symlink."""
-
-
 # ---------------------------------------------------------------------------------------------
 # paths
 
 
 def _rel_parts(relpath: str | PurePath) -> tuple[str, ...]:
-    """Split a relative path into safe components; refuse anything that could leave the folder."""
+    """Split a relative path into safe components; refuse anything that could leave the folder.
+
+    Used on paths the caller built from a root (``root / relpath``); ``daemon.paths.safe_join``
+    builds them from the job's relative path in the first place.
+    """
     text = str(relpath)
     if not text or "\0" in text:
         raise UnsafePath(f"invalid relative path {text!r}")
@@ -337,13 +339,12 @@ def plan_output_name(
     different sources (``a.png`` and ``a.jpg``) never overwrite each other's results.
     Raises ShareUnavailable if ``out_dir`` is missing.
     """
-    parts = _rel_parts(relpath)
     if not is_mounted_share_available(out_dir):
         raise ShareUnavailable(out_dir)
+    same_name = safe_join(out_dir, str(relpath))
     ext = "." + ext.lstrip(".") if ext else ""
-    stem = PurePosixPath(parts[-1]).stem if ext else parts[-1]
-    base = stem + ext
-    folder = out_dir.joinpath(*parts[:-1])
+    base = (same_name.stem if ext else same_name.name) + ext
+    folder = same_name.parent
     is_reserved = reserved or (lambda _p: False)
     for n in range(_MAX_SUFFIX):
         candidate = folder / (base if n == 0 else _suffixed(base, n))
@@ -486,7 +487,7 @@ def write_failure(
     original lands first, then the sidecar, so a crash in between loses nothing.
     Returns the path of the stored original.
     """
-    target = failed_dir.joinpath(*_rel_parts(relpath))
+    target = safe_join(failed_dir, str(relpath))
     if src is not None:
         stored = _move_into(src, target, failed_dir)
     elif data is not None:

@@ -202,6 +202,14 @@ class TestPlanOutputName:
         with pytest.raises(UnsafePath):
             plan_output_name(tmp_path, bad, ".jpg", collisions="suffix")
 
+    def test_symlinked_subfolder_is_refused(self, tmp_path: Path) -> None:
+        """A result is never planned through a symlink below the output folder."""
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "sub").symlink_to(tmp_path / "elsewhere")
+        with pytest.raises(UnsafePath):
+            plan_output_name(tmp_path / "out", "sub/a.png", ".jpg", collisions="suffix")
+
     def test_missing_output_root_is_share_unavailable(self, tmp_path: Path) -> None:
         """Planning into a vanished output folder reports the share as unavailable, creating nothing."""
         with pytest.raises(ShareUnavailable):
