@@ -1,0 +1,533 @@
+"""The durable job table: one SQLite row per candidate file, and every state change one transaction.
+
+States::
+
+    pending ──> ready ──> processing ──> done
+       │          │          │  └──> retry ──> processing (when due)
+       │          │          └──> failed / gone / ready (requeued after a crash)
+       └──────────┴──> failed / gone / skipped
+
+``pending``: seen, readiness gate not passed. ``ready``: gate passed, queued. ``retry``: a transient error,
+waits until ``next_attempt_at``. ``done``, ``failed``, ``skipped``, ``gone`` are terminal. At most one
+non-terminal row exists per (folder, relpath); a partial unique index enforces it, so neither a second daemon
+nor a bug can duplicate work.
+
+Crash safety comes from SQLite (WAL, ``synchronous=FULL``): after ``kill -9`` the table holds exactly the
+committed transactions. Output and backup names are recorded with ``set_targets`` before publishing, and
+``requeue_in_flight`` keeps them, so a redo after a crash writes under the same names.
+
+Thread safety: one ``JobTable`` may be shared by every thread of the daemon; a lock serialises its single
+connection. Several processes may open the same file (``gpen-watch status``, one instance per GPU): writes
+take the database lock up front (``BEGIN IMMEDIATE``) and wait up to ``busy_timeout`` for it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ACTIVE_STATES", "STATES", "TERMINAL_STATES", "Job", "JobStateError", "JobTable", "JobTableError"]
+
+ACTIVE_STATES = ("pending", "ready", "processing", "retry")
+TERMINAL_STATES = ("done", "failed", "skipped", "gone")
+STATES = ACTIVE_STATES + TERMINAL_STATES
+
+SCHEMA_VERSION = 1
+
+
+class JobTableError(Exception):
+    """The job table cannot be used (locked, corrupted, disk full); the message says what to do."""
+
+
+class JobStateError(JobTableError):
+    """A state change the job's current state does not allow (a bug, or another process got there first)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    folder: str
+    relpath: str
+    preset: str
+    size: int | None
+    mtime_ns: int | None
+    sha256: str | None
+    state: str
+    attempts: int
+    last_error: str | None
+    error_stage: str | None
+    output_path: str | None
+    backup_path: str | None
+    faces: int | None
+    batch_id: str | None
+    owner: str
+    created_at: float
+    updated_at: float
+    next_attempt_at: float | None
+
+
+_COLUMNS = ", ".join(Job.__dataclass_fields__)
+_ACTIVE_SQL = "('pending', 'ready', 'processing', 'retry')"
+
+_SCHEMA_V1 = f"""
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    folder TEXT NOT NULL,
+    relpath TEXT NOT NULL,
+    preset TEXT NOT NULL,
+    size INTEGER,
+    mtime_ns INTEGER,
+    sha256 TEXT,
+    state TEXT NOT NULL CHECK (state IN ({", ".join(repr(s) for s in STATES)})),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    error_stage TEXT,
+    output_path TEXT,
+    backup_path TEXT,
+    faces INTEGER,
+    batch_id TEXT,
+    owner TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    next_attempt_at REAL
+);
+CREATE UNIQUE INDEX jobs_one_active ON jobs (folder, relpath) WHERE state IN {_ACTIVE_SQL};
+CREATE INDEX jobs_queue ON jobs (preset, state, id);
+CREATE INDEX jobs_by_path ON jobs (folder, relpath, id);
+CREATE INDEX jobs_by_hash ON jobs (folder, sha256) WHERE state = 'done';
+CREATE INDEX jobs_by_update ON jobs (state, updated_at);
+"""
+
+# Migrations from version N to N+1, run in one transaction each at open. Add entries; never edit old ones.
+def _run_script(con: sqlite3.Connection, script: str) -> None:
+    # Not executescript(): it commits first, and a migration must be one transaction with its version bump.
+    for statement in filter(str.strip, script.split(";")):
+        con.execute(statement)
+
+
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    0: lambda con: _run_script(con, _SCHEMA_V1),
+}
+
+
+_LOCKED_HINT = (
+    "another process holds the lock (a second gpen-watch with the same state directory, or a tool that has "
+    "it open); stop it or give this instance its own state_dir"
+)
+_CORRUPT_HINT = (
+    "stop gpen-watch, move the file (and its -wal and -shm files) aside and start again: the hot folders are "
+    "rescanned and no source file has been touched; keep the old file for diagnosis"
+)
+
+
+def _explain(path: Path, exc: sqlite3.Error) -> JobTableError:
+    text = str(exc)
+    lowered = text.lower()
+    if "locked" in lowered or "busy" in lowered:
+        return JobTableError(f"job table {path} is locked: {text}; {_LOCKED_HINT}")
+    if "malformed" in lowered or "not a database" in lowered or "corrupt" in lowered:
+        return JobTableError(f"job table {path} is corrupted: {text}; {_CORRUPT_HINT}")
+    if "full" in lowered:
+        return JobTableError(f"job table {path}: disk full ({text}); free space in the state directory")
+    if "readonly" in lowered or "unable to open" in lowered:
+        return JobTableError(
+            f"job table {path} cannot be written ({text}); check that the state directory exists and belongs "
+            "to the service user"
+        )
+    return JobTableError(f"job table {path}: {text}")
+
+
+class JobTable:
+    """The job table in one SQLite file. Open with ``JobTable.open(path)``."""
+
+    def __init__(self, con: sqlite3.Connection, path: Path, owner: str) -> None:
+        self._con = con
+        self._path = path
+        self._owner = owner
+        self._lock = threading.RLock()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, path: Path | str, *, owner: str = "", busy_timeout: float = 10.0, check: bool = True
+    ) -> JobTable:
+        """Open (or create) the table at ``path``, migrate it to the current schema and check it.
+
+        ``owner`` names this daemon instance when several share one table (e.g. the GPU index); rows it claims
+        carry it, and ``requeue_in_flight`` only hands back its own. ``check`` runs SQLite's quick check, so a
+        damaged file is reported at start rather than in the middle of a batch.
+        """
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            con = sqlite3.connect(
+                path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise JobTableError(f"cannot open job table {path}: {exc}") from None
+        table = cls(con, path, owner)
+        try:
+            con.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise JobTableError(f"job table {path}: SQLite refused WAL mode (got {mode!r})")
+            con.execute("PRAGMA synchronous = FULL")
+            con.execute("PRAGMA foreign_keys = ON")
+            if check:
+                result = con.execute("PRAGMA quick_check").fetchone()[0]
+                if result != "ok":
+                    raise JobTableError(f"job table {path} is corrupted: {result}; {_CORRUPT_HINT}")
+            table._migrate()
+        except sqlite3.Error as exc:
+            con.close()
+            raise _explain(path, exc) from None
+        except BaseException:
+            con.close()
+            raise
+        return table
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    def __enter__(self) -> JobTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def _migrate(self) -> None:
+        with self._tx() as con:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JobTableError(
+                    f"job table {self._path} has schema version {version}, newer than this gpen-watch "
+                    f"({SCHEMA_VERSION}); upgrade gpen-watch or use another state_dir"
+                )
+            while version < SCHEMA_VERSION:
+                _MIGRATIONS[version](con)
+                version += 1
+                con.execute(f"PRAGMA user_version = {version}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: the database lock is taken at BEGIN, so it cannot fail half-way on BUSY."""
+        with self._lock:
+            try:
+                self._con.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _explain(self._path, exc) from None
+            try:
+                yield self._con
+                self._con.execute("COMMIT")
+            except BaseException as exc:
+                # After some errors (disk full) SQLite has already rolled back; a second rollback must not
+                # hide the first error.
+                if self._con.in_transaction:
+                    self._con.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise _explain(self._path, exc) from None
+                raise
+
+    def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            try:
+                return self._con.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise _explain(self._path, exc) from None
+
+    @staticmethod
+    def _job(row: tuple[object, ...] | None) -> Job | None:
+        return None if row is None else Job(*row)  # type: ignore[arg-type]
+
+    def _change(
+        self,
+        con: sqlite3.Connection,
+        job_id: int,
+        allowed: tuple[str, ...],
+        sets: str,
+        params: tuple[object, ...],
+    ) -> None:
+        marks = ", ".join("?" * len(allowed))
+        cur = con.execute(
+            f"UPDATE jobs SET {sets}, updated_at = ? WHERE id = ? AND state IN ({marks})",
+            (*params, time.time(), job_id, *allowed),
+        )
+        if cur.rowcount != 1:
+            row = con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            now = "does not exist" if row is None else f"is {row[0]}"
+            raise JobStateError(f"job {job_id} {now}; expected one of {', '.join(allowed)}")
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def get(self, job_id: int) -> Job:
+        rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise JobStateError(f"job {job_id} does not exist")
+        return Job(*rows[0])  # type: ignore[arg-type]
+
+    def active(self, folder: str, relpath: str) -> Job | None:
+        """The non-terminal row for this file, if any."""
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM jobs WHERE folder = ? AND relpath = ? AND state IN {_ACTIVE_SQL}",
+            (folder, relpath),
+        )
+        return self._job(rows[0] if rows else None)
+
+    def latest(self, folder: str, relpath: str) -> Job | None:
+        """The newest row for this file, in any state."""
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM jobs WHERE folder = ? AND relpath = ? ORDER BY id DESC LIMIT 1",
+            (folder, relpath),
+        )
+        return self._job(rows[0] if rows else None)
+
+    def in_state(self, state: str, folder: str | None = None) -> list[Job]:
+        """Every row in ``state`` (optionally of one folder), oldest first: e.g. pending rows to look at."""
+        if folder is None:
+            rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY id", (state,))
+        else:
+            rows = self._read(
+                f"SELECT {_COLUMNS} FROM jobs WHERE state = ? AND folder = ? ORDER BY id", (state, folder)
+            )
+        return [Job(*row) for row in rows]  # type: ignore[arg-type]
+
+    def pending(self, folder: str | None = None) -> list[Job]:
+        """Rows waiting for the readiness gate, oldest first."""
+        return self.in_state("pending", folder)
+
+    def is_unchanged_done(self, folder: str, relpath: str, size: int | None, mtime_ns: int | None) -> bool:
+        """True if this file, with this size and mtime, was already processed (done or skipped).
+
+        ``after = "keep"`` leaves processed originals in place: rescans find them again, not as new work.
+        """
+        if size is None or mtime_ns is None:
+            return False
+        rows = self._read(
+            "SELECT 1 FROM jobs WHERE folder = ? AND relpath = ? AND state IN ('done', 'skipped') "
+            "AND size = ? AND mtime_ns = ? LIMIT 1",
+            (folder, relpath, size, mtime_ns),
+        )
+        return bool(rows)
+
+    def reserved_targets(self) -> set[str]:
+        """Output and backup names recorded by unfinished jobs: not free for another job's results."""
+        rows = self._read(
+            f"SELECT output_path, backup_path FROM jobs WHERE state IN {_ACTIVE_SQL} "
+            "AND (output_path IS NOT NULL OR backup_path IS NOT NULL)"
+        )
+        return {str(p) for row in rows for p in row if p is not None}
+
+    def find_done_by_hash(self, folder: str, sha256: str) -> Job | None:
+        """The newest finished job of ``folder`` whose source had this SHA-256 (for the duplicates policy)."""
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM jobs WHERE folder = ? AND sha256 = ? AND state = 'done' "
+            "ORDER BY id DESC LIMIT 1",
+            (folder, sha256),
+        )
+        return self._job(rows[0] if rows else None)
+
+    def queue_depths(self, now: float | None = None) -> dict[str, int]:
+        """Per preset, the jobs a worker could claim now (ready, plus retries that are due)."""
+        now = time.time() if now is None else now
+        rows = self._read(
+            "SELECT preset, COUNT(*) FROM jobs WHERE state = 'ready' "
+            "OR (state = 'retry' AND next_attempt_at <= ?) GROUP BY preset",
+            (now,),
+        )
+        return {str(preset): int(n) for preset, n in rows}  # type: ignore[call-overload]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per folder, the number of rows in each state."""
+        result: dict[str, dict[str, int]] = {}
+        for folder, state, n in self._read("SELECT folder, state, COUNT(*) FROM jobs GROUP BY folder, state"):
+            result.setdefault(str(folder), {})[str(state)] = int(n)  # type: ignore[call-overload]
+        return result
+
+    def recent_failures(self, limit: int = 10) -> list[Job]:
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'failed' ORDER BY updated_at DESC, id DESC LIMIT ?",
+            (limit,),
+        )
+        return [Job(*row) for row in rows]  # type: ignore[arg-type]
+
+    def throughput(self, window_s: float, now: float | None = None) -> float:
+        """Files finished per minute over the last ``window_s`` seconds."""
+        now = time.time() if now is None else now
+        rows = self._read(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'done' AND updated_at > ?", (now - window_s,)
+        )
+        return int(rows[0][0]) * 60.0 / window_s  # type: ignore[call-overload]
+
+    # -- state changes: each one transaction -----------------------------------------------------------------
+
+    def note_candidate(
+        self, folder: str, relpath: str, preset: str, *, size: int | None = None, mtime_ns: int | None = None
+    ) -> Job:
+        """The row for a file the watcher reported: the active one if any, else a new ``pending`` row.
+
+        With ``size`` and ``mtime_ns``, a file whose newest row is finished (done, failed or skipped) with the
+        same size and mtime is the same file seen again (``after = keep``, or a move that failed): that row is
+        returned and no new work is created. Callers check ``job.state``.
+        """
+        with self._tx() as con:
+            row = con.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE folder = ? AND relpath = ? ORDER BY id DESC LIMIT 1",
+                (folder, relpath),
+            ).fetchone()
+            if row is not None:
+                job = Job(*row)
+                if job.state in ACTIVE_STATES:
+                    return job
+                seen_again = (
+                    job.state in ("done", "failed", "skipped")
+                    and size is not None
+                    and (job.size, job.mtime_ns) == (size, mtime_ns)
+                )
+                if seen_again:
+                    return job
+            now = time.time()
+            cur = con.execute(
+                "INSERT INTO jobs (folder, relpath, preset, size, mtime_ns, state, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                (folder, relpath, preset, size, mtime_ns, now, now),
+            )
+            new = con.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (cur.lastrowid,)).fetchone()
+            return Job(*new)
+
+    def mark_ready(self, job_id: int, size: int, mtime_ns: int, sha256: str) -> None:
+        """The readiness gate passed: queue the job with the identity of the bytes that were checked."""
+        with self._tx() as con:
+            self._change(
+                con, job_id, ("pending",), "state = 'ready', size = ?, mtime_ns = ?, sha256 = ?",
+                (size, mtime_ns, sha256),
+            )  # fmt: skip
+
+    def requeue_pending(self, job_id: int, reason: str) -> None:
+        """The source changed after it was found ready (new bytes): run it through the gate again."""
+        with self._tx() as con:
+            self._change(
+                con, job_id, ("ready", "processing", "retry"),
+                "state = 'pending', sha256 = NULL, last_error = ?, next_attempt_at = NULL", (reason,),
+            )  # fmt: skip
+
+    def reassign_preset(self, folder: str, preset: str) -> int:
+        """After a reload changed a folder's preset: its queued jobs (not those in flight) use the new one."""
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET preset = ?, updated_at = ? WHERE folder = ? AND preset != ? "
+                "AND state IN ('pending', 'ready', 'retry')",
+                (preset, time.time(), folder, preset),
+            )
+            return cur.rowcount
+
+    def mark_gone(self, job_id: int) -> None:
+
+        """The source vanished before it was processed (deleted or moved away by a user)."""
+        with self._tx() as con:
+            self._change(con, job_id, ACTIVE_STATES, "state = 'gone', next_attempt_at = NULL", ())
+
+    def mark_skipped(self, job_id: int, reason: str) -> None:
+        """Not processed on purpose (the duplicates policy)."""
+        with self._tx() as con:
+            self._change(con, job_id, ("pending", "ready"), "state = 'skipped', last_error = ?", (reason,))
+
+    def claim(self, preset: str, limit: int, now: float | None = None) -> list[Job]:
+        """Take up to ``limit`` claimable jobs of ``preset``, oldest first, into ``processing`` as one batch.
+
+        Claimable: ``ready``, or ``retry`` whose time has come. Each claim counts one attempt.
+        """
+        now = time.time() if now is None else now
+        batch_id = uuid.uuid4().hex[:12]
+        with self._tx() as con:
+            ids = [
+                row[0]
+                for row in con.execute(
+                    "SELECT id FROM jobs WHERE preset = ? AND (state = 'ready' OR "
+                    "(state = 'retry' AND next_attempt_at <= ?)) ORDER BY id LIMIT ?",
+                    (preset, now, limit),
+                )
+            ]
+            if not ids:
+                return []
+            marks = ", ".join("?" * len(ids))
+            con.execute(
+                f"UPDATE jobs SET state = 'processing', attempts = attempts + 1, batch_id = ?, owner = ?, "
+                f"next_attempt_at = NULL, updated_at = ? WHERE id IN ({marks})",
+                (batch_id, self._owner, time.time(), *ids),
+            )
+            rows = con.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({marks}) ORDER BY id", ids)
+            return [Job(*row) for row in rows.fetchall()]
+
+    def set_targets(self, job_id: int, output_path: str | None, backup_path: str | None) -> None:
+        """Record where the result and the backup will be published, before publishing.
+
+        A redo after a crash reads them back and reuses them, so a file is never published under two names.
+        """
+        with self._tx() as con:
+            self._change(
+                con, job_id, ("processing",), "output_path = ?, backup_path = ?", (output_path, backup_path)
+            )
+
+    def finish(self, job_id: int, faces: int | None) -> None:
+        """Result and backup are durable: the job is done."""
+        with self._tx() as con:
+            self._change(
+                con, job_id, ("processing",),
+                "state = 'done', faces = ?, last_error = NULL, error_stage = NULL", (faces,),
+            )  # fmt: skip
+
+    def fail(self, job_id: int, stage: str, error: str) -> None:
+        """A permanent failure: the file goes to the failed folder (the caller moves it)."""
+        with self._tx() as con:
+            self._change(
+                con, job_id, ACTIVE_STATES,
+                "state = 'failed', error_stage = ?, last_error = ?, next_attempt_at = NULL", (stage, error),
+            )  # fmt: skip
+
+    def retry_later(self, job_id: int, error: str, delay_s: float, stage: str | None = None) -> None:
+        """A transient failure: try again after ``delay_s`` seconds; targets are kept for the redo."""
+        with self._tx() as con:
+            self._change(
+                con, job_id, ("processing",),
+                "state = 'retry', last_error = ?, error_stage = ?, next_attempt_at = ?",
+                (error, stage, time.time() + delay_s),
+            )  # fmt: skip
+
+    def requeue_in_flight(self, max_attempts: int | None = None) -> int:
+        """At start-up: this instance's ``processing`` rows (a crash left them) go back to ``ready``.
+
+        Output and backup targets stay, so the redo publishes under the same names. With ``max_attempts``, a
+        job that was in flight that many times already fails instead (stage ``crash``): a file that kills the
+        process (a decompression bomb, a driver crash) must not crash the daemon forever. Returns how many
+        were requeued.
+
+        """
+        with self._tx() as con:
+            if max_attempts is not None:
+                con.execute(
+                    "UPDATE jobs SET state = 'failed', error_stage = 'crash', last_error = ?, updated_at = ? "
+                    "WHERE state = 'processing' AND owner = ? AND attempts >= ?",
+                    (
+                        f"the daemon stopped while processing this file {max_attempts} times; giving up",
+                        time.time(),
+                        self._owner,
+                        max_attempts,
+                    ),
+                )
+            cur = con.execute(
+                "UPDATE jobs SET state = 'ready', updated_at = ? WHERE state = 'processing' AND owner = ?",
+                (time.time(), self._owner),
+            )
+            return cur.rowcount
