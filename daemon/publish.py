@@ -3,8 +3,9 @@
 Rules every function here keeps:
 
 * A file appears under its final name complete or not at all: data goes to a hidden temporary
-  name in the same directory (``.gpen-watch.<16 hex>.tmp``), is fsynced, renamed, and the directory
-  is fsynced. On any error the temporary file is removed.
+  name in the same directory (``.gpen-watch.<host>.<pid>.<random>.tmp``), is fsynced, renamed,
+  and the directory is fsynced. On any error the temporary file is removed; after a crash,
+  ``cleanup_temp_files`` recognises the leftovers by that name.
 * The root of an output/backup/failed/done tree is never created here. If it is missing, the share
   is probably unmounted, and creating it would silently fill the local disk: we raise
   ``ShareUnavailable`` (transient) instead. Subfolders below an existing root are created.
@@ -19,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
 import platform
 import re
 import secrets
+import socket
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -45,6 +48,7 @@ __all__ = [
     "cleanup_temp_files",
     "copy_verified",
     "dispose_source",
+    "file_has_sha256",
     "is_mounted_share_available",
     "plan_output_name",
     "write_atomic",
@@ -53,7 +57,8 @@ __all__ = [
 
 TEMP_PREFIX = ".gpen-watch."
 TEMP_SUFFIX = ".tmp"
-TEMP_PATTERN = re.compile(r"\.gpen-watch\.[0-9a-f]{16}\.tmp\Z")
+# host: 8 hex digits of the machine id's hash; pid: the writing process; then 8 random hex digits.
+TEMP_PATTERN = re.compile(r"\.gpen-watch\.([0-9a-f]{8})\.([0-9]+)\.[0-9a-f]{8}\.tmp\Z")
 _CHUNK = 1 << 20
 _MAX_SUFFIX = 100_000
 
@@ -158,6 +163,18 @@ def _fsync_dir(dir_fd: int) -> None:
 # atomic writes
 
 
+@functools.cache
+def host_tag() -> str:
+    """8 hex digits naming this machine, so a crash's leftovers can be told from another host's writes."""
+    for candidate in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        with contextlib.suppress(OSError):
+            if ident := Path(candidate).read_text().strip():
+                break
+    else:
+        ident = socket.gethostname()
+    return hashlib.sha256(ident.encode()).hexdigest()[:8]
+
+
 @dataclass
 class _Temp:
     dir_fd: int
@@ -169,7 +186,7 @@ class _Temp:
 def _temp_in(dir_fd: int) -> Iterator[_Temp]:
     """A new temporary file in ``dir_fd``; removed again unless the caller renamed it away."""
     while True:
-        name = f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        name = f"{TEMP_PREFIX}{host_tag()}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
         try:
             # 0o666 lets the umask decide the final mode, as for any file the user would create.
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -456,6 +473,7 @@ class FailureInfo:
     attempts: int
     preset: str
     folder: str
+    relpath: str | None = None
     sha256: str | None = None
     time: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -467,6 +485,7 @@ class FailureInfo:
             "time": self.time.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             "preset": self.preset,
             "folder": self.folder,
+            "relpath": self.relpath,
             "sha256": self.sha256,
             "versions": _versions(),
         }
@@ -512,30 +531,73 @@ def write_failure(
 # crash leftovers
 
 
-def cleanup_temp_files(dirs: Iterable[Path], *, min_age: float = 600.0) -> int:
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _is_stale(name: str, st: os.stat_result, now: float, min_age: float) -> bool:
+    match = TEMP_PATTERN.match(name)
+    if match is None or not stat.S_ISREG(st.st_mode):
+        return False
+    if now - st.st_ctime >= min_age:
+        return True
+    # Written on this machine by a process that no longer exists: a crash's leftover.
+    host, pid = match[1], int(match[2])
+    return host == host_tag() and pid != os.getpid() and not _pid_alive(pid)
+
+
+def cleanup_temp_files(dirs: Iterable[Path], *, min_age: float = 3600.0) -> int:
     """Remove our own temporary files left by a crash; returns how many were removed.
 
-    Only names matching ``.gpen-watch.<16 hex>.tmp`` that are regular files are touched, and only
-    when their ctime is older than ``min_age`` seconds: another instance sharing the folder may be
-    writing one right now (ctime, unlike mtime, cannot be set back by the mtime we copy).
-    Missing folders are skipped; symlinked folders are not entered.
+    Only names matching ``.gpen-watch.<host>.<pid>.<random>.tmp`` that are regular files are
+    touched: those written on this machine by a process that has exited, and any whose ctime is
+    older than ``min_age`` seconds (another machine's instance sharing the folder may be writing
+    one right now; ctime, unlike the mtime we copy, cannot be set back). Missing folders are
+    skipped; symlinked folders are not entered.
     """
     removed = 0
     now = time.time()
     for top in dirs:
         for dirpath, _dirnames, filenames in os.walk(top, followlinks=False):
             for name in filenames:
-                if not TEMP_PATTERN.match(name):
+                if not name.startswith(TEMP_PREFIX):
                     continue
                 path = os.path.join(dirpath, name)
                 try:
-                    st = os.lstat(path)
-                    if stat.S_ISREG(st.st_mode) and now - st.st_ctime >= min_age:
+                    if _is_stale(name, os.lstat(path), now, min_age):
                         os.unlink(path)
                         removed += 1
                 except FileNotFoundError:
                     continue
     return removed
+
+
+def file_has_sha256(path: Path, sha256: str | None) -> bool:
+    """True if ``path`` is a regular file (not a symlink) whose bytes hash to ``sha256``.
+
+    Lets a restart tell a backup that was completed before a crash from a missing or partial one.
+    """
+    if not sha256:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, _CHUNK):
+            digest.update(chunk)
+        return digest.hexdigest() == sha256.lower()
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

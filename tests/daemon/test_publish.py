@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.publish import (
+    TEMP_PATTERN,
     FailureInfo,
     ShareUnavailable,
     SourceChanged,
@@ -25,6 +26,8 @@ from daemon.publish import (
     cleanup_temp_files,
     copy_verified,
     dispose_source,
+    file_has_sha256,
+    host_tag,
     is_mounted_share_available,
     plan_output_name,
     write_atomic,
@@ -146,6 +149,9 @@ class TestCopyVerified:
         assert dst.stat().st_mtime_ns == 1_500_000_000_987_654_321
         assert src.exists()
         assert temps(tmp_path) == []
+        assert file_has_sha256(dst, sha(data))
+        assert not file_has_sha256(dst, sha(b"other"))
+        assert not file_has_sha256(tmp_path / "backup" / "missing.jpg", sha(data))
 
     def test_hash_mismatch_raises_and_leaves_nothing(self, tmp_path: Path) -> None:
         """A source rewritten since the job hashed it raises SourceChanged and writes no backup."""
@@ -273,7 +279,7 @@ class TestDisposeSource:
 class TestWriteFailure:
     def info(self) -> FailureInfo:
         return FailureInfo(stage="decode", error="cannot identify image file", attempts=3, preset="fast",
-                           folder="/srv/in/fast", sha256=sha(b"junk"),
+                           folder="/srv/in/fast", relpath="sub/bad photo.jpg", sha256=sha(b"junk"),
                            time=datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC))
 
     def test_original_moved_with_sidecar(self, tmp_path: Path) -> None:
@@ -288,10 +294,11 @@ class TestWriteFailure:
         assert stored.read_bytes() == b"junk"
         assert not src.exists()
         sidecar = json.loads((failed / "sub" / "bad photo.jpg.error.json").read_text())
-        assert {"stage": "decode", "error": "cannot identify image file", "attempts": 3,
-                "time": "2024-05-01T12:00:00Z", "preset": "fast", "folder": "/srv/in/fast",
-                "sha256": sha(b"junk")} == {k: v for k, v in sidecar.items() if k != "versions"}
-        assert {"gpen-watch", "torch", "python"} == set(sidecar["versions"])
+        versions = sidecar.pop("versions")
+        assert sidecar == {"stage": "decode", "error": "cannot identify image file", "attempts": 3,
+                           "time": "2024-05-01T12:00:00Z", "preset": "fast", "folder": "/srv/in/fast",
+                           "relpath": "sub/bad photo.jpg", "sha256": sha(b"junk")}
+        assert set(versions) == {"gpen-watch", "torch", "python"}
 
     def test_second_failure_does_not_overwrite_first(self, tmp_path: Path) -> None:
         """A file that fails again under the same name is stored beside the first, each with its sidecar."""
@@ -334,34 +341,64 @@ class TestWriteFailure:
         assert not (tmp_path / "nope").exists()
 
 
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 class TestCleanupTempFiles:
-    def test_removes_only_our_stale_temps(self, tmp_path: Path) -> None:
-        """Our crash leftovers are removed; user files and symlinked folders are not touched."""
-        ours = [tmp_path / ".gpen-watch.0123456789abcdef.tmp",
-                tmp_path / "d" / ".gpen-watch.fedcba9876543210.tmp"]
+    def test_removes_leftovers_of_dead_writers(self, tmp_path: Path) -> None:
+        """Temps of a crashed process on this host go; user files and symlinked folders are not touched."""
+        gone = dead_pid()
+        ours = [tmp_path / f".gpen-watch.{host_tag()}.{gone}.0123abcd.tmp",
+                tmp_path / "d" / f".gpen-watch.{host_tag()}.{gone}.fedc9876.tmp"]
         theirs = [tmp_path / "photo.tmp", tmp_path / ".gpen-watch.notes.tmp", tmp_path / "d" / "x.jpg"]
         (tmp_path / "d").mkdir()
         for p in ours + theirs:
             p.write_bytes(b"x")
         outside = tmp_path.parent / f"{tmp_path.name}-outside"
         outside.mkdir()
-        (outside / ".gpen-watch.aaaaaaaaaaaaaaaa.tmp").write_bytes(b"x")
+        foreign = outside / f".gpen-watch.{host_tag()}.{gone}.aaaaaaaa.tmp"
+        foreign.write_bytes(b"x")
         (tmp_path / "link").symlink_to(outside)
         try:
-            assert cleanup_temp_files([tmp_path, tmp_path / "missing"], min_age=0) == 2
+            assert cleanup_temp_files([tmp_path, tmp_path / "missing"]) == 2
             assert [p.exists() for p in ours] == [False, False]
             assert [p.exists() for p in theirs] == [True, True, True]
-            assert (outside / ".gpen-watch.aaaaaaaaaaaaaaaa.tmp").exists()
+            assert foreign.exists()
         finally:
-            (outside / ".gpen-watch.aaaaaaaaaaaaaaaa.tmp").unlink()
+            foreign.unlink()
             outside.rmdir()
 
-    def test_fresh_temps_survive(self, tmp_path: Path) -> None:
-        """A temp file another instance may be writing right now (younger than min_age) is left alone."""
-        fresh = tmp_path / ".gpen-watch.0123456789abcdef.tmp"
-        fresh.write_bytes(b"x")
+    def test_live_writers_and_other_hosts_are_left_alone(self, tmp_path: Path) -> None:
+        """A temp being written now (live pid here, fresh from another host) survives; old ones go."""
+        live = tmp_path / f".gpen-watch.{host_tag()}.{os.getpid()}.0123abcd.tmp"
+        other_host = "00000000" if host_tag() != "00000000" else "11111111"
+        remote = tmp_path / f".gpen-watch.{other_host}.{dead_pid()}.0123abcd.tmp"
+        for p in (live, remote):
+            p.write_bytes(b"x")
         assert cleanup_temp_files([tmp_path], min_age=3600) == 0
-        assert fresh.exists()
+        assert live.exists() and remote.exists()
+        assert cleanup_temp_files([tmp_path], min_age=0) == 2
+
+    def test_write_atomic_temp_names_are_recognised(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The temp name write_atomic uses is the one cleanup looks for (pattern drift would leave litter)."""
+        renamed: list[str] = []
+        real_replace = os.replace
+
+        def spy_replace(src: str, dst: str, **kw: int) -> None:
+            renamed.append(src)
+            real_replace(src, dst, **kw)
+
+        monkeypatch.setattr(os, "replace", spy_replace)
+        write_atomic(tmp_path / "a.jpg", b"x", root=tmp_path)
+        monkeypatch.undo()
+        [temp_name] = renamed
+        assert TEMP_PATTERN.match(temp_name)
+        assert (tmp_path / "a.jpg").read_bytes() == b"x"
 
 
 class TestClassifyOsError:
