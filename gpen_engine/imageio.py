@@ -1,0 +1,759 @@
+"""Image bytes <-> :class:`DecodedImage`: formats, EXIF orientation, alpha, 16 bits, grayscale, metadata.
+
+Decoding is strict: a file is accepted only when it is one of the supported formats, is a single
+image (animations and multi-page documents are refused rather than silently cut to one frame), is
+within the pixel limit (checked from the header, before any pixel buffer is allocated) and decodes
+completely (a JPEG without its end marker or a PNG without IEND is truncated, even where Pillow
+would quietly pad it).
+
+Nothing here touches Pillow's process-wide settings: images are opened through the format's own
+plugin so that the pixel limit is ours, per call; ``ImageFile.LOAD_TRUNCATED_IMAGES`` is only read,
+never set. Every call works on its own objects, so decode/encode may run in a thread pool.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image, ImageCms, ImageFile, JpegImagePlugin, PngImagePlugin
+
+from gpen_engine.options import EncodeOptions
+from gpen_engine.types import DecodedImage, ImageTooLarge, InputError
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
+_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
+_FORMAT_ALIASES = {"JPG": "JPEG", "TIF": "TIFF", "MPO": "JPEG"}
+
+# Formats people do drop into photo folders that we refuse by name rather than as "not an image".
+_UNSUPPORTED_MAGIC: tuple[tuple[bytes, int, str], ...] = (
+    (b"GIF87a", 0, "GIF"),
+    (b"GIF89a", 0, "GIF"),
+    (b"ftypavif", 4, "AVIF"),
+    (b"ftypavis", 4, "AVIF"),
+    (b"ftypheic", 4, "HEIC"),
+    (b"ftypheix", 4, "HEIC"),
+    (b"ftypmif1", 4, "HEIF"),
+    (b"ftypcrx ", 4, "Canon CR3 raw"),
+    (b"\x00\x00\x00\x0cjP  ", 0, "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", 0, "JPEG 2000"),
+    (b"\xff\x0a", 0, "JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL ", 0, "JPEG XL"),
+    (b"8BPS", 0, "Photoshop PSD"),
+    (b"%PDF", 0, "PDF"),
+    (b"\x00\x00\x01\x00", 0, "ICO"),
+    (b"qoif", 0, "QOI"),
+)
+
+# TIFF tags that describe the pixel layout of the source file; they must never be copied into the
+# metadata of a newly written image (a stale width or strip offset would corrupt it).
+_STRUCTURAL_TAGS = frozenset(
+    {254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 277, 278, 279, 280, 281, 284, 317, 320, 322,
+     323, 324, 325, 338, 339, 340, 341, 347, 530, 531, 532, 700, 33723, 34377, 34675}
+)
+_ORIENTATION = 0x0112
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_MAX_PAGES_CHECKED = 64
+
+Image.init()  # register every plugin once, at import, so decode never mutates Pillow's registry
+
+
+# --------------------------------------------------------------------------------------- decode
+
+
+def decode(data: bytes, *, max_pixels: int = 100_000_000) -> DecodedImage:
+    """Decode ``data`` completely into the engine's working form.
+
+    Raises :class:`InputError` for anything that is not a complete, single, supported image and
+    :class:`ImageTooLarge` (before decoding pixels) above ``max_pixels``.
+    """
+    fmt, im = _open_checked(data, max_pixels)
+    try:
+        _load(im, fmt)
+        rgb, alpha, high_bit, grayscale, icc, info = _pixels(im, data, fmt)
+        orientation = _orientation(im)
+        exif = _clean_exif(im, reset_orientation=orientation != 1)
+        info.update(_format_info(im, data, fmt))
+    finally:
+        im.close()
+    rgb = _orient(rgb, orientation)
+    alpha = None if alpha is None else _orient(alpha, orientation)
+    high_bit = None if high_bit is None else _orient(high_bit, orientation)
+    if orientation != 1:
+        info["source_orientation"] = orientation
+    return DecodedImage(
+        rgb=rgb,
+        format=fmt,
+        mode=str(info.pop("source_mode")),
+        alpha=alpha,
+        high_bit=high_bit,
+        grayscale=grayscale,
+        exif=exif,
+        icc_profile=icc,
+        info=info,
+    )
+
+
+def check_complete(data: bytes, *, max_pixels: int = 100_000_000) -> tuple[int, int]:
+    """Return the displayed (width, height) if ``data`` decodes completely, else raise :class:`InputError`.
+
+    Decodes every pixel (that is the only proof a file is whole) but skips the conversions and
+    keeps no arrays, so the readiness gate can call it on every candidate.
+    """
+    fmt, im = _open_checked(data, max_pixels)
+    try:
+        _load(im, fmt)
+        if _needs_cv2_16bit(im, data, fmt):
+            _decode_16bit_with_cv2(data, im.size)
+        width, height = im.size
+        swapped = _orientation(im) in (5, 6, 7, 8)
+    finally:
+        im.close()
+    return (height, width) if swapped else (width, height)
+
+
+def _open_checked(data: bytes, max_pixels: int) -> tuple[str, ImageFile.ImageFile]:
+    if not data:
+        raise InputError("empty file (0 bytes)")
+    fmt = _sniff(data)
+    _check_container_complete(data, fmt)
+    if fmt == "WEBP":
+        # libwebp allocates its canvas while the file is being opened: check the header first.
+        size = _webp_canvas_size(data)
+        if size is None:
+            raise InputError("corrupt WebP: no readable image header")
+        _check_pixels(size, max_pixels)
+    if fmt == "PNG" and len(data) >= 24 and data[12:16] == b"IHDR":
+        _check_pixels(struct.unpack(">II", data[16:24]), max_pixels)
+    im = _open_with_plugin(data, fmt)
+    try:
+        _check_pixels(im.size, max_pixels)
+        _refuse_multi_frame(im, fmt)
+    except BaseException:
+        im.close()
+        raise
+    return fmt, im
+
+
+_SUPPORTED_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"), (_PNG_SIGNATURE, "PNG"), (b"RIFF", "WebP"), (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _sniff(data: bytes) -> str:
+    prefix = data[:16]
+    for magic, name in _SUPPORTED_MAGIC:
+        if len(data) < len(magic) + 8 and magic.startswith(data[: len(magic)]):
+            raise InputError(f"truncated {name}: only {len(data)} bytes")
+    for fmt in SUPPORTED_FORMATS:
+        accept = Image.OPEN[fmt][1]
+        verdict = accept(prefix) if accept is not None else False
+        if verdict and not isinstance(verdict, str):
+            return fmt
+    for magic, offset, name in _UNSUPPORTED_MAGIC:
+        if data[offset : offset + len(magic)] == magic:
+            raise InputError(
+                f"unsupported image format {name} (supported: JPEG, PNG, WebP, TIFF, BMP)"
+            )
+    if data[:1] == b"<" and b"<svg" in data[:1024].lower():
+        raise InputError("unsupported image format SVG (supported: JPEG, PNG, WebP, TIFF, BMP)")
+    raise InputError("not an image (unrecognised format)")
+
+
+def _open_with_plugin(data: bytes, fmt: str) -> ImageFile.ImageFile:
+    # Opening through the plugin's factory (what Image.open does internally) keeps Pillow's global
+    # decompression-bomb threshold out of the way: the pixel limit checked here is the caller's.
+    factory = Image.OPEN[fmt][0]
+    try:
+        im = factory(io.BytesIO(data), "")
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image too large: {exc}") from exc
+    except (SyntaxError, OSError, ValueError, EOFError, IndexError, TypeError, KeyError,
+            struct.error, zlib.error) as exc:
+        raise InputError(f"corrupt {fmt}: {exc}") from exc
+    if not isinstance(im, ImageFile.ImageFile):  # a factory may hand back a plain Image
+        raise InputError(f"corrupt {fmt}: unreadable header")
+    return im
+
+
+def _check_pixels(size: tuple[int, int] | tuple[Any, ...], max_pixels: int) -> None:
+    width, height = int(size[0]), int(size[1])
+    if width <= 0 or height <= 0:
+        raise InputError(f"corrupt image header: size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"image too large: {width}x{height} = {width * height / 1e6:.1f} megapixels "
+            f"exceeds the limit of {max_pixels / 1e6:.1f} megapixels"
+        )
+
+
+def _refuse_multi_frame(im: ImageFile.ImageFile, fmt: str) -> None:
+    frames = int(getattr(im, "n_frames", 1))
+    if frames <= 1:
+        return
+    if fmt in ("PNG", "WEBP"):
+        raise InputError(
+            f"animated {fmt if fmt == 'PNG' else 'WebP'} ({frames} frames) is not supported: "
+            "restoring one frame would drop the others"
+        )
+    if fmt == "TIFF":
+        # Extra pages flagged "reduced resolution" are previews of page 0, not content we would lose.
+        if frames > _MAX_PAGES_CHECKED:
+            raise InputError(f"multi-page TIFF ({frames} pages) is not supported")
+        try:
+            for page in range(1, frames):
+                im.seek(page)
+                if not int(im.tag_v2.get(254, 0)) & 1:  # type: ignore[attr-defined]
+                    raise InputError(
+                        f"multi-page TIFF ({frames} pages) is not supported: "
+                        "restoring one page would drop the others"
+                    )
+            im.seek(0)
+        except (OSError, EOFError, ValueError, struct.error) as exc:
+            raise InputError(f"corrupt TIFF: {exc}") from exc
+    # JPEG/MPO: the extra pictures are camera previews; the primary image is the photo.
+
+
+def _check_container_complete(data: bytes, fmt: str) -> None:
+    if fmt == "JPEG" and not _jpeg_has_end(data):
+        raise InputError("truncated JPEG: the file ends before the image's end marker")
+    if fmt == "PNG" and data.find(_PNG_IEND) < 0:
+        raise InputError("truncated PNG: the IEND chunk is missing")
+    if fmt == "TIFF" and (problem := _tiff_incomplete(data)):
+        raise InputError(f"truncated TIFF: {problem}")
+    if fmt == "WEBP":
+        declared = struct.unpack("<I", data[4:8])[0] + 8 if len(data) >= 8 else 0
+        if len(data) < declared or len(data) < 20:
+            raise InputError(f"truncated WebP: {len(data)} of {declared} bytes")
+
+
+def _jpeg_has_end(data: bytes) -> bool:
+    """True when the first image's headers parse and an EOI marker follows its first scan.
+
+    Entropy-coded data cannot contain FF D9 (an FF there is always stuffed with 00), so an EOI
+    after the first SOS belongs to the image structure, not to pixel data.
+    """
+    pos, size = 2, len(data)
+    while pos + 4 <= size:
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers
+            pos += 2
+            continue
+        if marker == 0xD9:
+            return False
+        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        if marker == 0xDA:
+            return data.find(b"\xff\xd9", pos + 2 + length) >= 0
+        pos += 2 + length
+    return False
+
+
+_TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+
+
+def _tiff_incomplete(data: bytes) -> str | None:
+    """Why a classic TIFF cannot be whole (a directory, tag value or strip lies past the end), or None.
+
+    Checked before Pillow parses the file, so a half-copied TIFF is named as truncated instead of
+    surfacing as warnings about corrupt tags. BigTIFF is left to the decoder.
+    """
+    order = "<" if data[:2] == b"II" else ">"
+    if len(data) < 8 or struct.unpack(order + "H", data[2:4])[0] != 42:
+        return None if len(data) >= 8 else "header cut short"
+    size = len(data)
+    offset, seen = struct.unpack(order + "I", data[4:8])[0], set()
+    while offset and offset not in seen and len(seen) < _MAX_PAGES_CHECKED:
+        seen.add(offset)
+        if offset + 2 > size:
+            return f"directory at byte {offset} lies past the end ({size} bytes)"
+        count = struct.unpack(order + "H", data[offset : offset + 2])[0]
+        end = offset + 2 + 12 * count
+        if end + 4 > size:
+            return f"directory at byte {offset} is cut short ({size} bytes)"
+        values: dict[int, list[int]] = {}
+        for entry in range(offset + 2, end, 12):
+            tag, kind, n = struct.unpack(order + "HHI", data[entry : entry + 8])
+            length = n * _TIFF_TYPE_SIZES.get(kind, 0)
+            where = entry + 8
+            if length > 4:
+                where = struct.unpack(order + "I", data[entry + 8 : entry + 12])[0]
+                if where + length > size:
+                    return f"tag {tag} data lies past the end ({size} bytes)"
+            if tag in (273, 279, 324, 325) and kind in (3, 4):
+                code = order + str(n) + ("H" if kind == 3 else "I")
+                values[tag] = list(struct.unpack(code, data[where : where + length]))
+        for starts, counts in ((273, 279), (324, 325)):
+            for start, length in zip(values.get(starts, []), values.get(counts, []), strict=False):
+                if start + length > size:
+                    return f"image data ends at byte {start + length}, the file has {size}"
+        offset = struct.unpack(order + "I", data[end : end + 4])[0]
+    return None
+
+
+def _webp_canvas_size(data: bytes) -> tuple[int, int] | None:
+    if len(data) < 30:
+        return None
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        width = 1 + int.from_bytes(data[24:27], "little")
+        height = 1 + int.from_bytes(data[27:30], "little")
+        return width, height
+    if chunk == b"VP8L" and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    return None
+
+
+def _load(im: ImageFile.ImageFile, fmt: str) -> None:
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Someone in this process switched Pillow to padding truncated files; we must not follow.
+        raise InputError("refusing to decode: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set")
+    try:
+        im.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image too large: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, MemoryError,
+            struct.error, zlib.error) as exc:
+        message = str(exc)
+        kind = "truncated" if "truncated" in message or isinstance(exc, EOFError) else "corrupt"
+        raise InputError(f"{kind} {fmt}: {message}") from exc
+
+
+# ----------------------------------------------------------------------------- pixel conversion
+
+
+_Pixels = tuple[np.ndarray, np.ndarray | None, np.ndarray | None, bool, bytes | None, dict[str, object]]
+
+
+def _pixels(im: ImageFile.ImageFile, data: bytes, fmt: str) -> _Pixels:
+    mode = im.mode
+    icc = im.info.get("icc_profile") or None
+    info: dict[str, object] = {"source_mode": mode}
+    if _needs_cv2_16bit(im, data, fmt):
+        return (*_pixels_16bit_color(im, data), icc, info)
+    if mode.startswith("I;16") or mode == "I":
+        gray16 = np.asarray(im)
+        if gray16.min(initial=0) < 0 or gray16.max(initial=0) > 65535:
+            raise InputError(f"unsupported {fmt} pixel format: 32-bit integer samples")
+        high = np.ascontiguousarray(gray16.astype(np.uint16))[:, :, None]
+        return _gray_rgb(_to_8bit(high[:, :, 0])), None, high, True, icc, info
+    if mode in ("1", "L"):
+        return _gray_rgb(np.asarray(im.convert("L"))), None, None, True, icc, info
+    if mode in ("LA", "La"):
+        la = np.asarray(im.convert("LA"))
+        return _gray_rgb(la[:, :, 0]), np.ascontiguousarray(la[:, :, 1]), None, True, icc, info
+    if mode == "CMYK":
+        rgb_im, icc = _cmyk_to_rgb(im, icc, info)
+        return np.asarray(rgb_im).copy(), None, None, False, icc, info
+    if mode in ("RGB", "RGBX", "YCbCr"):
+        return np.asarray(im.convert("RGB")).copy(), None, None, False, icc, info
+    if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
+        rgba = np.asarray(im.convert("RGBA"))
+        rgb, alpha = np.ascontiguousarray(rgba[:, :, :3]), np.ascontiguousarray(rgba[:, :, 3])
+        return rgb, alpha, None, False, icc, info
+    if mode == "P":
+        return np.asarray(im.convert("RGB")).copy(), None, None, False, icc, info
+    raise InputError(f"unsupported {fmt} pixel format {mode}")
+
+
+def _gray_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _to_8bit(values16: np.ndarray) -> np.ndarray:
+    """Nearest 8-bit value of 16-bit samples (v8 * 257 is the exact 16-bit image of v8)."""
+    return ((values16.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _cmyk_to_rgb(
+    im: ImageFile.ImageFile, icc: bytes | None, info: dict[str, object]
+) -> tuple[Image.Image, bytes | None]:
+    # With the file's own CMYK profile the conversion is colour-managed; the output is then sRGB and
+    # says so. The CMYK profile cannot describe an RGB image, so it rides along only in ``info``.
+    if icc is not None and _icc_colour_space(icc) == "CMYK":
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            dst = ImageCms.createProfile("sRGB")
+            converted = ImageCms.profileToProfile(
+                im, src, dst, renderingIntent=ImageCms.Intent.PERCEPTUAL, outputMode="RGB"
+            )
+            if converted is not None:
+                info["source_icc_profile"] = icc
+                return converted, ImageCms.ImageCmsProfile(dst).tobytes()
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a broken profile: fall back to the plain conversion below
+    if icc is not None:
+        info["source_icc_profile"] = icc
+    return im.convert("RGB"), None
+
+
+def _needs_cv2_16bit(im: ImageFile.ImageFile, data: bytes, fmt: str) -> bool:
+    """16-bit colour (or gray+alpha) sources, which Pillow would cut to 8 bits."""
+    if fmt == "PNG":
+        return len(data) > 25 and data[24] == 16 and data[25] in (2, 4, 6)
+    if fmt == "TIFF" and not im.mode.startswith("I"):
+        bits = im.tag_v2.get(258, (8,))  # type: ignore[attr-defined]
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        return any(int(b) == 16 for b in bits)
+    return False
+
+
+def _decode_16bit_with_cv2(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    # IMREAD_UNCHANGED keeps the bit depth and alpha and does not apply EXIF orientation (we do).
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None or array.dtype != np.uint16 or array.shape[1::-1] != tuple(size):
+        raise InputError("corrupt 16-bit image: the pixel data could not be decoded")
+    return array
+
+
+def _pixels_16bit_color(
+    im: ImageFile.ImageFile, data: bytes
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, bool]:
+    array = _decode_16bit_with_cv2(data, im.size)
+    # PNG colour types 0/4 and TIFF photometric 0/1 are the gray ones.
+    is_png = data[:8] == _PNG_SIGNATURE
+    gray_source = data[25] in (0, 4) if is_png else int(im.tag_v2.get(262, 2)) in (0, 1)  # type: ignore[attr-defined]
+    if array.ndim == 2:
+        array = array[:, :, None]
+    channels = array.shape[2]
+    alpha = np.ascontiguousarray(array[:, :, 3]) if channels == 4 else None
+    if channels == 2:
+        alpha = np.ascontiguousarray(array[:, :, 1])
+    if gray_source or channels <= 2:
+        high = np.ascontiguousarray(array[:, :, :1])
+        return _gray_rgb(_to_8bit(high[:, :, 0])), alpha, high, True
+    high = np.ascontiguousarray(array[:, :, 2::-1])  # BGR -> RGB
+    return _to_8bit(high), alpha, high, False
+
+
+# ------------------------------------------------------------------------------------- metadata
+
+
+def _orientation(im: ImageFile.ImageFile) -> int:
+    try:
+        value = int(im.getexif().get(_ORIENTATION, 1))
+    except (OSError, ValueError, TypeError, SyntaxError, struct.error):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn stored pixels into displayed pixels (EXIF orientation 1-8)."""
+    transforms: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: np.rot90(a, k=-1),
+        7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+        8: lambda a: np.rot90(a, k=1),
+    }
+    if orientation not in transforms:
+        return array
+    return np.ascontiguousarray(transforms[orientation](array))
+
+
+def _clean_exif(im: ImageFile.ImageFile, *, reset_orientation: bool) -> bytes | None:
+    try:
+        exif = im.getexif()
+        for tag in [t for t in exif if t in _STRUCTURAL_TAGS]:
+            del exif[tag]
+        if reset_orientation or _ORIENTATION in exif:
+            exif[_ORIENTATION] = 1
+        if not len(exif):
+            return None
+        return exif.tobytes()
+    except (OSError, ValueError, TypeError, SyntaxError, KeyError, struct.error):
+        return None  # unreadable EXIF is dropped rather than failing a good photo
+
+
+def _reset_xmp_orientation(xmp: bytes | str) -> bytes:
+    raw = xmp.encode("utf-8") if isinstance(xmp, str) else bytes(xmp)
+    raw = re.sub(rb'tiff:Orientation="\d"', b'tiff:Orientation="1"', raw)
+    return re.sub(rb"<tiff:Orientation>\d</tiff:Orientation>", b"<tiff:Orientation>1</tiff:Orientation>", raw)
+
+
+def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, object]:
+    info: dict[str, object] = {}
+    if "dpi" in im.info:
+        info["dpi"] = tuple(float(v) for v in im.info["dpi"])
+    if xmp := im.info.get("xmp"):
+        info["xmp"] = _reset_xmp_orientation(xmp)
+    if fmt == "JPEG":
+        info["jpeg_subsampling"] = JpegImagePlugin.get_sampling(im)
+        info["progressive"] = bool(im.info.get("progressive") or im.info.get("progression"))
+    elif fmt == "PNG":
+        text = getattr(im, "text", {}) or {}
+        info["png_text"] = {k: v for k, v in text.items() if k != "XML:com.adobe.xmp"}
+    elif fmt == "TIFF":
+        info["tiff_compression"] = im.info.get("compression", "raw")
+    elif fmt == "WEBP":
+        info["webp_lossless"] = _webp_is_lossless(data)
+    return info
+
+
+def _webp_is_lossless(data: bytes) -> bool:
+    pos = 12
+    while pos + 8 <= len(data):
+        fourcc = data[pos : pos + 4]
+        if fourcc in (b"VP8 ", b"VP8L"):
+            return fourcc == b"VP8L"
+        length = struct.unpack("<I", data[pos + 4 : pos + 8])[0]
+        pos += 8 + length + (length & 1)
+    return False
+
+
+def _icc_colour_space(icc: bytes) -> str:
+    return icc[16:20].decode("latin-1").strip() if len(icc) >= 20 else ""
+
+
+# --------------------------------------------------------------------------------------- encode
+
+
+def encode(image: DecodedImage, rgb: np.ndarray, *, options: EncodeOptions) -> tuple[bytes, str]:
+    """Write ``rgb`` (the restored working copy) in the source's own form; return (bytes, format).
+
+    The format is the source's unless ``options.format`` says otherwise. Alpha, grayscale, 16-bit
+    depth, EXIF (orientation 1: the pixels are already upright), ICC, XMP and DPI come back where the
+    format can hold them. ``rgb`` may be smaller than the source (the preset capped the long side);
+    alpha and 16-bit data are resized to match. For 16-bit sources every sample the engine did not
+    change is written back bit-exactly.
+    """
+    requested = (options.format or image.format).upper()
+    fmt = _FORMAT_ALIASES.get(requested, requested)
+    if fmt not in SUPPORTED_FORMATS:
+        raise ValueError(f"cannot write format {fmt!r}; supported: {', '.join(SUPPORTED_FORMATS)}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"rgb must be HxWx3 uint8, got {rgb.shape} {rgb.dtype}")
+    height, width = rgb.shape[:2]
+    alpha = _resize_to(image.alpha, width, height)
+    high = _resize_to(image.high_bit, width, height)
+    grayscale = image.grayscale and fmt != "WEBP"  # WebP has no grayscale mode
+    # JPEG has no alpha, and Pillow's BMP writer stores 32-bit pixels that readers take as RGB.
+    keep_alpha = alpha is not None and fmt not in ("JPEG", "BMP")
+    if alpha is not None and not keep_alpha:
+        rgb = _over_white(rgb, alpha)
+    samples = _luma(rgb)[:, :, None] if grayscale else rgb
+    if high is not None and fmt in ("PNG", "TIFF"):
+        if high.shape[2] != samples.shape[2]:
+            high = _luma16(high) if samples.shape[2] == 1 else np.repeat(high, 3, axis=2)
+        delta = samples.astype(np.int32) - _to_8bit(high).astype(np.int32)
+        samples16 = np.clip(high.astype(np.int32) + delta * 257, 0, 65535).astype(np.uint16)
+        alpha16 = None if not keep_alpha or alpha is None else _as_16bit(alpha)
+        return _encode_16bit(image, samples16, alpha16, fmt, options), fmt
+    alpha8 = None if not keep_alpha or alpha is None else _as_8bit(alpha)
+    return _encode_8bit(image, samples, alpha8, fmt, options), fmt
+
+
+def extension_for(format: str) -> str:
+    """File extension (with the dot) for a Pillow format name, e.g. ``"JPEG" -> ".jpg"``."""
+    name = _FORMAT_ALIASES.get(format.upper(), format.upper())
+    if name not in _EXTENSIONS:
+        raise ValueError(f"no extension for format {format!r}")
+    return _EXTENSIONS[name]
+
+
+def resize_long_side(rgb: np.ndarray, max_long_side: int | None) -> np.ndarray:
+    """Downsize (INTER_AREA) so the long side is at most ``max_long_side``; never upsizes.
+
+    Works on any HxW or HxWxC uint8/uint16/float32 array; returns the input itself when no
+    resize is needed.
+    """
+    if max_long_side is None or max_long_side <= 0:
+        return rgb
+    height, width = rgb.shape[:2]
+    long_side = max(height, width)
+    if long_side <= max_long_side:
+        return rgb
+    scale = max_long_side / long_side
+    new_w = max(1, min(max_long_side, round(width * scale)))
+    new_h = max(1, min(max_long_side, round(height * scale)))
+    return _resize(rgb, new_w, new_h)
+
+
+def _resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
+    resized = cv2.resize(array, (width, height), interpolation=cv2.INTER_AREA)
+    if array.ndim == 3 and resized.ndim == 2:  # OpenCV drops a single channel axis
+        resized = resized[:, :, None]
+    return resized
+
+
+def _resize_to(array: np.ndarray | None, width: int, height: int) -> np.ndarray | None:
+    if array is None or array.shape[:2] == (height, width):
+        return array
+    return _resize(array, width, height)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    # ITU-R 601 weights in 16-bit fixed point summing to 65536: gray pixels map to themselves.
+    r, g, b = (rgb[:, :, i].astype(np.uint32) for i in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16).astype(np.uint8)
+
+
+def _luma16(high: np.ndarray) -> np.ndarray:
+    r, g, b = (high[:, :, i].astype(np.uint64) for i in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16).astype(np.uint16)[:, :, None]
+
+
+def _as_8bit(alpha: np.ndarray) -> np.ndarray:
+    return _to_8bit(alpha) if alpha.dtype == np.uint16 else alpha.astype(np.uint8)
+
+
+def _as_16bit(alpha: np.ndarray) -> np.ndarray:
+    return alpha if alpha.dtype == np.uint16 else alpha.astype(np.uint16) * 257
+
+
+def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    # A format without alpha shows what a viewer shows on a white page, not the hidden colours.
+    weight = alpha.astype(np.float32)[:, :, None] / (65535.0 if alpha.dtype == np.uint16 else 255.0)
+    return np.clip(rgb * weight + 255.0 * (1.0 - weight) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _metadata(image: DecodedImage, options: EncodeOptions, colour_space: str) -> dict[str, Any]:
+    if not options.keep_metadata:
+        return {}
+    meta: dict[str, Any] = {}
+    if image.exif:
+        meta["exif"] = image.exif
+    if image.icc_profile and _icc_colour_space(image.icc_profile) == colour_space:
+        meta["icc_profile"] = image.icc_profile
+    if isinstance(xmp := image.info.get("xmp"), bytes):
+        meta["xmp"] = xmp
+    if isinstance(dpi := image.info.get("dpi"), tuple):
+        meta["dpi"] = dpi
+    return meta
+
+
+def _encode_8bit(
+    image: DecodedImage, samples: np.ndarray, alpha: np.ndarray | None, fmt: str, options: EncodeOptions
+) -> bytes:
+    gray = samples.shape[2] == 1
+    if alpha is not None:
+        pixels = np.dstack([samples, alpha])
+        mode = "LA" if gray else "RGBA"
+    else:
+        pixels = samples[:, :, 0] if gray else samples
+        mode = "L" if gray else "RGB"
+    pil = Image.fromarray(np.ascontiguousarray(pixels), mode)
+    meta = _metadata(image, options, "GRAY" if gray else "RGB")
+    params: dict[str, Any] = {}
+    if fmt == "JPEG":
+        params = {"quality": options.jpeg_quality, "progressive": bool(image.info.get("progressive"))}
+        subsampling = image.info.get("jpeg_subsampling")
+        if isinstance(subsampling, int) and subsampling >= 0:
+            params["subsampling"] = subsampling
+        params.update(meta)
+    elif fmt == "PNG":
+        params = {k: v for k, v in meta.items() if k != "xmp"}
+        params["pnginfo"] = _png_text_info(image, meta.get("xmp"))
+    elif fmt == "WEBP":
+        lossless = bool(image.info.get("webp_lossless"))
+        params = {"lossless": lossless, "quality": 100 if lossless else options.webp_quality}
+        params.update({k: v for k, v in meta.items() if k != "dpi"})
+    elif fmt == "TIFF":
+        params = {"compression": _tiff_compression(image)}
+        params.update({k: v for k, v in meta.items() if k != "xmp"})
+    elif fmt == "BMP" and "dpi" in meta:
+        params = {"dpi": meta["dpi"]}
+    buffer = io.BytesIO()
+    pil.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def _png_text_info(image: DecodedImage, xmp: bytes | None) -> PngImagePlugin.PngInfo:
+    pnginfo = PngImagePlugin.PngInfo()
+    text = image.info.get("png_text")
+    if isinstance(text, dict):
+        for key, value in text.items():
+            if isinstance(key, str) and isinstance(value, str):
+                pnginfo.add_itxt(key, value)
+    if xmp:
+        pnginfo.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
+    return pnginfo
+
+
+def _tiff_compression(image: DecodedImage) -> str:
+    source = image.info.get("tiff_compression")
+    lossless = ("raw", "tiff_lzw", "tiff_deflate", "tiff_adobe_deflate", "packbits")
+    return source if isinstance(source, str) and source in lossless else "tiff_lzw"
+
+
+def _encode_16bit(
+    image: DecodedImage, samples: np.ndarray, alpha: np.ndarray | None, fmt: str, options: EncodeOptions
+) -> bytes:
+    gray = samples.shape[2] == 1
+    if fmt == "PNG":
+        meta = _metadata(image, options, "GRAY" if gray else "RGB")
+        pixels = samples if alpha is None else np.dstack([samples, alpha])
+        text = image.info.get("png_text") if options.keep_metadata else None
+        return _write_png16(pixels, meta, text)
+    if gray and alpha is None:
+        meta = _metadata(image, options, "GRAY")
+        meta.pop("xmp", None)
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(samples[:, :, 0])).save(
+            buffer, "TIFF", compression=_tiff_compression(image), **meta
+        )
+        return buffer.getvalue()
+    # Pillow has no 16-bit colour mode: OpenCV writes these TIFFs, without EXIF/ICC.
+    if gray:
+        samples = np.repeat(samples, 3, axis=2)
+    bgr = samples[:, :, ::-1] if alpha is None else np.dstack([samples[:, :, ::-1], alpha])
+    ok, encoded = cv2.imencode(".tiff", np.ascontiguousarray(bgr))
+    if not ok:
+        raise InputError("could not encode the 16-bit TIFF")
+    return encoded.tobytes()
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _write_png16(pixels: np.ndarray, meta: dict[str, Any], text: object) -> bytes:
+    """A 16-bit PNG (gray, gray+alpha, RGB or RGBA) with its metadata chunks.
+
+    Pillow writes 16 bits only for single-channel images, and OpenCV drops metadata and cannot
+    write gray+alpha, so these few chunks are written here. Rows use the "Up" filter, which
+    is cheap in numpy and compresses photos well.
+    """
+    height, width, channels = pixels.shape
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = pixels.astype(">u2").reshape(height, width * channels).view(np.uint8)
+    filtered = rows.copy()
+    filtered[1:] -= rows[:-1]  # uint8 arithmetic wraps modulo 256, as the filter requires
+    raw = np.hstack([np.full((height, 1), 2, np.uint8), filtered]).tobytes()
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    out = [_PNG_SIGNATURE, _png_chunk(b"IHDR", header)]
+    if icc := meta.get("icc_profile"):
+        out.append(_png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc)))
+    if dpi := meta.get("dpi"):
+        ppm = [round(float(v) / 0.0254) for v in dpi]
+        out.append(_png_chunk(b"pHYs", struct.pack(">IIB", ppm[0], ppm[1], 1)))
+    if exif := meta.get("exif"):
+        out.append(_png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif))
+    items = dict(text) if isinstance(text, dict) else {}
+    if xmp := meta.get("xmp"):
+        items["XML:com.adobe.xmp"] = xmp.decode("utf-8", "replace")
+    for key, value in items.items():
+        if isinstance(key, str) and isinstance(value, str) and 0 < len(key) < 80:
+            payload = key.encode("latin-1", "replace") + b"\x00\x00\x00\x00\x00" + value.encode("utf-8")
+            out.append(_png_chunk(b"iTXt", payload))
+    out.append(_png_chunk(b"IDAT", zlib.compress(raw, 6)))
+    out.append(_png_chunk(b"IEND", b""))
+    return b"".join(out)

@@ -1,0 +1,394 @@
+"""Tests for gpen_engine.imageio: every image is generated here, no binary fixtures."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageCms, ImageFile, ImageOps
+
+from gpen_engine.imageio import check_complete, decode, encode, extension_for, resize_long_side
+from gpen_engine.options import EncodeOptions
+from gpen_engine.types import ImageTooLarge, InputError
+
+FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
+LOSSLESS = ("PNG", "TIFF", "BMP")
+
+
+def _photo(height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
+    """A smooth colour image with some texture (compresses like a photo, not like noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / max(width - 1, 1), y / max(height - 1, 1), 0.5 + 0.0 * x], axis=2) * 200 + 20
+    return np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+
+
+def _save(pil: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    pil.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def _open(data: bytes) -> Image.Image:
+    pil = Image.open(io.BytesIO(data))
+    pil.load()
+    return pil
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _png16(samples: np.ndarray, colour_type: int, exif: bytes | None = None) -> bytes:
+    """A 16-bit PNG assembled by hand (Pillow cannot write 16-bit colour; OpenCV cannot write gray+alpha)."""
+    height, width = samples.shape[:2]
+    rows = samples.astype(">u2").reshape(height, -1).view(np.uint8)
+    raw = np.hstack([np.zeros((height, 1), np.uint8), rows]).tobytes()
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    extra = _png_chunk(b"eXIf", exif[6:]) if exif else b""
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + extra
+            + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b""))
+
+
+def _srgb_icc() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+class TestRoundTrip:
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_each_format_round_trips_in_its_own_format(self, fmt: str) -> None:
+        """Decoding then encoding an unchanged image gives the same format, size and (lossless) pixels."""
+        rgb = _photo()
+        image = decode(_save(Image.fromarray(rgb), fmt))
+        assert (fmt, (64, 48), False) == (image.format, image.size, image.grayscale)
+        data, written = encode(image, image.rgb, options=EncodeOptions())
+        back = _open(data)
+        assert (fmt, "RGB", (64, 48)) == (written, back.mode, back.size)
+        error = np.abs(np.asarray(back).astype(int) - image.rgb.astype(int))
+        assert error.max() == 0 if fmt in LOSSLESS else error.mean() < 4
+
+    def test_format_override_writes_the_requested_format(self) -> None:
+        """options.format replaces the input's format."""
+        image = decode(_save(Image.fromarray(_photo()), "PNG"))
+        data, written = encode(image, image.rgb, options=EncodeOptions(format="jpeg", jpeg_quality=80))
+        assert (written, _open(data).format) == ("JPEG", "JPEG")
+
+    def test_jpeg_quality_option_is_used(self) -> None:
+        """A lower JPEG quality gives a smaller file."""
+        image = decode(_save(Image.fromarray(_photo(128, 128)), "PNG"))
+        high, _ = encode(image, image.rgb, options=EncodeOptions(format="JPEG", jpeg_quality=95))
+        low, _ = encode(image, image.rgb, options=EncodeOptions(format="JPEG", jpeg_quality=30))
+        assert len(low) < len(high)
+
+    def test_tiny_and_thin_images_decode_and_encode(self) -> None:
+        """1x1 and 1x5000 images survive decode and encode."""
+        for height, width in ((1, 1), (1, 5000), (5000, 1)):
+            rgb = _photo(height, width)
+            image = decode(_save(Image.fromarray(rgb), "PNG"))
+            data, _ = encode(image, image.rgb, options=EncodeOptions())
+            np.testing.assert_array_equal(rgb, np.asarray(_open(data)))
+
+    def test_decoding_is_thread_safe(self) -> None:
+        """Decoding many images in a thread pool gives the same pixels as decoding them one by one."""
+        files = [_save(Image.fromarray(_photo(seed=i)), fmt) for i, fmt in enumerate(FORMATS * 3)]
+        expected = [decode(f).rgb for f in files]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            got = list(pool.map(lambda f: encode(decode(f), decode(f).rgb, options=EncodeOptions()), files))
+        for want, (data, _) in zip(expected, got, strict=True):
+            assert want.shape == decode(data).rgb.shape
+
+
+class TestOrientation:
+    @pytest.mark.parametrize("orientation", range(1, 9))
+    def test_exif_orientation_is_applied_like_a_viewer_would(self, orientation: int) -> None:
+        """Every EXIF orientation yields the upright pixels a viewer shows, and the tag is reset to 1."""
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = _save(Image.fromarray(_photo(20, 40)), "PNG", exif=exif)
+        image = decode(data)
+        np.testing.assert_array_equal(np.asarray(ImageOps.exif_transpose(_open(data))), image.rgb)
+        written = Image.open(io.BytesIO(_save(Image.new("RGB", (1, 1)), "PNG", exif=image.exif)))
+        assert written.getexif()[0x0112] == 1
+
+    @pytest.mark.parametrize("orientation", [6, 8])
+    def test_rotated_jpeg_comes_out_rotated_and_stays_upright_when_written(self, orientation: int) -> None:
+        """A landscape JPEG tagged 6/8 decodes as portrait and is written upright, tagged 1."""
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        exif.get_ifd(0x8769)[0x9003] = "2001:02:03 04:05:06"  # DateTimeOriginal in the Exif sub-IFD
+        image = decode(_save(Image.fromarray(_photo(20, 40)), "JPEG", exif=exif, quality=95))
+        assert image.size == (20, 40)
+        data, _ = encode(image, image.rgb, options=EncodeOptions())
+        written = _open(data)
+        assert (written.size, written.getexif()[0x0112]) == ((20, 40), 1)
+        assert written.getexif().get_ifd(0x8769)[0x9003] == "2001:02:03 04:05:06"
+        assert check_complete(data) == (20, 40)
+
+    def test_check_complete_reports_displayed_size(self) -> None:
+        """The readiness check returns the upright width and height."""
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        assert check_complete(_save(Image.fromarray(_photo(20, 40)), "JPEG", exif=exif)) == (20, 40)
+
+
+class TestModes:
+    @pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
+    def test_alpha_is_kept(self, fmt: str) -> None:
+        """RGBA input: the working copy is RGB, and the written file has the same alpha channel."""
+        rgb = _photo()
+        alpha = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (48, 1))
+        image = decode(_save(Image.fromarray(np.dstack([rgb, alpha])), fmt, lossless=True))
+        assert image.rgb.shape == (48, 64, 3)
+        np.testing.assert_array_equal(alpha, image.alpha)
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert back.mode == "RGBA"
+        np.testing.assert_array_equal(alpha, np.asarray(back)[:, :, 3])
+
+    def test_alpha_follows_a_downsized_result(self) -> None:
+        """When the preset shrank the image, alpha is resized to the result's size."""
+        rgba = np.dstack([_photo(80, 100), np.full((80, 100), 200, np.uint8)])
+        image = decode(_save(Image.fromarray(rgba), "PNG"))
+        small = resize_long_side(image.rgb, 50)
+        back = _open(encode(image, small, options=EncodeOptions())[0])
+        assert (back.size, back.mode) == ((50, 40), "RGBA")
+        assert int(np.asarray(back)[:, :, 3].mean().round()) == 200
+
+    def test_alpha_dropped_for_jpeg_shows_white_behind_transparent_pixels(self) -> None:
+        """Writing an RGBA source as JPEG composites it on white instead of revealing hidden colours."""
+        rgba = np.zeros((16, 16, 4), np.uint8)
+        image = decode(_save(Image.fromarray(rgba), "PNG"))
+        back = np.asarray(_open(encode(image, image.rgb, options=EncodeOptions(format="JPEG"))[0]))
+        assert back.min() > 245
+
+    def test_16bit_rgb_png_round_trips_exactly_when_unchanged(self) -> None:
+        """A 16-bit RGB PNG is worked at 8 bits and written back with every 16-bit sample intact."""
+        rng = np.random.default_rng(1)
+        rgb16 = rng.integers(0, 65536, (30, 40, 3), dtype=np.uint16)
+        ok, png = cv2.imencode(".png", rgb16[:, :, ::-1])
+        image = decode(png.tobytes())
+        np.testing.assert_array_equal(rgb16, image.high_bit)
+        assert np.abs(image.rgb.astype(int) * 257 - rgb16.astype(int)).max() <= 128
+        data, _ = encode(image, image.rgb, options=EncodeOptions())
+        back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(rgb16, back[:, :, ::-1])
+
+    def test_16bit_keeps_untouched_pixels_and_writes_changed_ones(self) -> None:
+        """Only the pixels the engine changed differ in the 16-bit output, by the 8-bit change x 257."""
+        rgb16 = np.full((20, 20, 3), 30000, np.uint16)
+        rgba16 = np.dstack([rgb16, np.full((20, 20), 40000, np.uint16)])
+        image = decode(cv2.imencode(".png", rgba16[:, :, [2, 1, 0, 3]])[1].tobytes())
+        edited = image.rgb.copy()
+        edited[:5, :5] += 10
+        back = cv2.imdecode(np.frombuffer(encode(image, edited, options=EncodeOptions())[0], np.uint8),
+                            cv2.IMREAD_UNCHANGED)
+        assert (np.uint16, 4) == (back.dtype, back.shape[2])
+        np.testing.assert_array_equal(rgb16[5:], back[5:, :, :3])
+        np.testing.assert_array_equal(30000 + 10 * 257, back[:5, :5, :3])
+        np.testing.assert_array_equal(40000, back[:, :, 3])
+
+    def test_16bit_gray_alpha_png_round_trips_exactly(self) -> None:
+        """16-bit gray+alpha stays 16-bit gray+alpha with identical samples."""
+        gray_alpha = np.random.default_rng(2).integers(0, 65536, (12, 10, 2), dtype=np.uint16)
+        image = decode(_png16(gray_alpha, colour_type=4))
+        assert image.grayscale
+        np.testing.assert_array_equal(gray_alpha[:, :, 1], image.alpha)
+        back = decode(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert back.grayscale
+        np.testing.assert_array_equal(gray_alpha[:, :, :1], back.high_bit)
+        np.testing.assert_array_equal(gray_alpha[:, :, 1], back.alpha)
+
+    def test_16bit_rgb_tiff_round_trips_exactly(self) -> None:
+        """A 16-bit RGB TIFF is written back as 16-bit RGB with identical samples."""
+        rgb16 = np.random.default_rng(4).integers(0, 65536, (12, 10, 3), dtype=np.uint16)
+        image = decode(cv2.imencode(".tiff", rgb16[:, :, ::-1])[1].tobytes())
+        data, written = encode(image, image.rgb, options=EncodeOptions())
+        back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert written == "TIFF"
+        np.testing.assert_array_equal(rgb16, back[:, :, ::-1])
+
+    def test_16bit_pixels_follow_exif_orientation(self) -> None:
+        """The 16-bit samples are rotated together with the 8-bit working copy."""
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        rgb16 = np.random.default_rng(5).integers(0, 65536, (10, 16, 3), dtype=np.uint16)
+        image = decode(_png16(rgb16, colour_type=2, exif=exif.tobytes()))
+        assert image.size == (10, 16)
+        np.testing.assert_array_equal(np.rot90(rgb16, k=-1), image.high_bit)
+
+    @pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+    def test_16bit_grayscale_stays_16bit_grayscale(self, fmt: str) -> None:
+        """I;16 input comes back as 16-bit single-channel with identical samples."""
+        gray16 = (np.arange(30 * 40, dtype=np.uint32).reshape(30, 40) * 53 % 65536).astype(np.uint16)
+        image = decode(_save(Image.fromarray(gray16), fmt))
+        assert image.grayscale
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert back.mode.startswith("I;16")
+        np.testing.assert_array_equal(gray16, np.asarray(back).astype(np.uint16))
+
+    @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "BMP"])
+    def test_grayscale_stays_grayscale(self, fmt: str) -> None:
+        """An 8-bit gray input is worked as replicated RGB and written as a gray image."""
+        gray = _photo()[:, :, 0]
+        image = decode(_save(Image.fromarray(gray), fmt))
+        assert image.grayscale
+        np.testing.assert_array_equal(image.rgb[:, :, 0], image.rgb[:, :, 2])
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert back.mode == "L"
+        if fmt != "JPEG":
+            np.testing.assert_array_equal(gray, np.asarray(back))
+
+    def test_cmyk_jpeg_decodes_to_plausible_rgb(self) -> None:
+        """A CMYK JPEG of pure red (C=0, M=Y=100%) becomes red RGB."""
+        image = decode(_save(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG", quality=95))
+        red, green, blue = image.rgb.reshape(-1, 3).mean(axis=0)
+        assert (image.mode, image.grayscale) == ("CMYK", False)
+        assert red > 200 and green < 60 and blue < 60
+
+    def test_palette_png_with_transparency_becomes_rgb_and_alpha(self) -> None:
+        """A palette PNG with a transparent index keeps its transparency as alpha."""
+        indices = np.zeros((10, 10), np.uint8)
+        indices[:, 5:] = 1
+        pal = Image.fromarray(indices, "P")
+        pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+        image = decode(_save(pal, "PNG", transparency=1))
+        np.testing.assert_array_equal([255, 0, 0], image.rgb[0, 0])
+        assert (image.alpha[0, 0], image.alpha[0, 9]) == (255, 0)
+        back = np.asarray(_open(encode(image, image.rgb, options=EncodeOptions())[0]).convert("RGBA"))
+        assert (back[0, 0, 3], back[0, 9, 3]) == (255, 0)
+
+
+class TestMetadata:
+    @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+    def test_icc_profile_is_kept(self, fmt: str) -> None:
+        """The input's ICC profile is embedded in the output."""
+        icc = _srgb_icc()
+        image = decode(_save(Image.fromarray(_photo()), fmt, icc_profile=icc))
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert icc == back.info.get("icc_profile")
+
+    def test_icc_kept_for_16bit_png(self) -> None:
+        """The hand-written 16-bit PNG carries the ICC profile and DPI."""
+        rgb16 = np.full((8, 8, 3), 1000, np.uint16)
+        image = decode(cv2.imencode(".png", rgb16)[1].tobytes())
+        image.icc_profile, image.info["dpi"] = _srgb_icc(), (300.0, 300.0)
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert image.icc_profile == back.info.get("icc_profile")
+        assert tuple(round(v) for v in back.info["dpi"]) == (300, 300)
+
+    def test_keep_metadata_false_strips_exif_and_icc(self) -> None:
+        """With keep_metadata off the output carries no EXIF or ICC."""
+        exif = Image.Exif()
+        exif[0x010F] = "Camera maker"
+        image = decode(_save(Image.fromarray(_photo()), "JPEG", exif=exif, icc_profile=_srgb_icc()))
+        back = _open(encode(image, image.rgb, options=EncodeOptions(keep_metadata=False))[0])
+        assert (back.info.get("icc_profile"), len(back.getexif())) == (None, 0)
+
+    def test_png_text_is_kept(self) -> None:
+        """PNG text chunks (captions, credits) survive."""
+        pnginfo = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+        pnginfo.add_text("Description", "Solvay conference")
+        image = decode(_save(Image.fromarray(_photo()), "PNG", pnginfo=pnginfo))
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert back.text["Description"] == "Solvay conference"
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_truncated_files_are_refused_at_every_cut(self, fmt: str) -> None:
+        """A file cut anywhere (as a half-copied file is) never decodes."""
+        data = _save(Image.fromarray(_photo(64, 64)), fmt)
+        for cut in sorted({1, 2, 3, 8, 16, 40, 100, len(data) - 2, len(data) - 1, *range(1, len(data), 97)}):
+            with pytest.raises(InputError):
+                decode(data[:cut])
+            with pytest.raises(InputError):
+                check_complete(data[:cut], max_pixels=10**8)
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+    def test_truncated_jpeg_says_truncated(self) -> None:
+        """The message names the problem."""
+        data = _save(Image.fromarray(_photo()), "JPEG")
+        with pytest.raises(InputError, match="truncated JPEG"):
+            decode(data[: len(data) // 2])
+
+    def test_progressive_jpeg_missing_its_tail_is_refused(self) -> None:
+        """Progressive JPEGs (which decoders happily show half-done) are refused when cut."""
+        data = _save(Image.fromarray(_photo(64, 64)), "JPEG", progressive=True)
+        decode(data)
+        for cut in range(len(data) // 3, len(data), 53):
+            with pytest.raises(InputError, match="truncated"):
+                decode(data[:cut])
+
+    @pytest.mark.parametrize(
+        ("data", "message"),
+        [
+            (b"", "empty file"),
+            (np.random.default_rng(3).bytes(4096), "not an image"),
+            (b"Dear colleague,\nplease find the photo attached.\n" * 20, "not an image"),
+            (b"GIF89a" + bytes(200), "GIF"),
+            (b"%PDF-1.7\n" + bytes(200), "PDF"),
+        ],
+    )
+    def test_non_images_are_refused_with_a_clear_message(self, data: bytes, message: str) -> None:
+        """Zero bytes, random bytes, text and unsupported formats raise InputError naming the cause."""
+        with pytest.raises(InputError, match=message):
+            decode(data)
+
+    def test_png_decompression_bomb_is_refused_from_the_header(self) -> None:
+        """A tiny PNG claiming 50000x50000 raises ImageTooLarge without decoding pixels."""
+        ihdr = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0)
+        data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+                + _png_chunk(b"IDAT", zlib.compress(bytes(10_000))) + _png_chunk(b"IEND", b""))
+        with pytest.raises(ImageTooLarge, match="2500.0 megapixels"):
+            decode(data)
+        with pytest.raises(ImageTooLarge):
+            check_complete(data, max_pixels=100_000_000)
+
+    def test_webp_bomb_is_refused_before_libwebp_allocates(self) -> None:
+        """A WebP header claiming a 16384x16384 canvas is refused from the header."""
+        vp8x = b"VP8X" + struct.pack("<I", 10) + bytes(4) + (16383).to_bytes(3, "little") * 2
+        data = b"RIFF" + struct.pack("<I", 4 + len(vp8x)) + b"WEBP" + vp8x
+        with pytest.raises(ImageTooLarge):
+            decode(data)
+
+    def test_pixel_limit_is_configurable(self) -> None:
+        """max_pixels applies per call."""
+        data = _save(Image.fromarray(_photo(100, 100)), "JPEG")
+        with pytest.raises(ImageTooLarge):
+            decode(data, max_pixels=9_999)
+        assert decode(data, max_pixels=10_000).size == (100, 100)
+
+    @pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG", "TIFF"])
+    def test_animations_and_multi_page_files_are_refused(self, fmt: str) -> None:
+        """Animated GIF/WebP/PNG and multi-page TIFF are refused rather than cut to one frame."""
+        frames = [Image.fromarray(np.full((20, 20, 3), i * 60, np.uint8)) for i in range(3)]
+        data = _save(frames[0], fmt, save_all=True, append_images=frames[1:])
+        with pytest.raises(InputError, match="GIF|animated|multi-page"):
+            decode(data)
+
+    def test_tiff_with_a_reduced_resolution_preview_page_is_accepted(self) -> None:
+        """A second TIFF page flagged as a thumbnail (NewSubfileType=1) is not content to lose."""
+        thumb_info = {254: 1}
+        main, thumb = Image.fromarray(_photo()), Image.fromarray(_photo(12, 16))
+        thumb.encoderinfo = {"tiffinfo": thumb_info}
+        data = _save(main, "TIFF", save_all=True, append_images=[thumb])
+        assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 2
+        assert decode(data).size == (64, 48)
+
+
+class TestHelpers:
+    def test_resize_long_side_caps_and_never_upsizes(self) -> None:
+        """The long side is capped with aspect kept; small images are returned as they are."""
+        rgb = _photo(300, 400)
+        assert resize_long_side(rgb, 200).shape == (150, 200, 3)
+        assert resize_long_side(rgb, 1000) is rgb
+        assert resize_long_side(rgb, None) is rgb
+
+    def test_extension_for_formats(self) -> None:
+        """Each supported format has its usual extension."""
+        got = [extension_for(f) for f in ("JPEG", "png", "WEBP", "TIFF", "BMP", "MPO")]
+        assert got == [".jpg", ".png", ".webp", ".tif", ".bmp", ".jpg"]
