@@ -1,0 +1,245 @@
+"""`gpen-watch models ...`, `doctor` and start-up model fetching, on small real and broken weight files."""
+
+from __future__ import annotations
+
+import http.server
+import pathlib
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from daemon.cli import main
+from daemon.modelfiles import MissingModelError, ensure_models, resolve_path
+from daemon.settings import load_settings
+from gpen_engine.gpen import GpenArch, create_generator
+from gpen_engine.registry import builtin_models
+
+REPO = Path(__file__).resolve().parents[2]
+DETECTOR = "detection_mobilenet0.25_Final.pth"
+TINY = GpenArch(64, style_dim=64, n_mlp=2, channel_multiplier=1, narrow=0.25)
+
+
+def real_detector() -> Path:
+    for candidate in (REPO / "tests" / "data" / DETECTOR, REPO.parent / "shared" / "models" / DETECTOR):
+        if candidate.is_file():
+            return candidate
+    pytest.skip(f"{DETECTOR} not found in tests/data or ../shared/models")
+
+
+def tiny_generator_file(path: Path, arch: GpenArch = TINY) -> Path:
+    torch.manual_seed(0)
+    torch.save(create_generator(arch).state_dict(), path)
+    return path
+
+
+class Payload:
+    """Building it while unpickling would create a file: proof that loading ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (pathlib.Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """A models folder and a config naming it, with one user GPEN entry ('tiny')."""
+    for name in ("GPEN_WATCH_CONFIG", "GPEN_WATCH_MODELS_DIR", "GPEN_WATCH_DEVICE", "GPEN_WATCH_DOWNLOAD"):
+        monkeypatch.delenv(name, raising=False)
+    models = tmp_path / "models"
+    models.mkdir()
+    config = tmp_path / "gpen-watch.toml"
+    config.write_text(_config(models))
+    return {"models": models, "config": config, "tmp": tmp_path}
+
+
+def _config(models: Path, url: str | None = None, download: bool = True) -> str:
+    text = f'models_dir = "{models}"\ndevice = "cpu"\ndownload = {str(download).lower()}\n'
+    text += (
+        '[[models]]\nname = "tiny"\npath = "tiny.pth"\nsize = 64\nstyle_dim = 64\nn_mlp = 2\n'
+        "channel_multiplier = 1\nnarrow = 0.25\n"
+    )
+    if url:
+        text += f'url = "{url}"\n'
+    return text
+
+
+def run(env: dict[str, Path], *argv: str) -> int:
+    command, *rest = argv
+    return main([command, "--config", str(env["config"]), *rest])
+
+
+class TestModelsList:
+    def test_lists_state_size_and_licence(self, env, capsys) -> None:
+        """`models list` shows each file as present (with its size) or missing, and GPEN's licence."""
+        shutil.copy(real_detector(), env["models"] / DETECTOR)
+        assert run(env, "models", "list") == 0
+        lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+        assert "present" in lines["retinaface-mobile0.25"] and "1.8 MB" in lines["retinaface-mobile0.25"]
+        assert "missing" in lines["GPEN-BFR-512"] and "non-commercial" in lines["GPEN-BFR-512"]
+        assert "missing" in lines["tiny"]
+        assert "fast" in lines["GPEN-BFR-512"]  # the preset that needs it
+
+
+class TestModelsVerify:
+    def test_good_detector(self, env, capsys) -> None:
+        """The real RetinaFace mobile0.25 file loads strictly: verify says ok and exits 0."""
+        shutil.copy(real_detector(), env["models"] / DETECTOR)
+        assert run(env, "models", "verify") == 0
+        assert "retinaface-mobile0.25: ok" in capsys.readouterr().out
+
+    def test_truncated_file(self, env, capsys) -> None:
+        """A half-copied detector file is reported as truncated and the command fails."""
+        data = real_detector().read_bytes()
+        (env["models"] / DETECTOR).write_bytes(data[: len(data) // 2])
+        assert run(env, "models", "verify") == 1
+        out = capsys.readouterr().out
+        assert "retinaface-mobile0.25: CORRUPT" in out and "truncated" in out
+
+    def test_wrong_architecture(self, env, capsys) -> None:
+        """The mobile0.25 weights under the ResNet50 name are rejected with the mismatching keys named."""
+        shutil.copy(real_detector(), env["models"] / "detection_Resnet50_Final.pth")
+        assert run(env, "models", "verify") == 1
+        out = capsys.readouterr().out
+        assert "retinaface-resnet50: CORRUPT" in out and "missing key" in out and "body.conv1.weight" in out
+
+    def test_text_file(self, env, capsys) -> None:
+        """A text file under a weight file's name is reported as not a PyTorch checkpoint."""
+        (env["models"] / "parsing_parsenet.pth").write_text("<html>404 Not Found</html>\n")
+        assert run(env, "models", "verify") == 1
+        assert "not a PyTorch checkpoint" in capsys.readouterr().out
+
+    def test_pickle_with_code_is_refused_and_not_run(self, env, capsys) -> None:
+        """A pickle that would run code is refused by the weights_only loader, and the code never runs."""
+        marker = env["tmp"] / "code-ran"
+        target = env["models"] / "parsing_parsenet.pth"
+        torch.save({"weight": torch.zeros(1), "extra": Payload(marker)}, target)
+        assert run(env, "models", "verify") == 1
+        out = capsys.readouterr().out
+        assert "parsenet: CORRUPT" in out and "refused" in out
+        assert not marker.exists()
+
+    def test_good_and_wrong_gpen_checkpoint(self, env, capsys) -> None:
+        """A user GPEN entry verifies when the file fits its architecture and fails when it does not."""
+        tiny_generator_file(env["models"] / "tiny.pth")
+        assert run(env, "models", "verify") == 0
+        assert "tiny: ok" in capsys.readouterr().out
+        tiny_generator_file(env["models"] / "tiny.pth", GpenArch(64, style_dim=64, n_mlp=2, narrow=0.25))
+        assert run(env, "models", "verify") == 1
+        assert "tiny: CORRUPT" in capsys.readouterr().out
+
+
+class TestEnsureModels:
+    def test_present_file_is_used(self, env) -> None:
+        """A file already in the models folder is returned as is, without any download."""
+        shutil.copy(real_detector(), env["models"] / DETECTOR)
+        settings = load_settings(env["config"])
+        paths = ensure_models(settings, ["retinaface-mobile0.25"], download=False, log=lambda m: None)
+        assert paths == {"retinaface-mobile0.25": env["models"] / DETECTOR}
+
+    def test_missing_file_message(self, env) -> None:
+        """Offline, one error names the file, the path it must go to, where it comes from and its licence."""
+        settings = load_settings(env["config"])
+        with pytest.raises(MissingModelError) as info:
+            ensure_models(settings, ["GPEN-BFR-512", "parsenet"], download=False, log=lambda m: None)
+        message = str(info.value)
+        spec = builtin_models()["GPEN-BFR-512"]
+        assert "GPEN-BFR-512.pth" in message
+        assert str(env["models"] / "GPEN-BFR-512.pth") in message
+        assert spec.urls[0] in message
+        assert "non-commercial" in message
+        assert "parsing_parsenet.pth" in message  # every missing file in the same message
+
+    def test_resolve_path(self, env, tmp_path: Path) -> None:
+        """Relative model paths live in the models folder; absolute ones stay where they are."""
+        settings = load_settings(env["config"])
+        table = builtin_models()
+        assert resolve_path(settings, table["parsenet"]) == env["models"] / "parsing_parsenet.pth"
+        absolute = replace(table["parsenet"], filename=str(tmp_path / "p.pth"))
+        assert resolve_path(settings, absolute) == tmp_path / "p.pth"
+
+
+@pytest.fixture
+def file_server(tmp_path: Path) -> Iterator:
+    """Serves files from a folder over HTTP on 127.0.0.1."""
+    root = tmp_path / "served"
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, directory=str(root), **kwargs)  # type: ignore[arg-type]
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class TestDownloads:
+    def test_start_up_fetches_and_verifies(self, env, file_server) -> None:
+        """With downloads on, a missing user checkpoint is fetched, strictly loaded, and put in place."""
+        root, base = file_server
+        tiny_generator_file(root / "tiny.pth")
+        env["config"].write_text(_config(env["models"], url=f"{base}/tiny.pth"))
+        settings = load_settings(env["config"])
+        paths = ensure_models(settings, ["tiny"], download=True, log=lambda m: None, progress=False)
+        assert paths["tiny"].read_bytes() == (root / "tiny.pth").read_bytes()
+
+    def test_wrong_download_never_lands(self, env, file_server) -> None:
+        """A downloaded file of the wrong architecture is rejected; nothing appears under the final name."""
+        root, base = file_server
+        tiny_generator_file(root / "tiny.pth", GpenArch(64, style_dim=64, n_mlp=2, narrow=0.5))
+        env["config"].write_text(_config(env["models"], url=f"{base}/tiny.pth"))
+        settings = load_settings(env["config"])
+        with pytest.raises(MissingModelError, match="failed verification"):
+            ensure_models(settings, ["tiny"], download=True, log=lambda m: None, progress=False)
+        assert not (env["models"] / "tiny.pth").exists()
+
+    def test_models_download_command(self, env, file_server, capsys) -> None:
+        """`models download tiny` fetches the named file; a second run skips it as present."""
+        root, base = file_server
+        tiny_generator_file(root / "tiny.pth")
+        env["config"].write_text(_config(env["models"], url=f"{base}/tiny.pth"))
+        assert run(env, "models", "download", "tiny") == 0
+        assert (env["models"] / "tiny.pth").is_file()
+        assert run(env, "models", "download", "tiny") == 0
+        assert "present" in capsys.readouterr().out
+
+    def test_unknown_name(self, env, capsys) -> None:
+        """`models download` with an unknown name fails and lists the known names."""
+        assert run(env, "models", "download", "GPEN-BFR-4096") == 2
+        assert "GPEN-BFR-512" in capsys.readouterr().err
+
+
+class TestDoctor:
+    def test_reports_device_and_files(self, env, capsys) -> None:
+        """doctor names torch, the device with its reason, and each file's state with what to do."""
+        shutil.copy(real_detector(), env["models"] / DETECTOR)
+        (env["models"] / "GPEN-BFR-256.pth").write_text("not weights")
+        env["config"].write_text(_config(env["models"], download=False))
+        assert run(env, "doctor") == 1  # low-spec needs GPEN-BFR-256, which is broken
+        out = capsys.readouterr().out
+        assert torch.__version__ in out
+        assert "-> cpu" in out and "cpu requested" in out
+        assert "retinaface-mobile0.25  ok" in out
+        assert "GPEN-BFR-256" in out and "CORRUPT" in out
+        assert "gpen-watch models download GPEN-BFR-256" in out
+        assert "GPEN-BFR-512 is missing and downloads are off" in out
+
+    def test_explicit_cuda_without_gpu_is_a_problem(self, env, capsys) -> None:
+        """doctor with device=cuda on a machine where CUDA does not work exits 1 and says why."""
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a working GPU")
+        assert run(env, "doctor", "--device", "cuda") == 1
+        assert "device cuda does not work" in capsys.readouterr().out
