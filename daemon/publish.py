@@ -92,7 +92,7 @@ def _rel_parts(relpath: str | PurePath) -> tuple[str, ...]:
     if not text or "\0" in text:
         raise UnsafePath(f"invalid relative path {text!r}")
     pure = PurePosixPath(text)
-    if pure.is_absolute() or text.startswith("\\"):
+    if pure.is_absolute():  # a backslash is an ordinary character in a POSIX name
         raise UnsafePath(f"relative path {text!r} is absolute")
     parts = tuple(p for p in pure.parts if p != ".")
     if not parts or ".." in parts:

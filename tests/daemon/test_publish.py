@@ -35,6 +35,7 @@ from daemon.publish import (
 )
 
 ODD_NAMES = [
+    "\\back\\slash.png",
     "a b.png", "ünïcödé 写真.png", "new\nline.png", "-rf.png", "--help (1).png", "tab\there.png", "'q\".png",
 ]
 
