@@ -208,7 +208,11 @@ class JobTable:
         return self._path
 
     def _migrate(self) -> None:
+        # An up-to-date table opens without the write lock (``gpen-watch status`` beside the daemon).
+        if self._read("PRAGMA user_version")[0][0] == SCHEMA_VERSION:
+            return
         with self._tx() as con:
+
             version = con.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise JobTableError(

@@ -1,0 +1,335 @@
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from daemon.jobs import ACTIVE_STATES, JobStateError, JobTable, JobTableError
+
+FOLDER = "/srv/in/fast"
+
+
+@pytest.fixture
+def table(tmp_path):
+    with JobTable.open(tmp_path / "state" / "jobs.sqlite3") as t:
+        yield t
+
+
+def ready_job(table, relpath, preset="fast", sha="0" * 64):
+    job = table.note_candidate(FOLDER, relpath, preset)
+    table.mark_ready(job.id, 10, 123, sha)
+    return job
+
+
+class TestStateMachine:
+    def test_happy_path(self, table):
+        """A file goes pending -> ready -> processing -> done, with identity, attempts and faces recorded."""
+        job = table.note_candidate(FOLDER, "a.jpg", "fast")
+        assert job.state == "pending"
+        table.mark_ready(job.id, 1234, 99, "ab" * 32)
+        [claimed] = table.claim("fast", 8)
+        assert (claimed.id, claimed.state, claimed.attempts) == (job.id, "processing", 1)
+        table.set_targets(job.id, "/out/a.jpg", "/backup/a.jpg")
+        table.finish(job.id, faces=3)
+        done = table.get(job.id)
+        assert (done.state, done.size, done.mtime_ns, done.faces) == ("done", 1234, 99, 3)
+        assert done.sha256 == "ab" * 32
+        assert (done.output_path, done.backup_path) == ("/out/a.jpg", "/backup/a.jpg")
+
+    def test_forbidden_transitions_raise(self, table):
+        """A change the current state does not allow is refused, and the row is left as it was."""
+        job = table.note_candidate(FOLDER, "a.jpg", "fast")
+        with pytest.raises(JobStateError):
+            table.finish(job.id, 1)
+        with pytest.raises(JobStateError):
+            table.set_targets(job.id, "/o", "/b")
+        with pytest.raises(JobStateError, match="does not exist"):
+            table.mark_ready(999, 1, 1, "x")
+        assert table.get(job.id).state == "pending"
+
+    def test_one_active_row_per_file(self, table):
+        """Noting the same file again returns its active row instead of creating a second one."""
+        first = table.note_candidate(FOLDER, "a.jpg", "fast")
+        again = table.note_candidate(FOLDER, "a.jpg", "fast")
+        assert first.id == again.id
+        assert table.counts() == {FOLDER: {"pending": 1}}
+
+    def test_unique_index_guards_against_duplicates(self, table):
+        """Even a direct insert cannot create a second active row for one file (the partial unique index)."""
+        table.note_candidate(FOLDER, "a.jpg", "fast")
+        con = sqlite3.connect(table.path)
+        with pytest.raises(sqlite3.IntegrityError):
+            con.execute(
+                "INSERT INTO jobs (folder, relpath, preset, state, created_at, updated_at) "
+                "VALUES (?, 'a.jpg', 'fast', 'ready', 0, 0)",
+                (FOLDER,),
+            )
+        con.close()
+
+    def test_new_row_after_terminal_state(self, table):
+        """A file dropped again after its job ended gets a fresh job; the old one is kept as history."""
+        job = ready_job(table, "a.jpg")
+        table.claim("fast", 1)
+        table.finish(job.id, 1)
+        again = table.note_candidate(FOLDER, "a.jpg", "fast", size=11, mtime_ns=5)
+        assert again.id != job.id
+        assert again.state == "pending"
+
+    def test_same_file_seen_again_is_not_new_work(self, table):
+        """With after=keep, the finished original found by a rescan (same size and mtime) is no new job."""
+        job = ready_job(table, "a.jpg")
+        table.claim("fast", 1)
+        table.finish(job.id, 1)
+        seen = table.note_candidate(FOLDER, "a.jpg", "fast", size=10, mtime_ns=123)
+        assert (seen.id, seen.state) == (job.id, "done")
+        assert table.is_unchanged_done(FOLDER, "a.jpg", 10, 123)
+        assert not table.is_unchanged_done(FOLDER, "a.jpg", 10, 124)
+
+    def test_gone_skipped_failed(self, table):
+        """Vanished, skipped and failed files end in their own terminal states with the reason kept."""
+        gone = table.note_candidate(FOLDER, "gone.jpg", "fast")
+        table.mark_gone(gone.id)
+        skipped = ready_job(table, "dup.jpg")
+        table.mark_skipped(skipped.id, "identical to a file processed before")
+        bad = table.note_candidate(FOLDER, "bad.jpg", "fast")
+        table.fail(bad.id, "readiness", "still not a complete image after 600 s")
+        assert [table.get(j.id).state for j in (gone, skipped, bad)] == ["gone", "skipped", "failed"]
+        [failure] = table.recent_failures(5)
+        assert (failure.relpath, failure.error_stage) == ("bad.jpg", "readiness")
+        assert "600 s" in failure.last_error
+
+    def test_requeue_pending_clears_hash(self, table):
+        """A source that changed after it was queued goes back through the gate; its old hash is dropped."""
+        job = ready_job(table, "a.jpg")
+        table.claim("fast", 1)
+        table.requeue_pending(job.id, "source changed after it was queued")
+        row = table.get(job.id)
+        assert (row.state, row.sha256) == ("pending", None)
+
+
+class TestQueue:
+    def test_claim_oldest_first_up_to_limit(self, table):
+        """Claims take ready jobs of one preset, oldest first, at most ``limit``, all with one batch id."""
+        ids = [ready_job(table, f"{i}.jpg").id for i in range(5)]
+        ready_job(table, "other.jpg", preset="quality")
+        batch = table.claim("fast", 3)
+        assert [j.id for j in batch] == ids[:3]
+        assert len({j.batch_id for j in batch}) == 1
+        assert [j.id for j in table.claim("fast", 10)] == ids[3:]
+        assert table.claim("fast", 10) == []
+        assert table.queue_depths() == {"quality": 1}
+
+    def test_retry_waits_until_due(self, table):
+        """A transient failure is claimable again only once its delay has passed, and counts attempts."""
+        job = ready_job(table, "a.jpg")
+        [claimed] = table.claim("fast", 1)
+        table.retry_later(job.id, "ENOSPC", delay_s=60)
+        assert table.claim("fast", 1, now=claimed.updated_at + 1) == []
+        assert table.queue_depths(now=claimed.updated_at + 1) == {}
+        [again] = table.claim("fast", 1, now=claimed.updated_at + 120)
+        assert (again.id, again.attempts, again.last_error) == (job.id, 2, "ENOSPC")
+
+    def test_concurrent_claims_never_share_a_job(self, table):
+        """Workers claiming from several threads at once never get the same job twice."""
+        for i in range(200):
+            ready_job(table, f"{i}.jpg")
+        got: list[int] = []
+        lock = threading.Lock()
+
+        def worker():
+            while batch := table.claim("fast", 7):
+                with lock:
+                    got.extend(j.id for j in batch)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(got) == len(set(got)) == 200
+
+    def test_counts_and_throughput(self, table):
+        """Counts per folder and state, and files done per minute, reflect the table."""
+        for i in range(3):
+            job = ready_job(table, f"{i}.jpg")
+            table.claim("fast", 1)
+            table.finish(job.id, 0)
+        table.note_candidate("/srv/in/quality", "q.jpg", "quality")
+        assert table.counts() == {FOLDER: {"done": 3}, "/srv/in/quality": {"pending": 1}}
+        assert table.throughput(60.0) == pytest.approx(3.0)
+
+    def test_duplicates_by_hash(self, table):
+        """An identical file (same SHA-256) already done in the folder is found for the duplicates policy."""
+        job = ready_job(table, "a.jpg", sha="f" * 64)
+        assert table.find_done_by_hash(FOLDER, "f" * 64) is None
+        table.claim("fast", 1)
+        table.finish(job.id, 1)
+        assert table.find_done_by_hash(FOLDER, "f" * 64).id == job.id
+        assert table.find_done_by_hash("/elsewhere", "f" * 64) is None
+
+    def test_reassign_preset_moves_queued_jobs_only(self, table):
+        """After a reload changes a folder's preset, queued jobs follow it; jobs in flight stay."""
+        in_flight = ready_job(table, "a.jpg")
+        table.claim("fast", 1)
+        queued = ready_job(table, "b.jpg")
+        assert table.reassign_preset(FOLDER, "quality") == 1
+        assert (table.get(in_flight.id).preset, table.get(queued.id).preset) == ("fast", "quality")
+
+
+class TestCrashRecovery:
+    def test_requeue_keeps_targets(self, tmp_path):
+        """After a crash, jobs in flight are ready again with the output names chosen before the crash."""
+        path = tmp_path / "jobs.sqlite3"
+        table = JobTable.open(path)
+        job = ready_job(table, "a.jpg")
+        table.claim("fast", 1)
+        table.set_targets(job.id, "/out/a.jpg", "/backup/a.jpg")
+        table._con.close()  # no orderly close: the process "died" here
+
+        table = JobTable.open(path)
+        assert table.requeue_in_flight() == 1
+        row = table.get(job.id)
+        assert (row.state, row.output_path, row.backup_path) == ("ready", "/out/a.jpg", "/backup/a.jpg")
+        assert table.reserved_targets() == {"/out/a.jpg", "/backup/a.jpg"}
+        table.close()
+
+    def test_requeue_gives_up_on_a_file_that_keeps_killing_the_daemon(self, table):
+        """A job in flight at max_attempts crashes fails (stage 'crash') instead of looping forever."""
+        job = ready_job(table, "bomb.jpg")
+        for _ in range(3):
+            table.claim("fast", 1)
+            table.requeue_in_flight(max_attempts=3)
+        row = table.get(job.id)
+        assert (row.state, row.error_stage, row.attempts) == ("failed", "crash", 3)
+
+    def test_requeue_only_own_instance(self, tmp_path):
+        """With one instance per GPU sharing a table, a restart requeues only its own jobs in flight."""
+        path = tmp_path / "jobs.sqlite3"
+        gpu0, gpu1 = JobTable.open(path, owner="0"), JobTable.open(path, owner="1")
+        a, b = ready_job(gpu0, "a.jpg"), ready_job(gpu0, "b.jpg")
+        gpu0.claim("fast", 1)
+        gpu1.claim("fast", 1)
+        assert gpu0.requeue_in_flight() == 1
+        assert {gpu0.get(a.id).state, gpu0.get(b.id).state} == {"ready", "processing"}
+        gpu0.close()
+        gpu1.close()
+
+    def test_sigkill_during_transactions_leaves_a_consistent_table(self, tmp_path):
+        """SIGKILL of a writer mid-stream loses no committed change and leaves no half transaction."""
+        path = tmp_path / "jobs.sqlite3"
+        script = textwrap.dedent(
+            f"""
+            import sys
+            from daemon.jobs import JobTable
+            t = JobTable.open({str(path)!r})
+            i = 0
+            while True:
+                for k in range(5):
+                    job = t.note_candidate("/in", f"{{i}}-{{k}}.jpg", "fast")
+                    t.mark_ready(job.id, 1, 1, "0" * 64)
+                batch = t.claim("fast", 5)
+                print("claimed", batch[0].batch_id, len(batch), flush=True)
+                for job in batch[:3]:
+                    t.set_targets(job.id, f"/out/{{job.relpath}}", f"/backup/{{job.relpath}}")
+                    t.finish(job.id, 1)
+                    print("done", job.id, flush=True)
+                i += 1
+            """
+        )
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        reported: list[list[str]] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            reported.append(line.split())
+            if len(reported) >= 120:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+
+        table = JobTable.open(path)  # quick check passes, schema intact
+        con = sqlite3.connect(path)
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        for kind, *rest in reported:
+            if kind == "claimed":
+                batch_id, size = rest
+                n = con.execute("SELECT COUNT(*) FROM jobs WHERE batch_id = ?", (batch_id,)).fetchone()[0]
+                assert n == int(size)  # a claim is all or nothing
+            else:
+                row = table.get(int(rest[0]))
+                assert (row.state, row.faces) == ("done", 1)
+                assert row.output_path == f"/out/{row.relpath}"
+        # Every batch claimed in one transaction: its rows share one batch id, never partly claimed.
+        partial = con.execute(
+            "SELECT batch_id FROM jobs WHERE batch_id IS NOT NULL GROUP BY batch_id HAVING COUNT(*) != 5"
+        ).fetchall()
+        assert partial == []
+        con.close()
+        active_dupes = table._read(
+            f"SELECT folder, relpath FROM jobs WHERE state IN {ACTIVE_STATES!r} GROUP BY folder, relpath "
+            "HAVING COUNT(*) > 1"
+        )
+        assert active_dupes == []
+        table.requeue_in_flight()
+        assert table.in_state("processing") == []
+        table.close()
+
+
+class TestDatabaseTrouble:
+    def test_locked_database_says_what_to_do(self, tmp_path):
+        """A table locked by another process gives a clear JobTableError naming the cause and the fix."""
+        path = tmp_path / "jobs.sqlite3"
+        JobTable.open(path).close()
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        table = JobTable.open(path, busy_timeout=0.1)
+        try:
+            with pytest.raises(JobTableError, match="is locked.*state_dir"):
+                table.note_candidate(FOLDER, "a.jpg", "fast")
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert table.note_candidate(FOLDER, "a.jpg", "fast").state == "pending"
+        table.close()
+
+    def test_corrupted_database_says_what_to_do(self, tmp_path):
+        """A damaged file is reported at open with what to do, and the bytes on disk are left alone."""
+        path = tmp_path / "jobs.sqlite3"
+        table = JobTable.open(path)
+        for i in range(300):
+            table.note_candidate(FOLDER, f"{i:04d}-{'x' * 80}.jpg", "fast")
+        table.close()
+        data = bytearray(path.read_bytes())
+        data[4096:8192] = os.urandom(4096)  # wreck pages of the table, keep the header
+        path.write_bytes(bytes(data))
+        with pytest.raises(JobTableError, match="corrupted.*move the file"):
+            JobTable.open(path)
+        assert path.read_bytes() == bytes(data)
+
+    def test_not_a_database(self, tmp_path):
+        """A file that is no SQLite database at all is reported as corrupted, not overwritten."""
+        path = tmp_path / "jobs.sqlite3"
+        path.write_bytes(b"this is not a database" * 100)
+        with pytest.raises(JobTableError, match="corrupted"):
+            JobTable.open(path)
+        assert path.read_bytes() == b"this is not a database" * 100
+
+    def test_newer_schema_is_refused(self, tmp_path):
+        """A table written by a newer gpen-watch is not downgraded silently."""
+        path = tmp_path / "jobs.sqlite3"
+        JobTable.open(path).close()
+        con = sqlite3.connect(path)
+        con.execute("PRAGMA user_version = 99")
+        con.commit()
+        con.close()
+        with pytest.raises(JobTableError, match="newer"):
+            JobTable.open(path)
+
+    def test_wal_and_full_sync(self, table):
+        """The table runs in WAL mode with synchronous=FULL, the settings its crash safety relies on."""
+        assert table._read("PRAGMA journal_mode")[0][0] == "wal"
+        assert table._read("PRAGMA synchronous")[0][0] == 2
