@@ -245,7 +245,7 @@ class TestCrashRecovery:
         assert proc.stdout is not None
         for line in proc.stdout:
             reported.append(line.split())
-            if len(reported) >= 120:
+            if len(reported) >= 80:
                 break
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
