@@ -85,7 +85,7 @@ def _device_section(f: Findings, settings: Settings, probe: CudaProbe | None) ->
             report = select_device(request, probe=probe)
         except DeviceError as exc:
             f.say(f"  {request:<13}  DOES NOT WORK ({', '.join(users)})")
-            f.problems.append(f"{exc}. Fix the cause above, or set device = \"auto\" or \"cpu\".")
+            f.problems.append(f"{exc}. Fix that, or set device = \"auto\" or \"cpu\".")
             continue
         f.say(f"  {request:<13}  -> {report.device} ({report.name})")
         f.say(f"  {'':<13}     why: {report.reason}")
