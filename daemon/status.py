@@ -1,0 +1,391 @@
+"""`gpen-watch status`: what the daemon is doing, read from its state directory without disturbing it.
+
+Two sources, both in the state directory:
+
+* the job table (``jobs.sqlite3``), opened read-only (``mode=ro``): per-folder counts by state, queue depths,
+  the last failures and throughput. A reader never takes SQLite's write lock, so it cannot stall the daemon;
+  in WAL mode the daemon's writes do not block it either.
+* ``status.json``, a small snapshot the daemon rewrites every few seconds (``write_snapshot``): its pid and
+  start time, the device, the current batch caps and the paused folders, which only the running process knows.
+
+Exit status: 0 the daemon is running, 3 it is not running (the state is from its last run), 4 no state yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sqlite3
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from daemon.jobs import SCHEMA_VERSION, STATES, Job, JobTable, JobTableError
+from daemon.settings import ConfigError, settings_from_args, state_dir
+
+__all__ = [
+    "JOBS_FILE",
+    "SNAPSHOT_FILE",
+    "Failure",
+    "Report",
+    "Snapshot",
+    "SnapshotError",
+    "StatusError",
+    "command",
+    "gather",
+    "open_read_only",
+    "process_start_time",
+    "read_snapshot",
+    "render_text",
+    "write_snapshot",
+]
+
+JOBS_FILE = "jobs.sqlite3"
+SNAPSHOT_FILE = "status.json"
+# StateDirectory=gpen-watch of the shipped unit: where an operator's shell finds a system service's state.
+SYSTEM_STATE_DIR = Path("/var/lib/gpen-watch")
+THROUGHPUT_WINDOWS = {"1m": 60.0, "5m": 300.0, "15m": 900.0}
+
+EXIT_RUNNING, EXIT_STOPPED, EXIT_NO_STATE = 0, 3, 4
+
+
+class StatusError(Exception):
+    """The state cannot be read; the message says where and what to do."""
+
+
+class SnapshotError(StatusError):
+    """status.json exists but is not a snapshot this version understands."""
+
+
+# ----------------------------------------------------------------------------------------------- snapshot
+@dataclass(frozen=True)
+class Snapshot:
+    """What only the running daemon knows, written to ``<state_dir>/status.json``."""
+
+    pid: int
+    started_at: float  # Unix time the process started; with the pid it identifies the process
+    updated_at: float
+    version: str
+    device: str
+    batch_caps: dict[str, int] = field(default_factory=dict)  # preset -> current cap (faces)
+    paused: dict[str, str] = field(default_factory=dict)  # folder -> why it is paused
+    queue_depths: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)  # since start: done, failed, faces
+
+    @classmethod
+    def current(
+        cls,
+        *,
+        device: str,
+        batch_caps: dict[str, int],
+        paused: dict[str, str],
+        queue_depths: dict[str, int] | None = None,
+        counters: dict[str, int] | None = None,
+    ) -> Snapshot:
+        """A snapshot of this process now."""
+        pid = os.getpid()
+        now = time.time()
+        return cls(
+            pid=pid,
+            started_at=process_start_time(pid) or now,
+            updated_at=now,
+            version=_version(),
+            device=device,
+            batch_caps=dict(batch_caps),
+            paused=dict(paused),
+            queue_depths=dict(queue_depths or {}),
+            counters=dict(counters or {}),
+        )
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Snapshot:
+        if not isinstance(data, dict):
+            raise SnapshotError("status.json does not hold an object")
+        try:
+            return cls(
+                pid=int(data["pid"]),
+                started_at=float(data["started_at"]),
+                updated_at=float(data["updated_at"]),
+                version=str(data["version"]),
+                device=str(data["device"]),
+                batch_caps={str(k): int(v) for k, v in data.get("batch_caps", {}).items()},
+                paused={str(k): str(v) for k, v in data.get("paused", {}).items()},
+                queue_depths={str(k): int(v) for k, v in data.get("queue_depths", {}).items()},
+                counters={str(k): int(v) for k, v in data.get("counters", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SnapshotError(f"status.json is incomplete or malformed: {exc!r}") from None
+
+
+def write_snapshot(path: Path | str, snapshot: Snapshot) -> None:
+    """Replace ``path`` atomically: a reader sees the old snapshot or the new one, never half of one.
+
+    No fsync: the file is rewritten every few seconds and only describes the live process; after a power
+    cut a stale or missing snapshot is harmless (the pid check says the daemon is not running).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = json.dumps(asdict(snapshot), indent=1, sort_keys=True).encode()
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def read_snapshot(path: Path | str) -> Snapshot | None:
+    """The snapshot at ``path``; None if there is none yet."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SnapshotError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise SnapshotError(f"{path} is not JSON: {exc}") from None
+    return Snapshot.from_dict(data)
+
+
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (Unix time, ~10 ms resolution), from /proc; None if unknown or gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        btime = [line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")]
+        boot = float(btime[0].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    # Field 22 (starttime, in clock ticks since boot) counts from after the ")" closing the command name,
+    # which may itself contain spaces or parentheses.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    try:
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError, OSError):
+        return None
+
+
+def daemon_running(snapshot: Snapshot | None) -> bool:
+    """True if the process that wrote ``snapshot`` is alive (not merely some process with a reused pid)."""
+    if snapshot is None:
+        return False
+    try:
+        os.kill(snapshot.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by the service user
+        pass
+    started = process_start_time(snapshot.pid)
+    # /proc's boot time is whole seconds and starttime is in ticks; a reused pid started much later.
+    return started is None or abs(started - snapshot.started_at) < 2.0
+
+
+def _version() -> str:
+    try:
+        return metadata.version("gpen-watch")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------- job table
+def open_read_only(path: Path) -> JobTable:
+    """The job table at ``path`` opened read-only, for the read methods of JobTable only.
+
+    Nothing in the state directory is created or changed, whoever runs this. While the daemon has the table
+    open its WAL file exists and ``mode=ro`` reads through it. Without a WAL file no writer has the table
+    open; ``mode=ro`` would then create ``-wal`` and ``-shm`` files owned by the caller (root, under sudo)
+    that the service user could not write afterwards, so the file is read as ``immutable`` instead, which
+    is exact while nobody writes it.
+    """
+    if not path.is_file():
+        raise StatusError(f"no job table at {path}")
+    uri = path.absolute().as_uri()
+    live = Path(f"{path}-wal").exists()
+    try:
+        con = _connect(f"{uri}?mode=ro" if live else f"{uri}?mode=ro&immutable=1")
+    except sqlite3.Error as exc:
+        raise StatusError(f"cannot read job table {path}: {exc}") from None
+    return JobTable(con, path, owner="")
+
+
+def _connect(uri: str) -> sqlite3.Connection:
+    con = sqlite3.connect(uri, uri=True, timeout=1.0, isolation_level=None, check_same_thread=False)
+    try:
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error:
+        con.close()
+        raise
+    if version != SCHEMA_VERSION:
+        con.close()
+        raise StatusError(
+            f"job table has schema version {version}, this gpen-watch reads version {SCHEMA_VERSION}"
+            + ("; the daemon has not finished creating it yet" if version == 0 else "")
+        )
+    return con
+
+
+# ------------------------------------------------------------------------------------------------ report
+@dataclass(frozen=True)
+class Failure:
+    folder: str
+    relpath: str
+    stage: str | None
+    error: str | None
+    attempts: int
+    at: float
+
+    @classmethod
+    def of(cls, job: Job) -> Failure:
+        return cls(job.folder, job.relpath, job.error_stage, job.last_error, job.attempts, job.updated_at)
+
+
+@dataclass(frozen=True)
+class Report:
+    state_dir: str
+    running: bool
+    snapshot: Snapshot | None
+    snapshot_problem: str | None
+    counts: dict[str, dict[str, int]]
+    queue_depths: dict[str, int]
+    failures: list[Failure]
+    throughput: dict[str, float]  # files per minute over each window of THROUGHPUT_WINDOWS
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gather(state: Path, *, failures: int = 10, now: float | None = None) -> Report:
+    """Everything `gpen-watch status` shows, read from the state directory ``state``."""
+    now = time.time() if now is None else now
+    snapshot: Snapshot | None = None
+    problem: str | None = None
+    try:
+        snapshot = read_snapshot(state / SNAPSHOT_FILE)
+    except SnapshotError as exc:
+        problem = str(exc)
+    table = open_read_only(state / JOBS_FILE)
+    try:
+        report = Report(
+            state_dir=str(state),
+            running=daemon_running(snapshot),
+            snapshot=snapshot,
+            snapshot_problem=problem,
+            counts=table.counts(),
+            queue_depths=table.queue_depths(now),
+            failures=[Failure.of(job) for job in table.recent_failures(failures)],
+            throughput={name: table.throughput(window, now) for name, window in THROUGHPUT_WINDOWS.items()},
+        )
+    finally:
+        table.close()
+    return report
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _one_line(text: str | None, width: int = 160) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def render_text(report: Report) -> str:
+    """The human-readable report."""
+    snap = report.snapshot
+    lines: list[str] = []
+    if report.running and snap is not None:
+        since = _when(snap.started_at)
+        lines.append(f"gpen-watch: running (pid {snap.pid}, since {since}, version {snap.version})")
+    elif snap is not None:
+        lines.append(f"gpen-watch: not running (last seen {_when(snap.updated_at)}, pid {snap.pid})")
+    else:
+        lines.append("gpen-watch: not running (no status.json from a daemon in this state directory)")
+    lines.append(f"state: {report.state_dir}")
+    if report.snapshot_problem:
+        lines.append(f"warning: {report.snapshot_problem}")
+    if snap is not None:
+        lines.append(f"device: {snap.device}")
+        if snap.batch_caps:
+            caps = ", ".join(f"{name} {cap}" for name, cap in sorted(snap.batch_caps.items()))
+            lines.append(f"batch caps (faces): {caps}")
+        for folder, reason in sorted(snap.paused.items()):
+            lines.append(f"PAUSED {folder}: {reason}")
+
+    lines.append("")
+    states = [s for s in STATES if any(s in c for c in report.counts.values())]
+    if report.counts:
+        width = max(len("folder"), *(len(f) for f in report.counts))
+        lines.append("folder".ljust(width) + "".join(f" {s:>10}" for s in states))
+        for folder, by_state in sorted(report.counts.items()):
+            lines.append(folder.ljust(width) + "".join(f" {by_state.get(s, 0):>10}" for s in states))
+    else:
+        lines.append("no files seen yet")
+
+    queued = ", ".join(f"{p} {n}" for p, n in sorted(report.queue_depths.items())) or "empty"
+    lines.append(f"queues (ready to process): {queued}")
+    rates = " · ".join(f"{name} {rate:.1f}" for name, rate in report.throughput.items())
+    lines.append(f"throughput (files/min): {rates}")
+
+    if report.failures:
+        lines.append("")
+        lines.append("last failures:")
+        for f in report.failures:
+            stage = f"[{f.stage}] " if f.stage else ""
+            lines.append(f"  {_when(f.at)}  {f.folder}  {f.relpath}")
+            lines.append(f"      {stage}{_one_line(f.error)} (attempts {f.attempts})")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ command
+def _state_dir_for(args: argparse.Namespace) -> Path:
+    settings = settings_from_args(args)
+    state = state_dir(settings)
+    explicit = settings.state_dir is not None or "STATE_DIRECTORY" in os.environ or settings.root is not None
+    # An operator's shell has no $STATE_DIRECTORY: fall back to the shipped unit's state directory.
+    if not explicit and not (state / JOBS_FILE).exists() and (SYSTEM_STATE_DIR / JOBS_FILE).exists():
+        return SYSTEM_STATE_DIR
+    return state
+
+
+def command(args: argparse.Namespace) -> int:
+    """`gpen-watch status [--config FILE] [--root DIR] [--json]`."""
+    try:
+        state = _state_dir_for(args)
+    except ConfigError as exc:
+        print(f"gpen-watch status: {exc}", file=sys.stderr)
+        return 2
+    if not (state / JOBS_FILE).exists():
+        print(
+            f"gpen-watch status: no state in {state} yet: the daemon has not started with this configuration "
+            "(pass the same --config/--root as `gpen-watch run`, or set state_dir)",
+            file=sys.stderr,
+        )
+        return EXIT_NO_STATE
+    try:
+        report = gather(state)
+    except (StatusError, JobTableError, sqlite3.Error, PermissionError) as exc:
+        hint = (
+            " (run it as the service user, e.g. sudo -u gpen-watch gpen-watch status)"
+            if isinstance(exc, PermissionError) or "unable to open" in str(exc)
+            else ""
+        )
+        print(f"gpen-watch status: {exc}{hint}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):
+        json.dump(report.to_dict(), sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render_text(report))
+    return EXIT_RUNNING if report.running else EXIT_STOPPED

@@ -1,0 +1,224 @@
+"""`gpen-watch status`: the snapshot file, the read-only view of the job table, and the command's output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon import status
+from daemon.cli import main
+from daemon.jobs import JobTable
+from daemon.status import Snapshot, SnapshotError
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("GPEN_WATCH_CONFIG", "STATE_DIRECTORY", "GPEN_WATCH_STATE_DIR", "GPEN_WATCH_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def fill(table: JobTable) -> None:
+    """Two folders: two files done, one failed with a reason, one queued, one still being written."""
+    for name in ("a.jpg", "b.jpg"):
+        job = table.note_candidate("/hot/fast", name, "fast")
+        table.mark_ready(job.id, 10, 1, "aa")
+        (claimed,) = table.claim("fast", 1)
+        table.finish(claimed.id, faces=2)
+    bad = table.note_candidate("/hot/fast", "sub/broken.jpg", "fast")
+    table.fail(bad.id, "decode", "image file is truncated (1024 of 4096 bytes)")
+    queued = table.note_candidate("/hot/quality", "c.png", "quality")
+    table.mark_ready(queued.id, 10, 1, "cc")
+    table.note_candidate("/hot/quality", "d.png", "quality")
+
+
+def make_state(root: Path) -> Path:
+    state = root / "state"
+    with JobTable.open(state / status.JOBS_FILE) as table:
+        fill(table)
+    return state
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class TestSnapshot:
+    def test_round_trip(self, tmp_path: Path) -> None:
+        """What the daemon writes is what status reads back, and no temporary file is left behind."""
+        snap = Snapshot.current(
+            device="cuda:0 (NVIDIA H100)", batch_caps={"fast": 4}, paused={"/hot/q": "mount gone"},
+            queue_depths={"fast": 3}, counters={"done": 7},
+        )  # fmt: skip
+        status.write_snapshot(tmp_path / "status.json", snap)
+        assert status.read_snapshot(tmp_path / "status.json") == snap
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
+
+    def test_rewrite_replaces(self, tmp_path: Path) -> None:
+        """A second write replaces the first (the daemon rewrites it every few seconds)."""
+        path = tmp_path / "status.json"
+        status.write_snapshot(path, Snapshot.current(device="cpu", batch_caps={"fast": 4}, paused={}))
+        status.write_snapshot(path, Snapshot.current(device="cpu", batch_caps={"fast": 2}, paused={}))
+        read = status.read_snapshot(path)
+        assert read is not None and read.batch_caps == {"fast": 2}
+
+    def test_missing_is_none(self, tmp_path: Path) -> None:
+        """No snapshot yet is not an error."""
+        assert status.read_snapshot(tmp_path / "status.json") is None
+
+    @pytest.mark.parametrize("text", ["{not json", "[]", '{"pid": 1}'])
+    def test_malformed_is_reported(self, tmp_path: Path, text: str) -> None:
+        """A damaged snapshot raises SnapshotError rather than crashing status."""
+        (tmp_path / "status.json").write_text(text)
+        with pytest.raises(SnapshotError):
+            status.read_snapshot(tmp_path / "status.json")
+
+
+class TestRunning:
+    def test_own_process_is_running(self) -> None:
+        """A snapshot of a live process says running."""
+        assert status.daemon_running(Snapshot.current(device="cpu", batch_caps={}, paused={}))
+
+    def test_dead_process_is_not_running(self) -> None:
+        """A snapshot whose process has exited says not running."""
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+        )
+        snap = Snapshot(
+            pid=int(child.stdout), started_at=time.time(), updated_at=time.time(), version="x", device="cpu"
+        )
+        assert not status.daemon_running(snap)
+
+    @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+    def test_reused_pid_is_not_running(self) -> None:
+        """A live pid that started at another time is a different process (pid reuse), not the daemon."""
+        snap = Snapshot.current(device="cpu", batch_caps={}, paused={})
+        reused = Snapshot(**{**snap.__dict__, "started_at": snap.started_at - 3600})
+        assert not status.daemon_running(reused)
+
+
+class TestGather:
+    def test_counts_queues_failures_throughput(self, tmp_path: Path) -> None:
+        """The report holds per-folder counts, queue depths, the failure and its reason, and throughput."""
+        state = make_state(tmp_path)
+        report = status.gather(state, now=time.time())
+        assert report.counts == {
+            "/hot/fast": {"done": 2, "failed": 1},
+            "/hot/quality": {"ready": 1, "pending": 1},
+        }
+        assert report.queue_depths == {"quality": 1}
+        (failure,) = report.failures
+        assert (failure.folder, failure.relpath, failure.stage) == ("/hot/fast", "sub/broken.jpg", "decode")
+        assert "truncated" in (failure.error or "")
+        assert report.throughput["1m"] == pytest.approx(2.0)
+        assert report.throughput["15m"] == pytest.approx(2 / 15)
+        assert not report.running
+
+    def test_old_work_leaves_the_throughput_window(self, tmp_path: Path) -> None:
+        """Files finished more than 15 minutes ago do not count as current throughput."""
+        state = make_state(tmp_path)
+        report = status.gather(state, now=time.time() + 3600)
+        assert report.throughput == {"1m": 0.0, "5m": 0.0, "15m": 0.0}
+
+    def test_reads_while_the_daemon_holds_the_write_lock(self, tmp_path: Path) -> None:
+        """status neither waits for nor takes the daemon's write lock, and sees committed rows."""
+        state = make_state(tmp_path)
+        with JobTable.open(state / status.JOBS_FILE) as daemon_table:
+            writer = sqlite3.connect(state / status.JOBS_FILE, isolation_level=None)
+            writer.execute("BEGIN IMMEDIATE")  # the daemon in the middle of a transaction
+            writer.execute("UPDATE jobs SET state = 'gone' WHERE relpath = 'd.png'")
+            report = status.gather(state)
+            writer.execute("ROLLBACK")
+            writer.close()
+            daemon_table.note_candidate("/hot/quality", "e.png", "quality")  # the daemon can still write
+        assert report.counts["/hot/quality"] == {"ready": 1, "pending": 1}
+
+    def test_stopped_daemon_state_is_not_modified(self, tmp_path: Path) -> None:
+        """Reading a stopped daemon's table changes no byte and leaves no -wal/-shm files (sudo-safe)."""
+        state = make_state(tmp_path)
+        before = sorted(p.name for p in state.iterdir())
+        db_digest = digest(state / status.JOBS_FILE)
+        status.gather(state)
+        assert sorted(p.name for p in state.iterdir()) == before
+        assert digest(state / status.JOBS_FILE) == db_digest
+
+    def test_read_only_connection_refuses_writes(self, tmp_path: Path) -> None:
+        """The connection status uses cannot write, whatever a caller does with it."""
+        state = make_state(tmp_path)
+        with JobTable.open(state / status.JOBS_FILE):  # daemon running: WAL present
+            table = status.open_read_only(state / status.JOBS_FILE)
+            with pytest.raises(Exception, match="readonly|read-only|cannot be written"):
+                table.note_candidate("/hot/fast", "x.jpg", "fast")
+            table.close()
+
+
+class TestCommand:
+    def test_text_report(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """The text report names the folders, their counts, the failure reason and the device."""
+        state = make_state(tmp_path)
+        status.write_snapshot(
+            state / status.SNAPSHOT_FILE,
+            Snapshot.current(
+                device="cuda:0 (Test GPU)", batch_caps={"fast": 4}, paused={"/hot/x": "mount gone"}
+            ),
+        )
+        assert main(["status", "--root", str(tmp_path)]) == 0  # the snapshot's process (this one) is alive
+        out = capsys.readouterr().out
+        assert "running (pid" in out
+        assert "cuda:0 (Test GPU)" in out
+        assert "PAUSED /hot/x: mount gone" in out
+        assert "batch caps (faces): fast 4" in out
+        fast_row = next(line for line in out.splitlines() if line.startswith("/hot/fast "))
+        assert fast_row.split()[1:] == ["0", "0", "2", "1"]  # pending ready done failed
+        assert "[decode] image file is truncated" in out
+        assert "sub/broken.jpg" in out
+
+    def test_json_report(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """--json gives the same facts to scripts; exit status 3 says the daemon is not running."""
+        make_state(tmp_path)
+        assert main(["status", "--root", str(tmp_path), "--json"]) == 3
+        data = json.loads(capsys.readouterr().out)
+        assert data["counts"]["/hot/fast"] == {"done": 2, "failed": 1}
+        assert data["queue_depths"] == {"quality": 1}
+        assert data["failures"][0]["error"].startswith("image file is truncated")
+        assert data["running"] is False and data["snapshot"] is None
+
+    def test_no_state_yet(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """Before the daemon's first start: a clear message and exit status 4, and nothing is created."""
+        assert main(["status", "--root", str(tmp_path)]) == 4
+        assert "no state in" in capsys.readouterr().err
+        assert list(tmp_path.iterdir()) == []
+
+    def test_state_dir_from_config(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """With --config, status looks where that config's daemon keeps its state."""
+        state = make_state(tmp_path / "elsewhere")
+        config = tmp_path / "gw.toml"
+        config.write_text(f'state_dir = "{state}"\n')
+        assert main(["status", "--config", str(config), "--json"]) == 3
+        assert json.loads(capsys.readouterr().out)["state_dir"] == str(state)
+
+    def test_bad_config_is_reported(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """An invalid config is named, not a traceback."""
+        config = tmp_path / "gw.toml"
+        config.write_text("device = 'tpu'\n")
+        assert main(["status", "--config", str(config)]) == 2
+        assert "device" in capsys.readouterr().err
+
+
+def test_snapshot_file_is_not_world_readable(tmp_path: Path) -> None:
+    """status.json is written 0640 at most (it names folders), whatever the umask."""
+    old = os.umask(0)
+    try:
+        status.write_snapshot(
+            tmp_path / "status.json", Snapshot.current(device="cpu", batch_caps={}, paused={})
+        )
+    finally:
+        os.umask(old)
+    assert (tmp_path / "status.json").stat().st_mode & 0o777 == 0o640
