@@ -19,10 +19,13 @@ HANDLERS = {
 }
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="TOML config (default: $GPEN_WATCH_CONFIG, /etc/gpen-watch/config.toml)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
-    p.add_argument("--models-dir", metavar="DIR", help="where weight files live (overrides the config)")
+def _common(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    # With suppress, a parent parser accepts the options too without overwriting what a sub-parser parsed.
+    default = argparse.SUPPRESS if suppress else None
+    p.add_argument("--config", metavar="FILE", default=default,
+                   help="TOML config (default: $GPEN_WATCH_CONFIG, /etc/gpen-watch/config.toml)")
+    p.add_argument("--device", default=default, help="auto, cpu, cuda or cuda:N (overrides the config)")
+    p.add_argument("--models-dir", metavar="DIR", default=default, help="where weight files live (overrides the config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
 
     p = sub.add_parser("models", help="list, download or verify weight files")
-    _common(p)
+    _common(p, suppress=True)
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    msub.add_parser("list", help="each model, whether its file is present, and its size")
+    _common(msub.add_parser("list", help="each model, whether its file is present, and its size"), suppress=True)
     d = msub.add_parser("download", help="download missing weight files (all, or the ones named)")
+    _common(d, suppress=True)
     d.add_argument("names", nargs="*", metavar="NAME")
     d.add_argument("--force", action="store_true", help="download again even if present")
-    msub.add_parser("verify", help="load every present weight file strictly")
+    _common(msub.add_parser("verify", help="load every present weight file strictly"), suppress=True)
 
     p = sub.add_parser("doctor", help="report on torch, the device and the weight files")
     _common(p)
