@@ -23,6 +23,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from .align import image_window
 from .options import DetectorName
 from .types import Face, ModelFileError
 
@@ -110,7 +111,7 @@ def _to_input(image: np.ndarray, scale: float, bucket: tuple[int, int], device: 
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     h, w = image.shape[:2]
-    t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    t = image_window(image, (0, 0, w, h), device)
     t = t.permute(2, 0, 1).flip(0).float() - torch.tensor(_MEAN_BGR, device=device).view(3, 1, 1)
     # Zero after mean subtraction is what the first convolution's own padding sees, so the pad is
     # as neutral as the network allows.
