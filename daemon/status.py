@@ -352,8 +352,9 @@ def render_text(report: Report) -> str:
 def _state_dir_for(args: argparse.Namespace) -> Path:
     settings = settings_from_args(args)
     state = state_dir(settings)
-    explicit = settings.state_dir is not None or "STATE_DIRECTORY" in os.environ or settings.root is not None
-    # An operator's shell has no $STATE_DIRECTORY: fall back to the shipped unit's state directory.
+    explicit = settings.state_dir is not None or "STATE_DIRECTORY" in os.environ
+    # The service found its state through $STATE_DIRECTORY, which an operator's shell does not have: when the
+    # config does not name state_dir, fall back to the shipped unit's state directory.
     if not explicit and not (state / JOBS_FILE).exists() and (SYSTEM_STATE_DIR / JOBS_FILE).exists():
         return SYSTEM_STATE_DIR
     return state
