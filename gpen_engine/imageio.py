@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageFile, JpegImagePlugin, PngImagePlugin
 
 from gpen_engine.options import EncodeOptions
-from gpen_engine.types import DecodedImage, ImageTooLarge, InputError
+from gpen_engine.types import DecodedImage, EngineError, ImageTooLarge, InputError
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
 _EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
@@ -322,8 +322,9 @@ def _webp_canvas_size(data: bytes) -> tuple[int, int] | None:
 
 def _load(im: ImageFile.ImageFile, fmt: str) -> None:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
-        # Someone in this process switched Pillow to padding truncated files; we must not follow.
-        raise InputError("refusing to decode: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set")
+        # Something in this process switched Pillow to padding truncated files. That is a fault of
+        # the process, not of the file, so it must not be reported as bad input.
+        raise EngineError("refusing to decode: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process")
     try:
         im.load()
     except Image.DecompressionBombError as exc:

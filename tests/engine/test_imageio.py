@@ -1,4 +1,4 @@
-"""Tests for gpen_engine.imageio: every image is generated here, no binary fixtures."""
+"""Tests for gpen_engine.imageio: images are generated in the tests (plus the shared Solvay photo)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import io
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image, ImageCms, ImageFile, ImageOps
 
 from gpen_engine.imageio import check_complete, decode, encode, extension_for, resize_long_side
 from gpen_engine.options import EncodeOptions
-from gpen_engine.types import ImageTooLarge, InputError
+from gpen_engine.types import EngineError, ImageTooLarge, InputError
 
 FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
 LOSSLESS = ("PNG", "TIFF", "BMP")
@@ -93,14 +94,28 @@ class TestRoundTrip:
             data, _ = encode(image, image.rgb, options=EncodeOptions())
             np.testing.assert_array_equal(rgb, np.asarray(_open(data)))
 
-    def test_decoding_is_thread_safe(self) -> None:
-        """Decoding many images in a thread pool gives the same pixels as decoding them one by one."""
+    def test_decoding_and_encoding_are_thread_safe(self) -> None:
+        """Many images decoded and re-encoded in a thread pool give the same bytes as one by one."""
         files = [_save(Image.fromarray(_photo(seed=i)), fmt) for i, fmt in enumerate(FORMATS * 3)]
-        expected = [decode(f).rgb for f in files]
+
+        def round_trip(data: bytes) -> bytes:
+            image = decode(data)
+            return encode(image, image.rgb, options=EncodeOptions())[0]
+
+        expected = [round_trip(f) for f in files]
         with ThreadPoolExecutor(max_workers=4) as pool:
-            got = list(pool.map(lambda f: encode(decode(f), decode(f).rgb, options=EncodeOptions()), files))
-        for want, (data, _) in zip(expected, got, strict=True):
-            assert want.shape == decode(data).rgb.shape
+            assert list(pool.map(round_trip, files)) == expected
+
+    def test_real_rgba_png_with_icc_round_trips(self, shared_dir: Path) -> None:
+        """The Solvay photo (RGBA PNG with ICC, XMP, DPI) comes back with identical pixels and metadata."""
+        data = (shared_dir / "testdata" / "solvay_1927.png").read_bytes()
+        image = decode(data)
+        written = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        source = _open(data)
+        assert (written.format, written.mode, written.size) == ("PNG", source.mode, source.size)
+        np.testing.assert_array_equal(np.asarray(source), np.asarray(written))
+        for key in ("icc_profile", "xmp"):
+            assert written.info.get(key) == source.info.get(key), key
 
 
 class TestOrientation:
@@ -308,6 +323,15 @@ class TestBadInput:
             with pytest.raises(InputError):
                 check_complete(data[:cut], max_pixels=10**8)
         assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+    def test_a_process_that_pads_truncated_files_is_an_engine_error_not_bad_input(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """If something sets LOAD_TRUNCATED_IMAGES, decoding stops without blaming (and failing) the file."""
+        monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+        with pytest.raises(EngineError) as caught:
+            decode(_save(Image.fromarray(_photo()), "PNG"))
+        assert not isinstance(caught.value, InputError)
 
     def test_truncated_jpeg_says_truncated(self) -> None:
         """The message names the problem."""
