@@ -1,0 +1,96 @@
+"""``gpen-watch bench``: measure the engine on real photos (``--images DIR``) or on synthetic sets.
+
+The synthetic sets are built from the Solvay 1927 group photo (29 faces) when it can be found beside the
+repository (``../shared/testdata``) or in ``tests/data``: the photo itself and a 24-megapixel JPEG made
+from it. The measuring itself lives in ``gpen_engine.bench``; this module finds files, loads models
+and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from daemon.modelfiles import MissingModelError
+from daemon.oneshot import RANDOM_WEIGHTS_WARNING, collect_inputs, load_models
+from daemon.paths import UnsafePath, read_no_follow
+from daemon.settings import ConfigError, engine_options, preset_table, settings_from_args
+from gpen_engine.align import template
+from gpen_engine.bench import BenchModels, format_report, run_benchmark, synthetic_sets
+from gpen_engine.precision import resolve_precision
+from gpen_engine.restorer import Restorer
+from gpen_engine.types import EngineError
+
+_REPO = Path(__file__).resolve().parents[1]
+SAMPLE_PHOTOS = (
+    _REPO.parent / "shared" / "testdata" / "solvay_1927.png",
+    _REPO / "tests" / "data" / "solvay_1927.png",
+)
+
+
+def command(args: Any) -> int:
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    try:
+        settings = settings_from_args(args)
+        presets = preset_table(settings)
+    except ConfigError as exc:
+        log(f"error: {exc}")
+        return 2
+    if args.preset not in presets:
+        log(f"error: unknown preset {args.preset!r} (known: {', '.join(sorted(presets))})")
+        return 2
+    preset = presets[args.preset]
+    if args.batch:
+        preset = preset.with_(batch_size=args.batch)
+    if args.random_weights:
+        log(RANDOM_WEIGHTS_WARNING)
+    try:
+        sets = photo_sets(args.images, settings.extensions, max_pixels=settings.max_pixels)
+    except (OSError, ValueError, EngineError) as exc:
+        log(f"error: {exc}")
+        return 2
+    try:
+        models = load_models(settings, preset, device=args.device, random_weights=bool(args.random_weights),
+                             log=log)
+    except (MissingModelError, EngineError) as exc:
+        log(f"error: {exc}")
+        return 2
+    restorer = Restorer(models, preset)
+    bench_models = BenchModels(
+        detector=models.detector, generator=models.generator, device=models.device,
+        precision=resolve_precision(models.device, preset.precision), size=models.face_size,
+        template=template(models.face_size), restore=restorer.restore,
+    )
+    report = run_benchmark(
+        bench_models, engine_options(settings, preset), sets, model_name=preset.model,
+        random_weights=bool(args.random_weights), repeat=max(1, args.repeat), baseline=bool(args.baseline),
+        io_threads=settings.io_threads, log=log,
+    )
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def photo_sets(images: str | None, extensions: list[str], *, max_pixels: int) -> dict[str, list[bytes]]:
+    """``--images DIR``'s photos as one set, else the synthetic sets built from the sample photo."""
+    if images:
+        items, problems = collect_inputs([Path(images)], None, extensions)
+        if problems:
+            raise ValueError("; ".join(problems))
+        data = []
+        for item in items:
+            try:
+                data.append(read_no_follow(item.source)[0])
+            except UnsafePath:
+                continue
+        if not data:
+            raise ValueError(f"{images}: no images found")
+        return {Path(images).name or "images": data}
+    for path in SAMPLE_PHOTOS:
+        if path.is_file():
+            return synthetic_sets(path.read_bytes(), max_pixels=max_pixels)
+    raise ValueError("no sample photo found (looked for " + ", ".join(map(str, SAMPLE_PHOTOS))
+                     + "); pass --images DIR with photos that have faces")

@@ -1,0 +1,322 @@
+"""``gpen-watch enhance PATH...``: restore files or folders once, with a progress bar, and exit.
+
+Pipeline: read + decode in a thread pool -> the engine restores several images per call (faces from
+all of them share generator batches) -> encode + write in the pool. A bad file costs one error line
+and the run goes on. Results go beside each input as ``NAME.restored.EXT`` or into ``-o DIR``
+(folders keep their inner structure). Nothing is ever overwritten: an input never, and an existing
+output neither (``NAME.restored (1).EXT``); every file appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from daemon.modelfiles import MissingModelError, ensure_models, models_of
+from daemon.paths import UnsafePath, is_candidate, normalize_extensions, read_no_follow
+from daemon.publish import write_atomic
+from daemon.settings import ConfigError, Settings, engine_options, preset_table, settings_from_args
+from gpen_engine import imageio
+from gpen_engine.device import select_device
+from gpen_engine.options import EncodeOptions, EngineOptions, Preset
+from gpen_engine.registry import detector_spec, parser_spec
+from gpen_engine.restorer import EngineModels, Restorer, load_engine_models
+from gpen_engine.types import DecodedImage, EngineError, RestoredImage
+
+RANDOM_WEIGHTS_WARNING = (
+    "WARNING: --random-weights: the generator has RANDOM weights. Outputs are NOT restorations; "
+    "use this only to test the pipeline."
+)
+# Our own outputs: re-running on a folder must not restore its earlier results again.
+_OWN_OUTPUT = re.compile(r"\.(restored|compare)( \(\d+\))?\.[^.]+\Z", re.IGNORECASE)
+_COMPARE_HALF = 2048  # long side of each half of a before/after image
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input file and where its result goes."""
+
+    source: Path
+    target_dir: Path
+    stem: str  # result name without extension
+
+
+@dataclass
+class Decoded:
+    item: Item
+    image: DecodedImage
+    working: np.ndarray
+
+
+@dataclass
+class Tally:
+    ok: int = 0
+    failed: int = 0
+    faces: int = 0
+
+
+def command(args: Any) -> int:
+    try:
+        settings = settings_from_args(args)
+        presets = preset_table(settings)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.preset not in presets:
+        print(f"error: unknown preset {args.preset!r} (known: {', '.join(sorted(presets))})", file=sys.stderr)
+        return 2
+    preset = presets[args.preset]
+    random_weights = bool(getattr(args, "random_weights", False))
+    if random_weights:
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+
+    output = Path(args.output).expanduser() if args.output else None
+    items, problems = collect_inputs([Path(p) for p in args.paths], output, settings.extensions)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not items:
+        print("error: no image files to restore", file=sys.stderr)
+        return 1
+
+    try:
+        models = load_models(settings, preset, device=args.device, random_weights=random_weights)
+    except (MissingModelError, EngineError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    options = engine_options(settings, preset)
+    tally = run(items, Restorer(models, preset), options, io_threads=settings.io_threads,
+                compare=bool(args.compare), log=lambda m: tqdm.write(m, file=sys.stderr))
+    tally.failed += len(problems)
+    print(f"{tally.ok} ok, {tally.failed} failed, {tally.faces} faces", file=sys.stderr)
+    if random_weights:
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+    return 1 if tally.failed else 0
+
+
+def load_models(settings: Settings, preset: Preset, *, device: str | None, random_weights: bool,
+                log: Callable[[str], object] = lambda m: print(m, file=sys.stderr)) -> EngineModels:
+    """The preset's generator, detector and (when asked for and present) parser, on the chosen device."""
+    table = models_of(settings)
+    if preset.model not in table or table[preset.model].arch is None:
+        raise MissingModelError(f"preset {preset.name}: unknown generator model {preset.model!r}")
+    spec = table[preset.model]
+    detector = detector_spec(preset.detector, table)
+    names = [detector.name] + ([] if random_weights else [spec.name])
+    paths = ensure_models(settings, names, download=settings.download, log=log)
+    parser_path = None
+    if preset.use_parsing:
+        try:
+            parser_path = ensure_models(settings, [parser_spec(table).name], download=settings.download,
+                                        log=log)[parser_spec(table).name]
+        except MissingModelError as exc:
+            log(f"note: no face-parsing weights, using the rectangle mask ({exc})")
+    request = device or (preset.device if preset.device != "auto" else settings.device)
+    report = select_device(request)
+    log(f"device: {report.name} ({report.reason})")
+    return load_engine_models(
+        generator_path=None if random_weights else paths[spec.name],
+        arch=spec.arch,
+        detector_path=paths[detector.name],
+        detector_name=preset.detector,
+        parser_path=parser_path,
+        device=report.device,
+        precision=preset.precision,
+        random_generator=random_weights,
+    )
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+
+def collect_inputs(
+    paths: list[Path], output: Path | None, extensions: list[str]
+) -> tuple[list[Item], list[str]]:
+    """Files to restore (folders walked recursively) and a message for each argument that cannot be used.
+
+    Inside folders only candidate images count: junk, hidden and temporary names, other extensions,
+    symbolic links and this command's own earlier outputs are skipped.
+    """
+    exts = normalize_extensions(extensions)
+    items: list[Item] = []
+    problems: list[str] = []
+    seen: set[Path] = set()
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            problems.append(f"{path}: {exc.strerror or exc}")
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            for rel in _walk(path, exts, output):
+                source = path / rel
+                target = (output / rel).parent if output else source.parent
+                _add(items, seen, Item(source, target, _stem(source, beside=output is None)))
+        elif stat.S_ISREG(st.st_mode):
+            target = output if output else path.parent
+            _add(items, seen, Item(path, target, _stem(path, beside=output is None)))
+        else:
+            problems.append(f"{path}: not a regular file or folder")
+    return items, problems
+
+
+def _add(items: list[Item], seen: set[Path], item: Item) -> None:
+    key = item.source.absolute()
+    if key not in seen:
+        seen.add(key)
+        items.append(item)
+
+
+def _stem(path: Path, *, beside: bool) -> str:
+    return path.stem + ".restored" if beside else path.stem
+
+
+def _walk(root: Path, exts: frozenset[str], output: Path | None) -> Iterator[str]:
+    """POSIX relative paths of candidate images below ``root``, sorted, never through a link."""
+    skip = output.absolute() if output else None
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if skip is None or (here / d).absolute() != skip)
+        for name in sorted(filenames):
+            full = here / name
+            rel = full.relative_to(root).as_posix()
+            if not is_candidate(rel, exts) or _OWN_OUTPUT.search(name) or full.is_symlink():
+                continue
+            yield rel
+
+
+# ----------------------------------------------------------------------------------------- run
+
+
+def run(items: list[Item], restorer: Restorer, options: EngineOptions, *, io_threads: int = 4,
+        compare: bool = False, log: Callable[[str], object] = print) -> Tally:
+    """Restore every item; each failure is logged with its file name and counted, never raised."""
+    per_call = max(4, options.preset.batch_size)  # images per engine call: their faces share batches
+    tally = Tally()
+    t0 = time.perf_counter()
+    with (ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="enhance-io") as pool,
+          tqdm(total=len(items), unit="img", file=sys.stderr, dynamic_ncols=True) as bar):
+        # Decoding runs ahead of the engine, but only so far: a folder of camera files must not fill memory.
+        pending: deque[Future[Decoded | str]] = deque()
+        queue = iter(items)
+        writes: deque[Future[tuple[Item, str | None]]] = deque()
+
+        def top_up() -> None:
+            while len(pending) < 2 * per_call:
+                item = next(queue, None)
+                if item is None:
+                    return
+                pending.append(pool.submit(_read_decode, item, options))
+
+        def finish_writes(block: bool) -> None:
+            while writes and (block or writes[0].done()):
+                item, error = writes.popleft().result()
+                if error:
+                    tally.failed += 1
+                    log(f"error: {item.source}: {error}")
+                else:
+                    tally.ok += 1
+                bar.update(1)
+
+        top_up()
+        while pending:
+            chunk: list[Decoded] = []
+            while pending and len(chunk) < per_call:
+                got = pending.popleft().result()
+                top_up()
+                if isinstance(got, str):
+                    tally.failed += 1
+                    log(f"error: {got}")
+                    bar.update(1)
+                else:
+                    chunk.append(got)
+            if not chunk:
+                continue
+            results = _restore(restorer, chunk)
+            for decoded, result in zip(chunk, results, strict=True):
+                if isinstance(result, EngineError):
+                    tally.failed += 1
+                    log(f"error: {decoded.item.source}: {result}")
+                    bar.update(1)
+                    continue
+                tally.faces += len(result.faces)
+                writes.append(pool.submit(_encode_write, decoded, result, options, compare))
+            finish_writes(block=False)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{tally.faces / elapsed:.2f} faces/s, {tally.faces} faces")
+        finish_writes(block=True)
+    return tally
+
+
+def _restore(restorer: Restorer, chunk: list[Decoded]) -> list[RestoredImage | EngineError]:
+    try:
+        return restorer.restore([d.working for d in chunk])
+    except EngineError as exc:  # the whole call failed: every image in it gets the reason
+        return [exc] * len(chunk)
+
+
+def _read_decode(item: Item, options: EngineOptions) -> Decoded | str:
+    """The decoded item, or an error line naming the file."""
+    try:
+        data, _ = read_no_follow(item.source)
+        if not data:
+            return f"{item.source}: empty file (0 bytes)"
+        image = imageio.decode(data, max_pixels=options.decode.max_pixels)
+        return Decoded(item, image, imageio.resize_long_side(image.rgb, options.preset.max_long_side))
+    except (OSError, UnsafePath) as exc:
+        return f"{item.source}: cannot read: {getattr(exc, 'strerror', None) or exc}"
+    except EngineError as exc:
+        return f"{item.source}: {exc}"
+
+
+def _encode_write(decoded: Decoded, result: RestoredImage, options: EngineOptions,
+                  compare: bool) -> tuple[Item, str | None]:
+    item = decoded.item
+    try:
+        data, fmt = imageio.encode(decoded.image, result.rgb, options=options.encode)
+        write_new(item.target_dir, item.stem, imageio.extension_for(fmt), data)
+        if compare:
+            side = side_by_side(decoded.working, result.rgb)
+            jpeg, _ = imageio.encode(DecodedImage(rgb=side, format="JPEG", mode="RGB"), side,
+                                     options=EncodeOptions(format="JPEG", jpeg_quality=90))
+            write_new(item.target_dir, item.stem.removesuffix(".restored") + ".compare", ".jpg", jpeg)
+    except (OSError, ValueError, EngineError) as exc:
+        return item, f"cannot write result: {exc}"
+    return item, None
+
+
+def write_new(folder: Path, stem: str, ext: str, data: bytes) -> Path:
+    """Write ``folder/stem+ext`` atomically under a name that does not exist yet (``stem (1)ext``, ...)."""
+    for n in range(10_000):
+        path = folder / (f"{stem}{ext}" if n == 0 else f"{stem} ({n}){ext}")
+        if os.path.lexists(path):
+            continue
+        try:
+            return write_atomic(path, data, replace=False)
+        except FileExistsError:  # someone took the name meanwhile
+            continue
+    raise FileExistsError(f"no free name for {folder / (stem + ext)}")
+
+
+def side_by_side(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Before | after, each at most ``_COMPARE_HALF`` px on its long side, with a thin white gap."""
+    h, w = before.shape[:2]
+    scale = min(1.0, _COMPARE_HALF / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if scale < 1:
+        before = cv2.resize(before, size, interpolation=cv2.INTER_AREA)
+        after = cv2.resize(after, size, interpolation=cv2.INTER_AREA)
+    gap = np.full((size[1], max(2, size[0] // 100), 3), 255, np.uint8)
+    return np.ascontiguousarray(np.concatenate([before, gap, after], axis=1))

@@ -1,0 +1,556 @@
+"""Benchmark: how fast the engine restores faces, and how that compares with one face at a time.
+
+Figures (all from runs in this process, never estimated):
+
+* the device's matrix-multiply rate, measured on a large square matmul in the generator's compute dtype;
+* generator FLOPs per face, counted on one forward pass (``torch.utils.flop_counter``);
+* a generator-only sweep over batch sizes: faces/s and achieved FLOP/s as a fraction of the matmul rate;
+* end-to-end passes over a set of photos (decode, detect, align, generate, paste, encode): images/s,
+  faces/s, milliseconds per stage, peak host RSS and peak device memory;
+* optionally the same photos restored the way the official GPEN scripts do it (``baseline_restore``),
+  with the same detector and generator weights, and the speed-up ratio.
+
+Timings are the best of ``repeat`` passes: on a shared machine the fastest pass is the one least
+disturbed by other processes, and the same rule applies to both sides of every ratio.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import imageio
+from .align import similarity_transform
+from .detect import detect_faces
+from .masks import rectangle_mask
+from .options import EngineOptions, Preset
+from .types import EngineError, RestoredImage
+
+STAGES = ("decode", "detect", "align", "generate", "paste", "encode")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------ device rate
+
+
+@dataclass(frozen=True)
+class MatmulRate:
+    """Measured dense matrix-multiply throughput of the device."""
+
+    flops_per_s: float
+    dtype: str
+    n: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul(device: torch.device, dtype: torch.dtype, *, n: int | None = None,
+                   repeats: int = 5) -> MatmulRate:
+    """Best rate of ``repeats`` n x n @ n x n products (2 n^3 FLOPs each)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    with torch.inference_mode():
+        for _ in range(2):  # warm-up: kernel selection, thread pool start
+            a @ b
+        _sync(device)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+    return MatmulRate(2.0 * n**3 / best, str(dtype).removeprefix("torch."), n)
+
+
+def compute_dtype(generator: nn.Module) -> torch.dtype:
+    """The dtype the bulk of the generator's weights (its convolutions) run in."""
+    return max(generator.parameters(), key=lambda p: p.numel()).dtype
+
+
+def generator_flops(generator: nn.Module, size: int, device: torch.device) -> float:
+    """FLOPs of one face through the generator, counted on a real forward pass."""
+    flags = [p.requires_grad for p in generator.parameters()]
+    # The counter's module tracker wants autograd nodes for tensors that require grad; inference has none.
+    generator.requires_grad_(False)
+    try:
+        x = torch.zeros(1, 3, size, size, device=device)
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            generator(x)
+        return float(counter.get_total_flops())
+    finally:
+        for p, flag in zip(generator.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """Generator alone at one batch size."""
+
+    batch: int
+    faces_per_s: float
+    flops_per_s: float
+    fraction: float  # of the measured matmul rate
+
+
+def sweep_generator(
+    generator: nn.Module, size: int, device: torch.device, *, batches: Sequence[int], flops_per_face: float,
+    peak: MatmulRate, repeats: int = 3,
+) -> list[SweepPoint]:
+    """Faces/s and FLOP/s fraction of the generator on random input at each batch size (best of repeats)."""
+    points = []
+    with torch.inference_mode():
+        for batch in batches:
+            x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+            generator(x)  # warm-up for this shape
+            _sync(device)
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                generator(x)
+                _sync(device)
+                best = min(best, time.perf_counter() - t0)
+            rate = flops_per_face * batch / best
+            points.append(SweepPoint(batch, batch / best, rate, rate / peak.flops_per_s))
+    return points
+
+
+# ------------------------------------------------------------------------------------ photos
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def synthetic_sets(seed: bytes, *, max_pixels: int = 100_000_000) -> dict[str, list[bytes]]:
+    """Benchmark photo sets built from one seed photo that has faces (the Solvay group photo).
+
+    ``photo``: the seed itself, bytes unchanged. ``24mp``: a 6000x4000 JPEG made by upscaling a crop of the
+    seed's densest part (a few faces, each then a few hundred pixels wide), the kind of camera file where
+    full-frame work per face dominates.
+    """
+    rgb = imageio.decode(seed, max_pixels=max_pixels).rgb
+    h, w = rgb.shape[:2]
+    # A 3:2 crop of the central upper part, where the seated and standing rows overlap.
+    cw = max(16, w // 3)
+    ch = max(16, cw * 2 // 3)
+    x0 = max(0, (w - cw) // 2)
+    y0 = max(0, min(h - ch, h // 6))
+    crop = rgb[y0 : y0 + ch, x0 : x0 + cw]
+    big = cv2.resize(crop, (6000, 4000), interpolation=cv2.INTER_CUBIC)
+    return {"photo": [seed], "24mp": [encode_jpeg(big)]}
+
+
+# ------------------------------------------------------------------------------------ passes
+
+
+@dataclass
+class PassStats:
+    """One way of restoring one photo set: the best pass and what it cost."""
+
+    method: str
+    images: int
+    faces: int
+    failed: int
+    seconds: float
+    images_per_s: float
+    faces_per_s: float
+    ms_per_image: dict[str, float]  # per stage, mean over the images of the best pass
+    generator_fraction: float | None  # achieved generator FLOP/s / matmul rate during this pass
+    peak_rss_mb: float | None
+    peak_device_mb: float | None
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Pass:
+    seconds: float
+    faces: int
+    failed: int
+    stage_ms: dict[str, float]
+    errors: list[str]
+
+
+def _reset_peaks(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:  # Linux: "5" resets this process's peak RSS (VmHWM) so each phase gets its own figure.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process (since the last reset, where the kernel allows resets)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _peak_device_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def _timed(fn: Callable[[], object]) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - t0) * 1000
+
+
+def _best_of(run_once: Callable[[], _Pass], repeat: int, device: torch.device) -> tuple[_Pass, float | None,
+                                                                                      float | None]:
+    run_once()  # warm-up: kernel choice, allocator, thread pools
+    _reset_peaks(device)
+    best = min((run_once() for _ in range(max(1, repeat))), key=lambda p: p.seconds)
+    return best, peak_rss_mb(), _peak_device_mb(device)
+
+
+def engine_pass(
+    restore: Callable[[list[np.ndarray]], list[RestoredImage | EngineError]],
+    inputs: Sequence[bytes],
+    options: EngineOptions,
+    pool: ThreadPoolExecutor,
+    *,
+    images_per_call: int,
+    device: torch.device,
+) -> _Pass:
+    """The engine's way: decode in the pool, restore several images per call (faces batched across them),
+    encode in the pool while the next call runs."""
+    preset = options.preset
+
+    def decode(data: bytes) -> tuple[object, float]:
+        def work() -> tuple[imageio.DecodedImage, np.ndarray]:
+            image = imageio.decode(data, max_pixels=options.decode.max_pixels)
+            return image, imageio.resize_long_side(image.rgb, preset.max_long_side)
+
+        try:
+            return _timed(work)
+        except EngineError as exc:
+            return exc, 0.0
+
+    def encode(image: imageio.DecodedImage, rgb: np.ndarray) -> float:
+        return _timed(lambda: imageio.encode(image, rgb, options=options.encode))[1]
+
+    t0 = time.perf_counter()
+    stage = dict.fromkeys(STAGES, 0.0)
+    faces = failed = 0
+    errors: list[str] = []
+    decoded = [pool.submit(decode, data) for data in inputs]
+    encodes = []
+    for start in range(0, len(inputs), images_per_call):
+        chunk = [f.result() for f in decoded[start : start + images_per_call]]
+        good = [(out, ms) for out, ms in chunk if not isinstance(out, EngineError)]
+        for out, _ in chunk:
+            if isinstance(out, EngineError):
+                failed += 1
+                errors.append(str(out))
+        results = restore([out[1] for out, _ in good]) if good else []  # type: ignore[index]
+        _sync(device)
+        for ((image, _), decode_ms), result in zip(good, results, strict=True):  # type: ignore[misc]
+            stage["decode"] += decode_ms
+            if isinstance(result, EngineError):
+                failed += 1
+                errors.append(str(result))
+                continue
+            faces += len(result.faces)
+            for name, ms in result.times.as_dict().items():
+                if name not in ("decode", "encode"):
+                    stage[name] += ms
+            encodes.append(pool.submit(encode, image, result.rgb))
+    for future in encodes:
+        stage["encode"] += future.result()
+    seconds = time.perf_counter() - t0
+    n = max(1, len(inputs))
+    return _Pass(seconds, faces, failed, {k: v / n for k, v in stage.items()}, errors)
+
+
+# ------------------------------------------------------------------------------------ baseline
+
+
+def baseline_restore(
+    rgb: np.ndarray,
+    *,
+    detector: nn.Module,
+    generator: nn.Module,
+    device: torch.device,
+    size: int,
+    template: np.ndarray,
+    preset: Preset,
+    strength: float = 1.0,
+) -> tuple[np.ndarray, int, dict[str, float]]:
+    """Restore ``rgb`` as the official GPEN scripts do: one face at a time, whole-frame work per face.
+
+    Per face: an OpenCV warp of the crop, the generator on a batch of one, then the restored face and its
+    mask are each warped back over the *whole* frame, and the frame-sized mask and image are updated
+    where this face's mask is larger; one final whole-frame blend. Same detector, generator and
+    rectangle mask as the engine, none of the engine's batching or region-of-interest paste.
+    Returns the image, the number of faces and milliseconds per stage.
+    """
+    ms = dict.fromkeys(STAGES, 0.0)
+    t = time.perf_counter()
+    faces = detect_faces(
+        detector, [rgb], long_side=preset.detect_long_side, confidence=preset.det_confidence,
+        min_face_size=preset.min_face_size, max_faces=preset.max_faces,
+    )[0]
+    ms["detect"] = (time.perf_counter() - t) * 1000
+    mask = rectangle_mask(size)[0, 0].float().cpu().numpy()  # GPEN's fallback mask, as the engine's
+    h, w = rgb.shape[:2]
+    frame = rgb.astype(np.float32)
+    full_face = np.zeros_like(frame)
+    full_mask = np.zeros((h, w), np.float32)
+    for face in faces:
+        t = time.perf_counter()
+        affine = similarity_transform(face.landmarks, template)
+        crop = cv2.warpAffine(rgb, affine, (size, size), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_REFLECT)
+        x = torch.from_numpy(crop).permute(2, 0, 1)[None].to(device, torch.float32) / 127.5 - 1
+        ms["align"] += (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        with torch.inference_mode():
+            y = generator(x)
+        out = ((y[0].float().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).round().byte().cpu().numpy()
+        ms["generate"] += (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        if strength < 1:
+            out = cv2.addWeighted(out, strength, crop, 1 - strength, 0)
+        inverse = cv2.invertAffineTransform(affine)
+        face_full = cv2.warpAffine(out, inverse, (w, h), flags=cv2.INTER_CUBIC).astype(np.float32)
+        mask_full = cv2.warpAffine(mask, inverse, (w, h), flags=cv2.INTER_CUBIC)
+        larger = mask_full > full_mask  # several faces: the larger mask wins, decided over the whole frame
+        full_mask[larger] = mask_full[larger]
+        full_face[larger] = face_full[larger]
+        ms["paste"] += (time.perf_counter() - t) * 1000
+    t = time.perf_counter()
+    alpha = np.clip(full_mask, 0, 1)[:, :, None]
+    result = np.clip(frame * (1 - alpha) + full_face * alpha, 0, 255).round().astype(np.uint8)
+    ms["paste"] += (time.perf_counter() - t) * 1000
+    return result, len(faces), ms
+
+
+def baseline_pass(
+    inputs: Sequence[bytes], options: EngineOptions, *, detector: nn.Module, generator: nn.Module,
+    device: torch.device, size: int, template: np.ndarray,
+) -> _Pass:
+    """The official way over a photo set: one image after another, in one thread."""
+    preset = options.preset
+    t0 = time.perf_counter()
+    stage = dict.fromkeys(STAGES, 0.0)
+    faces = failed = 0
+    errors: list[str] = []
+    for data in inputs:
+        try:
+            (image, rgb), decode_ms = _timed(lambda d=data: _decode_working(d, options))  # type: ignore[misc]
+        except EngineError as exc:
+            failed += 1
+            errors.append(str(exc))
+            continue
+        out, n, ms = baseline_restore(
+            rgb, detector=detector, generator=generator, device=device, size=size, template=template,
+            preset=preset, strength=preset.strength / 100)
+        _, encode_ms = _timed(lambda i=image, o=out: imageio.encode(i, o, options=options.encode))
+        faces += n
+        ms["decode"], ms["encode"] = decode_ms, encode_ms
+        for k, v in ms.items():
+            stage[k] += v
+    seconds = time.perf_counter() - t0
+    n_images = max(1, len(inputs))
+    return _Pass(seconds, faces, failed, {k: v / n_images for k, v in stage.items()}, errors)
+
+
+def _decode_working(data: bytes, options: EngineOptions) -> tuple[imageio.DecodedImage, np.ndarray]:
+    image = imageio.decode(data, max_pixels=options.decode.max_pixels)
+    return image, imageio.resize_long_side(image.rgb, options.preset.max_long_side)
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+@dataclass
+class SetReport:
+    name: str
+    sizes: list[str]
+    engine: PassStats
+    baseline: PassStats | None = None
+    speedup: float | None = None  # baseline seconds / engine seconds
+
+
+@dataclass
+class BenchReport:
+    device: str
+    precision: str
+    model: str
+    random_weights: bool
+    batch_size: int
+    matmul: MatmulRate
+    gflops_per_face: float
+    sweep: list[SweepPoint]
+    best_batch: int
+    best_fraction: float
+    sets: list[SetReport]
+    repeat: int
+    torch_threads: int
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _stats(method: str, p: _Pass, images: int, flops_per_face: float, peak: MatmulRate,
+           rss: float | None, dev: float | None) -> PassStats:
+    gen_s = p.stage_ms["generate"] * images / 1000
+    fraction = (flops_per_face * p.faces / gen_s / peak.flops_per_s) if gen_s > 0 and p.faces else None
+    return PassStats(
+        method=method, images=images, faces=p.faces, failed=p.failed, seconds=p.seconds,
+        images_per_s=images / p.seconds, faces_per_s=p.faces / p.seconds,
+        ms_per_image={k: round(v, 2) for k, v in p.stage_ms.items()}, generator_fraction=fraction,
+        peak_rss_mb=rss, peak_device_mb=dev, errors=p.errors,
+    )
+
+
+@dataclass(frozen=True)
+class BenchModels:
+    """What a benchmark needs from loaded engine models."""
+
+    detector: nn.Module
+    generator: nn.Module
+    device: torch.device
+    precision: str
+    size: int  # the generator's face size
+    template: np.ndarray  # the 5-point crop template at that size
+    restore: Callable[[list[np.ndarray]], list[RestoredImage | EngineError]]
+
+
+def run_benchmark(
+    models: BenchModels,
+    options: EngineOptions,
+    sets: dict[str, list[bytes]],
+    *,
+    model_name: str,
+    random_weights: bool,
+    repeat: int = 3,
+    baseline: bool = False,
+    io_threads: int = 4,
+    images_per_call: int = 8,
+    sweep_batches: Sequence[int] | None = None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> BenchReport:
+    """Measure the device, sweep the generator, then time every photo set (and the baseline on it)."""
+    device, generator = models.device, models.generator
+    size = models.size
+    dtype = compute_dtype(generator)
+    log(f"measuring {dtype} matmul rate on {device}")
+    peak = measure_matmul(device, dtype)
+    flops = generator_flops(generator, size, device)
+    batches = list(sweep_batches or ((1, 2, 4, 8) if device.type == "cpu" else (1, 4, 16, 32, 64)))
+    log(f"generator sweep over batch sizes {batches}")
+    sweep = sweep_generator(generator, size, device, batches=batches, flops_per_face=flops, peak=peak,
+                            repeats=repeat)
+    best = max(sweep, key=lambda p: p.fraction)
+    reports = []
+    with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="bench-io") as pool:
+        for name, inputs in sets.items():
+            sizes = [_size_of(data, options) for data in inputs]
+            more = " ..." if len(sizes) > 3 else ""
+            log(f"set {name}: {len(inputs)} image(s) {', '.join(sizes[:3])}{more}")
+            run = lambda inputs=inputs: engine_pass(  # noqa: E731
+                models.restore, inputs, options, pool, images_per_call=images_per_call, device=device)
+            p, rss, dev = _best_of(run, repeat, device)
+            report = SetReport(name, sizes, _stats("engine", p, len(inputs), flops, peak, rss, dev))
+            if baseline:
+                log(f"set {name}: baseline (one face at a time)")
+                run_b = lambda inputs=inputs: baseline_pass(  # noqa: E731
+                    inputs, options, detector=models.detector, generator=generator, device=device,
+                    size=size, template=models.template)
+                b, rss_b, dev_b = _best_of(run_b, repeat, device)
+                report.baseline = _stats("baseline", b, len(inputs), flops, peak, rss_b, dev_b)
+                report.speedup = b.seconds / p.seconds
+            reports.append(report)
+    return BenchReport(
+        device=str(device), precision=models.precision, model=model_name, random_weights=random_weights,
+        batch_size=options.preset.batch_size, matmul=peak, gflops_per_face=flops / 1e9, sweep=sweep,
+        best_batch=best.batch, best_fraction=best.fraction, sets=reports, repeat=repeat,
+        torch_threads=torch.get_num_threads() if device.type == "cpu" else os.cpu_count() or 1,
+    )
+
+
+def _size_of(data: bytes, options: EngineOptions) -> str:
+    try:
+        w, h = imageio.check_complete(data, max_pixels=options.decode.max_pixels)
+        return f"{w}x{h}"
+    except EngineError:
+        return "unreadable"
+
+
+def format_report(report: BenchReport) -> str:
+    """The report as the lines a person reads."""
+    lines = []
+    if report.random_weights:
+        lines.append("!! RANDOM GENERATOR WEIGHTS: speed figures only, the images are not restorations !!")
+    m = report.matmul
+    lines.append(f"device {report.device}, {report.precision}, model {report.model}, preset batch "
+                 f"{report.batch_size}, torch threads {report.torch_threads}, best of {report.repeat}")
+    lines.append(f"matmul {m.n}x{m.n} {m.dtype}: {m.flops_per_s / 1e9:.1f} GFLOP/s; generator "
+                 f"{report.gflops_per_face:.2f} GFLOP per face")
+    lines.append("generator alone:  batch  faces/s  GFLOP/s  of matmul")
+    for p in report.sweep:
+        lines.append(f"                  {p.batch:5d}  {p.faces_per_s:7.2f}  {p.flops_per_s / 1e9:7.1f}  "
+                     f"{p.fraction:8.1%}")
+    lines.append(f"best batch size {report.best_batch}: {report.best_fraction:.1%} of the matmul rate")
+    for s in report.sets:
+        lines.append(f"set {s.name} ({len(s.sizes)} image(s): {', '.join(s.sizes[:3])})")
+        for stats in (s.engine, s.baseline):
+            if stats is None:
+                continue
+            stage = " ".join(f"{k} {v:.0f}" for k, v in stats.ms_per_image.items())
+            frac = (f", generator at {stats.generator_fraction:.1%} of matmul"
+                    if stats.generator_fraction else "")
+            dev = f", peak device {stats.peak_device_mb:.0f} MB" if stats.peak_device_mb is not None else ""
+            rss = f", peak RSS {stats.peak_rss_mb:.0f} MB" if stats.peak_rss_mb is not None else ""
+            lines.append(f"  {stats.method:8s} {stats.seconds:7.2f} s  {stats.images_per_s:6.2f} images/s  "
+                         f"{stats.faces_per_s:7.2f} faces/s  ({stats.faces} faces, {stats.failed} failed)"
+                         f"{frac}{rss}{dev}")
+            lines.append(f"           ms per image: {stage}")
+        if s.speedup is not None:
+            lines.append(f"  speed-up vs one face at a time: {s.speedup:.2f}x")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "BenchModels",
+    "BenchReport",
+    "MatmulRate",
+    "PassStats",
+    "SetReport",
+    "SweepPoint",
+    "baseline_restore",
+    "format_report",
+    "generator_flops",
+    "measure_matmul",
+    "run_benchmark",
+    "sweep_generator",
+    "synthetic_sets",
+]

@@ -1,0 +1,171 @@
+"""``gpen-watch enhance``: real detector, random-weight tiny generator, real files on disk."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from daemon.cli import main
+from gpen_engine.detect import detect_faces, load_detector
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+SOLVAY = SHARED / "testdata" / "solvay_1927.png"
+DETECTOR = SHARED / "models" / "detection_mobilenet0.25_Final.pth"
+
+# A GPEN generator small enough for CPU tests (random weights via the hidden flag), the real detector.
+CONFIG = """
+models_dir = "{models}"
+download = false
+device = "cpu"
+
+[[models]]
+name = "tiny-gpen"
+path = "tiny-gpen.pth"
+size = 64
+channel_multiplier = 1
+narrow = 0.125
+
+[presets.tiny]
+base = "low-spec"
+model = "tiny-gpen"
+detector = "mobile0.25"
+max_long_side = 2000
+precision = "fp32"
+use_parsing = false
+batch_size = 8
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    assert SOLVAY.is_file() and DETECTOR.is_file(), f"shared test data missing under {SHARED}"
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(models=DETECTOR.parent))
+    return path
+
+
+def enhance(config: Path, *args: str) -> int:
+    return main(["enhance", "--config", str(config), "--preset", "tiny", "--random-weights", *args])
+
+
+def jpeg_crop(box: tuple[int, int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.open(SOLVAY).convert("RGB").crop(box).save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+class TestEnhanceSolvay:
+    def test_restores_all_faces_and_keeps_the_rest(self, config: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+        """The group photo: 29 faces found, same size/mode/ICC, pixels away from every face untouched."""
+        src = tmp_path / "solvay.png"
+        shutil.copyfile(SOLVAY, src)
+        status = enhance(config, str(src))
+        err = capsys.readouterr().err
+        assert status == 0
+        assert "1 ok, 0 failed, 29 faces" in err
+        assert "RANDOM weights" in err
+        assert SOLVAY.read_bytes() == src.read_bytes()
+
+        out = tmp_path / "solvay.restored.png"
+        before, after = Image.open(SOLVAY), Image.open(out)
+        assert (before.size, before.mode) == (after.size, after.mode)
+        assert before.info.get("icc_profile") == after.info.get("icc_profile")
+        a, b = np.asarray(before), np.asarray(after)
+        assert not np.array_equal(a, b)  # the faces did change
+
+        rgb = np.asarray(before.convert("RGB"))
+        faces = detect_faces(load_detector(DETECTOR, "mobile0.25", "cpu"), [rgb], long_side=1000)[0]
+        far = np.ones(rgb.shape[:2], bool)
+        for face in faces:  # GPEN's crop spans ~2.5 face boxes; 4 boxes leaves a safe margin
+            cx, cy = (face.box[:2] + face.box[2:]) / 2
+            r = 2 * face.size
+            far[max(0, int(cy - r)) : int(cy + r), max(0, int(cx - r)) : int(cx + r)] = False
+        assert far.mean() > 0.1
+        assert np.array_equal(a[far], b[far])
+
+    def test_compare_writes_side_by_side(self, config: Path, tmp_path: Path) -> None:
+        """--compare writes NAME.compare.jpg: before and after next to each other, same height."""
+        src = tmp_path / "group.jpg"
+        src.write_bytes(jpeg_crop((300, 50, 900, 350)))
+        assert enhance(config, "--compare", str(src)) == 0
+        compare = Image.open(tmp_path / "group.compare.jpg")
+        assert compare.format == "JPEG"
+        assert compare.height == 300
+        assert compare.width > 2 * 600
+        left = np.asarray(compare)[:, :600].astype(int)
+        assert np.abs(left - np.asarray(Image.open(src)).astype(int)).mean() < 4  # the left half is the input
+
+
+class TestEnhanceFolders:
+    def test_bad_files_fail_clearly_and_the_rest_succeed(self, config: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+        """Corrupt, zero-byte and text-as-JPEG files each get an error line; good ones are written; exit 1."""
+        folder = tmp_path / "in"
+        (folder / "sub").mkdir(parents=True)
+        good = jpeg_crop((300, 50, 900, 350))
+        (folder / "good.jpg").write_bytes(good)
+        (folder / "sub" / "nested.jpg").write_bytes(good)
+        (folder / "corrupt.png").write_bytes(SOLVAY.read_bytes()[: 40_000])
+        (folder / "empty.jpg").write_bytes(b"")
+        (folder / "notes.jpg").write_text("this is a text file, not a photo\n")
+        (folder / ".DS_Store").write_bytes(b"junk")
+        (folder / "readme.txt").write_text("not an image extension")
+        os.symlink(folder / "good.jpg", folder / "link.jpg")
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and not p.is_symlink()}
+
+        status = enhance(config, str(folder))
+        err = capsys.readouterr().err
+
+        assert status == 1
+        assert "2 ok, 3 failed" in err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 3
+        assert any("corrupt.png" in line and "truncated" in line.lower() for line in lines), lines
+        assert any("empty.jpg" in line and "empty" in line for line in lines), lines
+        assert any("notes.jpg" in line and "not" in line for line in lines), lines
+        assert (folder / "good.restored.jpg").is_file()
+        assert (folder / "sub" / "nested.restored.jpg").is_file()
+        written = {p.name for p in folder.rglob("*.restored.*")}
+        assert {"good.restored.jpg", "nested.restored.jpg"} == written  # nothing for bad files, junk or links
+        assert before == {p: p.read_bytes() for p in before}  # inputs untouched
+
+    def test_output_dir_keeps_structure_and_never_overwrites(self, config: Path, tmp_path: Path) -> None:
+        """-o DIR mirrors subfolders; a second run gets a suffixed name instead of replacing the first."""
+        folder, out = tmp_path / "in", tmp_path / "out"
+        (folder / "a" / "b").mkdir(parents=True)
+        (folder / "a" / "b" / "photo.jpg").write_bytes(jpeg_crop((300, 50, 700, 350)))
+        assert enhance(config, "-o", str(out), str(folder)) == 0
+        first = out / "a" / "b" / "photo.jpg"
+        first_bytes = first.read_bytes()
+        assert enhance(config, "-o", str(out), str(folder)) == 0
+        assert first_bytes == first.read_bytes()
+        assert (out / "a" / "b" / "photo (1).jpg").is_file()
+
+    def test_rerun_beside_inputs_skips_own_outputs(self, config: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+        """A second run restores the originals again, not the earlier results, and overwrites nothing."""
+        (tmp_path / "in").mkdir()
+        src = tmp_path / "in" / "p.jpg"
+        src.write_bytes(jpeg_crop((300, 50, 700, 350)))
+        assert enhance(config, str(tmp_path / "in")) == 0
+        first = (tmp_path / "in" / "p.restored.jpg").read_bytes()
+        capsys.readouterr()
+        assert enhance(config, str(tmp_path / "in")) == 0
+        assert "1 ok, 0 failed" in capsys.readouterr().err
+        assert first == (tmp_path / "in" / "p.restored.jpg").read_bytes()
+        names = {p.name for p in (tmp_path / "in").iterdir()}
+        assert {"p.jpg", "p.restored.jpg", "p.restored (1).jpg"} == names
+
+    def test_missing_path_is_an_error(self, config: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+        """A path that does not exist is reported and makes the exit status non-zero."""
+        status = enhance(config, str(tmp_path / "nope.jpg"))
+        assert status != 0
+        assert "nope.jpg" in capsys.readouterr().err

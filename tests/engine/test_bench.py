@@ -1,0 +1,122 @@
+"""The benchmark: FLOP counting, the synthetic photo sets, and a smoke run of ``gpen-watch bench``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from daemon.cli import main
+from gpen_engine import bench, imageio
+from gpen_engine.align import template
+from gpen_engine.detect import detect_faces, load_detector
+from gpen_engine.gpen import VARIANTS, GpenArch, create_generator
+from gpen_engine.options import BUILTIN_PRESETS
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+SOLVAY = SHARED / "testdata" / "solvay_1927.png"
+DETECTOR = SHARED / "models" / "detection_mobilenet0.25_Final.pth"
+
+CONFIG = """
+models_dir = "{models}"
+download = false
+device = "cpu"
+
+[[models]]
+name = "tiny-gpen"
+path = "tiny-gpen.pth"
+size = 64
+channel_multiplier = 1
+narrow = 0.125
+
+[presets.tiny]
+base = "low-spec"
+model = "tiny-gpen"
+detector = "mobile0.25"
+max_long_side = 2000
+precision = "fp32"
+use_parsing = false
+batch_size = 8
+"""
+
+
+class TestFlops:
+    def test_gpen_256_counts_the_published_flops(self) -> None:
+        """One GPEN-BFR-256 face counts 17.4 GFLOP, the figure published for the official model."""
+        with torch.device("meta"):
+            generator = create_generator(VARIANTS["GPEN-BFR-256"]).eval()
+        flops = bench.generator_flops(generator, 256, torch.device("meta"))
+        assert pytest.approx(flops, rel=0.01) == 17.4e9
+        assert all(p.requires_grad for p in generator.parameters())  # flags restored afterwards
+
+
+class TestSyntheticSets:
+    def test_24mp_photo_has_several_faces(self) -> None:
+        """The synthetic camera-size photo is 6000x4000 and the real detector finds several faces in it."""
+        sets = bench.synthetic_sets(SOLVAY.read_bytes())
+        assert [SOLVAY.read_bytes()] == sets["photo"]
+        big = imageio.decode(sets["24mp"][0]).rgb
+        assert big.shape == (4000, 6000, 3)
+        faces = detect_faces(load_detector(DETECTOR, "mobile0.25", "cpu"), [big], long_side=1000)[0]
+        assert len(faces) >= 4
+
+
+class TestBaseline:
+    def test_baseline_changes_only_face_regions(self) -> None:
+        """The one-face-at-a-time baseline restores the same faces the detector finds and leaves the rest."""
+        rgb = np.asarray(Image.open(SOLVAY).convert("RGB").crop((300, 50, 900, 350))).copy()
+        torch.manual_seed(0)
+        generator = create_generator(GpenArch(64, channel_multiplier=1, narrow=0.125))
+        generator.eval().requires_grad_(False)
+        detector = load_detector(DETECTOR, "mobile0.25", "cpu")
+
+        out, n, ms = bench.baseline_restore(
+            rgb, detector=detector, generator=generator, device=torch.device("cpu"), size=64,
+            template=template(64), preset=BUILTIN_PRESETS["low-spec"])
+        faces = detect_faces(detector, [rgb], long_side=1000)[0]
+        assert len(faces) == n > 0
+        assert rgb.shape == out.shape
+        assert not np.array_equal(rgb, out)
+        far = np.ones(rgb.shape[:2], bool)
+        for face in faces:  # GPEN's crop spans ~2.5 face boxes; 4 boxes leaves a safe margin
+            cx, cy = (face.box[:2] + face.box[2:]) / 2
+            r = 2 * face.size
+            far[max(0, int(cy - r)) : int(cy + r), max(0, int(cx - r)) : int(cx + r)] = False
+        assert far.any()
+        assert np.array_equal(rgb[far], out[far])
+        assert set(bench.STAGES) == set(ms)
+
+
+class TestBenchCommand:
+    def test_smoke_run_writes_every_figure(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A tiny CPU run with --baseline prints the report and writes every figure, speed-up too, to JSON."""
+        config = tmp_path / "config.toml"
+        config.write_text(CONFIG.format(models=DETECTOR.parent))
+        images = tmp_path / "photos"
+        images.mkdir()
+        Image.open(SOLVAY).convert("RGB").crop((300, 50, 900, 350)).save(images / "group.jpg", quality=92)
+        out = tmp_path / "bench.json"
+
+        status = main(["bench", "--config", str(config), "--preset", "tiny", "--random-weights", "--baseline",
+                       "--repeat", "1", "--images", str(images), "--json", str(out)])
+
+        assert status == 0
+        printed = capsys.readouterr()
+        assert "RANDOM GENERATOR WEIGHTS" in printed.out
+        assert "speed-up" in printed.out
+        report = json.loads(out.read_text())
+        assert report["random_weights"] is True
+        assert report["matmul"]["flops_per_s"] > 0
+        assert [p["batch"] for p in report["sweep"]] == [1, 2, 4, 8]
+        assert report["best_fraction"] > 0
+        (photos,) = report["sets"]
+        engine, baseline = photos["engine"], photos["baseline"]
+        assert engine["faces"] == baseline["faces"] > 0  # same detector, same photo, same faces
+        assert set(bench.STAGES) == set(engine["ms_per_image"])
+        assert engine["images_per_s"] > 0 and engine["faces_per_s"] > 0
+        assert engine["peak_rss_mb"] > 0
+        assert photos["speedup"] > 0
