@@ -362,7 +362,9 @@ def _pixels(im: ImageFile.ImageFile, data: bytes, fmt: str) -> _Pixels:
     if mode == "CMYK":
         rgb_im, icc = _cmyk_to_rgb(im, icc, info)
         return np.asarray(rgb_im).copy(), None, None, False, icc, info
-    if mode in ("RGB", "RGBX", "YCbCr"):
+    if mode == "RGB":
+        return np.array(im), None, None, False, icc, info  # one copy, writable
+    if mode in ("RGBX", "YCbCr"):
         return np.asarray(im.convert("RGB")).copy(), None, None, False, icc, info
     if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
         rgba = np.asarray(im.convert("RGBA"))
