@@ -509,7 +509,23 @@ class JobTable:
                 (error, stage, time.time() + delay_s),
             )  # fmt: skip
 
+    def prune_finished(self, older_than_s: float, now: float | None = None) -> int:
+        """Delete history: finished rows unchanged for ``older_than_s`` seconds. Returns how many went.
+
+        The newest row of each file is kept whatever its age, so an original left in place (``after = keep``)
+        is still recognised as done. Months of unattended running must not grow the table without bound.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            cur = con.execute(
+                "DELETE FROM jobs WHERE state IN ('done', 'failed', 'skipped', 'gone') AND updated_at < ? "
+                "AND id NOT IN (SELECT MAX(id) FROM jobs GROUP BY folder, relpath)",
+                (now - older_than_s,),
+            )
+            return cur.rowcount
+
     def requeue_in_flight(self, max_attempts: int | None = None) -> int:
+
         """At start-up: this instance's ``processing`` rows (a crash left them) go back to ``ready``.
 
         Output and backup targets stay, so the redo publishes under the same names. With ``max_attempts``, a

@@ -184,6 +184,8 @@ class FolderWatcher:
         self._snapshot: Snapshot = {}
         self._next_scan = 0.0
         self._next_full = 0.0
+        self._next_health = 0.0
+        self._check_now = False
         self._beat = clock()
 
     # -- public --------------------------------------------------------------------------------------------
@@ -276,31 +278,19 @@ class FolderWatcher:
             self._wake.clear()
 
     def step(self) -> float:
-        """One pass of the watcher loop; returns the seconds until the next scan is due.
+        """One pass of the watcher loop; returns the seconds until it should run again.
 
         The thread started by ``start`` calls this in a loop; tests may call it directly.
         """
         now = self._clock()
         self._beat = now
-        mount = mount_of(self.root, self._mountinfo())
-        reason = self.unavailable_reason(mount)
-        if reason is not None:
-            if self._paused is None:
-                self._pause(reason)
-            return self._poll_interval
-        if self._paused is not None or not self._started:
-            self._begin(mount)
+        # Health checks (a stat and the mount table) run at most about once a second while events pour in.
+        if self._check_now or self._paused is not None or not self._started or now >= self._next_health:
+            self._check_now = False
+            self._next_health = now + min(self._poll_interval, 1.0)
+            if not self._healthy(now):
+                return self._poll_interval
             now = self._clock()
-        elif mount is not None and self._mount is not None and mount != self._mount:
-            # Something was mounted on the folder (or remounted): events watch the old directory, and the
-            # filesystem type may call for another mode.
-            self._problem(f"the folder is now on {mount.mount_point} ({mount.fstype}); watching it afresh")
-            self._begin(mount)
-            now = self._clock()
-        elif self._mode == "events" and (self._source is None or not self._source.alive()):
-            self._problem("the event watcher stopped; restarting it and rescanning")
-            self._start_source()
-            self._next_scan = self._next_full = now
         self._drain_hints(now)
         if now >= self._next_scan:
             self._scan_and_report(full=now >= self._next_full)
@@ -308,7 +298,29 @@ class FolderWatcher:
             self._next_scan = now + interval
             if now >= self._next_full:
                 self._next_full = now + self._rescan_interval
-        return self._next_scan - self._clock()
+        # Wake at least every poll interval, also in events mode, to notice a vanished folder or share.
+        return min(self._next_scan - self._clock(), self._poll_interval)
+
+    def _healthy(self, now: float) -> bool:
+        """Pause, resume, re-mount and dead-thread handling; False while the folder is unavailable."""
+        mount = mount_of(self.root, self._mountinfo())
+        reason = self.unavailable_reason(mount)
+        if reason is not None:
+            if self._paused is None:
+                self._pause(reason)
+            return False
+        if self._paused is not None or not self._started:
+            self._begin(mount)
+        elif mount is not None and self._mount is not None and mount != self._mount:
+            # Something was mounted on the folder (or remounted): events watch the old directory, and the
+            # filesystem type may call for another mode.
+            self._problem(f"the folder is now on {mount.mount_point} ({mount.fstype}); watching it afresh")
+            self._begin(mount)
+        elif self._mode == "events" and (self._source is None or not self._source.alive()):
+            self._problem("the event watcher stopped; restarting it and rescanning")
+            self._start_source()
+            self._next_scan = self._next_full = now
+        return True
 
     def _begin(self, mount: Mount | None) -> None:
         """First sight of the folder, or its return after a pause: choose the mode, start events, rescan."""
@@ -358,7 +370,10 @@ class FolderWatcher:
         self._call(self._on_pause, reason)
 
     def _emit(self, hint: Hint) -> None:
+        if hint.kind == "check":
+            self._check_now = True
         self._hints.put(hint)
+
         self._wake.set()
 
     def _drain_hints(self, now: float) -> None:

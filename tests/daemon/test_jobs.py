@@ -171,7 +171,22 @@ class TestQueue:
         assert table.find_done_by_hash(FOLDER, "f" * 64).id == job.id
         assert table.find_done_by_hash("/elsewhere", "f" * 64) is None
 
+    def test_prune_keeps_the_newest_row_per_file(self, table):
+        """Pruning drops old history but keeps each file's newest row and everything still active."""
+        first = ready_job(table, "a.jpg")
+        table.claim("fast", 1)
+        table.finish(first.id, 1)
+        second = ready_job(table, "a.jpg")
+        table.claim("fast", 1)
+        table.finish(second.id, 1)
+        waiting = table.note_candidate(FOLDER, "b.jpg", "fast")
+        assert table.prune_finished(older_than_s=60, now=table.get(second.id).updated_at + 3600) == 1
+        with pytest.raises(JobStateError):
+            table.get(first.id)
+        assert (table.get(second.id).state, table.get(waiting.id).state) == ("done", "pending")
+
     def test_reassign_preset_moves_queued_jobs_only(self, table):
+
         """After a reload changes a folder's preset, queued jobs follow it; jobs in flight stay."""
         in_flight = ready_job(table, "a.jpg")
         table.claim("fast", 1)

@@ -255,7 +255,16 @@ class TestModes:
         assert rec.batches == [["moved/m.jpg", "new.jpg"]]
         assert rec.refused == [("ln.jpg", "symbolic link: links are never followed")]
 
+    def test_events_mode_still_checks_the_folder_regularly(self, hot):
+        """Without events, an events-mode watcher runs again within the poll interval to check the folder."""
+        watcher = make_watcher(hot, Recorder(), sources=[], clock=FakeClock(), mountinfo=local_mountinfo,
+                               poll_interval=2.0, rescan_interval=30.0)  # fmt: skip
+        watcher.step()
+        assert watcher.mode == "events"
+        assert watcher.step() <= 2.0
+
     def test_dead_event_watcher_is_restarted_and_rescans(self, hot):
+
         """If the event thread dies, the watcher starts a new one and rescans for what it missed."""
         sources: list[FakeSource] = []
         rec = Recorder()
@@ -381,6 +390,23 @@ class TestRealWatching:
         finally:
             watcher.stop()
         assert not watcher.alive()
+
+    def test_inotify_folder_vanishing_and_returning(self, hot):
+        """With real inotify, removing the hot folder pauses it; recreating it resumes with a rescan."""
+        (hot / "first.jpg").write_bytes(b"f")
+        rec = Recorder()
+        watcher = make_watcher(hot, rec, watch="events", poll_interval=0.05, rescan_interval=3600.0)
+        watcher.start()
+        try:
+            rec.wait_for(lambda: "first.jpg" in rec.candidates)
+            shutil.rmtree(hot)
+            rec.wait_for(lambda: ("pause", f"{hot} does not exist") in rec.events)
+            hot.mkdir()
+            (hot / "back.jpg").write_bytes(b"b")
+            rec.wait_for(lambda: "back.jpg" in rec.candidates)
+            assert rec.events[-1] == ("resume",)
+        finally:
+            watcher.stop()
 
     def test_polling(self, hot):
         """With real polling, new files are found and a vanished folder pauses and resumes."""
