@@ -630,8 +630,8 @@ def classify_os_error(
     being rewritten), ENOSPC, EDQUOT, EIO, ESTALE, ENOTCONN, EHOSTDOWN, ETIMEDOUT and other
     network errors, EAGAIN/EBUSY/ETXTBSY/ENOLCK (locked), EMFILE/ENFILE/ENOMEM; on the
     destination side also EACCES/EPERM/EROFS/ENOENT, and EEXIST (re-plan the name). Any errno
-    not listed is transient too: retries are bounded by max_attempts, after which the file goes
-    to failed/, so guessing "transient" never loses a photo.
+    not listed is transient too: a retry with back-off never loses a photo, while a wrong
+    "permanent" would move a good photo to failed/.
     Permanent: EACCES/EPERM/EROFS/ENOENT on the source (unreadable or vanished), ENAMETOOLONG,
     EISDIR, ENOTDIR, ELOOP, EINVAL, EFBIG, EILSEQ (a name the share cannot store), UnsafePath
     (a symlink or ``..``), and exceptions that are not OS errors.
