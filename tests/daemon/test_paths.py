@@ -2,6 +2,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from daemon.paths import (
     UnsafePath,
@@ -162,3 +164,40 @@ class TestMounts:
 def test_unescaped_path_is_pathlike(tmp_path):
     """safe_join returns a Path usable with ordinary file functions."""
     assert isinstance(safe_join(tmp_path, "x.jpg"), Path)
+
+
+_ALPHABET = st.sampled_from(["a", "b", ".", "..", "/", "\\", " ", "\0", "~", "é", "-", "$", "\n"])
+_RELPATHS = st.lists(_ALPHABET, max_size=12).map("".join)
+
+
+@pytest.fixture(scope="module")
+def link_trap(tmp_path_factory):
+    """A base folder with a subfolder, a file and links pointing outside."""
+    root = tmp_path_factory.mktemp("trap")
+    base = root / "base"
+    (base / "a").mkdir(parents=True)
+    (base / "a" / "b").write_bytes(b"inside")
+    (root / "outside").mkdir()
+    (base / "b").symlink_to(root / "outside", target_is_directory=True)
+    (base / "a" / "a").symlink_to(root / "outside" / "secret")
+    return base
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(relpath=_RELPATHS)
+def test_safe_join_never_escapes(link_trap, relpath):
+    """For any relative path, safe_join either refuses it or returns a path that really is inside the base."""
+    try:
+        joined = safe_join(link_trap, relpath)
+    except UnsafePath:
+        return
+    real = Path(os.path.realpath(joined))
+    assert real == link_trap.resolve() or link_trap.resolve() in real.parents
+
+
+@settings(max_examples=300)
+@given(relpath=_RELPATHS)
+def test_candidates_are_always_safe_to_join(relpath):
+    """Every name is_candidate accepts is also accepted by safe_join (no candidate can escape its folder)."""
+    if is_candidate(relpath, [".b", ".a"]):
+        safe_join(Path("/nonexistent-base"), relpath)

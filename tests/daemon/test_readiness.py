@@ -7,6 +7,8 @@ from functools import partial
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from daemon.readiness import FAILED, GONE, NOT_YET, READY, ReadinessGate
@@ -225,3 +227,21 @@ class TestReadinessGate:
         assert verdict.state is READY
         assert verdict.data is None
         assert verdict.sha256 is not None
+
+
+_JPEG = jpeg_bytes((64, 48))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=0, max_value=len(_JPEG) - 1))
+def test_a_cut_jpeg_is_never_ready(tmp_path, cut):
+    """Whatever point a copy stopped at, the incomplete file is never passed on as ready."""
+    clock = FakeClock()
+    gate = ReadinessGate(1.0, 600.0, partial(check_complete, max_pixels=10_000_000), clock)
+    path = tmp_path / f"cut-{cut}.jpg"
+    path.write_bytes(_JPEG[:cut])
+    states = [gate.look(path, cut).state]
+    while states[-1] is NOT_YET and len(states) < 5:
+        clock.advance(300.0)
+        states.append(gate.look(path, cut).state)
+    assert states[-1] is FAILED
