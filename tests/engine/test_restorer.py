@@ -1,0 +1,270 @@
+"""Tests for gpen_engine.restorer: faces batched across images, out-of-memory handling, untouched pixels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gpen_engine.align import face_matrices, footprint
+from gpen_engine.gpen import GpenArch, create_generator
+from gpen_engine.options import BUILTIN_PRESETS, Preset
+from gpen_engine.restorer import (
+    BatchCap,
+    DeviceOutOfMemory,
+    EngineModels,
+    Restorer,
+    is_out_of_memory,
+    load_engine_models,
+)
+from gpen_engine.types import EngineError, InputError, NoFaceFound, RestoredImage
+from tests.conftest import SOLVAY_FACES
+
+TINY = GpenArch(64, style_dim=32, n_mlp=2, channel_multiplier=1, narrow=0.0625)
+PLAIN = Preset(
+    name="test", batch_size=4, max_long_side=None, strength=100, denoise=0, sharpen=0, skin_protection=False,
+    detail=0, precision="fp32", device="cpu", detector="mobile0.25", use_parsing=False,
+)
+
+
+class FakeGenerator(nn.Module):
+    """Inverts the face (so pasted pixels visibly change), records batch sizes, fails on demand."""
+
+    def __init__(self, fail_above: int | None = None, fail_on: list[torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+        self.inputs: list[torch.Tensor] = []
+        self.fail_above = fail_above
+        self.fail_on = fail_on or []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        if self.fail_above is not None and x.shape[0] > self.fail_above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if any(torch.allclose(face, bad) for face in x for bad in self.fail_on):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 40.00 GiB")
+        self.inputs.extend(x.clone())
+        return -x
+
+
+def _models(generator: nn.Module, detector: nn.Module, parser: nn.Module | None = None) -> EngineModels:
+    return EngineModels(generator=generator, face_size=TINY.size, detector=detector, parser=parser,
+                        device=torch.device("cpu"), precision="fp32")
+
+
+def _ok(result: RestoredImage | EngineError) -> RestoredImage:
+    assert isinstance(result, RestoredImage), result
+    return result
+
+
+def _outside_faces(result: RestoredImage, image: np.ndarray, size: int = TINY.size) -> np.ndarray:
+    """Boolean map of pixels outside every face's crop window."""
+    outside = np.ones(image.shape[:2], bool)
+    mats = face_matrices(np.stack([f.landmarks for f in result.faces]), size)
+    for m in mats:
+        x0, y0, x1, y1 = footprint(m, size, image.shape[:2])
+        outside[y0:y1, x0:x1] = False
+    return outside
+
+
+@pytest.fixture(scope="module")
+def images(solvay_rgb: np.ndarray) -> list[np.ndarray]:
+    """Three crops of the Solvay photo with 12, 17 and 4 faces."""
+    return [np.ascontiguousarray(solvay_rgb[:260, :600]), np.ascontiguousarray(solvay_rgb[:260, 600:]),
+            np.ascontiguousarray(solvay_rgb[60:230, 350:520])]
+
+
+class TestBatchCap:
+    def test_halves_and_grows_back(self) -> None:
+        """An OOM at 8 faces caps batches at 4; N clean batches grow it by one, up to the limit."""
+        cap = BatchCap(8, grow_after=2)
+        cap.failed(8)
+        assert cap.current == 4
+        cap.failed(4)
+        assert cap.current == 2
+        for _ in range(2):
+            cap.succeeded()
+        assert cap.current == 3
+        for _ in range(100):
+            cap.succeeded()
+        assert cap.current == 8
+
+    def test_never_below_one(self) -> None:
+        """A failure at one face leaves a cap of one."""
+        cap = BatchCap(1)
+        cap.failed(1)
+        assert cap.current == 1
+
+    def test_recognises_out_of_memory(self) -> None:
+        """CUDA and host allocation failures count as out-of-memory; other errors do not."""
+        assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+        assert is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory"))
+        assert not is_out_of_memory(RuntimeError("shape mismatch"))
+        assert not is_out_of_memory(ValueError("out of memory"))
+
+
+class TestRestorer:
+    def test_batches_faces_across_images(self, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """Faces of all images share generator batches of at most batch_size, none left out."""
+        gen = FakeGenerator()
+        results = Restorer(_models(gen, detector), PLAIN.with_(batch_size=5)).restore(images)
+        counts = [len(_ok(r).faces) for r in results]
+        assert counts == [12, 17, 4]
+        assert max(gen.sizes) == 5 and sum(gen.sizes) == 33
+        assert len(gen.sizes) == 7  # ceil(33 / 5): batches span image boundaries
+
+    def test_size_kept_background_untouched(self, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """Every result has its input's size; pixels away from all faces keep their bytes; faces change."""
+        torch.manual_seed(0)
+        gen = create_generator(TINY).eval()
+        results = Restorer(_models(gen, detector), PLAIN).restore(images)
+        for image, result in zip(images, results, strict=True):
+            out = _ok(result).rgb
+            assert out.shape == image.shape and out.dtype == np.uint8
+            outside = _outside_faces(_ok(result), image)
+            np.testing.assert_array_equal(out[outside], image[outside])
+            assert np.any(out[~outside] != image[~outside])
+
+    def test_oom_splits_and_caps(self, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """Batches over 2 faces run out of memory: they are split, retried, and every face is restored."""
+        gen = FakeGenerator(fail_above=2)
+        restorer = Restorer(_models(gen, detector), PLAIN.with_(batch_size=8), grow_after=1000)
+        results = restorer.restore(images)
+        assert [len(_ok(r).faces) for r in results] == [12, 17, 4]
+        assert gen.sizes[:3] == [8, 4, 2]  # the first batch is halved until it fits
+        assert restorer.cap.current == 2
+        assert len(gen.inputs) == 33  # every face went through exactly once
+
+    def test_cap_grows_back(self, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """After clean batches at the lowered cap, batch sizes grow again towards the preset's."""
+        gen = FakeGenerator()
+        restorer = Restorer(_models(gen, detector), PLAIN.with_(batch_size=4), grow_after=2)
+        restorer.cap.failed(4)  # as if an earlier call had run out of memory
+        restorer.restore(images)
+        assert gen.sizes[:3] == [2, 2, 3]
+        assert 4 in gen.sizes
+
+    def test_face_too_big_fails_its_image_only(self, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """A face that does not fit even alone fails its own image; the other images succeed."""
+        recorder = FakeGenerator()
+        Restorer(_models(recorder, detector), PLAIN).restore([images[2]])
+        gen = FakeGenerator(fail_on=[recorder.inputs[0]])
+        results = Restorer(_models(gen, detector), PLAIN).restore(images)
+        assert isinstance(results[2], DeviceOutOfMemory)
+        assert [len(_ok(r).faces) for r in results[:2]] == [12, 17]
+        assert any(np.any(_ok(r).rgb != image) for r, image in zip(results[:2], images, strict=False))
+
+    def test_strength_zero_is_byte_identical(self, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """Strength 0 returns every image unchanged (faces still reported) and never runs the generator."""
+        gen = FakeGenerator()
+        results = Restorer(_models(gen, detector), PLAIN.with_(strength=0, sharpen=50)).restore(images)
+        for image, result in zip(images, results, strict=True):
+            np.testing.assert_array_equal(_ok(result).rgb, image)
+            assert _ok(result).faces
+        assert gen.sizes == []
+
+    def test_strength_scales_the_change(self, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """At strength 50 face pixels move about half as far from the original as at 100."""
+        full = _ok(Restorer(_models(FakeGenerator(), detector), PLAIN).restore(images[:1])[0]).rgb
+        half = _ok(Restorer(_models(FakeGenerator(), detector), PLAIN.with_(strength=50))
+                   .restore(images[:1])[0]).rgb
+        d_full = np.abs(full.astype(int) - images[0]).sum()
+        d_half = np.abs(half.astype(int) - images[0]).sum()
+        assert 0.45 < d_half / d_full < 0.55
+
+    def test_no_faces(self, detector: nn.Module) -> None:
+        """An image without faces comes back unchanged, or as NoFaceFound when the preset requires faces."""
+        blank = np.full((120, 160, 3), 90, np.uint8)
+        gen = FakeGenerator()
+        (result,) = Restorer(_models(gen, detector), PLAIN).restore([blank])
+        assert _ok(result).faces == []
+        np.testing.assert_array_equal(_ok(result).rgb, blank)
+        (required,) = Restorer(_models(gen, detector), PLAIN.with_(faces_required=True)).restore([blank])
+        assert isinstance(required, NoFaceFound)
+        assert gen.sizes == []
+
+    def test_bad_input_fails_its_slot(self, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """A gray or float array is an InputError in its own slot; the other image is restored."""
+        results = Restorer(_models(FakeGenerator(), detector), PLAIN).restore(
+            [np.zeros((50, 50), np.uint8), images[2], np.zeros((50, 50, 3), np.float32)])
+        assert isinstance(results[0], InputError) and isinstance(results[2], InputError)
+        assert len(_ok(results[1]).faces) == 4
+
+    def test_long_side_is_capped(self, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """``max_long_side`` downsizes the working image; faces are in the working image's coordinates."""
+        (result,) = Restorer(_models(FakeGenerator(), detector), PLAIN.with_(max_long_side=400)).restore(
+            images[1:2])
+        out = _ok(result)
+        assert max(out.rgb.shape[:2]) == 400
+        assert all(f.box[2] <= 400 + 1 for f in out.faces)
+
+    def test_stage_times(self, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """Detection, alignment, generation and paste times are recorded for each image."""
+        results = Restorer(_models(FakeGenerator(), detector), PLAIN).restore(images)
+        for r in results:
+            t = _ok(r).times
+            assert t.detect > 0 and t.align > 0 and t.generate > 0 and t.paste > 0
+            assert t.decode == 0 and t.encode == 0
+
+    def test_parser_mask_decides_what_is_pasted(self, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """With parsing on, a parser that sees only background leaves the image unchanged."""
+
+        class Background(nn.Module):
+            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                logits = torch.zeros((x.shape[0], 19, *x.shape[2:]))
+                logits[:, 0] = 1
+                return logits, x
+
+        preset = PLAIN.with_(use_parsing=True, skin_protection=True)
+        (result,) = Restorer(_models(FakeGenerator(), detector, Background()), preset).restore(images[2:])
+        np.testing.assert_array_equal(_ok(result).rgb, images[2])
+        (ignored,) = Restorer(_models(FakeGenerator(), detector, Background()),
+                              preset.with_(use_parsing=False)).restore(images[2:])
+        assert np.any(_ok(ignored).rgb != images[2])
+
+    @pytest.mark.parametrize("name", sorted(BUILTIN_PRESETS))
+    def test_builtin_presets_run(self, name: str, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """Every built-in preset's knobs run end to end and leave the background alone."""
+        torch.manual_seed(0)
+        preset = BUILTIN_PRESETS[name].with_(device="cpu", precision="fp32")
+        (result,) = Restorer(_models(create_generator(TINY).eval(), detector), preset).restore(images[2:])
+        out = _ok(result)
+        assert len(out.faces) == 4
+        outside = _outside_faces(out, images[2])
+        np.testing.assert_array_equal(out.rgb[outside], images[2][outside])
+
+
+class TestLoadEngineModels:
+    def test_random_generator_on_solvay(self, detector_path: Path, solvay_rgb: np.ndarray) -> None:
+        """Loaded models with a random-weight generator restore all 29 Solvay faces at the input size."""
+        models = load_engine_models(generator_path=None, arch=TINY, detector_path=detector_path,
+                                    detector_name="mobile0.25", device="cpu", precision="fp32",
+                                    random_generator=True)
+        assert models.face_size == 64 and models.parser is None
+        (result,) = Restorer(models, PLAIN.with_(batch_size=8)).restore([solvay_rgb])
+        out = _ok(result)
+        assert len(out.faces) == SOLVAY_FACES
+        assert out.rgb.shape == solvay_rgb.shape
+
+    def test_generator_from_file(self, detector_path: Path, tmp_path: Path, images: list[np.ndarray]) -> None:
+        """A generator saved to a file restores exactly as the module it was saved from."""
+        torch.manual_seed(3)
+        module = create_generator(TINY).eval()
+        path = tmp_path / "tiny.pth"
+        torch.save(module.state_dict(), path)
+        models = load_engine_models(generator_path=path, arch=TINY, detector_path=detector_path,
+                                    detector_name="mobile0.25", device="cpu", precision="fp32")
+        loaded = _ok(Restorer(models, PLAIN).restore(images[2:])[0]).rgb
+        direct = _ok(Restorer(EngineModels(module, 64, models.detector, None, torch.device("cpu"), "fp32"),
+                              PLAIN).restore(images[2:])[0]).rgb
+        np.testing.assert_array_equal(loaded, direct)
+
+    def test_unknown_variant(self, detector_path: Path) -> None:
+        """An unknown model name is an engine error, not a KeyError."""
+        with pytest.raises(EngineError):
+            load_engine_models(generator_path=None, arch="GPEN-BFR-3", detector_path=detector_path,
+                               detector_name="mobile0.25", device="cpu", precision="fp32",
+                               random_generator=True)
