@@ -1,0 +1,859 @@
+"""The daemon's lifecycle: startup -> main loop -> shutdown, and the threads that move files along.
+
+    watchers --candidates--> gate thread --ready rows--> job table --claim--> prep thread (read, decode)
+        --prepared batch--> device thread (engine) --results--> publish pool (encode, write, backup) --> done
+
+Signal handlers only set flags; the main thread acts on them. Only this module wires the stages together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from daemon import publish, status
+from daemon.batcher import pick_queue
+from daemon.executor import LocalExecutor, Outcome
+from daemon.faults import FailPoints
+from daemon.jobs import Job, JobTable
+from daemon.logs import configure_logging
+from daemon.notify import Notifier
+from daemon.paths import UnsafePath, is_candidate, open_no_follow, safe_join
+from daemon.readiness import ReadinessGate
+from daemon.settings import (
+    ConfigError,
+    FolderSettings,
+    Settings,
+    engine_options,
+    hot_folders,
+    preset_table,
+    settings_from_args,
+    state_dir,
+)
+from daemon.watch import FolderWatcher
+from gpen_engine import imageio
+from gpen_engine.options import EngineOptions, Preset
+from gpen_engine.restorer import Restorer
+from gpen_engine.types import DecodedImage, EngineError, InputError, NoFaceFound, RestoredImage
+
+log = structlog.get_logger("gpen_watch.service")
+
+# How long a stage may go without a heartbeat before the systemd watchdog pings stop.
+STALL_FACTOR = 1.0
+
+
+def command(args: argparse.Namespace) -> int:
+    """`gpen-watch run`: validate config, start, serve until SIGTERM/SIGINT."""
+    try:
+        settings = settings_from_args(args)
+        folders = hot_folders(settings)
+    except ConfigError as exc:
+        configure_logging("auto", "info")
+        log.error("configuration invalid", error=str(exc))
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    service = Service(settings, folders, reload_source=lambda: _reload_settings(args))
+    return service.serve()
+
+
+def _reload_settings(args: argparse.Namespace) -> tuple[Settings, list[FolderSettings]]:
+    settings = settings_from_args(args)
+    return settings, hot_folders(settings)
+
+
+@dataclass
+class Prepared:
+    """A claimed job whose source has been read and decoded, ready for the device."""
+
+    job: Job
+    folder: FolderSettings
+    source: Path
+    data: bytes
+    image: DecodedImage
+    decode_ms: float
+
+
+@dataclass
+class Batch:
+    preset: str
+    items: list[Prepared]
+    batch_id: str
+
+
+@dataclass
+class Heartbeats:
+    """When each stage last showed it is alive; the watchdog pings only while all are fresh."""
+
+    beats: dict[str, float] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def beat(self, name: str) -> None:
+        with self.lock:
+            self.beats[name] = time.monotonic()
+
+    def stale(self, max_age: float) -> list[str]:
+        now = time.monotonic()
+        with self.lock:
+            return [name for name, at in self.beats.items() if now - at > max_age]
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        folders: list[FolderSettings],
+        *,
+        reload_source: Callable[[], tuple[Settings, list[FolderSettings]]] | None = None,
+        failpoints: FailPoints | None = None,
+    ) -> None:
+        self.settings = settings
+        self.folders = {str(f.path.expanduser().absolute()): f for f in folders}
+        self.presets: dict[str, Preset] = preset_table(settings)
+        self.reload_source = reload_source
+        self.failpoints = failpoints if failpoints is not None else FailPoints.from_env()
+        self.notifier = Notifier()
+        self.heartbeats = Heartbeats()
+        self.stop_event = threading.Event()
+        self.reload_requested = threading.Event()
+        self.paused: dict[str, str] = {}
+        self.candidates: queue.SimpleQueue[tuple[str, list[str]]] = queue.SimpleQueue()
+        self.refused: queue.SimpleQueue[tuple[str, str, str]] = queue.SimpleQueue()
+        self.prepared: queue.Queue[Batch | None] = queue.Queue(maxsize=1)
+        self.restorers: dict[str, Restorer] = {}
+        self.models: dict[tuple[object, ...], Any] = {}
+        self.watchers: dict[str, FolderWatcher] = {}
+        self.threads: list[threading.Thread] = []
+        self.publish_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="publish")
+        self.read_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="read")
+        self.in_flight: set[Future[None]] = set()
+        self.in_flight_lock = threading.Lock()
+        self.names_lock = threading.Lock()
+        self.waiting_since: dict[str, float] = {}
+        self.device_name = "?"
+        self.counters = {"done": 0, "failed": 0, "faces": 0}
+        self.done_times: list[float] = []
+        self.jobs: JobTable | None = None
+        self.executor: LocalExecutor | None = None
+        self.metrics: Any = None
+
+    # ----------------------------------------------------------------- lifecycle
+    def serve(self) -> int:
+        self._install_signal_handlers()
+        try:
+            self.startup()
+        except Exception as exc:  # a start-up failure is fatal and must say why
+            log.error("start-up failed", error=str(exc), exc_info=not isinstance(exc, ConfigError | EngineError))
+            self.notifier.status(f"start-up failed: {exc}")
+            self._close()
+            return 1
+        try:
+            self.main_loop()
+        finally:
+            self.shutdown()
+        return 0
+
+    def startup(self) -> None:
+        state = state_dir(self.settings)
+        state.mkdir(parents=True, exist_ok=True)
+        self.jobs = JobTable.open(state / status.JOBS_FILE)
+        requeued = self.jobs.requeue_in_flight(max_attempts=self.settings.max_attempts)
+        if requeued:
+            log.warning("work in flight at the last stop is redone", jobs=requeued)
+        self._settle_crash_loops()
+        for folder in self.folders.values():
+            # Only below a parent that exists: an unmounted share must not be re-created on the local disk.
+            wanted = [(folder.path, folder.path.parent), (folder.output, folder.output.parent),
+                      (folder.backup, folder.backup.parent), (folder.failed, folder.failed.parent)]
+            if folder.done is not None:
+                wanted.append((folder.done, folder.backup.parent))
+            for d, anchor in wanted:
+                with contextlib.suppress(OSError):  # reported later by the watcher/publisher
+                    if anchor.exists():
+                        d.mkdir(parents=True, exist_ok=True)
+        removed = publish.cleanup_temp_files(
+            [d for f in self.folders.values() for d in (f.output, f.backup, f.failed) if d.exists()]
+        )
+        if removed:
+            log.info("removed temporary files left by an earlier crash", files=removed)
+        self._load_presets(self._presets_in_use())
+        self.executor = LocalExecutor(self.restorers, self.failpoints)
+        self._start_metrics()
+        for key, folder in self.folders.items():
+            self._start_watcher(key, folder)
+        for name, target in (("gate", self._gate_loop), ("prep", self._prep_loop), ("device", self._device_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        self.notifier.ready()
+        log.info(
+            "gpen-watch ready",
+            folders=len(self.folders),
+            presets=sorted(self.restorers),
+            device=self.device_name,
+            state=str(state),
+        )
+
+    def _settle_crash_loops(self) -> None:
+        """Files that were in flight at too many crashes in a row go to failed/, so one file cannot kill us forever."""
+        assert self.jobs is not None
+        for job in self.jobs.in_state("failed"):
+            folder = self.folders.get(job.folder)
+            if job.error_stage != "crash" or folder is None:
+                continue
+            with contextlib.suppress(UnsafePath, OSError):
+                source = safe_join(folder.path, job.relpath)
+                if os.path.lexists(source):
+                    info = self._failure_info(job, folder, "crash", job.last_error or "the daemon died processing it")
+                    publish.write_failure(folder.failed, job.relpath, source, None, info)
+                    log.error("file failed after repeated crashes", folder=job.folder, path=job.relpath)
+
+    def main_loop(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        next_status = 0.0
+        while not self.stop_event.is_set():
+            self.stop_event.wait(0.25)
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self._reload()
+            now = time.monotonic()
+            if interval is not None:
+                max_age = max(2 * interval * STALL_FACTOR, 1.0)
+                stale = self.heartbeats.stale(max_age)
+                stale += [f"watch:{k}" for k, w in self.watchers.items() if time.monotonic() - w.last_beat > max_age]
+                if not stale:
+                    self.notifier.watchdog()
+                elif now >= next_status:
+                    log.error("a stage stopped making progress; withholding watchdog pings", stages=stale)
+            if now >= next_status:
+                next_status = now + 2.0
+                self._report_status()
+
+    def shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info("stopping: no new files are taken; finishing the batch in flight")
+        self.stop_event.set()
+        for watcher in self.watchers.values():
+            with contextlib.suppress(Exception):
+                watcher.stop()
+        # Unblock the device thread if it waits for a batch.
+        with contextlib.suppress(queue.Full):
+            self.prepared.put_nowait(None)
+        for thread in self.threads:
+            thread.join(timeout=60)
+        self.read_pool.shutdown(wait=True)
+        self.publish_pool.shutdown(wait=True)
+        self._close()
+        log.info("stopped", **self.counters)
+
+    def _close(self) -> None:
+        if self.jobs is not None:
+            # Whatever was claimed but not finished goes back to the queue for the next start.
+            with contextlib.suppress(Exception):
+                self.jobs.requeue_in_flight()
+            self.jobs.close()
+            self.jobs = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    def _install_signal_handlers(self) -> None:
+        def on_stop(signum: int, frame: object) -> None:
+            if self.stop_event.is_set():  # a second signal: the operator insists
+                os._exit(1)
+            self.stop_event.set()
+
+        def on_hup(signum: int, frame: object) -> None:
+            self.reload_requested.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    # ----------------------------------------------------------------- models
+    def _presets_in_use(self) -> dict[str, Preset]:
+        names = {f.preset for f in self.folders.values()}
+        return {name: self.presets[name] for name in names}
+
+    def _load_presets(self, presets: dict[str, Preset]) -> None:
+        """Build a Restorer per preset, loading each distinct set of models once, and warm each up."""
+        from daemon.modelfiles import ensure_models, models_of
+        from gpen_engine.device import select_device
+        from gpen_engine.registry import preset_models
+        from gpen_engine.restorer import load_engine_models
+
+        table = models_of(self.settings)
+        restorers: dict[str, Restorer] = {}
+        for name, preset in presets.items():
+            request = preset.device if preset.device != "auto" else self.settings.device
+            self.notifier.extend_timeout(300)  # model loads and downloads can outlast TimeoutStartSec
+            report = select_device(request)
+            self.device_name = f"{report.device} ({report.name})"
+            (log.warning if report.fell_back else log.info)(
+                "device chosen", preset=name, device=str(report.device), why=report.reason
+            )
+            precision = preset.precision if report.device.type == "cuda" else "fp32"
+            spec = table.get(preset.model)
+            if spec is None or spec.arch is None:
+                raise ConfigError(f"presets.{name}.model = {preset.model!r}: unknown GPEN model")
+            needed = preset_models(preset)
+            paths = ensure_models(self.settings, needed, download=self.settings.download, log=log.info)
+            key = (str(paths[spec.name]), str(report.device), precision, preset.detector, preset.use_parsing)
+            models = self.models.get(key)
+            if models is None:
+                log.info("loading models", preset=name, model=spec.name, precision=precision)
+                models = load_engine_models(
+                    generator_path=paths[spec.name],
+                    arch=spec.arch,
+                    detector_path=paths[needed[1]],
+                    detector_name=preset.detector,
+                    parser_path=paths[needed[2]] if preset.use_parsing else None,
+                    device=report.device,
+                    precision=precision,
+                )
+                self.models[key] = models
+            restorer = Restorer(models, preset)
+            self._warm_up(restorer)
+            restorers[name] = restorer
+        self.restorers.update(restorers)
+
+    def _warm_up(self, restorer: Restorer) -> None:
+        """One real pass through detection and the generator, so READY means the device really computes."""
+        started = time.monotonic()
+        restorer.restore([np.full((256, 256, 3), 127, np.uint8)])
+        warm = getattr(restorer, "warm_up", None)
+        if callable(warm):
+            warm()
+        log.info("warm-up done", preset=restorer.preset.name, ms=round((time.monotonic() - started) * 1000, 1))
+
+    # ----------------------------------------------------------------- watching
+    def _start_watcher(self, key: str, folder: FolderSettings) -> None:
+        def on_candidates(relpaths: list[str]) -> None:
+            self.candidates.put((key, relpaths))
+
+        def on_pause(reason: str) -> None:
+            self.paused[key] = reason
+            log.warning("hot folder paused", folder=key, reason=reason)
+
+        def on_resume() -> None:
+            self.paused.pop(key, None)
+            log.info("hot folder resumed", folder=key)
+
+        def on_refused(relpath: str, reason: str) -> None:
+            self.refused.put((key, relpath, reason))
+
+        excluded = [folder.output, folder.backup, folder.failed, state_dir(self.settings)]
+        if folder.done is not None:
+            excluded.append(folder.done)
+        watcher = FolderWatcher(
+            folder,
+            extensions=self.settings.extensions,
+            poll_interval=self.settings.poll_interval,
+            rescan_interval=self.settings.rescan_interval,
+            excluded=excluded,
+            on_candidates=on_candidates,
+            on_pause=on_pause,
+            on_resume=on_resume,
+            on_refused=on_refused,
+        )
+        watcher.start()
+        self.watchers[key] = watcher
+
+    # ----------------------------------------------------------------- gate thread
+    def _gate_loop(self) -> None:
+        assert self.jobs is not None
+        gate = ReadinessGate(
+            stability_delay=0.0,  # per folder below
+            max_wait=self.settings.max_ready_wait,
+            check_decodes=lambda data: imageio.check_complete(data, max_pixels=self.settings.max_pixels),
+        )
+        gates: dict[str, ReadinessGate] = {}
+        while not self.stop_event.is_set():
+            self.heartbeats.beat("gate")
+            try:
+                self._take_candidates()
+                for job in self.jobs.pending():
+                    if self.stop_event.is_set():
+                        break
+                    folder = self.folders.get(job.folder)
+                    if folder is None or job.folder in self.paused:
+                        continue
+                    g = gates.setdefault(
+                        job.folder,
+                        ReadinessGate(
+                            stability_delay=folder.stability_delay,
+                            max_wait=gate.max_wait,
+                            check_decodes=gate.check_decodes,
+                        ),
+                    )
+                    self._gate_one(g, folder, job)
+            except Exception:
+                log.exception("gate pass failed; retrying")
+            self.stop_event.wait(0.2)
+
+    def _take_candidates(self) -> None:
+        assert self.jobs is not None
+        while True:
+            try:
+                key, relpaths = self.candidates.get_nowait()
+            except queue.Empty:
+                break
+            folder = self.folders.get(key)
+            if folder is None:
+                continue
+            for relpath in relpaths:
+                if not is_candidate(relpath, self.settings.extensions):
+                    continue
+                try:
+                    st = os.lstat(safe_join(folder.path, relpath))
+                except (OSError, UnsafePath):
+                    continue  # gone again already, or refused: the next scan settles it
+                # Size and mtime let the table recognise an original that after = "keep" left in place.
+                self.jobs.note_candidate(key, relpath, folder.preset, size=st.st_size, mtime_ns=st.st_mtime_ns)
+        while True:
+            try:
+                key, relpath, reason = self.refused.get_nowait()
+            except queue.Empty:
+                return
+            self._refuse(key, relpath, reason)
+
+    def _refuse(self, key: str, relpath: str, reason: str) -> None:
+        """A link or special file in a hot folder: never followed; a link named like an image goes to failed/."""
+        assert self.jobs is not None
+        folder = self.folders.get(key)
+        if folder is None or not is_candidate(relpath, self.settings.extensions):
+            log.warning("file refused", folder=key, path=relpath, reason=reason)
+            return
+        parent = Path(relpath).parent
+        try:
+            # safe_join refuses the link itself; only the folders above it must be real.
+            path = (folder.path if parent == Path(".") else safe_join(folder.path, str(parent))) / Path(relpath).name
+        except UnsafePath:
+            return
+        if not path.is_symlink():
+            log.warning("file refused", folder=key, path=relpath, reason=reason)
+            return
+        job = self.jobs.note_candidate(key, relpath, folder.preset)
+        self._fail(job, folder, path, "watch", f"refused: {reason} (links are never followed)")
+
+    def _gate_one(self, gate: ReadinessGate, folder: FolderSettings, job: Job) -> None:
+        assert self.jobs is not None
+        try:
+            path = safe_join(folder.path, job.relpath)
+        except UnsafePath as exc:
+            self.jobs.fail(job.id, "readiness", f"unsafe path: {exc}")
+            log.warning("file refused", folder=job.folder, path=job.relpath, reason=str(exc))
+            return
+        watcher = self.watchers.get(job.folder)
+        verdict = gate.look(path, job.id, available=watcher.unavailable_reason if watcher else None)
+        if verdict.state == "not_yet":
+            return
+        gate.forget(job.id)
+        if verdict.state == "gone":
+            if self._folder_available(job.folder):
+                self.jobs.mark_gone(job.id)
+                log.info("file vanished before it was ready", folder=job.folder, path=job.relpath)
+            return
+        if verdict.state == "failed":
+            self._fail(job, folder, path, "readiness", verdict.reason)
+            return
+        if self.jobs.is_unchanged_done(job.folder, job.relpath, verdict.size, verdict.mtime_ns):
+            # after = "keep" leaves processed originals in place; they are not new work.
+            self.jobs.mark_skipped(job.id, "already processed (unchanged since)")
+            return
+        if self.settings.duplicates == "skip" and self.jobs.find_done_by_hash(job.folder, verdict.sha256):
+            self.jobs.mark_ready(job.id, verdict.size, verdict.mtime_ns, verdict.sha256)
+            self.jobs.mark_skipped(job.id, "identical to a file processed before")
+            with contextlib.suppress(OSError):
+                publish.dispose_source(
+                    path, after=folder.after, done_path=self._done_path(folder, job), done_root=folder.done
+                )
+            log.info("duplicate skipped", folder=job.folder, path=job.relpath)
+            return
+        self.jobs.mark_ready(job.id, verdict.size, verdict.mtime_ns, verdict.sha256)
+        self.waiting_since.setdefault(folder.preset, time.monotonic())
+
+    # ----------------------------------------------------------------- prep thread
+    def _prep_loop(self) -> None:
+        while not self.stop_event.is_set():
+            self.heartbeats.beat("prep")
+            try:
+                batch = self._next_batch()
+            except Exception:
+                log.exception("claiming a batch failed; retrying")
+                self.stop_event.wait(1.0)
+                continue
+            if batch is None:
+                self.stop_event.wait(0.1)
+                continue
+            while not self.stop_event.is_set():
+                self.heartbeats.beat("prep")
+                try:
+                    self.prepared.put(batch, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+
+    def _next_batch(self) -> Batch | None:
+        assert self.jobs is not None
+        depths = {p: n for p, n in self.jobs.queue_depths(time.time()).items() if p in self.restorers}
+        priorities: dict[str, int] = {}
+        for f in self.folders.values():
+            priorities[f.preset] = max(priorities.get(f.preset, f.priority), f.priority)
+        preset = pick_queue(depths, priorities, self.waiting_since, time.monotonic())
+        if preset is None:
+            return None
+        cap = self.restorers[preset].preset.batch_size
+        jobs = self.jobs.claim(preset, cap, time.time())
+        deadline = time.monotonic() + self.settings.max_batch_delay
+        while len(jobs) < cap and time.monotonic() < deadline and not self.stop_event.is_set():
+            self.stop_event.wait(0.05)
+            jobs += self.jobs.claim(preset, cap - len(jobs), time.time())
+        self.waiting_since[preset] = time.monotonic()
+        if not jobs:
+            return None
+        items = [p for p in self.read_pool.map(self._read, jobs) if p is not None]
+        if not items:
+            return None
+        return Batch(preset, items, batch_id=jobs[0].batch_id or f"b{jobs[0].id}")
+
+    def _read(self, job: Job) -> Prepared | None:
+        """Read and decode one claimed job's source; settle the job here if that fails."""
+        assert self.jobs is not None
+        folder = self.folders.get(job.folder)
+        if folder is None:  # its folder left the config on reload
+            self.jobs.retry_later(job.id, "folder no longer configured", 60)
+            return None
+        started = time.monotonic()
+        try:
+            source = safe_join(folder.path, job.relpath)
+            data = open_no_follow(source)
+        except UnsafePath as exc:
+            self._fail(job, folder, None, "read", f"unsafe path: {exc}")
+            return None
+        except FileNotFoundError:
+            self._source_missing(job, folder)
+            return None
+        except OSError as exc:
+            self._retry(job, "read", exc)
+            return None
+        if hashlib.sha256(data).hexdigest() != job.sha256:
+            self.jobs.requeue_pending(job.id, "source changed after it was queued")
+            log.info("source changed while queued; checking it again", folder=job.folder, path=job.relpath)
+            return None
+        try:
+            image = imageio.decode(data, max_pixels=self.settings.max_pixels)
+        except InputError as exc:
+            self._fail(job, folder, source, "decode", str(exc))
+            return None
+        return Prepared(job, folder, source, data, image, (time.monotonic() - started) * 1000)
+
+    def _folder_available(self, key: str) -> bool:
+        """False while a hot folder (or the share it lives on) is gone: missing files there are not deletions."""
+        watcher = self.watchers.get(key)
+        folder = self.folders.get(key)
+        if folder is None or not folder.path.is_dir():
+            return False
+        return watcher is None or (watcher.paused is None and watcher.unavailable_reason() is None)
+
+    def _source_missing(self, job: Job, folder: FolderSettings) -> None:
+        """The source is gone: finished before a crash, removed by a user, or its share vanished."""
+        assert self.jobs is not None
+        if not self._folder_available(job.folder):
+            self.jobs.retry_later(job.id, "hot folder unavailable", self.settings.retry_backoff)
+            return
+        if job.backup_path and publish.file_has_sha256(Path(job.backup_path), job.sha256) and job.output_path \
+                and Path(job.output_path).exists():
+            # Published completely before the last stop; only the bookkeeping was missing.
+            self.jobs.finish(job.id, job.faces or 0)
+            return
+        self.jobs.mark_gone(job.id)
+        log.warning("file vanished while queued", folder=job.folder, path=job.relpath)
+
+    # ----------------------------------------------------------------- device thread
+    def _device_loop(self) -> None:
+        assert self.executor is not None
+        while True:
+            self.heartbeats.beat("device")
+            try:
+                batch = self.prepared.get(timeout=0.5)
+            except queue.Empty:
+                if self.stop_event.is_set():
+                    return
+                continue
+            if batch is None:
+                return
+            structlog.contextvars.bind_contextvars(batch_id=batch.batch_id, preset=batch.preset)
+            try:
+                self._run_batch(batch)
+            except Exception:
+                log.exception("batch crashed")
+            finally:
+                structlog.contextvars.unbind_contextvars("batch_id", "preset")
+
+    def _run_batch(self, batch: Batch) -> None:
+        assert self.executor is not None
+        started = time.monotonic()
+        try:
+            outcomes = self.executor.run(batch.preset, [p.image.rgb for p in batch.items])
+        except Exception as exc:  # the whole batch failed (device error, OOM after every retry)
+            log.error("batch failed; its files are retried", error=str(exc), files=len(batch.items))
+            for item in batch.items:
+                self._retry(item.job, "generate", exc)
+            return
+        self.heartbeats.beat("device")
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(batch.items))
+            self.metrics.observe_stage("batch", time.monotonic() - started)
+        opts = engine_options(self.settings, self.restorers[batch.preset].preset)
+        for item, outcome in zip(batch.items, outcomes, strict=True):
+            future = self.publish_pool.submit(self._publish, item, outcome, opts)
+            with self.in_flight_lock:
+                self.in_flight.add(future)
+            future.add_done_callback(self._publish_done)
+        # Back-pressure: never let more than a few batches of results pile up in memory.
+        while True:
+            with self.in_flight_lock:
+                if len(self.in_flight) <= 2 * max(1, len(batch.items)) + self.settings.io_threads:
+                    break
+            time.sleep(0.01)
+
+    def _publish_done(self, future: Future[None]) -> None:
+        with self.in_flight_lock:
+            self.in_flight.discard(future)
+        if (exc := future.exception()) is not None:
+            log.error("publishing crashed", error=repr(exc))
+
+    # ----------------------------------------------------------------- publishing
+    def _publish(self, item: Prepared, outcome: Outcome, opts: EngineOptions) -> None:
+        assert self.jobs is not None
+        job, folder = item.job, item.folder
+        structlog.contextvars.bind_contextvars(folder=job.folder, path=job.relpath)
+        try:
+            if isinstance(outcome, EngineError):
+                self._fail(job, folder, item.source, "generate" if not isinstance(outcome, InputError) else "restore",
+                           str(outcome))
+                return
+            if not outcome.faces and self.settings.no_face == "fail":
+                self._fail(job, folder, item.source, "detect", str(NoFaceFound("no face found")))
+                return
+            started = time.monotonic()
+            data, ext = self._encode(item, outcome, opts)
+            encode_ms = (time.monotonic() - started) * 1000
+            self.failpoints.hit("publish")
+            output, backup = self._targets(job, folder, ext)
+            publish.write_atomic(output, data, root=folder.output)
+            self.failpoints.hit("backup")
+            publish.copy_verified(item.source, backup, job.sha256, root=folder.backup)
+            self.failpoints.hit("dispose")
+            publish.dispose_source(
+                item.source, after=folder.after, done_path=self._done_path(folder, job), done_root=folder.done
+            )
+            self.jobs.finish(job.id, len(outcome.faces))
+            self._count_done(len(outcome.faces))
+            times = outcome.times.as_dict() | {"decode": round(item.decode_ms, 2), "encode": round(encode_ms, 2)}
+            log.info("published", output=str(output), faces=len(outcome.faces), ms=times, result="ok")
+            if self.metrics is not None:
+                for stage, ms in times.items():
+                    self.metrics.observe_stage(stage, ms / 1000)
+        except publish.SourceChanged as exc:
+            self.jobs.requeue_pending(job.id, str(exc))
+        except FileNotFoundError as exc:
+            if not item.source.exists():
+                self._source_missing(job, folder)
+            else:
+                self._retry(job, "publish", exc)
+        except InputError as exc:
+            self._fail(job, folder, item.source, "encode", str(exc))
+        except UnsafePath as exc:
+            self._fail(job, folder, item.source, "publish", f"unsafe path: {exc}")
+        except OSError as exc:
+            self._retry(job, "publish", exc, side="destination")
+        except Exception as exc:
+            log.exception("publishing failed")
+            self._retry(job, "publish", exc)
+        finally:
+            structlog.contextvars.unbind_contextvars("folder", "path")
+
+    def _encode(self, item: Prepared, outcome: RestoredImage, opts: EngineOptions) -> tuple[bytes, str]:
+        same_size = outcome.rgb.shape == item.image.rgb.shape
+        if not outcome.faces and same_size and opts.encode.format in (None, item.image.format):
+            # Nothing changed: publish the original bytes rather than a re-encoded copy.
+            return item.data, Path(item.job.relpath).suffix
+        data, fmt = imageio.encode(item.image, outcome.rgb, options=opts.encode)
+        ext = Path(item.job.relpath).suffix if fmt == item.image.format else imageio.extension_for(fmt)
+        return data, ext
+
+    def _targets(self, job: Job, folder: FolderSettings, ext: str) -> tuple[Path, Path]:
+        """Output and backup names, chosen once per job and recorded before anything is written."""
+        assert self.jobs is not None
+        if job.output_path and job.backup_path:
+            return Path(job.output_path), Path(job.backup_path)
+        with self.names_lock:
+            reserved = self.jobs.reserved_targets()
+            output = publish.plan_output_name(
+                folder.output, job.relpath, ext, collisions=self.settings.collisions,
+                reserved=lambda p: str(p) in reserved,
+            )
+            backup = publish.plan_output_name(
+                folder.backup, job.relpath, Path(job.relpath).suffix, collisions=self.settings.collisions,
+                reserved=lambda p: str(p) in reserved,
+            )
+            self.jobs.set_targets(job.id, str(output), str(backup))
+        return output, backup
+
+    def _done_path(self, folder: FolderSettings, job: Job) -> Path | None:
+        return safe_join(folder.done, job.relpath) if folder.after == "move" and folder.done else None
+
+    def _fail(self, job: Job, folder: FolderSettings, source: Path | None, stage: str, error: str) -> None:
+        """A permanent failure: the original goes to failed/ with a sidecar saying why."""
+        assert self.jobs is not None
+        info = self._failure_info(job, folder, stage, error)
+        try:
+            if source is not None and os.path.lexists(source):
+                publish.write_failure(folder.failed, job.relpath, source, None, info)
+        except OSError as exc:
+            self._retry(job, "failed-folder", exc)
+            return
+        self.jobs.fail(job.id, stage, error)
+        self.counters["failed"] += 1
+        if self.metrics is not None:
+            self.metrics.count_result("failed")
+        log.warning("failed", folder=job.folder, path=job.relpath, stage=stage, error=error, result="failed")
+
+    @staticmethod
+    def _failure_info(job: Job, folder: FolderSettings, stage: str, error: str) -> publish.FailureInfo:
+        return publish.FailureInfo(
+            stage=stage, error=error, attempts=job.attempts, preset=folder.preset,
+            folder=job.folder, relpath=job.relpath, sha256=job.sha256,
+        )
+
+    def _retry(self, job: Job, stage: str, exc: BaseException, *, side: str = "source") -> None:
+        """Transient trouble (share gone, disk full, OOM, locked file): try again later, never drop the file."""
+        assert self.jobs is not None
+        if self.metrics is not None:
+            self.metrics.count_result("retry")
+        transient = not isinstance(exc, OSError) or publish.classify_os_error(exc, side=side) == "transient"
+        if not transient and job.attempts >= self.settings.max_attempts:
+            folder = self.folders.get(job.folder)
+            if folder is not None:
+                self._fail(job, folder, safe_join(folder.path, job.relpath), stage, str(exc))
+                return
+        delay = min(self.settings.retry_backoff * 2 ** max(0, job.attempts - 1), self.settings.retry_backoff_max)
+        self.jobs.retry_later(job.id, f"{stage}: {exc}", delay)
+        log.warning("will retry", folder=job.folder, path=job.relpath, stage=stage, error=str(exc),
+                    retry_in_s=round(delay, 1))
+
+    def _count_done(self, faces: int) -> None:
+        if self.metrics is not None:
+            self.metrics.count_result("done")
+        self.counters["done"] += 1
+        self.counters["faces"] += faces
+        now = time.monotonic()
+        self.done_times.append(now)
+        while self.done_times and now - self.done_times[0] > 60:
+            self.done_times.pop(0)
+
+    # ----------------------------------------------------------------- reload
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        log.info("reloading configuration")
+        try:
+            if self.reload_source is None:
+                raise ConfigError("no configuration source to reload from")
+            settings, folders = self.reload_source()
+            presets = preset_table(settings)
+        except ConfigError as exc:
+            log.error("new configuration rejected; keeping the running one", error=str(exc))
+            self.notifier.status(f"reload rejected: {str(exc).splitlines()[-1]}")
+            self.notifier.ready()
+            return
+        old_presets = self.presets
+        self.settings, self.presets = settings, presets
+        new_folders = {str(f.path.expanduser().absolute()): f for f in folders}
+        in_use = {f.preset: presets[f.preset] for f in new_folders.values()}
+        changed = {n: p for n, p in in_use.items() if n not in self.restorers or old_presets.get(n) != p}
+        try:
+            self._load_presets_incremental(changed, in_use)
+        except Exception as exc:
+            log.error("reload could not load models; keeping the running presets", error=str(exc))
+        for key in set(self.watchers) - set(new_folders):
+            self.watchers.pop(key).stop()
+            log.info("hot folder removed", folder=key)
+        self.folders = new_folders
+        for key, folder in new_folders.items():
+            if key not in self.watchers:
+                self._start_watcher(key, folder)
+                log.info("hot folder added", folder=key, preset=folder.preset)
+        assert self.jobs is not None
+        for key, folder in new_folders.items():
+            self.jobs.reassign_preset(key, folder.preset)
+        self.notifier.ready()
+        log.info("configuration reloaded", folders=len(new_folders), presets=sorted(in_use))
+
+    def _load_presets_incremental(self, changed: dict[str, Preset], in_use: dict[str, Preset]) -> None:
+        keep = {n: r for n, r in self.restorers.items() if n in in_use and n not in changed}
+        if changed:
+            self._load_presets(changed)  # reuses loaded models whose file/device/precision did not change
+        self.restorers.update(keep)
+        for name in list(self.restorers):
+            if name not in in_use:
+                del self.restorers[name]
+
+    # ----------------------------------------------------------------- status
+    def _report_status(self) -> None:
+        if self.jobs is None:
+            return
+        try:
+            depths = self.jobs.queue_depths(time.time())
+        except Exception as exc:
+            log.error("job table unreadable", error=str(exc))
+            return
+        queued = sum(depths.values())
+        per_min = len(self.done_times)
+        caps = {n: (self.executor.batch_cap(n) if self.executor else 0) for n in self.restorers}
+        if self.metrics is not None:
+            for name, cap in caps.items():
+                self.metrics.set_batch_cap(name, cap)
+        paused = f", paused: {len(self.paused)}" if self.paused else ""
+        line = (
+            f"queued {queued}, done {self.counters['done']}, failed {self.counters['failed']}, "
+            f"{per_min} img/min on {self.device_name}, batch caps {caps}{paused}"
+        )
+        self.notifier.status(line)
+        self._write_snapshot(depths, caps)
+
+    def _write_snapshot(self, depths: dict[str, int], caps: dict[str, int]) -> None:
+        try:
+            status.write_snapshot(
+                state_dir(self.settings) / status.SNAPSHOT_FILE,
+                status.Snapshot.current(
+                    device=self.device_name, batch_caps=caps, paused=dict(self.paused),
+                    queue_depths=depths, counters=dict(self.counters),
+                ),
+            )
+        except OSError as exc:  # advisory only; the job table is the truth
+            log.debug("status snapshot not written", error=str(exc))
+
+    def _start_metrics(self) -> None:
+        if not self.settings.metrics.enabled:
+            return
+        from daemon.metrics import start_metrics
+
+        assert self.jobs is not None
+        self.metrics = start_metrics(self.settings.metrics, self.jobs)
+        log.info("metrics endpoint", host=self.settings.metrics.host, port=self.settings.metrics.port)
+

@@ -1,0 +1,130 @@
+"""End to end: the real daemon process on a temporary hot-folder tree (issue 4's "done when")."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.daemon.harness import (
+    Daemon,
+    account,
+    face_photo,
+    files_under,
+    have_shared_data,
+    plain_photo,
+    temp_leftovers,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.skipif(not have_shared_data(), reason="needs ../shared (detector weights, Solvay photo)")
+
+
+def _drop(path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".incoming-" + path.name)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@pytest.mark.parametrize("watch", ["events", "poll"])
+def test_every_kind_of_drop_ends_where_it_should(tmp_path, watch):
+    """Good, slow, truncated, fake, face-less and nested files each reach their documented outcome; nothing is lost."""
+    config, layout = write_config(tmp_path, watch=watch, max_ready_wait=4.0)
+    hot = layout.hot["a"]
+    photo = face_photo(1)
+    nested = face_photo(2, "PNG")
+    plain = plain_photo()
+    truncated = face_photo(3)[: len(face_photo(3)) // 2]
+    text = b"this is not a picture, just text with a .jpg name\n"
+    slow = face_photo(4)
+    unicode_name = "Ünïcode photo – 1.jpg"
+
+    _drop(hot / "before-start.jpg", photo)  # present when the daemon starts
+    daemon = Daemon(config).start()
+    try:
+        _drop(hot / unicode_name, photo)
+        _drop(hot / "sub" / "dir" / "nested.png", nested)
+        _drop(hot / "plain.png", plain)
+        _drop(hot / "truncated.jpg", truncated)
+        _drop(hot / "notes.jpg", text)
+        with open(hot / "slow.jpg", "wb") as fh:  # written in chunks, pausing longer than the stability delay
+            for start in range(0, len(slow), len(slow) // 4 + 1):
+                fh.write(slow[start:start + len(slow) // 4 + 1])
+                fh.flush()
+                time.sleep(0.8)
+        (hot / ".DS_Store").write_bytes(b"junk")
+
+        inputs = {
+            ("a", "before-start.jpg"): photo,
+            ("a", unicode_name): photo,
+            ("a", "sub/dir/nested.png"): nested,
+            ("a", "plain.png"): plain,
+            ("a", "truncated.jpg"): truncated,
+            ("a", "notes.jpg"): text,
+            ("a", "slow.jpg"): slow,
+        }
+        wait_for(lambda: account(layout, inputs).settled == len(inputs), 150, daemon, "every file settled")
+        acc = account(layout, inputs)
+        assert acc.lost == [] and acc.duplicated == [] and acc.bad_backup == []
+        assert {"a/truncated.jpg", "a/notes.jpg"} == set(acc.failed)
+        for key, stored in acc.failed.items():
+            sidecar = json.loads(stored.with_name(stored.name + ".error.json").read_text())
+            assert sidecar["stage"] and sidecar["error"], key
+        assert (layout.out["a"] / "sub" / "dir" / "nested.png").is_file()
+        # A photo without a face is published unchanged, byte for byte.
+        assert plain == (layout.out["a"] / "plain.png").read_bytes()
+        # Restored photos keep their size.
+        from PIL import Image
+
+        with Image.open(layout.out["a"] / unicode_name) as out, Image.open(layout.backup["a"] / unicode_name) as src:
+            assert src.size == out.size
+        wait_for(lambda: [p for p in files_under(hot) if p.name != ".DS_Store"] == [], 10, daemon, "hot folder empty")
+        assert temp_leftovers(layout) == []
+        assert daemon.running()
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.log_text()[-3000:]
+    published = [e for e in daemon.log_lines() if e.get("event") == "published"]
+    assert all("faces" in e and "ms" in e for e in published)
+
+
+def test_sigkill_mid_batch_then_restart_publishes_each_file_exactly_once(tmp_path):
+    """A daemon killed with SIGKILL in the middle of publishing, restarted, leaves each input exactly once."""
+    config, layout = write_config(tmp_path)
+    inputs = {("a", f"photo-{i:02d}.jpg"): face_photo(i) for i in range(10)}
+    for (_, rel), data in inputs.items():
+        _drop(layout.hot["a"] / rel, data)
+    # The first publication dies right after output and backup are written, before the source is disposed of.
+    first = Daemon(config, env={"GPEN_WATCH_FAILPOINTS": "dispose=exit*1"}).start()
+    code = first.wait(120)
+    assert code == 137, first.log_text()[-3000:]
+    second = Daemon(config).start()
+    try:
+        # Kill again as soon as something more is published.
+        wait_for(lambda: len(files_under(layout.out["a"])) >= 3, 120, second, "a few published")
+        second.signal(signal.SIGKILL)
+        second.wait(10)
+        third = Daemon(config).start()
+        wait_for(lambda: account(layout, inputs).settled == len(inputs), 150, third, "all settled")
+        acc = account(layout, inputs)
+        assert acc.lost == [] and acc.duplicated == [] and acc.failed == {}
+        assert len(inputs) == len(files_under(layout.out["a"]))
+        assert len(inputs) == len(files_under(layout.backup["a"]))
+        assert temp_leftovers(layout) == []
+        assert third.stop() == 0
+    finally:
+        for d in (second,):
+            if d.running():
+                d.kill()
+    from daemon.jobs import JobTable
+
+    with JobTable.open(tmp_path / "state" / "jobs.sqlite3") as table:
+        counts = table.counts()
+    states = counts[str(layout.hot["a"])]
+    assert len(inputs) == states.get("done", 0)
+    assert sum(n for s, n in states.items() if s in ("pending", "ready", "processing", "retry")) == 0
