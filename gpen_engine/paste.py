@@ -4,7 +4,7 @@ For one image, every face's restored crop and mask are warped back (inverse simi
 into the face's own window of the image, never the whole frame. Faces composite as GPEN does: a
 face takes a pixel where its mask is larger than every earlier face's there (max composite). The
 result is ``original * (1 - s * m) + face * s * m`` with ``m`` the winning mask and ``s`` the
-strength, computed only inside the union of the windows; where ``m`` is zero the original bytes
+strength, computed only inside the faces' windows (grouped where they overlap); where ``m`` is zero the original bytes
 come back unchanged, and everything outside the windows is copied, not recomputed.
 """
 
@@ -22,6 +22,30 @@ Window = tuple[int, int, int, int]
 def face_windows(matrices: np.ndarray, size: int, image_hw: tuple[int, int]) -> list[Window]:
     """Image window (x0, y0, x1, y1) each face's crop can change."""
     return [footprint(m, size, image_hw) for m in matrices]
+
+
+def clusters(windows: list[Window]) -> list[tuple[Window, list[int]]]:
+    """Group faces whose windows overlap, until the groups' own windows are disjoint.
+
+    Faces in different groups never touch the same pixel, so each group is blended over just its
+    own window: far-apart faces in a large photo cost their own pixels, not the area between them.
+    Empty windows are left out. Faces keep their order inside a group (ties go to the earlier face).
+    """
+    groups = [(w, [i]) for i, w in enumerate(windows) if w[2] > w[0] and w[3] > w[1]]
+    merged = True
+    while merged:
+        merged = False
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                if _overlap(groups[a][0], groups[b][0]):
+                    window = union_window([groups[a][0], groups[b][0]])
+                    groups[a] = (window, sorted(groups[a][1] + groups[b][1]))
+                    del groups[b]
+                    merged = True
+                    break
+            if merged:
+                break
+    return groups
 
 
 def composite(
@@ -57,32 +81,23 @@ def composite(
 
 def paste_faces(
     image: np.ndarray, crops: Tensor, masks: Tensor, matrices: np.ndarray, *, strength: float = 1.0,
-    window_pixels: Tensor | None = None, window: Window | None = None,
 ) -> np.ndarray:
-    """A copy of ``image`` (H, W, 3) uint8 with the restored faces pasted in.
-
-    ``window_pixels`` may hold ``image[window]`` already on the device (as the aligner uploaded it),
-    saving a second upload; the window must contain every face's window.
-    """
-    if len(crops) == 0 or strength <= 0:
-        return image.copy()
-    size = crops.shape[-1]
-    windows = face_windows(matrices, size, image.shape[:2])
-    area = union_window(windows)
-    if window is None or window_pixels is None or not _contains(window, area):
-        window = area
-        window_pixels = image_window(image, window, crops.device)
-    x0, y0, x1, y1 = window
-    if x1 <= x0 or y1 <= y0:
-        return image.copy()
-    blended = composite(window_pixels, crops, masks, matrices, windows, (x0, y0), strength)
+    """A copy of ``image`` (H, W, 3) uint8 with the restored faces (on any device) pasted in."""
     out = image.copy()
-    out[y0:y1, x0:x1] = blended.cpu().numpy()
+    if len(crops) == 0 or strength <= 0:
+        return out
+    windows = face_windows(matrices, crops.shape[-1], image.shape[:2])
+    for window, members in clusters(windows):
+        x0, y0, x1, y1 = window
+        pixels = image_window(image, window, crops.device)
+        blended = composite(pixels, crops[members], masks[members], matrices[members],
+                            [windows[i] for i in members], (x0, y0), strength)
+        out[y0:y1, x0:x1] = blended.cpu().numpy()
     return out
 
 
-def _contains(outer: Window, inner: Window) -> bool:
-    return outer[0] <= inner[0] and outer[1] <= inner[1] and outer[2] >= inner[2] and outer[3] >= inner[3]
+def _overlap(a: Window, b: Window) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-__all__ = ["composite", "face_windows", "paste_faces"]
+__all__ = ["clusters", "composite", "face_windows", "paste_faces"]

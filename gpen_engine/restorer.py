@@ -30,12 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from . import adjust
-from .align import face_matrices, footprint, image_window, union_window, warp_crops
+from .align import face_matrices, footprint, image_window, warp_crops
 from .detect import detect_faces, load_detector
 from .imageio import resize_long_side
 from .masks import load_parser, parse_masks, rectangle_mask
 from .options import DetectorName, Preset
-from .paste import composite
+from .paste import clusters, composite
 from .types import EngineError, Face, InputError, NoFaceFound, RestoredImage, StageTimes
 
 
@@ -134,9 +134,10 @@ class _Work:
     faces: list[Face]
     times: StageTimes
     matrices: np.ndarray = field(default_factory=lambda: np.zeros((0, 2, 3)))
-    windows: list[tuple[int, int, int, int]] = field(default_factory=list)
-    window: tuple[int, int, int, int] = (0, 0, 0, 0)
-    pixels: Tensor | None = None  # the image's face window on the device, uploaded on first use
+    windows: list[tuple[int, int, int, int]] = field(default_factory=list)  # per face
+    groups: list[tuple[tuple[int, int, int, int], list[int]]] = field(default_factory=list)  # disjoint
+    group_of: list[int] = field(default_factory=list)  # face index -> group index (-1: off the image)
+    pixels: dict[int, Tensor] = field(default_factory=dict)  # group -> its window on the device
     crops: dict[int, Tensor] = field(default_factory=dict)  # face index -> restored (3, S, S)
     masks: dict[int, Tensor] = field(default_factory=dict)  # face index -> paste mask (1, S, S)
     error: EngineError | None = None
@@ -234,7 +235,11 @@ class Restorer:
         for w in works:
             w.matrices = face_matrices(np.stack([f.landmarks for f in w.faces]), size)
             w.windows = [footprint(m, size, w.rgb.shape[:2]) for m in w.matrices]
-            w.window = union_window(w.windows)
+            w.groups = clusters(w.windows)
+            w.group_of = [-1] * len(w.faces)
+            for g, (_, members) in enumerate(w.groups):
+                for k in members:
+                    w.group_of[k] = g
         queue = deque((i, k) for i, w in enumerate(works) for k in range(len(w.faces)))
         clock.lap()
         while queue:
@@ -292,17 +297,21 @@ class Restorer:
             setattr(t, stage, getattr(t, stage) + ms / len(part))
 
     def _align(self, works: list[_Work], chunk: list[tuple[int, int]]) -> Tensor:
-        """Crops (n, 3, S, S) in [0, 1] for the chunk's faces, one warp call per image."""
+        """Crops (n, 3, S, S) in [0, 1] for the chunk's faces, one warp call per group of faces."""
         size, device = self.models.face_size, self.models.device
-        by_image: dict[int, list[int]] = {}
+        by_group: dict[tuple[int, int], list[int]] = {}
         for i, k in chunk:
-            by_image.setdefault(i, []).append(k)
+            by_group.setdefault((i, works[i].group_of[k]), []).append(k)
         parts: dict[tuple[int, int], Tensor] = {}
-        for i, ks in by_image.items():
+        for (i, g), ks in by_group.items():
             w = works[i]
-            if w.pixels is None:
-                w.pixels = image_window(w.rgb, w.window, device)
-            crops = warp_crops(w.pixels, w.matrices[ks], size, origin=w.window[:2]).to(device)
+            if g < 0:  # the crop lies wholly off the image: it reads as black, and pastes nowhere
+                crops = torch.zeros((len(ks), 3, size, size), device=device)
+            else:
+                window = w.groups[g][0]
+                if g not in w.pixels:
+                    w.pixels[g] = image_window(w.rgb, window, device)
+                crops = warp_crops(w.pixels[g], w.matrices[ks], size, origin=window[:2]).to(device)
             for k, crop in zip(ks, crops, strict=True):
                 parts[(i, k)] = crop
         x = torch.stack([parts[ik] for ik in chunk]).div_(255.0)
@@ -344,22 +353,20 @@ class Restorer:
         return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=enabled)
 
     def _paste(self, w: _Work) -> None:
-        n = len(w.faces)
-        crops = torch.stack([w.crops[k] for k in range(n)])
-        masks = torch.stack([w.masks[k] for k in range(n)])
-        x0, y0, x1, y1 = w.window
-        if x1 > x0 and y1 > y0:
-            assert w.pixels is not None
-            blended = composite(w.pixels, crops, masks, w.matrices, w.windows, (x0, y0),
-                                strength=self.preset.strength / 100.0)
-            rgb = w.rgb.copy()
+        rgb = w.rgb.copy()
+        for g, (window, members) in enumerate(w.groups):
+            x0, y0, x1, y1 = window
+            blended = composite(
+                w.pixels[g], torch.stack([w.crops[k] for k in members]), torch.stack([w.masks[k] for k in members]),
+                w.matrices[members], [w.windows[k] for k in members], (x0, y0),
+                strength=self.preset.strength / 100.0)
             rgb[y0:y1, x0:x1] = blended.cpu().numpy()
-            w.rgb = rgb
+        w.rgb = rgb
         self._release(w)
 
     @staticmethod
     def _release(w: _Work) -> None:
-        w.pixels = None
+        w.pixels.clear()
         w.crops.clear()
         w.masks.clear()
 

@@ -7,7 +7,7 @@ import torch
 
 from gpen_engine.align import face_matrices, footprint, template
 from gpen_engine.masks import rectangle_mask
-from gpen_engine.paste import face_windows, paste_faces
+from gpen_engine.paste import clusters, face_windows, paste_faces
 
 S = 64
 
@@ -112,3 +112,37 @@ class TestPaste:
         out = paste_faces(image, _flat((1, 1, 1)), torch.ones((1, 1, S, S)), mat)
         ys, xs = np.nonzero(np.any(out != image, axis=-1))
         assert ys.min() >= 99 and ys.max() <= 132 and xs.min() >= 99 and xs.max() <= 132
+
+
+class TestClusters:
+    def test_overlapping_windows_group_far_ones_do_not(self) -> None:
+        """A chain of overlapping windows is one group; a far window is its own; groups never overlap."""
+        windows = [(0, 0, 10, 10), (8, 8, 20, 20), (18, 0, 30, 9), (100, 100, 110, 110)]
+        groups = clusters(windows)
+        assert sorted(members for _, members in groups) == [[0, 1, 2], [3]]
+        assert (0, 0, 30, 20) in [w for w, _ in groups]
+
+    def test_group_windows_are_disjoint(self) -> None:
+        """A face overlapping only the union of others' windows joins their group."""
+        # 0 and 1 overlap; their union (0..20 x 0..20) reaches 2's window, which neither alone does.
+        windows = [(0, 0, 12, 12), (10, 10, 20, 20), (15, 0, 25, 8), (0, 15, 8, 25)]
+        groups = clusters(windows)
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                wa, wb = groups[a][0], groups[b][0]
+                assert not (wa[0] < wb[2] and wb[0] < wa[2] and wa[1] < wb[3] and wb[1] < wa[3])
+        assert [m for _, m in groups] == [[0, 1, 2, 3]]
+
+    def test_empty_windows_are_dropped(self) -> None:
+        """A face wholly off the image is in no group."""
+        assert clusters([(5, 5, 5, 9), (0, 0, 4, 4)]) == [((0, 0, 4, 4), [1])]
+
+    def test_far_faces_paste_as_one(self) -> None:
+        """Pasting far-apart faces by groups gives the same image as pasting them one by one."""
+        image = _image(300, 400)
+        crops = torch.rand(2, 3, S, S)
+        masks = rectangle_mask(S).expand(2, -1, -1, -1)
+        mats = np.stack([_shift(10, 10), _shift(300, 200)])
+        both = paste_faces(image, crops, masks, mats)
+        one_by_one = paste_faces(paste_faces(image, crops[:1], masks[:1], mats[:1]), crops[1:], masks[1:], mats[1:])
+        np.testing.assert_array_equal(both, one_by_one)
