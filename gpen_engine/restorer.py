@@ -31,11 +31,14 @@ from torch import Tensor, nn
 
 from . import adjust
 from .align import face_matrices, footprint, image_window, warp_crops
+from .checkpoint import load_generator
 from .detect import detect_faces, load_detector
+from .gpen import VARIANTS, GpenArch, create_generator
 from .imageio import resize_long_side
 from .masks import load_parser, parse_masks, rectangle_mask
-from .options import DetectorName, Preset
+from .options import DetectorName, Precision, Preset
 from .paste import clusters, composite
+from .precision import prepare_generator, resolve_precision
 from .types import EngineError, Face, InputError, NoFaceFound, RestoredImage, StageTimes
 
 
@@ -58,22 +61,18 @@ class EngineModels:
 def load_engine_models(
     *,
     generator_path: str | Path | None,
-    arch: object,
+    arch: GpenArch | str,
     detector_path: str | Path,
     detector_name: DetectorName,
     parser_path: str | Path | None = None,
     device: torch.device | str,
-    precision: str,
+    precision: Precision,
     random_generator: bool = False,
 ) -> EngineModels:
     """Load the generator (``arch``: a ``GpenArch`` or a variant name), detector and optional parser.
 
     ``random_generator`` builds the architecture with random weights (tests and benchmarks only).
     """
-    from .checkpoint import load_generator
-    from .gpen import VARIANTS, GpenArch, create_generator
-    from .precision import prepare_generator
-
     device = torch.device(device)
     if isinstance(arch, str):
         if arch not in VARIANTS:
@@ -90,7 +89,8 @@ def load_engine_models(
     generator = prepare_generator(module, device, precision)
     detector = load_detector(detector_path, detector_name, device)
     parser = load_parser(parser_path, device) if parser_path is not None else None
-    return EngineModels(generator, arch.size, detector, parser, device, precision)
+    # Record what actually runs (fp16 asked for on a CPU runs as fp32).
+    return EngineModels(generator, arch.size, detector, parser, device, resolve_precision(device, precision))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
