@@ -48,7 +48,7 @@ from daemon.watch import FolderWatcher
 from gpen_engine import imageio
 from gpen_engine.options import EngineOptions, Preset
 from gpen_engine.restorer import Restorer
-from gpen_engine.types import DecodedImage, EngineError, InputError, NoFaceFound, RestoredImage
+from gpen_engine.types import DecodedImage, DeviceOutOfMemory, EngineError, InputError, NoFaceFound, RestoredImage
 
 log = structlog.get_logger("gpen_watch.service")
 
@@ -643,6 +643,9 @@ class Service:
         job, folder = item.job, item.folder
         structlog.contextvars.bind_contextvars(folder=job.folder, path=job.relpath)
         try:
+            if isinstance(outcome, DeviceOutOfMemory):  # fits later, with a smaller batch or a quieter GPU
+                self._retry(job, "generate", outcome)
+                return
             if isinstance(outcome, EngineError):
                 self._fail(job, folder, item.source, "generate" if not isinstance(outcome, InputError) else "restore",
                            str(outcome))
@@ -653,11 +656,13 @@ class Service:
             started = time.monotonic()
             data, ext = self._encode(item, outcome, opts)
             encode_ms = (time.monotonic() - started) * 1000
-            self.failpoints.hit("publish")
             output, backup = self._targets(job, folder, ext)
-            publish.write_atomic(output, data, root=folder.output)
+            # The backup first: copying it re-reads the source and checks its SHA-256, so a source deleted or
+            # replaced since it was read stops here, before a result for bytes nobody wants is published.
             self.failpoints.hit("backup")
             publish.copy_verified(item.source, backup, job.sha256, root=folder.backup)
+            self.failpoints.hit("publish")
+            publish.write_atomic(output, data, root=folder.output)
             self.failpoints.hit("dispose")
             publish.dispose_source(
                 item.source, after=folder.after, done_path=self._done_path(folder, job), done_root=folder.done

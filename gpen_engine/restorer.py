@@ -39,11 +39,7 @@ from .masks import load_parser, parse_masks, rectangle_mask
 from .options import DetectorName, Precision, Preset
 from .paste import clusters, composite
 from .precision import prepare_generator, resolve_precision
-from .types import EngineError, Face, InputError, NoFaceFound, RestoredImage, StageTimes
-
-
-class DeviceOutOfMemory(EngineError):
-    """Even one face (or one image's detection) does not fit in the device's memory."""
+from .types import DeviceOutOfMemory, EngineError, Face, InputError, NoFaceFound, RestoredImage, StageTimes
 
 
 @dataclass

@@ -86,6 +86,10 @@ class NoFaceFound(InputError):
     pass
 
 
+class DeviceOutOfMemory(EngineError):
+    """Even one face does not fit in the device's memory now; it may fit later, so this is not bad input."""
+
+
 class DeviceError(EngineError):
     """The requested device does not work."""
 
