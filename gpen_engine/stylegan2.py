@@ -1,0 +1,355 @@
+"""StyleGAN2 building blocks in pure PyTorch, one module per paper concept.
+
+Attribute names (``weight``, ``bias``, ``modulation``, ``blur.kernel``, ...) are the contract with the
+official weight files: a strict ``load_state_dict`` of an official GPEN checkpoint must work unchanged.
+Equalized learning rate: weights are stored as drawn (N(0, 1)) and the He constant is applied in
+``forward``, exactly as the files expect.
+
+Speed and exactness: the official code computes a modulated convolution as a *grouped* convolution with
+one weight per sample, which gets slower per face as the batch grows. Here the style scales the input,
+one convolution with the shared weight runs on the whole batch, and demodulation scales the output. This
+is the same linear map (the per-sample weight is ``W * s`` scaled per output channel), so it is exact up
+to float rounding, and any batch size runs as ordinary dense convolutions.
+
+Mixed precision: convolutions run in the dtype of their input; style vectors, the modulation linear
+layers and the demodulation factors are computed in float32 (see ``gpen_engine/precision.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BLUR_KERNEL: tuple[int, ...] = (1, 3, 3, 1)
+_LRELU_SLOPE = 0.2
+_LRELU_GAIN = math.sqrt(2.0)
+
+
+def make_blur_kernel(taps: Sequence[float]) -> Tensor:
+    """2-D FIR kernel from 1-D taps (outer product), normalised to sum 1."""
+    k = torch.tensor(taps, dtype=torch.float32)
+    k2 = torch.outer(k, k)
+    return k2 / k2.sum()
+
+
+def _writes_in_place(*tensors: Tensor) -> bool:
+    """In-place ops and ``out=`` save a pass and an allocation, but only when autograd is not recording."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def fused_leaky_relu(x: Tensor, bias: Tensor, *, inplace: bool = False) -> Tensor:
+    """Bias, leaky ReLU (slope 0.2) and the gain sqrt(2) that keeps activations at unit variance.
+
+    Computed as ``leaky_relu(g*x + g*b)`` (the same thing, as g > 0) so the in-place form is two passes.
+    """
+    b = bias.to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2)) * _LRELU_GAIN
+    if inplace and _writes_in_place(x, b):
+        torch.add(b, x, alpha=_LRELU_GAIN, out=x)
+        return F.leaky_relu_(x, _LRELU_SLOPE)
+    return F.leaky_relu(x * _LRELU_GAIN + b, _LRELU_SLOPE)
+
+
+class FusedLeakyReLU(nn.Module):
+    """Per-channel bias followed by the scaled leaky ReLU (the official CUDA op, in plain torch).
+
+    Works in place: its input is always a fresh convolution or concatenation output.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fused_leaky_relu(x, self.bias, inplace=True)
+
+
+class PixelNorm(nn.Module):
+    """Normalise each latent vector to unit root-mean-square before the mapping network."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalized learning rate (weights N(0, 1)/lr_mul, scaled at run time)."""
+
+    def __init__(
+        self, in_dim: int, out_dim: int, *, bias_init: float = 0.0, lr_mul: float = 1.0,
+        activation: bool = False,
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))
+        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init)))
+        self.scale = lr_mul / math.sqrt(in_dim)
+        self.lr_mul = lr_mul
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.weight.dtype)
+        if self.activation:
+            out = F.linear(x, self.weight * self.scale)
+            return fused_leaky_relu(out, self.bias * self.lr_mul, inplace=True)
+        return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
+
+
+class EqualConv2d(nn.Module):
+    """Conv2d with equalized learning rate."""
+
+    def __init__(
+        self, in_channel: int, out_channel: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channel, in_channel, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channel)) if bias else None
+        self.scale = 1.0 / math.sqrt(in_channel * kernel_size**2)
+        self.stride = stride
+        self.padding = padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = (self.weight * self.scale).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, weight, bias, stride=self.stride, padding=self.padding)
+
+
+class Blur(nn.Module):
+    """Anti-aliasing FIR filter around resampling (the kernel buffer is part of the weight file).
+
+    A depthwise convolution (true convolution, hence the flip), padded by the conv itself.
+    """
+
+    def __init__(self, taps: Sequence[float], pad: tuple[int, int], upsample_factor: int = 1) -> None:
+        super().__init__()
+        self.register_buffer("kernel", make_blur_kernel(taps) * upsample_factor**2)
+        self.pad = pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = x.shape[1]
+        weight = torch.flip(self.kernel, [0, 1]).to(x.dtype).expand(c, 1, *self.kernel.shape)
+        p0, p1 = self.pad
+        if p0 != p1:
+            x, p0 = F.pad(x, [p0, p1, p0, p1]), 0
+        return F.conv2d(x, weight, padding=p0, groups=c)
+
+
+class Upsample(nn.Module):
+    """2x FIR upsampling of the RGB skip path (the official upfirdn2d with up=2, pad=(2, 1)).
+
+    Computed in polyphase form: each of the four output phases is a 3x3 depthwise filter of the input,
+    one ordinary grouped convolution followed by a pixel shuffle (no zero-stuffed intermediate, and
+    much faster than a depthwise transposed convolution on GPUs).
+    """
+
+    def __init__(self, taps: Sequence[float], factor: int = 2) -> None:
+        super().__init__()
+        if factor != 2 or len(taps) != 4:
+            raise ValueError("Upsample supports the 4-tap kernel and factor 2 of StyleGAN2")
+        self.register_buffer("kernel", make_blur_kernel(taps) * factor**2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = x.shape[1]
+        weight = _fir_upsample_phases(self.kernel.to(x.dtype))
+        out = F.conv2d(x, weight.expand(c, 4, 3, 3).reshape(c * 4, 1, 3, 3), padding=1, groups=c)
+        return F.pixel_shuffle(out, 2)
+
+
+def _fir_upsample_phases(kernel: Tensor) -> Tensor:
+    """(4, 4) FIR kernel -> (4, 3, 3): output phase (r, s) of zero insertion + pad (2, 1) + FIR.
+
+    In 1-D, out[2n] = k3 x[n-1] + k1 x[n] and out[2n+1] = k2 x[n] + k0 x[n+1]: with the kernel padded by
+    one zero on each side (kz), phase 0 reads kz[4], kz[2], kz[0] and phase 1 kz[5], kz[3], kz[1].
+    """
+    kz = torch.flip(F.pad(kernel, (1, 1, 1, 1)), [0, 1])  # flipped: kz[4], kz[2], kz[0] are at 1, 3, 5
+    rows = torch.stack((kz[1::2], kz[0::2]))  # (r, t, 6)
+    taps = torch.stack((rows[..., 1::2], rows[..., 0::2]), dim=2)  # (r, t, s, u)
+    return taps.permute(0, 2, 1, 3).reshape(4, 3, 3)
+
+
+def transposed_conv(x: Tensor, weight: Tensor, *, phases: bool | None = None) -> Tensor:
+    """``conv_transpose2d(x, W, stride=2)`` for a 3x3 ``weight`` laid out (out, in, 3, 3).
+
+    oneDNN (CPU) runs the transposed convolution well. cuDNN runs it 2-4x slower than an ordinary
+    convolution doing 16/9 of the work (and gave run-to-run differences here), so on CUDA the four
+    output phases (2x2, 2x1, 1x2 and 1x1 taps) are packed into one 2x2 convolution and interleaved by a
+    pixel shuffle; that result carries one extra zero row and column at the end, which a following
+    zero-padded blur treats exactly like padding.
+    """
+    if phases is None:
+        phases = x.device.type == "cuda"
+    if not phases:
+        return F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
+    return F.pixel_shuffle(F.conv2d(x, _transposed_conv_phases(weight), padding=1), 2)
+
+
+def _transposed_conv_phases(weight: Tensor) -> Tensor:
+    """(out, in, 3, 3) -> (4 * out, in, 2, 2), output channels ordered (out, row phase, column phase).
+
+    In 1-D, y[2m] = w0 x[m] + w2 x[m-1] and y[2m+1] = w1 x[m]: as 2-tap correlations over (x[m-1], x[m])
+    phase 0 uses (w2, w0) and phase 1 uses (0, w1). With one zero in front (wz), those are wz[3], wz[1]
+    and wz[0], wz[2].
+    """
+    out_c, in_c = weight.shape[:2]
+    wz = F.pad(weight, (1, 0, 1, 0))
+    wf = torch.flip(wz, [2])  # wz[3], wz[1] are wf[0], wf[2]
+    rows = torch.stack((wf[:, :, 0::2], wz[:, :, 0::2]), dim=2)  # (out, in, r, t, 4)
+    rf = torch.flip(rows, [4])
+    taps = torch.stack((rf[..., 0::2], rows[..., 0::2]), dim=4)  # (out, in, r, t, c, u)
+    return taps.permute(0, 2, 4, 1, 3, 5).reshape(out_c * 4, in_c, 2, 2)
+
+
+class ModulatedConv2d(nn.Module):
+    """Style-modulated convolution (StyleGAN2 Sec. 2.2), optionally upsampling by 2.
+
+    Computed as ``demod * conv(x * s, W)``: exact, and batch-friendly because every sample shares W.
+    With ``upsample`` it is a stride-2 transposed convolution followed by the blur, as in the paper
+    (see ``transposed_conv``); demodulation is a per-channel scale, so it is applied after the blur.
+    A 1x1 convolution (ToRGB, 3 outputs) modulates the tiny weight per sample instead of the input.
+    """
+
+    def __init__(
+        self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int, *,
+        demodulate: bool = True, upsample: bool = False, blur_taps: Sequence[float] = BLUR_KERNEL,
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        if upsample:
+            p = (len(blur_taps) - 2) - (kernel_size - 1)
+            self.blur = Blur(blur_taps, pad=((p + 1) // 2 + 1, p // 2 + 1), upsample_factor=2)
+        self.modulation = EqualLinear(style_dim, in_channel, bias_init=1.0)
+        self.scale = 1.0 / math.sqrt(in_channel * kernel_size**2)
+        self.kernel_size = kernel_size
+        self.demodulate = demodulate
+        self.upsample = upsample
+
+    def forward(self, x: Tensor, style: Tensor) -> Tensor:
+        s = self.modulation(style).float() * self.scale  # (N, in), float32 whatever x's dtype
+        if self.kernel_size == 1 and not self.upsample:
+            return self._pointwise(x, s)
+        weight = self.weight[0].to(x.dtype)
+        x = x * s.to(x.dtype)[:, :, None, None]
+        if self.upsample:
+            h, w = x.shape[-2:]
+            out = self.blur(transposed_conv(x, weight))[:, :, : 2 * h, : 2 * w]
+        else:
+            out = F.conv2d(x, weight, padding=self.kernel_size // 2)
+        if self.demodulate:
+            demod = self.demodulation(s).to(out.dtype)[:, :, None, None]
+            out = out.mul_(demod) if _writes_in_place(out, demod) else out * demod
+        return out
+
+    def demodulation(self, s: Tensor) -> Tensor:
+        """1 / ||W * s|| per sample and output channel, in float32: (N, out)."""
+        w_sq = torch.linalg.vector_norm(self.weight[0].float(), dim=(2, 3)).square()  # (out, in)
+        return torch.rsqrt(s.square() @ w_sq.t() + 1e-8)
+
+    def _pointwise(self, x: Tensor, s: Tensor) -> Tensor:
+        weight = self.weight[0, :, :, 0, 0].float() * s[:, None, :]  # (N, out, in)
+        if self.demodulate:
+            weight = weight * self.demodulation(s)[:, :, None]
+        return torch.einsum("nihw,noi->nohw", x, weight.to(x.dtype))
+
+
+class NoiseInjection(nn.Module):
+    """GPEN's noise injection: concatenates ``weight * feature`` to the activations.
+
+    In GPEN the "noise" is the encoder's feature map at the same resolution (deterministic), and it is
+    concatenated rather than added, so the channel count doubles after every styled convolution.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor, feature: Tensor) -> Tensor:
+        weight = self.weight.to(x.dtype)
+        if not _writes_in_place(x, weight, feature):
+            return torch.cat((x, weight * feature.to(x.dtype)), dim=1)
+        n, c, h, w = x.shape
+        out = torch.empty((n, c + feature.shape[1], h, w), dtype=x.dtype, device=x.device,
+                          memory_format=_memory_format(x))
+        out[:, :c] = x
+        torch.mul(feature, weight, out=out[:, c:])
+        return out
+
+
+class StyledConv(nn.Module):
+    """Modulated conv, feature injection, activation: one synthesis layer."""
+
+    def __init__(
+        self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int, *,
+        upsample: bool = False, blur_taps: Sequence[float] = BLUR_KERNEL,
+    ) -> None:
+        super().__init__()
+        self.conv = ModulatedConv2d(
+            in_channel, out_channel, kernel_size, style_dim, upsample=upsample, blur_taps=blur_taps
+        )
+        self.noise = NoiseInjection()
+        self.activate = FusedLeakyReLU(out_channel * 2)
+
+    def forward(self, x: Tensor, style: Tensor, feature: Tensor) -> Tensor:
+        out = self.conv(x, style)
+        out = self.noise(out, feature)
+        return self.activate(out)
+
+
+class ToRGB(nn.Module):
+    """1x1 modulated conv to RGB (no demodulation), added to the upsampled skip image.
+
+    The RGB skip path is accumulated in float32 even when the features are half precision.
+    """
+
+    def __init__(self, in_channel: int, style_dim: int, *, upsample: bool = True,
+                 blur_taps: Sequence[float] = BLUR_KERNEL) -> None:
+        super().__init__()
+        if upsample:
+            self.upsample = Upsample(blur_taps)
+        self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x: Tensor, style: Tensor, skip: Tensor | None = None) -> Tensor:
+        out = self.conv(x, style).float() + self.bias.float()
+        if skip is not None:
+            out = out + self.upsample(skip.float())
+        return out
+
+
+class ConstantInput(nn.Module):
+    """Learned 4x4 constant the synthesis network starts from."""
+
+    def __init__(self, channel: int, size: int = 4) -> None:
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channel, size, size))
+
+    def forward(self, batch: int) -> Tensor:
+        return self.input.expand(batch, -1, -1, -1)
+
+
+class ConvLayer(nn.Sequential):
+    """Encoder layer: [blur, stride-2] equalized conv, fused bias + leaky ReLU.
+
+    A Sequential so that the official keys (``0.kernel``, ``1.weight``, ``2.bias``) come out as is.
+    """
+
+    def __init__(self, in_channel: int, out_channel: int, kernel_size: int, *, downsample: bool = False,
+                 blur_taps: Sequence[float] = BLUR_KERNEL) -> None:
+        layers: list[nn.Module] = []
+        if downsample:
+            p = (len(blur_taps) - 2) + (kernel_size - 1)
+            layers.append(Blur(blur_taps, pad=((p + 1) // 2, p // 2)))
+            layers.append(EqualConv2d(in_channel, out_channel, kernel_size, stride=2, bias=False))
+        else:
+            layers.append(EqualConv2d(in_channel, out_channel, kernel_size, padding=kernel_size // 2,
+                                      bias=False))
+        layers.append(FusedLeakyReLU(out_channel))
+        super().__init__(*layers)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """Keep channels-last tensors channels-last (the fast layout for oneDNN and tensor cores)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

@@ -1,0 +1,224 @@
+"""The GPEN generator: exactness against the official implementation, architecture, precision, speed paths."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpen_engine import stylegan2
+from gpen_engine.gpen import DEFAULT_CHUNK_BYTES, VARIANTS, GpenArch, create_generator
+from gpen_engine.precision import prepare_generator, resolve_precision
+from gpen_engine.stylegan2 import Blur, ModulatedConv2d, Upsample, transposed_conv
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+REPO = Path(__file__).resolve().parents[2]
+SMALL_GOLDEN = REPO.parent / "shared" / "reference" / "golden_small128.pt"
+TOLERANCE = 1e-4
+
+
+def _load_golden(path: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    golden = torch.load(path, map_location="cpu", weights_only=True)
+    model = create_generator(GpenArch(**golden["ctor"]))
+    model.load_state_dict(golden["state_dict"], strict=True)
+    return model.eval().requires_grad_(False), golden["input"], golden["output"]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    return _load_golden(DATA / "golden_tiny64.pt")
+
+
+def _max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+class TestGoldenOutputs:
+    @pytest.mark.parametrize("batch", [1, 2, 3])
+    def test_tiny64_matches_official_output(self, tiny, batch: int) -> None:
+        """The output equals what the official GPEN code produced, for batches of 1, 2 and 3 faces."""
+        model, inputs, expected = tiny
+        with torch.inference_mode():
+            out = model(inputs[:batch])
+        assert out.shape == expected[:batch].shape
+        assert _max_error(out, expected[:batch]) < TOLERANCE
+
+    def test_split_and_merged_batches_agree_with_official(self, tiny) -> None:
+        """Faces run one by one and as one batch both give the official output: samples never mix."""
+        model, inputs, expected = tiny
+        with torch.inference_mode():
+            merged = model(inputs)
+            split = torch.cat([model(inputs[i : i + 1]) for i in range(inputs.shape[0])])
+        assert _max_error(merged, expected) < TOLERANCE
+        assert _max_error(split, expected) < TOLERANCE
+
+    def test_batch_slices_at_high_resolution_agree_with_official(self, tiny) -> None:
+        """Running the high-resolution levels on slices of the batch (memory bound) changes nothing."""
+        model, inputs, expected = tiny
+        model.max_chunk_bytes = 1  # every level is sliced, one face at a time
+        try:
+            with torch.inference_mode():
+                out = model(inputs)
+        finally:
+            model.max_chunk_bytes = DEFAULT_CHUNK_BYTES
+        assert _max_error(out, expected) < TOLERANCE
+
+    def test_gpu_formulation_of_upsampling_agrees_with_official(self, tiny, monkeypatch) -> None:
+        """The phase-packed transposed convolution used off the CPU gives the official output too."""
+        model, inputs, expected = tiny
+        monkeypatch.setattr(stylegan2, "transposed_conv", partial(transposed_conv, phases=True))
+        with torch.inference_mode():
+            out = model(inputs)
+        assert _max_error(out, expected) < TOLERANCE
+
+    def test_works_with_autograd_recording(self, tiny) -> None:
+        """The in-place fast path steps aside when autograd records: same output, gradients flow."""
+        model, inputs, expected = tiny
+        x = inputs[:1].clone().requires_grad_(True)
+        out = model(x)
+        out.sum().backward()
+        assert _max_error(out.detach(), expected[:1]) < TOLERANCE
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+
+    @pytest.mark.skipif(not SMALL_GOLDEN.exists(), reason=f"{SMALL_GOLDEN} not present (../shared is absent)")
+    @pytest.mark.parametrize("batch", [1, 3])
+    def test_small128_matches_official_output(self, batch: int) -> None:
+        """A 128-px configuration with the official style width (512, 8 MLP layers) matches too."""
+        model, inputs, expected = _load_golden(SMALL_GOLDEN)
+        with torch.inference_mode():
+            out = model(inputs[:batch])
+        assert _max_error(out, expected[:batch]) < TOLERANCE
+
+
+class TestOfficialArchitectures:
+    @pytest.mark.parametrize("name", list(VARIANTS))
+    def test_state_dict_keys_and_shapes_are_official(self, name: str) -> None:
+        """Each official configuration has exactly the official keys, in order, with the official shapes."""
+        official = json.loads((DATA / "official_state_dict_shapes.json").read_text())[name]
+        assert GpenArch(**official["ctor"]) == VARIANTS[name]
+        device = "cpu" if name == "GPEN-BFR-256" else "meta"
+        with torch.device(device):
+            model = create_generator(VARIANTS[name])
+        state = model.state_dict()
+        assert {k: list(v.shape) for k, v in state.items()} == official["keys"]
+        assert list(state) == list(official["keys"])
+        assert sum(v.numel() for v in state.values()) == official["params"]
+
+    def test_forward_maps_faces_to_faces_of_the_same_size(self) -> None:
+        """(N, 3, size, size) in, (N, 3, size, size) float32 contiguous out, on the 256 architecture."""
+        model = create_generator(VARIANTS["GPEN-BFR-256"]).eval()
+        with torch.inference_mode():
+            out = model(torch.zeros(1, 3, 256, 256))
+        assert out.shape == (1, 3, 256, 256)
+        assert out.dtype == torch.float32 and out.is_contiguous()
+
+    def test_invalid_size_is_rejected(self) -> None:
+        """A size that is not a power of two cannot describe a GPEN network."""
+        with pytest.raises(ValueError, match="power of two"):
+            GpenArch(300)
+
+
+def _upfirdn(x: torch.Tensor, kernel: torch.Tensor, up: int, pad: tuple[int, int]) -> torch.Tensor:
+    """Textbook upfirdn2d: zero insertion, padding, true convolution with ``kernel``."""
+    n, c, h, w = x.shape
+    z = x.new_zeros(n, c, h * up, w * up)
+    z[:, :, ::up, ::up] = x
+    z = F.pad(z, [pad[0], pad[1], pad[0], pad[1]])
+    weight = torch.flip(kernel, [0, 1]).expand(c, 1, *kernel.shape)
+    return F.conv2d(z, weight, groups=c)
+
+
+class TestFastFormulations:
+    """The batch-friendly formulations equal the textbook definitions (asymmetric kernels catch flips)."""
+
+    def test_blur_is_the_padded_fir_filter(self) -> None:
+        """Blur with (p, p) padding equals upfirdn2d with the same kernel and padding."""
+        blur = Blur((1, 3, 3, 1), pad=(2, 2))
+        blur.kernel = torch.rand(4, 4)
+        x = torch.randn(2, 5, 9, 9)
+        assert _max_error(blur(x), _upfirdn(x, blur.kernel, 1, (2, 2))) < 1e-5
+
+    def test_upsample_is_zero_insertion_then_fir(self) -> None:
+        """The transposed-convolution upsampling equals zero insertion + pad (2, 1) + FIR."""
+        up = Upsample((1, 3, 3, 1))
+        up.kernel = torch.rand(4, 4)
+        x = torch.randn(2, 3, 7, 7)
+        assert _max_error(up(x), _upfirdn(x, up.kernel, 2, (2, 1))) < 1e-5
+
+    @pytest.mark.parametrize("phases", [False, True])
+    def test_transposed_conv_formulations(self, phases: bool) -> None:
+        """Both stride-2 transposed conv formulations equal conv_transpose2d (phases add a zero border)."""
+        x, weight = torch.randn(2, 6, 5, 7, dtype=torch.float64), torch.randn(4, 6, 3, 3, dtype=torch.float64)
+        expected = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
+        out = transposed_conv(x, weight, phases=phases)
+        assert _max_error(out[:, :, :11, :15], expected) < 1e-12
+        assert out[:, :, 11:].abs().sum() == 0 and out[:, :, :, 15:].abs().sum() == 0
+
+    @pytest.mark.parametrize(("kernel_size", "upsample", "demodulate"), [
+        (3, False, True), (3, True, True), (1, False, False), (1, False, True),
+    ])
+    def test_modulated_conv_equals_per_sample_weights(self, kernel_size: int, upsample: bool,
+                                                      demodulate: bool) -> None:
+        """Input scaling + shared conv + demodulation equals a conv with each sample's own weight."""
+        torch.manual_seed(0)
+        conv = ModulatedConv2d(6, 5, kernel_size, 8, upsample=upsample, demodulate=demodulate)
+        if upsample:
+            conv.blur.kernel = torch.rand(4, 4)
+        x, style = torch.randn(3, 6, 8, 8), torch.randn(3, 8)
+        with torch.no_grad():
+            expected = []
+            for i in range(3):
+                s = conv.modulation(style[i : i + 1])[0]
+                weight = conv.scale * conv.weight[0] * s[None, :, None, None]
+                if demodulate:
+                    weight = weight * torch.rsqrt(weight.square().sum(dim=(1, 2, 3), keepdim=True) + 1e-8)
+                if upsample:
+                    out = F.conv_transpose2d(x[i : i + 1], weight.transpose(0, 1), stride=2)
+                    out = _upfirdn(out, conv.blur.kernel, 1, (1, 1))
+                else:
+                    out = F.conv2d(x[i : i + 1], weight, padding=kernel_size // 2)
+                expected.append(out)
+            assert _max_error(conv(x, style), torch.cat(expected)) < 1e-4
+
+
+class TestPrecision:
+    def test_bf16_on_cpu_stays_close_to_fp32(self, tiny) -> None:
+        """The mixed-precision path runs (bf16 convs, fp32 islands), and fp32 goes in and comes out."""
+        _, inputs, expected = tiny
+        model, _, _ = _load_golden(DATA / "golden_tiny64.pt")
+        model = prepare_generator(model, "cpu", "bf16")
+        assert model.ecd0[0][0].weight.dtype == torch.bfloat16
+        assert model.generator.convs[0].conv.weight.dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in model.generator.style.parameters())
+        assert model.generator.convs[0].conv.modulation.weight.dtype == torch.float32
+        with torch.inference_mode():
+            out = model(inputs)
+        assert out.dtype == torch.float32
+        assert _max_error(out, expected) < 0.1
+        assert (out - expected).abs().mean().item() < 0.02
+
+    def test_fp16_falls_back_to_fp32_on_cpu(self) -> None:
+        """Half precision is a GPU feature: on the CPU fp16 runs as fp32, bf16 only when asked for."""
+        assert resolve_precision("cpu", "fp16") == "fp32"
+        assert resolve_precision("cpu", "bf16") == "bf16"
+        assert resolve_precision("cpu", "fp32") == "fp32"
+        model = prepare_generator(create_generator(GpenArch(8, style_dim=8, n_mlp=1)), "cpu", "fp16")
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+    def test_unknown_precision_is_rejected(self) -> None:
+        """A typo in the precision is an error, not a silent fp32."""
+        with pytest.raises(ValueError, match="precision"):
+            resolve_precision("cpu", "fp8")  # type: ignore[arg-type]
+
+
+class TestDeterminism:
+    def test_same_input_gives_identical_output(self, tiny) -> None:
+        """Inference has no noise: running the same batch twice gives bit-identical results."""
+        model, inputs, _ = tiny
+        with torch.inference_mode():
+            assert torch.equal(model(inputs), model(inputs))
