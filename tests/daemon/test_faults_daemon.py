@@ -1,0 +1,257 @@
+"""Fault injection against the real daemon process (issue 6): kills, a vanishing share, a full disk, files changed
+while queued, a stalled writer, a locked or corrupted job table, engine OOM. After each one every input is
+accounted for exactly once (output + identical backup, or failed + sidecar), no final name holds a partial file
+and no temporary file is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from daemon.jobs import JobTable
+from tests.daemon.harness import (
+    Daemon,
+    Layout,
+    account,
+    drop,
+    face_photo,
+    files_under,
+    have_shared_data,
+    partial_outputs,
+    run_kill_rounds,
+    small_face_photo,
+    strays,
+    temp_leftovers,
+    wait_for,
+    wait_ready,
+    write_config,
+)
+
+pytestmark = pytest.mark.skipif(not have_shared_data(), reason="needs ../shared (detector weights, Solvay photo)")
+
+
+def _assert_clean(layout: Layout, inputs: dict[tuple[str, str], bytes], *, failed_ok: bool = False) -> None:
+    acc = account(layout, inputs)
+    assert acc.lost == [] and acc.duplicated == [] and acc.bad_backup == []
+    if not failed_ok:
+        assert acc.failed == {}
+    assert strays(layout, inputs) == []
+    assert partial_outputs(layout) == []
+    assert temp_leftovers(layout) == []
+
+
+def _settled(layout: Layout, inputs: dict[tuple[str, str], bytes]) -> bool:
+    return account(layout, inputs, read=False).settled == len(inputs)
+
+
+def _states(state_dir: Path, folder: Path) -> dict[str, int]:
+    with JobTable.open(state_dir / "jobs.sqlite3") as table:
+        return table.counts().get(str(folder), {})
+
+
+def test_random_sigkills_lose_and_duplicate_nothing(tmp_path):
+    """Five SIGKILLs at random moments over 40 files: each file is published exactly once, none lost."""
+    figures, layout, inputs = run_kill_rounds(tmp_path, files=40, kills=5, seed=6)
+    assert (figures.lost, figures.duplicated, figures.failed) == (0, 0, {})
+    assert figures.files_out == len(inputs)
+    _assert_clean(layout, inputs)
+    states = _states(tmp_path / "state", layout.hot["a"])
+    assert states.get("done") == len(inputs) and set(states) == {"done"}
+
+
+def test_output_share_vanishes_and_comes_back(tmp_path):
+    """With the output root gone the daemon retries without re-creating it, and publishes once it is back."""
+    config, layout = write_config(tmp_path)
+    daemon = Daemon(config).start()
+    away = layout.out["a"].with_name("a.away")
+    try:
+        wait_ready(daemon)
+        layout.out["a"].rename(away)
+        inputs = {("a", f"s{i}.jpg"): small_face_photo(i) for i in range(6)}
+        for (_, rel), data in inputs.items():
+            drop(layout.hot["a"] / rel, data)
+        wait_for(lambda: "folder is missing" in daemon.log_text(), 60, daemon, "a publish retry")
+        time.sleep(2.0)  # several retry rounds while the share is away
+        assert not layout.out["a"].exists(), "the daemon re-created an unmounted output root on the local disk"
+        assert files_under(away) == []
+        away.rename(layout.out["a"])
+        wait_for(lambda: _settled(layout, inputs), 90, daemon, "every file published")
+        _assert_clean(layout, inputs)
+        assert daemon.running()
+    finally:
+        if away.exists() and not layout.out["a"].exists():
+            away.rename(layout.out["a"])
+        assert daemon.stop() == 0
+
+
+def _can_mount() -> bool:
+    return os.geteuid() == 0 and subprocess.run(["which", "mount"], capture_output=True).returncode == 0
+
+
+def _fill(directory: Path) -> Path:
+    """Fill the filesystem of ``directory`` to the last byte; returns the filler file."""
+    filler = directory / "filler.bin"
+    with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 4096)
+    return filler
+
+
+def test_output_disk_full_then_space_freed(tmp_path):
+    """A full output disk (a tiny tmpfs when root, else injected ENOSPC) delays publishing; nothing is lost."""
+    mounted = False
+    env = {}
+    if _can_mount():
+        config, layout = write_config(tmp_path)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(layout.out["a"])],
+                                 capture_output=True).returncode == 0
+    if not mounted:
+        config, layout = write_config(tmp_path / "fp")
+        env = {"GPEN_WATCH_FAILPOINTS": "publish=raise:enospc*6"}
+    try:
+        filler = _fill(layout.out["a"]) if mounted else None
+        daemon = Daemon(config, env=env).start()
+        try:
+            wait_ready(daemon)
+            inputs = {("a", f"d{i}.jpg"): small_face_photo(i) for i in range(5)}
+            for (_, rel), data in inputs.items():
+                drop(layout.hot["a"] / rel, data)
+            wait_for(lambda: os.strerror(errno.ENOSPC) in daemon.log_text(), 60, daemon, "a disk-full retry")
+            if filler is not None:
+                time.sleep(1.5)
+                assert [p for p in files_under(layout.out["a"]) if p != filler] == []
+                assert temp_leftovers(layout) == []
+                filler.unlink()
+            wait_for(lambda: _settled(layout, inputs), 90, daemon, "every file published")
+            _assert_clean(layout, inputs)
+            assert daemon.running()
+        finally:
+            assert daemon.stop() == 0
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(layout.out["a"])], check=False)
+
+
+def test_sources_replaced_or_deleted_while_queued(tmp_path):
+    """A replaced source publishes its new bytes; a deleted one is recorded as gone with nothing published."""
+    config, layout = write_config(tmp_path)
+    # The first batch sits in the device for a while, so the others are queued (and the first in flight).
+    daemon = Daemon(config, env={"GPEN_WATCH_FAILPOINTS": "generate=sleep:5*1"}).start()
+    hot = layout.hot["a"]
+    try:
+        wait_ready(daemon)
+        inputs = {("a", f"q{i:02d}.jpg"): small_face_photo(i) for i in range(12)}
+        for (_, rel), data in inputs.items():
+            drop(hot / rel, data)
+
+        def first_in_flight() -> bool:
+            with JobTable.open(tmp_path / "state" / "jobs.sqlite3") as table:
+                job = table.latest(str(hot), "q00.jpg")
+                return job is not None and job.state == "processing"
+
+        wait_for(first_in_flight, 60, daemon, "the first batch in flight")
+        new = {rel: face_photo(50 + i, width=300) for i, rel in enumerate(("q01.jpg", "q10.jpg"))}
+        for rel, data in new.items():  # q01 was already read by the batch in flight; q10 is queued
+            drop(hot / rel, data)
+            inputs[("a", rel)] = data
+        for rel in ("q02.jpg", "q11.jpg"):  # q02 in flight, q11 queued
+            (hot / rel).unlink()
+            del inputs[("a", rel)]
+        wait_for(lambda: _settled(layout, inputs), 90, daemon, "every remaining file settled")
+        wait_for(lambda: files_under(hot) == [], 20, daemon, "hot folder empty")
+        _assert_clean(layout, inputs)
+        for rel in new:
+            with Image.open(layout.out["a"] / rel) as im:
+                assert im.width == 300, f"{rel}: the result is not made from the new bytes"
+        for rel in ("q02.jpg", "q11.jpg"):
+            stem = rel.removesuffix(".jpg")
+            for root in (layout.out["a"], layout.backup["a"], layout.failed["a"]):
+                assert [p for p in files_under(root) if p.name.startswith(stem)] == [], (rel, root)
+        with JobTable.open(tmp_path / "state" / "jobs.sqlite3") as table:
+            assert {table.latest(str(hot), rel).state for rel in ("q02.jpg", "q11.jpg")} == {"gone"}
+        assert "file vanished" in daemon.log_text()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_stalled_writer_and_engine_oom_lose_nothing(tmp_path):
+    """A writer stalling far longer than the stability delay, and three engine OOMs: every file is published."""
+    config, layout = write_config(tmp_path, stability_delay=0.3, max_ready_wait=8.0)
+    daemon = Daemon(config, env={"GPEN_WATCH_FAILPOINTS": "generate=raise:oom*3"}).start()
+    hot = layout.hot["a"]
+    try:
+        wait_ready(daemon)
+        inputs = {("a", f"o{i}.jpg"): small_face_photo(i) for i in range(8)}
+        for (_, rel), data in inputs.items():
+            drop(hot / rel, data)
+        for rel, data in (("stall-a.jpg", face_photo(7)), ("stall-b.png", face_photo(8, "PNG"))):
+            inputs[("a", rel)] = data
+            with open(hot / rel, "wb") as fh:
+                fh.write(data[: len(data) // 3])
+                fh.flush()
+                time.sleep(3.0)  # ten times the stability delay, with a decodable-looking prefix on disk
+                fh.write(data[len(data) // 3:])
+        wait_for(lambda: _settled(layout, inputs), 120, daemon, "every file published")
+        _assert_clean(layout, inputs)
+        assert "batch failed; its files are retried" in daemon.log_text()
+        assert daemon.running()
+    finally:
+        assert daemon.stop() == 0
+
+
+def _untouched(layout: Layout, inputs: dict[tuple[str, str], bytes]) -> bool:
+    return all((layout.hot[f] / rel).read_bytes() == data for (f, rel), data in inputs.items()) and all(
+        files_under(d) == [] for d in (*layout.out.values(), *layout.backup.values(), *layout.failed.values())
+    )
+
+
+def test_locked_job_table_stops_start_with_a_clear_error(tmp_path):
+    """A job table locked by another process: start fails saying so, exit status non-zero, sources untouched."""
+    config, layout = write_config(tmp_path, extra="")
+    inputs = {("a", f"l{i}.jpg"): small_face_photo(i) for i in range(3)}
+    for (_, rel), data in inputs.items():
+        drop(layout.hot["a"] / rel, data)
+    db = tmp_path / "state" / "jobs.sqlite3"
+    JobTable.open(db).close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        daemon = Daemon(config).start()
+        code = daemon.wait(120)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert code != 0
+    assert "is locked" in daemon.log_text()
+    assert _untouched(layout, inputs)
+
+
+def test_corrupted_job_table_stops_start_then_recovers_when_moved_aside(tmp_path):
+    """A corrupted job table: start fails saying so, no source touched; moved aside, every file is processed."""
+    config, layout = write_config(tmp_path)
+    inputs = {("a", f"c{i}.jpg"): small_face_photo(i) for i in range(4)}
+    for (_, rel), data in inputs.items():
+        drop(layout.hot["a"] / rel, data)
+    db = tmp_path / "state" / "jobs.sqlite3"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    db.write_bytes(b"SQLite format 3\0" + os.urandom(8192))
+    daemon = Daemon(config).start()
+    assert daemon.wait(120) != 0
+    assert "corrupted" in daemon.log_text()
+    assert _untouched(layout, inputs)
+    db.rename(db.with_name("jobs.sqlite3.broken"))
+    second = Daemon(config).start()
+    try:
+        wait_for(lambda: _settled(layout, inputs), 120, second, "every file published")
+        _assert_clean(layout, inputs)
+    finally:
+        assert second.stop() == 0
