@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass, field
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import imageio
@@ -36,6 +37,7 @@ from .align import similarity_transform
 from .detect import detect_faces
 from .masks import rectangle_mask
 from .options import EngineOptions, Preset
+from .stylegan2 import Blur, fused_leaky_relu
 from .types import EngineError, RestoredImage
 
 STAGES = ("decode", "detect", "align", "generate", "paste", "encode")
@@ -139,23 +141,39 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
     return buf.getvalue()
 
 
-def synthetic_sets(seed: bytes, *, max_pixels: int = 100_000_000) -> dict[str, list[bytes]]:
+def synthetic_sets(seed: bytes, *, detector: nn.Module | None = None, portraits: int = 0,
+                   max_pixels: int = 100_000_000) -> dict[str, list[bytes]]:
     """Benchmark photo sets built from one seed photo that has faces (the Solvay group photo).
 
     ``photo``: the seed itself, bytes unchanged. ``24mp``: a 6000x4000 JPEG made by upscaling a crop of the
-    seed's densest part (a few faces, each then a few hundred pixels wide), the kind of camera file where
-    full-frame work per face dominates.
+    seed's central part (about ten faces, each then several hundred pixels wide), the kind of camera file
+    where full-frame work per face dominates. ``portraits`` (when a detector is given and ``portraits`` > 0):
+    that many 1280x1920 single-portrait JPEGs, each framed around one face the detector finds in the seed.
     """
     rgb = imageio.decode(seed, max_pixels=max_pixels).rgb
     h, w = rgb.shape[:2]
-    # A 3:2 crop of the central upper part, where the seated and standing rows overlap.
     cw = max(16, w // 3)
     ch = max(16, cw * 2 // 3)
     x0 = max(0, (w - cw) // 2)
     y0 = max(0, min(h - ch, h // 6))
     crop = rgb[y0 : y0 + ch, x0 : x0 + cw]
     big = cv2.resize(crop, (6000, 4000), interpolation=cv2.INTER_CUBIC)
-    return {"photo": [seed], "24mp": [encode_jpeg(big)]}
+    sets = {"photo": [seed], "24mp": [encode_jpeg(big)]}
+    if detector is not None and portraits > 0:
+        faces = detect_faces(detector, [rgb], long_side=1000)[0]
+        sets["portraits"] = [portrait(rgb, faces[i % len(faces)].box) for i in range(portraits)] if faces else []
+    return sets
+
+
+def portrait(rgb: np.ndarray, box: np.ndarray, size: tuple[int, int] = (1280, 1920)) -> bytes:
+    """A single-portrait JPEG of ``size`` (width, height): the face of ``box`` fills ~60% of the width,
+    so its neighbours in a group photo fall outside the frame."""
+    out_w, out_h = size
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    scale = out_w / (1.6 * max(box[2] - box[0], box[3] - box[1]))
+    matrix = np.array([[scale, 0, out_w / 2 - scale * cx], [0, scale, out_h / 2 - scale * cy]])
+    framed = cv2.warpAffine(rgb, matrix, (out_w, out_h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+    return encode_jpeg(framed)
 
 
 # ------------------------------------------------------------------------------------ passes
@@ -292,6 +310,80 @@ def engine_pass(
 # ------------------------------------------------------------------------------------ baseline
 
 
+def _per_channel_fir(x: Tensor, kernel: Tensor, *, up: int = 1, pad: tuple[int, int] = (0, 0)) -> Tensor:
+    """FIR resampling as the official pure-PyTorch fallback lays it out: every channel of every sample
+    becomes its own one-channel image (N*C, 1, H, W), zero-stuffed, padded and filtered by one conv."""
+    n, c, h, w = x.shape
+    y = x.reshape(n * c, 1, h, w)
+    if up > 1:
+        y = F.pad(y.reshape(n * c, 1, h, 1, w, 1), [0, up - 1, 0, 0, 0, up - 1])
+        y = y.reshape(n * c, 1, h * up, w * up)
+    p0, p1 = pad
+    y = F.pad(y, [max(p0, 0), max(p1, 0), max(p0, 0), max(p1, 0)])
+    y = y[:, :, max(-p0, 0) : y.shape[2] - max(-p1, 0), max(-p0, 0) : y.shape[3] - max(-p1, 0)]
+    y = F.conv2d(y, torch.flip(kernel, [0, 1]).to(y.dtype)[None, None])
+    return y.reshape(n, c, y.shape[2], y.shape[3])
+
+
+def _grouped_modulated_conv(conv: nn.Module, x: Tensor, style: Tensor) -> Tensor:
+    """StyleGAN2's modulated convolution as the official code computes it: a weight per sample
+    (scaled by the style, demodulated), run as one grouped convolution with ``groups = batch``."""
+    n, cin, h, w = x.shape
+    s = conv.modulation(style).float()
+    weight = conv.scale * conv.weight.float() * s.view(n, 1, cin, 1, 1)  # (N, out, in, k, k)
+    if conv.demodulate:
+        weight = weight * torch.rsqrt(weight.square().sum((2, 3, 4)) + 1e-8).view(n, -1, 1, 1, 1)
+    cout, k = weight.shape[1], weight.shape[-1]
+    if conv.upsample:
+        per_sample = weight.transpose(1, 2).reshape(n * cin, cout, k, k)
+        out = F.conv_transpose2d(x.reshape(1, n * cin, h, w), per_sample, stride=2, groups=n)
+        out = out.reshape(n, cout, out.shape[2], out.shape[3])
+        return _per_channel_fir(out, conv.blur.kernel, pad=conv.blur.pad)
+    out = F.conv2d(x.reshape(1, n * cin, h, w), weight.reshape(n * cout, cin, k, k), padding=k // 2, groups=n)
+    return out.reshape(n, cout, h, w)
+
+
+def _official_styled(layer: nn.Module, x: Tensor, w: Tensor, feature: Tensor) -> Tensor:
+    out = _grouped_modulated_conv(layer.conv, x, w)
+    out = torch.cat((out, layer.noise.weight.float() * feature.float()), dim=1)
+    return fused_leaky_relu(out, layer.activate.bias.float())
+
+
+def _official_to_rgb(layer: nn.Module, x: Tensor, w: Tensor, skip: Tensor | None) -> Tensor:
+    out = _grouped_modulated_conv(layer.conv, x, w) + layer.bias.float()
+    if skip is None:
+        return out
+    # StyleGAN2's skip upsampling: zero-stuff by 2, pad (2, 1), the 4-tap FIR kernel of the weight file.
+    return out + _per_channel_fir(skip, layer.upsample.kernel, up=2, pad=(2, 1))
+
+
+@torch.inference_mode()
+def official_forward(generator: nn.Module, x: Tensor) -> Tensor:
+    """The same GPEN generator and weights, computed the way the official implementation does on a
+    machine without its CUDA extensions: float32, grouped modulated convolutions, per-channel FIR filters.
+
+    Same function as ``generator(x)`` (tests check it); only the formulation, and so the speed, differs.
+    """
+    h = x.float()
+    features = []
+    for layer in generator.encoder():
+        for module in layer[0]:
+            is_blur = isinstance(module, Blur)
+            h = _per_channel_fir(h, module.kernel, pad=module.pad) if is_blur else module(h.float())
+        features.append(h.float())
+    z = generator.final_linear(h.flatten(1)).float()
+    synth = generator.generator
+    w = synth.style(z).float()
+    features.reverse()
+    out = _official_styled(synth.conv1, synth.input(x.shape[0]).float(), w, features[0])
+    rgb = _official_to_rgb(synth.to_rgb1, out, w, None)
+    for i, to_rgb in enumerate(synth.to_rgbs):
+        out = _official_styled(synth.convs[2 * i], out, w, features[i + 1])
+        out = _official_styled(synth.convs[2 * i + 1], out, w, features[i + 1])
+        rgb = _official_to_rgb(to_rgb, out, w, rgb)
+    return rgb
+
+
 def baseline_restore(
     rgb: np.ndarray,
     *,
@@ -305,7 +397,8 @@ def baseline_restore(
 ) -> tuple[np.ndarray, int, dict[str, float]]:
     """Restore ``rgb`` as the official GPEN scripts do: one face at a time, whole-frame work per face.
 
-    Per face: an OpenCV warp of the crop, the generator on a batch of one, then the restored face and its
+    Per face: an OpenCV warp of the crop, the generator on a batch of one in the official formulation
+    (``official_forward``: float32, grouped modulated convolutions), then the restored face and its
     mask are each warped back over the *whole* frame, and the frame-sized mask and image are updated
     where this face's mask is larger; one final whole-frame blend. Same detector, generator and
     rectangle mask as the engine, none of the engine's batching or region-of-interest paste.
@@ -331,8 +424,7 @@ def baseline_restore(
         x = torch.from_numpy(crop).permute(2, 0, 1)[None].to(device, torch.float32) / 127.5 - 1
         ms["align"] += (time.perf_counter() - t) * 1000
         t = time.perf_counter()
-        with torch.inference_mode():
-            y = generator(x)
+        y = official_forward(generator, x)
         out = ((y[0].float().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).round().byte().cpu().numpy()
         ms["generate"] += (time.perf_counter() - t) * 1000
         t = time.perf_counter()
@@ -550,6 +642,8 @@ __all__ = [
     "format_report",
     "generator_flops",
     "measure_matmul",
+    "official_forward",
+    "portrait",
     "run_benchmark",
     "sweep_generator",
     "synthetic_sets",

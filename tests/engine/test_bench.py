@@ -54,6 +54,26 @@ class TestFlops:
         assert all(p.requires_grad for p in generator.parameters())  # flags restored afterwards
 
 
+class TestOfficialFormulation:
+    def test_official_forward_is_the_same_function(self) -> None:
+        """The baseline's grouped-convolution generator computes what the engine's generator computes."""
+        torch.manual_seed(0)
+        generator = create_generator(GpenArch(32, channel_multiplier=1, narrow=0.0625)).eval()
+        with torch.no_grad():
+            for name, p in generator.named_parameters():
+                if name.endswith("noise.weight"):
+                    p.fill_(0.7)  # zero at init, which would hide the encoder features
+                elif name.endswith("bias"):
+                    p.normal_(0, 0.2)
+        x = torch.rand(3, 3, 32, 32) * 2 - 1
+        with torch.inference_mode():
+            expected = generator(x)
+        actual = bench.official_forward(generator, x)
+        assert expected.shape == actual.shape
+        assert torch.allclose(expected, actual, rtol=1e-4, atol=1e-4)
+        assert expected.std() > 0.01
+
+
 class TestSyntheticSets:
     def test_24mp_photo_has_several_faces(self) -> None:
         """The synthetic camera-size photo is 6000x4000 and the real detector finds several faces in it."""
@@ -63,6 +83,18 @@ class TestSyntheticSets:
         assert big.shape == (4000, 6000, 3)
         faces = detect_faces(load_detector(DETECTOR, "mobile0.25", "cpu"), [big], long_side=1000)[0]
         assert len(faces) >= 4
+
+    def test_portraits_frame_one_face_each(self) -> None:
+        """Each synthetic portrait is 1280x1920 and its largest detected face sits in the middle."""
+        detector = load_detector(DETECTOR, "mobile0.25", "cpu")
+        sets = bench.synthetic_sets(SOLVAY.read_bytes(), detector=detector, portraits=2)
+        for data in sets["portraits"]:
+            rgb = imageio.decode(data).rgb
+            assert rgb.shape == (1920, 1280, 3)
+            face = detect_faces(detector, [rgb], long_side=1000)[0][0]
+            center = (face.box[:2] + face.box[2:]) / 2
+            assert np.abs(center - (640, 960)).max() < 100
+            assert face.size > 500
 
 
 class TestBaseline:
