@@ -72,7 +72,7 @@ def command(args: Any) -> int:
     report = run_benchmark(
         bench_models, engine_options(settings, preset), sets, model_name=preset.model,
         random_weights=bool(args.random_weights), repeat=max(1, args.repeat), baseline=bool(args.baseline),
-        io_threads=settings.io_threads, log=log,
+        io_threads=settings.io_threads, images_per_call=max(8, preset.batch_size), log=log,
     )
     print(format_report(report))
     if args.json:
