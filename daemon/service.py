@@ -694,9 +694,9 @@ class Service:
             structlog.contextvars.unbind_contextvars("folder", "path")
 
     def _encode(self, item: Prepared, outcome: RestoredImage, opts: EngineOptions) -> tuple[bytes, str]:
-        same_size = outcome.rgb.shape == item.image.rgb.shape
-        if not outcome.faces and same_size and opts.encode.format in (None, item.image.format):
-            # Nothing changed: publish the original bytes rather than a re-encoded copy.
+        if not outcome.faces and opts.encode.format in (None, item.image.format):
+            # No face, nothing restored: publish the original bytes, not a re-encoded copy; and not the engine's
+            # working image either, which max_long_side may have scaled down.
             return item.data, Path(item.job.relpath).suffix
         data, fmt = imageio.encode(item.image, outcome.rgb, options=opts.encode)
         ext = Path(item.job.relpath).suffix if fmt == item.image.format else imageio.extension_for(fmt)
