@@ -518,11 +518,13 @@ def run_load(root: Path, *, per_folder: int, trickle: int, trickle_every: float 
         published_at: dict[str, float] = {}
 
         def all_settled() -> bool:
-            acc = account(layout, inputs, read=False)
+            alive = feeder.is_alive()
+            wanted = dict(inputs)  # a copy: the feeder thread adds to ``inputs`` meanwhile
+            acc = account(layout, wanted, read=False)
             now = time.monotonic()
             for key in (*acc.published, *acc.failed):
                 published_at.setdefault(key, now)
-            return not feeder.is_alive() and acc.settled == len(inputs)
+            return not alive and acc.settled == len(wanted)
 
         wait_for(all_settled, timeout, daemon, "every file settled")
         seconds = time.monotonic() - started
