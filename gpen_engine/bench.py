@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import imageio
 from .align import similarity_transform
 from .detect import detect_faces
+from .gpen import GpenArch, create_generator
 from .masks import rectangle_mask
 from .options import EngineOptions, Preset
 from .stylegan2 import Blur, fused_leaky_relu
@@ -86,7 +87,21 @@ def compute_dtype(generator: nn.Module) -> torch.dtype:
 
 
 def generator_flops(generator: nn.Module, size: int, device: torch.device) -> float:
-    """FLOPs of one face through the generator, counted on a real forward pass."""
+    """FLOPs of one face through the generator, counted on a forward pass.
+
+    Counted on a copy of the architecture on the ``meta`` device when the module names its ``arch``: the
+    figure then belongs to the model (it matches the published GFLOPs per face), not to whichever
+    kernels a device path happens to use, and nothing is computed.
+    """
+    arch = getattr(generator, "arch", None)
+    if isinstance(arch, GpenArch):
+        with torch.device("meta"):
+            model = create_generator(arch).eval()
+        return _count_flops(model, size, torch.device("meta"))
+    return _count_flops(generator, size, device)
+
+
+def _count_flops(generator: nn.Module, size: int, device: torch.device) -> float:
     flags = [p.requires_grad for p in generator.parameters()]
     # The counter's module tracker wants autograd nodes for tensors that require grad; inference has none.
     generator.requires_grad_(False)
