@@ -38,7 +38,7 @@ ACTIVE_STATES = ("pending", "ready", "processing", "retry")
 TERMINAL_STATES = ("done", "failed", "skipped", "gone")
 STATES = ACTIVE_STATES + TERMINAL_STATES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class JobTableError(Exception):
@@ -70,6 +70,7 @@ class Job:
     created_at: float
     updated_at: float
     next_attempt_at: float | None
+    crashes: int = 0  # starts at which this job was found in flight (the process died holding it)
 
 
 _COLUMNS = ", ".join(Job.__dataclass_fields__)
@@ -113,6 +114,9 @@ def _run_script(con: sqlite3.Connection, script: str) -> None:
 
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: lambda con: _run_script(con, _SCHEMA_V1),
+    # Crashes are counted apart from attempts: transient retries (disk full, share gone, OOM) must not make a
+    # single crash look like a file that keeps killing the daemon.
+    1: lambda con: _run_script(con, "ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0"),
 }
 
 
@@ -528,17 +532,21 @@ class JobTable:
 
         """At start-up: this instance's ``processing`` rows (a crash left them) go back to ``ready``.
 
-        Output and backup targets stay, so the redo publishes under the same names. With ``max_attempts``, a
-        job that was in flight that many times already fails instead (stage ``crash``): a file that kills the
-        process (a decompression bomb, a driver crash) must not crash the daemon forever. Returns how many
-        were requeued.
+        Output and backup targets stay, so the redo publishes under the same names. With ``max_attempts``
+        (start-up after a crash), each such row counts one crash, and a job found in flight at that many crashes
+        fails instead (stage ``crash``): a file that kills the process (a decompression bomb, a driver crash)
+        must not crash the daemon forever. Only crashes count, not attempts: a file retried for transient errors
+        is not given up on at its first crash. Returns how many were requeued.
 
         """
         with self._tx() as con:
             if max_attempts is not None:
                 con.execute(
+                    "UPDATE jobs SET crashes = crashes + 1 WHERE state = 'processing' AND owner = ?", (self._owner,)
+                )
+                con.execute(
                     "UPDATE jobs SET state = 'failed', error_stage = 'crash', last_error = ?, updated_at = ? "
-                    "WHERE state = 'processing' AND owner = ? AND attempts >= ?",
+                    "WHERE state = 'processing' AND owner = ? AND crashes >= ?",
                     (
                         f"the daemon stopped while processing this file {max_attempts} times; giving up",
                         time.time(),

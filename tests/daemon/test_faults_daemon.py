@@ -255,3 +255,46 @@ def test_corrupted_job_table_stops_start_then_recovers_when_moved_aside(tmp_path
         _assert_clean(layout, inputs)
     finally:
         assert second.stop() == 0
+
+
+def test_transient_retries_do_not_count_as_crashes(tmp_path):
+    """A file retried for transient errors (disk full, share gone) is not given up on at its first crash."""
+    with JobTable.open(tmp_path / "jobs.sqlite3") as table:
+        job = table.note_candidate("/hot", "busy.jpg", "test")
+        table.mark_ready(job.id, 10, 1, "ab" * 32)
+        for _ in range(5):  # five transient failures: claimed, then retried later
+            table.claim("test", 1, now=time.time() + 10_000)
+            table.retry_later(job.id, "publish: disk full", 0.0)
+        table.claim("test", 1, now=time.time() + 10_000)  # in flight when the process is killed
+        assert table.requeue_in_flight(max_attempts=5) == 1
+        row = table.get(job.id)
+        assert (row.state, row.crashes) == ("ready", 1)
+        for _ in range(4):  # but a file that really keeps killing the daemon is still given up on
+            table.claim("test", 1)
+            table.requeue_in_flight(max_attempts=5)
+        assert (table.get(job.id).state, table.get(job.id).error_stage) == ("failed", "crash")
+
+
+def test_crash_verdict_does_not_fall_on_a_new_file_of_the_same_name(tmp_path):
+    """After a file is given up on for crashing the daemon, a different file dropped under its name is processed."""
+    config, layout = write_config(tmp_path, extra="max_attempts = 1")
+    hot = layout.hot["a"]
+    drop(hot / "same.jpg", small_face_photo(1))
+    first = Daemon(config, env={"GPEN_WATCH_FAILPOINTS": "generate=exit"}).start()
+    assert first.wait(120) == 137
+    second = Daemon(config).start()  # gives up on same.jpg: failed/ with a crash sidecar
+    try:
+        wait_for(lambda: (layout.failed["a"] / "same.jpg.error.json").is_file(), 60, second, "the crash verdict")
+    finally:
+        assert second.stop() == 0
+    newer = face_photo(2)
+    drop(hot / "same.jpg", newer)
+    third = Daemon(config).start()
+    try:
+        wait_for(lambda: (layout.out["a"] / "same.jpg").is_file() or (layout.failed["a"] / "same (1).jpg").exists(),
+                 60, third, "the new file settled")
+        wait_for(lambda: (layout.backup["a"] / "same.jpg").is_file(), 30, third, "its backup")
+    finally:
+        assert third.stop() == 0
+    assert (layout.backup["a"] / "same.jpg").read_bytes() == newer
+    assert sorted(p.name for p in files_under(layout.failed["a"])) == ["same.jpg", "same.jpg.error.json"]
