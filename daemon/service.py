@@ -214,12 +214,17 @@ class Service:
             folder = self.folders.get(job.folder)
             if job.error_stage != "crash" or folder is None:
                 continue
+            latest = self.jobs.latest(job.folder, job.relpath)
+            if latest is None or latest.id != job.id:
+                continue  # a newer file of that name has its own row: it is not the one that crashed us
             with contextlib.suppress(UnsafePath, OSError):
                 source = safe_join(folder.path, job.relpath)
-                if os.path.lexists(source):
-                    info = self._failure_info(job, folder, "crash", job.last_error or "the daemon died processing it")
-                    publish.write_failure(folder.failed, job.relpath, source, None, info)
-                    log.error("file failed after repeated crashes", folder=job.folder, path=job.relpath)
+                st = os.lstat(source)
+                if job.size is not None and (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
+                    continue  # replaced since (or dropped again while we were down): new work, not this verdict
+                info = self._failure_info(job, folder, "crash", job.last_error or "the daemon died processing it")
+                publish.write_failure(folder.failed, job.relpath, source, None, info)
+                log.error("file failed after repeated crashes", folder=job.folder, path=job.relpath)
 
     def main_loop(self) -> None:
         interval = self.notifier.watchdog_interval()
