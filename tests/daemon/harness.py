@@ -437,6 +437,9 @@ def run_kill_rounds(root: Path, *, files: int, kills: int, seed: int, max_delay:
     import random
 
     rng = random.Random(seed)
+    # The crash-loop guard gives up on a file found in flight at max_attempts crashes; random kills can hit the
+    # same batch that often, and the guard cannot tell them from a file that kills the daemon. Raised here so the
+    # figures count what the kills did to good files, not the guard's (documented) verdict.
     config, layout = write_config(root, extra="max_attempts = 50")
     inputs = {("a", f"k{i:04d}.jpg"): small_face_photo(i) for i in range(files)}
     # Files arrive in waves, one before each start, so that every round has work in flight when it is killed.
