@@ -36,6 +36,11 @@ def make_blur_kernel(taps: Sequence[float]) -> Tensor:
     return k2 / k2.sum()
 
 
+def _gpu_formulation(x: Tensor) -> bool:
+    """Whether to use the formulations measured faster on CUDA (same results up to float rounding)."""
+    return x.device.type == "cuda"
+
+
 def _writes_in_place(*tensors: Tensor) -> bool:
     """In-place ops and ``out=`` save a pass and an allocation, but only when autograd is not recording."""
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
@@ -169,36 +174,30 @@ def _fir_upsample_phases(kernel: Tensor) -> Tensor:
     return taps.permute(0, 2, 1, 3).reshape(4, 3, 3)
 
 
-def transposed_conv(x: Tensor, weight: Tensor, *, phases: bool | None = None) -> Tensor:
-    """``conv_transpose2d(x, W, stride=2)`` for a 3x3 ``weight`` laid out (out, in, 3, 3).
+def upsample_conv(x: Tensor, weight: Tensor, blur: Blur) -> Tensor:
+    """``conv_transpose2d(x, W, stride=2)`` followed by ``blur``: (N, in, H, W) -> (N, out, 2H, 2W).
 
-    oneDNN (CPU) runs the transposed convolution well. cuDNN runs it 2-4x slower than an ordinary
-    convolution doing 16/9 of the work (and gave run-to-run differences here), so on CUDA the four
-    output phases (2x2, 2x1, 1x2 and 1x1 taps) are packed into one 2x2 convolution and interleaved by a
-    pixel shuffle; that result carries one extra zero row and column at the end, which a following
-    zero-padded blur treats exactly like padding.
+    oneDNN (CPU) runs the transposed convolution well, and the blur is cheap there. cuDNN runs transposed
+    convolutions slowly (and gave run-to-run differences here) and depthwise blurs very slowly, so on CUDA
+    both are folded into one ordinary 3x3 convolution producing the four output phases, interleaved by a
+    pixel shuffle (see ``_upsample_phases``): more multiply-adds, far less time.
     """
-    if phases is None:
-        phases = x.device.type == "cuda"
-    if not phases:
-        return F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
-    return F.pixel_shuffle(F.conv2d(x, _transposed_conv_phases(weight), padding=1), 2)
+    if _gpu_formulation(x):
+        return F.pixel_shuffle(F.conv2d(x, _upsample_phases(weight, blur.kernel), padding=1), 2)
+    return blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2))
 
 
-def _transposed_conv_phases(weight: Tensor) -> Tensor:
-    """(out, in, 3, 3) -> (4 * out, in, 2, 2), output channels ordered (out, row phase, column phase).
+def _upsample_phases(weight: Tensor, kernel: Tensor) -> Tensor:
+    """(out, in, 3, 3) weight + (4, 4) blur -> (4 * out, in, 3, 3), channels ordered (out, row, column phase).
 
-    In 1-D, y[2m] = w0 x[m] + w2 x[m-1] and y[2m+1] = w1 x[m]: as 2-tap correlations over (x[m-1], x[m])
-    phase 0 uses (w2, w0) and phase 1 uses (0, w1). With one zero in front (wz), those are wz[3], wz[1]
-    and wz[0], wz[2].
+    In 1-D the transposed conv followed by the blur (padding 1) is a transposed conv with c = w * k (full
+    convolution, 6 taps) and padding 2: z[2n + r] = c[r + 4] x[n - 1] + c[r + 2] x[n] + c[r] x[n + 1].
+    With cf = c reversed, the taps over (x[n - 1], x[n], x[n + 1]) are cf[1 - r::2].
     """
     out_c, in_c = weight.shape[:2]
-    wz = F.pad(weight, (1, 0, 1, 0))
-    wf = torch.flip(wz, [2])  # wz[3], wz[1] are wf[0], wf[2]
-    rows = torch.stack((wf[:, :, 0::2], wz[:, :, 0::2]), dim=2)  # (out, in, r, t, 4)
-    rf = torch.flip(rows, [4])
-    taps = torch.stack((rf[..., 0::2], rows[..., 0::2]), dim=4)  # (out, in, r, t, c, u)
-    return taps.permute(0, 2, 4, 1, 3, 5).reshape(out_c * 4, in_c, 2, 2)
+    cf = torch.flip(fold_blur(weight, torch.flip(kernel, [0, 1])), [2, 3])  # fold_blur(w, flip k) = w * k
+    rows = [torch.stack([cf[:, :, 1 - r :: 2, 1 - s :: 2] for s in (0, 1)], dim=1) for r in (0, 1)]
+    return torch.stack(rows, dim=1).reshape(out_c * 4, in_c, 3, 3)
 
 
 class ModulatedConv2d(nn.Module):
@@ -206,7 +205,7 @@ class ModulatedConv2d(nn.Module):
 
     Computed as ``demod * conv(x * s, W)``: exact, and batch-friendly because every sample shares W.
     With ``upsample`` it is a stride-2 transposed convolution followed by the blur, as in the paper
-    (see ``transposed_conv``); demodulation is a per-channel scale, so it is applied after the blur.
+    (see ``upsample_conv``); demodulation is a per-channel scale, so it is applied after the blur.
     A 1x1 convolution (ToRGB, 3 outputs) modulates the tiny weight per sample instead of the input.
     """
 
@@ -232,8 +231,7 @@ class ModulatedConv2d(nn.Module):
         weight = self.weight[0].to(x.dtype)
         x = x * s.to(x.dtype)[:, :, None, None]
         if self.upsample:
-            h, w = x.shape[-2:]
-            out = self.blur(transposed_conv(x, weight))[:, :, : 2 * h, : 2 * w]
+            out = upsample_conv(x, weight, self.blur)
         else:
             out = F.conv2d(x, weight, padding=self.kernel_size // 2)
         if self.demodulate:
@@ -332,7 +330,18 @@ class ConvLayer(nn.Sequential):
     """Encoder layer: [blur, stride-2] equalized conv, fused bias + leaky ReLU.
 
     A Sequential so that the official keys (``0.kernel``, ``1.weight``, ``2.bias``) come out as is.
+    On CUDA the blur is folded into the strided conv (one 6x6 stride-2 conv, see ``fold_blur``), run as
+    a space-to-depth 3x3 conv: cuDNN's depthwise kernels on channels-last tensors took 40% of the whole
+    generator's time, and it picks slow non-tensor-core kernels for 6x6 stride-2 convolutions.
     """
+
+    def forward(self, x: Tensor) -> Tensor:
+        first = self[0]
+        if not (isinstance(first, Blur) and _gpu_formulation(x)):
+            return super().forward(x)
+        conv, activate = self[1], self[2]
+        weight = fold_blur(conv.weight.float() * conv.scale, first.kernel.float()).to(x.dtype)
+        return activate(_stride2_conv_space_to_depth(x, weight, first.pad[0]))
 
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, *, downsample: bool = False,
                  blur_taps: Sequence[float] = BLUR_KERNEL) -> None:
@@ -346,6 +355,31 @@ class ConvLayer(nn.Sequential):
                                       bias=False))
         layers.append(FusedLeakyReLU(out_channel))
         super().__init__(*layers)
+
+
+def fold_blur(weight: Tensor, kernel: Tensor) -> Tensor:
+    """The single conv kernel equal to ``Blur(kernel)`` followed by a conv with ``weight``: (o, i, k+3, k+3).
+
+    The blur correlates with the flipped kernel and the conv correlates with ``weight``; two correlations
+    in a row are one correlation with their full convolution, which is ``weight`` padded and correlated
+    with the (unflipped) blur kernel. Strides and padding carry over unchanged.
+    """
+    out_c, in_c, kh, kw = weight.shape
+    th, tw = kernel.shape
+    padded = F.pad(weight.reshape(out_c * in_c, 1, kh, kw), [tw - 1, tw - 1, th - 1, th - 1])
+    return F.conv2d(padded, kernel[None, None]).reshape(out_c, in_c, kh + th - 1, kw + tw - 1)
+
+
+def _stride2_conv_space_to_depth(x: Tensor, weight: Tensor, padding: int) -> Tensor:
+    """``conv2d(x, weight, stride=2, padding=padding)`` for an even-sized kernel, as a stride-1 conv.
+
+    Tap (2p + a, 2q + b) of the kernel meets input pixel (2y + 2p + a, 2x + 2q + b): after a pixel
+    unshuffle by 2 that is channel (c, a, b) at (y + p, x + q), an ordinary conv with half the kernel size.
+    """
+    out_c, in_c, kh, kw = weight.shape
+    w = weight.reshape(out_c, in_c, kh // 2, 2, kw // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    x = F.pixel_unshuffle(F.pad(x, [padding] * 4), 2)
+    return F.conv2d(x, w.reshape(out_c, in_c * 4, kh // 2, kw // 2))
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

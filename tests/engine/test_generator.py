@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from gpen_engine import stylegan2
 from gpen_engine.gpen import DEFAULT_CHUNK_BYTES, VARIANTS, GpenArch, create_generator
 from gpen_engine.precision import prepare_generator, resolve_precision
-from gpen_engine.stylegan2 import Blur, ModulatedConv2d, Upsample, transposed_conv
+from gpen_engine.stylegan2 import Blur, ConvLayer, ModulatedConv2d, Upsample, fold_blur, upsample_conv
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 REPO = Path(__file__).resolve().parents[2]
@@ -67,10 +66,10 @@ class TestGoldenOutputs:
             model.max_chunk_bytes = DEFAULT_CHUNK_BYTES
         assert _max_error(out, expected) < TOLERANCE
 
-    def test_gpu_formulation_of_upsampling_agrees_with_official(self, tiny, monkeypatch) -> None:
-        """The phase-packed transposed convolution used off the CPU gives the official output too."""
+    def test_cuda_formulations_agree_with_official(self, tiny, monkeypatch) -> None:
+        """The CUDA formulations (blur folded into the upsampling and encoder convs) agree too."""
         model, inputs, expected = tiny
-        monkeypatch.setattr(stylegan2, "transposed_conv", partial(transposed_conv, phases=True))
+        monkeypatch.setattr(stylegan2, "_gpu_formulation", lambda x: True)
         with torch.inference_mode():
             out = model(inputs)
         assert _max_error(out, expected) < TOLERANCE
@@ -149,14 +148,27 @@ class TestFastFormulations:
         x = torch.randn(2, 3, 7, 7)
         assert _max_error(up(x), _upfirdn(x, up.kernel, 2, (2, 1))) < 1e-5
 
-    @pytest.mark.parametrize("phases", [False, True])
-    def test_transposed_conv_formulations(self, phases: bool) -> None:
-        """Both stride-2 transposed conv formulations equal conv_transpose2d (phases add a zero border)."""
+    @pytest.mark.parametrize("cuda_formulation", [False, True])
+    def test_upsample_conv_is_transposed_conv_then_blur(self, cuda_formulation: bool, monkeypatch) -> None:
+        """Both upsampling formulations equal conv_transpose2d(stride 2) + blur (pad 1), asymmetric blur."""
+        monkeypatch.setattr(stylegan2, "_gpu_formulation", lambda x: cuda_formulation)
         x, weight = torch.randn(2, 6, 5, 7, dtype=torch.float64), torch.randn(4, 6, 3, 3, dtype=torch.float64)
-        expected = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
-        out = transposed_conv(x, weight, phases=phases)
-        assert _max_error(out[:, :, :11, :15], expected) < 1e-12
-        assert out[:, :, 11:].abs().sum() == 0 and out[:, :, :, 15:].abs().sum() == 0
+        blur = Blur((1, 3, 3, 1), pad=(1, 1), upsample_factor=2).double()
+        blur.kernel = torch.rand(4, 4, dtype=torch.float64)
+        expected = _upfirdn(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2), blur.kernel, 1, (1, 1))
+        assert _max_error(upsample_conv(x, weight, blur), expected) < 1e-12
+
+    def test_blur_then_strided_conv_folds_into_one_conv(self) -> None:
+        """Blur + stride-2 conv is one 6x6 stride-2 conv, which is a 3x3 conv after space-to-depth."""
+        layer = ConvLayer(5, 7, 3, downsample=True).double()
+        layer[0].kernel = torch.rand(4, 4, dtype=torch.float64)
+        x = torch.randn(2, 5, 16, 16, dtype=torch.float64)
+        with torch.no_grad():
+            folded = fold_blur(layer[1].weight * layer[1].scale, layer[0].kernel)
+            expected = layer[1](layer[0](x))
+            assert _max_error(F.conv2d(x, folded, stride=2, padding=2), expected) < 1e-12
+            space_to_depth = stylegan2._stride2_conv_space_to_depth(x, folded, 2)
+            assert _max_error(space_to_depth, expected) < 1e-12
 
     @pytest.mark.parametrize(("kernel_size", "upsample", "demodulate"), [
         (3, False, True), (3, True, True), (1, False, False), (1, False, True),
