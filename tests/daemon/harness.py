@@ -537,6 +537,8 @@ def run_load(root: Path, *, per_folder: int, trickle: int, trickle_every: float 
     assert code == 0, daemon.log_text()[-3000:]
     acc = account(layout, inputs)
     timeline = {key: (dropped_at[key], published_at[key]) for key in published_at if key in dropped_at}
-    note = f"longest wait {max((b - a for a, b in timeline.values()), default=0):.0f} s"
+    longest = max((b - a for a, b in timeline.values()), default=0)
+    trickled = max((b - a for key, (a, b) in timeline.items() if key.startswith("t/")), default=0)
+    note = f"longest wait {longest:.0f} s (bulk), {trickled:.0f} s (trickle)"
     figures = _figures(f"load {3 * per_folder}+{trickle} trickle", layout, inputs, acc, rss, seconds, note)
     return figures, layout, inputs, timeline
