@@ -13,9 +13,11 @@ import hashlib
 import http.client
 import os
 import re
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -122,6 +124,9 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool) -> bool:
         raise _Dropped(f"HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, socket.gaierror):  # offline or no DNS: retrying at once will not help
+            host = urllib.parse.urlsplit(url).hostname
+            raise DownloadError(f"cannot resolve {host} (no network or DNS here?): {reason}") from None
         raise _Dropped(str(reason)) from None
 
     with response:

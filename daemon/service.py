@@ -156,7 +156,11 @@ class Service:
         try:
             self.startup()
         except Exception as exc:  # a start-up failure is fatal and must say why
-            log.error("start-up failed", error=str(exc), exc_info=not isinstance(exc, ConfigError | EngineError))
+            from daemon.jobs import JobTableError
+            from daemon.modelfiles import MissingModelError
+
+            expected = isinstance(exc, ConfigError | EngineError | MissingModelError | JobTableError)
+            log.error("start-up failed", error=str(exc), exc_info=not expected)
             self.notifier.status(f"start-up failed: {exc}")
             self._close()
             return 1
@@ -175,9 +179,11 @@ class Service:
             log.warning("work in flight at the last stop is redone", jobs=requeued)
         self._settle_crash_loops()
         for folder in self.folders.values():
-            # Only below a parent that exists: an unmounted share must not be re-created on the local disk.
-            wanted = [(folder.path, folder.path.parent), (folder.output, folder.output.parent),
-                      (folder.backup, folder.backup.parent), (folder.failed, folder.failed.parent)]
+            # The --root layout is ours to create; configured folders only below a parent that exists,
+            # so that an unmounted share is never re-created on the local disk.
+            own_root = self.settings.root.expanduser().absolute() if not self.settings.folders and self.settings.root \
+                else None
+            wanted = [(d, own_root or d.parent) for d in (folder.path, folder.output, folder.backup, folder.failed)]
             if folder.done is not None:
                 wanted.append((folder.done, folder.backup.parent))
             for d, anchor in wanted:
@@ -301,6 +307,9 @@ class Service:
         from gpen_engine.restorer import load_engine_models
 
         table = models_of(self.settings)
+        # Fetch (or report) every missing file of every preset at once, not one preset per start.
+        ensure_models(self.settings, sorted({n for p in presets.values() for n in preset_models(p)}),
+                      download=self.settings.download, log=log.info)
         restorers: dict[str, Restorer] = {}
         for name, preset in presets.items():
             request = preset.device if preset.device != "auto" else self.settings.device
