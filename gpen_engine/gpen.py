@@ -28,8 +28,8 @@ class GpenArch:
     narrow: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.size < 8 or self.size & (self.size - 1):
-            raise ValueError(f"GPEN size must be a power of two >= 8, got {self.size}")
+        if not 8 <= self.size <= 2048 or self.size & (self.size - 1):
+            raise ValueError(f"GPEN size must be a power of two from 8 to 2048, got {self.size}")
 
     def channels(self, resolution: int) -> int:
         """Feature channels at ``resolution`` (the official table)."""
