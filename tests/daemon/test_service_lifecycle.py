@@ -1,0 +1,83 @@
+"""Reload and stop behaviour of the real daemon process (issue 5, items 2 and 3)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.daemon.harness import Daemon, account, face_photo, have_shared_data, wait_for, write_config
+
+pytestmark = pytest.mark.skipif(not have_shared_data(), reason="needs ../shared (detector weights, Solvay photo)")
+
+
+def _count(daemon: Daemon, event: str) -> int:
+    return sum(1 for e in daemon.log_lines() if e.get("event") == event)
+
+
+def test_reload_adds_a_folder_and_changes_a_preset_without_reloading_models(tmp_path):
+    """SIGHUP applies a new folder and a changed preset; models whose file, device and precision are unchanged stay."""
+    config, layout = write_config(tmp_path)
+    daemon = Daemon(config).start()
+    try:
+        wait_for(lambda: "gpen-watch ready" in daemon.log_text(), 90, daemon, "ready")
+        assert 1 == _count(daemon, "loading models")
+
+        new_hot = tmp_path / "in" / "b"
+        text = config.read_text().replace("sharpen = 30", "sharpen = 10")
+        text += "\n".join([
+            "[[folders]]",
+            f'path = "{new_hot}"',
+            'preset = "test2"',
+            f'output = "{tmp_path / "out" / "b"}"',
+            f'backup = "{tmp_path / "backup" / "b"}"',
+            f'failed = "{tmp_path / "failed" / "b"}"',
+            'watch = "poll"',
+            "stability_delay = 0.3",
+        ]) + "\n"
+        for d in ("in", "out", "backup", "failed"):
+            (tmp_path / d / "b").mkdir(parents=True, exist_ok=True)
+        config.write_text(text)
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in daemon.log_text(), 60, daemon, "reloaded")
+        assert 1 == _count(daemon, "loading models"), "an unchanged model was loaded again"
+
+        layout.hot["b"], layout.out["b"] = new_hot, tmp_path / "out" / "b"
+        layout.backup["b"], layout.failed["b"] = tmp_path / "backup" / "b", tmp_path / "failed" / "b"
+        inputs = {("a", "one.jpg"): face_photo(1), ("b", "two.jpg"): face_photo(2)}
+        for (folder, rel), data in inputs.items():
+            (layout.hot[folder] / rel).write_bytes(data)
+        wait_for(lambda: account(layout, inputs).settled == 2, 90, daemon, "both folders served")
+        acc = account(layout, inputs)
+        assert [] == acc.lost and {} == acc.failed
+    finally:
+        assert 0 == daemon.stop()
+
+
+def test_sigterm_finishes_the_batch_in_flight_and_exits_zero(tmp_path):
+    """SIGTERM during a slow batch lets that batch publish, then exits 0; files not started wait for the next run."""
+    config, layout = write_config(tmp_path)
+    # Every generator call takes 3 s, so the stop arrives while a batch is on the device.
+    daemon = Daemon(config, env={"GPEN_WATCH_FAILPOINTS": "generate=sleep:3"}).start()
+    try:
+        wait_for(lambda: "gpen-watch ready" in daemon.log_text(), 90, daemon, "ready")
+        first = {("a", "first.jpg"): face_photo(1)}
+        (layout.hot["a"] / "first.jpg").write_bytes(first[("a", "first.jpg")])
+        time.sleep(2.0)  # ready after the stability delay, claimed, now in the slow generator call
+        daemon.signal(signal.SIGTERM)
+        assert 0 == daemon.wait(60), daemon.log_text()[-3000:]
+    finally:
+        if daemon.running():
+            daemon.kill()
+    acc = account(layout, first)
+    assert ["a/first.jpg"] == list(acc.published), daemon.log_text()[-3000:]
+
+    # What arrives while stopped is picked up by the next start.
+    later = {("a", "later.jpg"): face_photo(2)}
+    (layout.hot["a"] / "later.jpg").write_bytes(later[("a", "later.jpg")])
+    again = Daemon(config).start()
+    try:
+        wait_for(lambda: account(layout, later).settled == 1, 90, again, "picked up after restart")
+    finally:
+        assert 0 == again.stop()
