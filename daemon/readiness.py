@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.paths import UnsafePath, read_no_follow
-from gpen_engine.types import ImageTooLarge, InputError
+from gpen_engine.types import ImageTooLarge, InputError, UnsupportedImage
 
 __all__ = ["FAILED", "GONE", "NOT_YET", "READY", "ReadinessGate", "State", "Verdict"]
 
@@ -210,8 +210,8 @@ class ReadinessGate:
             return Verdict(NOT_YET, "changed while being read")
         try:
             self.check_decodes(data)
-        except ImageTooLarge as exc:
-            return self._end(key, Verdict(FAILED, str(exc) or "image too large"))
+        except (ImageTooLarge, UnsupportedImage) as exc:  # the header decides these: waiting will not help
+            return self._end(key, Verdict(FAILED, str(exc) or type(exc).__name__))
         except InputError as exc:
             track.decode_error = str(exc) or type(exc).__name__
             return None

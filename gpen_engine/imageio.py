@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageFile, JpegImagePlugin, PngImagePlugin
 
 from gpen_engine.options import EncodeOptions
-from gpen_engine.types import DecodedImage, EngineError, ImageTooLarge, InputError
+from gpen_engine.types import DecodedImage, EngineError, ImageTooLarge, InputError, UnsupportedImage
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
 _EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
@@ -160,12 +160,15 @@ def _sniff(data: bytes) -> str:
             return fmt
     for magic, offset, name in _UNSUPPORTED_MAGIC:
         if data[offset : offset + len(magic)] == magic:
-            raise InputError(
+            raise UnsupportedImage(
                 f"unsupported image format {name} (supported: JPEG, PNG, WebP, TIFF, BMP)"
             )
     if data[:1] == b"<" and b"<svg" in data[:1024].lower():
-        raise InputError("unsupported image format SVG (supported: JPEG, PNG, WebP, TIFF, BMP)")
-    raise InputError("not an image (unrecognised format)")
+        raise UnsupportedImage("unsupported image format SVG (supported: JPEG, PNG, WebP, TIFF, BMP)")
+    if prefix.strip(b"\0"):
+        raise UnsupportedImage("not an image (unrecognised format)")
+    # Only zeros so far: a writer that sets the size first and fills it in later looks like this.
+    raise InputError("not an image (unrecognised format; the file starts with zero bytes)")
 
 
 def _open_with_plugin(data: bytes, fmt: str) -> ImageFile.ImageFile:
@@ -200,19 +203,19 @@ def _refuse_multi_frame(im: ImageFile.ImageFile, fmt: str) -> None:
     if frames <= 1:
         return
     if fmt in ("PNG", "WEBP"):
-        raise InputError(
+        raise UnsupportedImage(
             f"animated {fmt if fmt == 'PNG' else 'WebP'} ({frames} frames) is not supported: "
             "restoring one frame would drop the others"
         )
     if fmt == "TIFF":
         # Extra pages flagged "reduced resolution" are previews of page 0, not content we would lose.
         if frames > _MAX_PAGES_CHECKED:
-            raise InputError(f"multi-page TIFF ({frames} pages) is not supported")
+            raise UnsupportedImage(f"multi-page TIFF ({frames} pages) is not supported")
         try:
             for page in range(1, frames):
                 im.seek(page)
                 if not int(im.tag_v2.get(254, 0)) & 1:  # type: ignore[attr-defined]
-                    raise InputError(
+                    raise UnsupportedImage(
                         f"multi-page TIFF ({frames} pages) is not supported: "
                         "restoring one page would drop the others"
                     )

@@ -82,6 +82,10 @@ class ImageTooLarge(InputError):
     pass
 
 
+class UnsupportedImage(InputError):
+    """Decided by the file's first bytes (not an image, an unsupported or animated format): more bytes won't help."""
+
+
 class NoFaceFound(InputError):
     pass
 

@@ -140,15 +140,15 @@ class TestReadinessGate:
         assert verdict.state is FAILED
         assert "empty file" in verdict.reason
 
-    def test_not_an_image_fails_after_max_wait(self, gate, clock, tmp_path):
-        """A text file named .jpg is never silently dropped: it fails with the decoder's reason."""
+    def test_not_an_image_fails_with_the_decoders_reason(self, gate, clock, tmp_path):
+        """A text file named .jpg is never silently dropped: once stable it fails with the decoder's reason."""
         path = tmp_path / "notes.jpg"
         path.write_text("this is not a photo")
         gate.look(path, 1)
-        clock.advance(601.0)
+        clock.advance(10.0)
         verdict = gate.look(path, 1)
         assert verdict.state is FAILED
-        assert "complete image" in verdict.reason
+        assert "not an image" in verdict.reason
 
     def test_too_large_fails_at_once(self, gate, clock, tmp_path):
         """An image over the pixel limit fails at once: waiting will not make it smaller."""
@@ -245,3 +245,31 @@ def test_a_cut_jpeg_is_never_ready(tmp_path, cut):
         clock.advance(300.0)
         states.append(gate.look(path, cut).state)
     assert states[-1] is FAILED
+
+
+class TestHeaderDecidedFailures:
+    def test_text_named_jpg_fails_once_stable_not_after_max_wait(self, tmp_path):
+        """A stable file whose first bytes are no image fails at once instead of waiting out max_wait."""
+        from gpen_engine.imageio import check_complete
+
+        now = [0.0]
+        gate = ReadinessGate(0.5, 600.0, lambda data: check_complete(data), clock=lambda: now[0])
+        path = tmp_path / "notes.jpg"
+        path.write_bytes(b"shopping list: eggs, milk\n")
+        assert "not_yet" == gate.look(path, 1).state
+        now[0] = 1.0
+        verdict = gate.look(path, 1)
+        assert "failed" == verdict.state
+        assert "not an image" in verdict.reason
+
+    def test_zero_filled_file_waits_like_a_truncated_one(self, tmp_path):
+        """A file that is still all zeros (size set first, filled later) is not failed early."""
+        from gpen_engine.imageio import check_complete
+
+        now = [0.0]
+        gate = ReadinessGate(0.5, 600.0, lambda data: check_complete(data), clock=lambda: now[0])
+        path = tmp_path / "preallocated.jpg"
+        path.write_bytes(bytes(4096))
+        gate.look(path, 1)
+        now[0] = 1.0
+        assert "not_yet" == gate.look(path, 1).state
