@@ -13,6 +13,7 @@ anchor sizes per cell; decoding uses variances (0.1, 0.2).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,6 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from .align import image_window
 from .options import DetectorName
 from .types import Face, ModelFileError
 
@@ -95,7 +95,10 @@ def prior_boxes(cfg: dict, height: int, width: int, device: torch.device) -> Ten
 
 
 def _decode(loc: Tensor, landm: Tensor, priors: Tensor, variance: Sequence[float]) -> tuple[Tensor, Tensor]:
-    """Anchor offsets -> corner boxes (N, A, 4) and landmarks (N, A, 10), both normalised."""
+    """Anchor offsets -> corner boxes (..., 4) and landmarks (..., 10), both normalised.
+
+    ``priors`` is (A, 4) for offsets laid out per anchor, or one prior per row of gathered offsets.
+    """
     centre = priors[:, :2] + loc[..., :2] * variance[0] * priors[:, 2:]
     size = priors[:, 2:] * torch.exp(loc[..., 2:] * variance[1])
     boxes = torch.cat([centre - size / 2, centre + size / 2], dim=-1)
@@ -104,37 +107,94 @@ def _decode(loc: Tensor, landm: Tensor, priors: Tensor, variance: Sequence[float
     return boxes, points.flatten(-2)
 
 
-def _to_input(image: np.ndarray, scale: float, bucket: tuple[int, int], device: torch.device) -> Tensor:
-    """RGB uint8 image -> BGR mean-subtracted (3, bucket) tensor, zero-padded at bottom/right."""
-    if scale != 1.0:
-        h, w = image.shape[:2]
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+@functools.lru_cache(maxsize=16)
+def _cached_priors(
+    steps: tuple[int, ...], min_sizes: tuple[tuple[int, ...], ...], height: int, width: int, device: torch.device,
+) -> Tensor:
+    # Keyed by plain values (the network's cfg is a dict); callers only read the tensor.
+    return prior_boxes({"steps": steps, "min_sizes": min_sizes}, height, width, device)
+
+
+@functools.lru_cache(maxsize=4)
+def _mean_bgr(device: torch.device) -> Tensor:
+    return torch.tensor(_MEAN_BGR, device=device).view(1, 3, 1, 1)
+
+
+def _resized(image: np.ndarray, scale: float) -> np.ndarray:
+    """The image as the detector searches it (OpenCV's area filter when shrinking)."""
+    if scale == 1.0:
+        return image
     h, w = image.shape[:2]
-    t = image_window(image, (0, 0, w, h), device)
-    t = t.permute(2, 0, 1).flip(0).float() - torch.tensor(_MEAN_BGR, device=device).view(3, 1, 1)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def _input_batch(images: Sequence[np.ndarray], bucket: tuple[int, int], device: torch.device) -> Tensor:
+    """RGB uint8 images (already at detection scale) -> BGR mean-subtracted (N, 3, bucket) batch.
+
+    The pixels travel as uint8 in one copy (from pinned memory on CUDA, so the copy does not stall
+    the host); conversion, mean subtraction and padding happen on the device.
+    """
+    bh, bw = bucket
+    host = torch.empty((len(images), bh, bw, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    packed = host.numpy()
+    for row, image in enumerate(images):
+        h, w = image.shape[:2]
+        packed[row, :h, :w] = image
+    pixels = host.to(device, non_blocking=True)
+    batch = torch.empty((len(images), 3, bh, bw), device=device)
+    batch.copy_(pixels.permute(0, 3, 1, 2).flip(1)).sub_(_mean_bgr(device))
     # Zero after mean subtraction is what the first convolution's own padding sees, so the pad is
-    # as neutral as the network allows.
-    out = torch.zeros((3, *bucket), device=device)
-    out[:, :h, :w] = t
-    return out
+    # as neutral as the network allows (the pad pixels of ``host`` were never written).
+    for row, image in enumerate(images):
+        h, w = image.shape[:2]
+        batch[row, :, h:, :] = 0.0
+        batch[row, :, :h, w:] = 0.0
+    return batch
 
 
-def _select(
-    boxes: Tensor, points: Tensor, scores: Tensor, *, confidence: float, to_image: Tensor,
-    image_hw: tuple[int, int], min_face_size: float, max_faces: int,
+def _survivors(loc: Tensor, conf: Tensor, landm: Tensor, priors: Tensor, variance: Sequence[float],
+               confidence: float) -> np.ndarray:
+    """Detections of a whole batch after threshold, top-k and per-image NMS, as one host array.
+
+    Rows are (image row, x1, y1, x2, y2, score, 10 landmark coordinates), float32, boxes and
+    landmarks normalised by the bucket size; each image's rows come in decreasing score.
+
+    Syncs with the device twice plus once inside NMS on CUDA: ``nonzero`` (the candidate count)
+    and the final copy to the host.
+    """
+    scores = conf[..., 1].float()
+    # The best-scoring anchors per image first (facexlib's pre-NMS cap), so that cap holds per
+    # image without a per-image loop; then the threshold, which keeps a subset of them.
+    k = min(_PRE_NMS_TOP_K, scores.shape[1])
+    top_scores, top_anchor = scores.topk(k, dim=1, sorted=False) if k < scores.shape[1] else (
+        scores, torch.arange(scores.shape[1], device=scores.device).expand_as(scores))
+    img, col = torch.nonzero(top_scores > confidence, as_tuple=True)
+    if img.numel() == 0:
+        return np.zeros((0, 16), np.float32)
+    anchor = top_anchor[img, col]
+    score = top_scores[img, col]
+    boxes, points = _decode(loc[img, anchor].float(), landm[img, anchor].float(), priors[anchor], variance)
+    # Per-image NMS in one call, the image row as the class. In float64, and shifted to be
+    # non-negative, the offsets batched_nms adds to separate images cost no precision and cannot
+    # make boxes of two images overlap.
+    wide = boxes.double()
+    kept = torchvision.ops.batched_nms(wide - wide.min(), score.double(), img, _NMS_IOU)
+    rows = torch.cat([img.unsqueeze(1).float(), boxes, score.unsqueeze(1), points], dim=1)
+    return rows[kept].cpu().numpy()
+
+
+def _faces(
+    rows: np.ndarray, *, to_image: np.ndarray, image_hw: tuple[int, int], min_face_size: float, max_faces: int,
 ) -> list[Face]:
-    keep = scores > confidence
-    boxes, points, scores = boxes[keep], points[keep], scores[keep]
-    order = scores.argsort(descending=True)[:_PRE_NMS_TOP_K]
-    boxes, points, scores = boxes[order], points[order], scores[order]
-    kept = torchvision.ops.nms(boxes, scores, _NMS_IOU)[:_POST_NMS_TOP_K]
-    boxes = (boxes[kept] * to_image[:4]).double().cpu().numpy()
-    points = (points[kept] * to_image).double().cpu().numpy().reshape(-1, 5, 2)
-    scores_np = scores[kept].double().cpu().numpy()
+    """One image's NMS survivors (score order) -> its faces, largest first."""
+    rows = rows[:_POST_NMS_TOP_K]
+    # float32 products, as the device would compute them, then float64 for the Face.
+    boxes = (rows[:, 1:5] * to_image[:4]).astype(np.float64)
+    points = (rows[:, 6:16] * to_image).astype(np.float64).reshape(-1, 5, 2)
     h, w = image_hw
     faces = []
-    for box, pts, score in zip(boxes, points, scores_np, strict=True):
+    for box, pts, score in zip(boxes, points, rows[:, 5].astype(np.float64), strict=True):
         face = Face(box=box, landmarks=pts, score=float(score))
         clipped = np.clip(box, 0, [w, h, w, h])
         if face.size >= min_face_size and clipped[2] > clipped[0] and clipped[3] > clipped[1]:
@@ -154,13 +214,18 @@ def detect_faces(
     confidence: float = 0.9,
     min_face_size: float = 16,
     max_faces: int = 100,
+    autocast_dtype: torch.dtype | None = None,
 ) -> list[list[Face]]:
     """Faces in each RGB uint8 image, in that image's own pixel coordinates.
 
     Each image is searched at ``detection_scale`` and padded to its bucket shape; images with the
-    same bucket run in one forward pass, so an image's faces do not depend on which other images
-    share the call. Faces scoring above ``confidence`` survive NMS (IoU 0.4); those whose larger box
-    side is below ``min_face_size`` are dropped; the ``max_faces`` largest are returned, largest first.
+    same bucket run in one forward pass and are decoded and filtered together on the device, so
+    an image's faces do not depend on which other images share the call. Faces scoring above
+    ``confidence`` survive NMS (IoU 0.4, per image); those whose larger box side is below
+    ``min_face_size`` are dropped; the ``max_faces`` largest are returned, largest first.
+
+    ``autocast_dtype`` (e.g. ``torch.float16`` on CUDA) runs the network under autocast; off by
+    default, since it moves boxes and scores slightly.
     """
     device = next(detector.parameters()).device
     cfg = detector.cfg
@@ -177,24 +242,25 @@ def detect_faces(
     for i, (_, _, bucket) in enumerate(plans):
         groups.setdefault(bucket, []).append(i)
 
+    steps = tuple(cfg["steps"])
+    min_sizes = tuple(tuple(s) for s in cfg["min_sizes"])
     results: list[list[Face]] = [[] for _ in images]
     for bucket, members in groups.items():
-        batch = torch.stack([_to_input(images[i], plans[i][0], bucket, device) for i in members])
-        loc, conf, landm = detector(batch)
-        priors = prior_boxes(cfg, *bucket, device=device)
-        boxes, points = _decode(loc.float(), landm.float(), priors, cfg["variance"])
+        batch = _input_batch([_resized(images[i], plans[i][0]) for i in members], bucket, device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loc, conf, landm = detector(batch)
+        priors = _cached_priors(steps, min_sizes, *bucket, device)
+        rows = _survivors(loc, conf, landm, priors, cfg["variance"], confidence)
+        owner = rows[:, 0].astype(np.int64)
         bh, bw = bucket
         for row, i in enumerate(members):
             h, w = images[i].shape[:2]
             dh, dw = plans[i][1]
             # Normalised bucket coordinates -> detection pixels -> original pixels (continuous
             # coordinates, so scaling by the exact size ratio maps edges onto edges).
-            sx, sy = bw * w / dw, bh * h / dh
-            to_image = torch.tensor([sx, sy] * 5, device=device)
-            results[i] = _select(
-                boxes[row], points[row], conf[row, :, 1].float(), confidence=confidence, to_image=to_image,
-                image_hw=(h, w), min_face_size=min_face_size, max_faces=max_faces,
-            )
+            to_image = np.array([bw * w / dw, bh * h / dh] * 5, dtype=np.float32)
+            results[i] = _faces(rows[owner == row], to_image=to_image, image_hw=(h, w),
+                                min_face_size=min_face_size, max_faces=max_faces)
     return results
 
 
