@@ -18,6 +18,22 @@ def _boxes(faces: list[Face]) -> np.ndarray:
     return np.array([f.box for f in faces]).reshape(-1, 4)
 
 
+def _one_face(solvay_rgb: np.ndarray, face: Face, margin: int = 20) -> np.ndarray:
+    """A grey image the size of the Solvay photo showing only ``face`` (so it shares the photo's bucket)."""
+    out = np.full_like(solvay_rgb, 128)
+    x1, y1, x2, y2 = face.box.astype(int)
+    out[y1 - margin:y2 + margin, x1 - margin:x2 + margin] = solvay_rgb[y1 - margin:y2 + margin, x1 - margin:x2 + margin]
+    return out
+
+
+def _assert_same_faces(got: list[Face], expected: list[Face]) -> None:
+    assert len(got) == len(expected)
+    if expected:
+        np.testing.assert_allclose(_boxes(got), _boxes(expected), atol=1e-3)
+        np.testing.assert_allclose([f.landmarks for f in got], [f.landmarks for f in expected], atol=1e-3)
+        np.testing.assert_allclose([f.score for f in got], [f.score for f in expected], atol=1e-5)
+
+
 def _match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """For each box of ``a``, the largest coordinate difference to its nearest box in ``b``."""
     return np.abs(a[:, None, :] - b[None, :, :]).max(-1).min(1)
@@ -119,6 +135,40 @@ class TestDetectFaces:
             assert len(alone) == len(faces) > 0
             np.testing.assert_allclose(_boxes(faces), _boxes(alone), atol=1e-2)
             np.testing.assert_allclose([f.score for f in faces], [f.score for f in alone], atol=1e-4)
+
+    def test_one_batch_mixing_0_1_and_29_faces(self, detector: torch.nn.Module, solvay_rgb: np.ndarray) -> None:
+        """One bucket batch of images with 29, 0, 1 and (mirrored) 29 faces gives each image exactly its own faces."""
+        (faces,) = detect_faces(detector, [solvay_rgb])
+        images = [solvay_rgb, np.full_like(solvay_rgb, 128), _one_face(solvay_rgb, faces[0]),
+                  np.ascontiguousarray(solvay_rgb[:, ::-1])]
+        together = detect_faces(detector, images)
+        assert [len(f) for f in together] == [SOLVAY_FACES, 0, 1, SOLVAY_FACES]
+        for image, got in zip(images, together, strict=True):
+            (alone,) = detect_faces(detector, [image])
+            _assert_same_faces(got, alone)
+        # The mirrored copy's faces are the photo's own, mirrored: no face leaked between images.
+        w = solvay_rgb.shape[1]
+        mirrored = _boxes(together[3])[:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [w, 0, w, 0]
+        assert _match(mirrored, _boxes(together[0])).max() < 10.0  # the network is not exactly mirror-symmetric
+
+    def test_limits_apply_per_image_in_a_batch(self, detector: torch.nn.Module, solvay_rgb: np.ndarray) -> None:
+        """``max_faces`` and ``min_face_size`` cut each image of a batch on its own, as alone."""
+        (faces,) = detect_faces(detector, [solvay_rgb])
+        small = _one_face(solvay_rgb, faces[-1])
+        images = [solvay_rgb, _one_face(solvay_rgb, faces[0]), small, np.ascontiguousarray(solvay_rgb[:, ::-1])]
+        capped = detect_faces(detector, images, max_faces=5)
+        assert [len(f) for f in capped] == [5, 1, 1, 5]
+        for image, got in zip(images, capped, strict=True):
+            (alone,) = detect_faces(detector, [image])
+            _assert_same_faces(got, alone[:5])
+        cut = (faces[0].size + faces[-1].size) / 2
+        sized = detect_faces(detector, images, min_face_size=cut)
+        assert len(sized[1]) == 1 and sized[2] == []
+        assert 0 < len(sized[0]) < SOLVAY_FACES
+        for image, got in zip(images, sized, strict=True):
+            assert all(f.size >= cut for f in got)
+            (alone,) = detect_faces(detector, [image])
+            _assert_same_faces(got, [f for f in alone if f.size >= cut])
 
     def test_order_is_largest_first(self, detector: torch.nn.Module, solvay_rgb: np.ndarray) -> None:
         """Faces come largest first, and the same image always gives the same order."""
