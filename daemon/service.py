@@ -820,8 +820,8 @@ class Service:
         assert self.jobs is not None
         for key, folder in new_folders.items():
             self.jobs.reassign_preset(key, folder.preset)
-        self.notifier.ready()
         log.info("configuration reloaded", folders=len(new_folders), presets=sorted(in_use))
+        self.notifier.ready()
 
     def _load_presets_incremental(self, changed: dict[str, Preset], in_use: dict[str, Preset]) -> None:
         keep = {n: r for n, r in self.restorers.items() if n in in_use and n not in changed}
