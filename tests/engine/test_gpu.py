@@ -1,0 +1,98 @@
+"""What only a CUDA device can show: the generator and the pipeline on the GPU (skipped without one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpen_engine.gpen import GpenArch, create_generator
+from gpen_engine.precision import prepare_generator
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+]
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+SMALL_GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "golden_small128.pt"
+
+
+def _golden(path: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    golden = torch.load(path, map_location="cpu", weights_only=True)
+    model = create_generator(GpenArch(**golden["ctor"]))
+    model.load_state_dict(golden["state_dict"], strict=True)
+    return model.eval().requires_grad_(False), golden["input"], golden["output"]
+
+
+@pytest.fixture
+def no_tf32():
+    # TF32 matmuls/convs are a deliberate 1e-3-level approximation; the exactness check runs without them.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("name", ["golden_tiny64.pt", "golden_small128.pt"])
+def test_fp32_on_cuda_matches_official_output(name, no_tf32):
+    """The CUDA formulation (folded blurs, phase upsampling) computes the official output in fp32."""
+    path = DATA / name if name == "golden_tiny64.pt" else SMALL_GOLDEN
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    model, x, expected = _golden(path)
+    model = prepare_generator(model, "cuda", "fp32")
+    for batch in (1, len(x)):
+        with torch.inference_mode():
+            out = torch.cat([model(x[i:i + batch].cuda()).cpu() for i in range(0, len(x), batch)])
+        assert (out - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(("precision", "bound"), [("fp16", 2e-2), ("bf16", 1e-1)])
+def test_half_precision_stays_close_to_fp32(precision, bound, no_tf32):
+    """fp16/bf16 (style MLP, modulation and demodulation in fp32) stay close to the fp32 output."""
+    path = SMALL_GOLDEN if SMALL_GOLDEN.is_file() else DATA / "golden_tiny64.pt"
+    model, x, expected = _golden(path)
+    half = prepare_generator(model, "cuda", precision)
+    with torch.inference_mode():
+        out = half(x.cuda()).float().cpu()
+    assert out.dtype == torch.float32
+    err = (out - expected).abs().max().item()
+    print(f"{precision} vs official fp32 on {path.name}: max abs {err:.2e}")
+    assert err < bound
+
+
+def test_restorer_on_cuda_keeps_background_and_finds_faces(detector_path, solvay_rgb):
+    """On the GPU the whole pipeline finds the 29 Solvay faces and leaves pixels away from faces untouched."""
+    from gpen_engine.options import BUILTIN_PRESETS
+    from gpen_engine.restorer import Restorer, load_engine_models
+
+    preset = BUILTIN_PRESETS["low-spec"].with_(max_long_side=None, strength=100, precision="fp16")
+    models = load_engine_models(
+        generator_path=None, arch="GPEN-BFR-256", detector_path=detector_path, detector_name="mobile0.25",
+        device="cuda", precision="fp16", random_generator=True,
+    )
+    (result,) = Restorer(models, preset).restore([np.array(solvay_rgb)])
+    assert not isinstance(result, Exception), result
+    assert 29 == len(result.faces)
+    assert result.rgb.shape == solvay_rgb.shape
+    changed = np.any(result.rgb != solvay_rgb, axis=2)
+    assert changed.any()
+    boxes = np.zeros(changed.shape, bool)
+    for face in result.faces:
+        x1, y1, x2, y2 = face.box
+        w, h = x2 - x1, y2 - y1
+        boxes[max(0, int(y1 - h)):int(y2 + h), max(0, int(x1 - w)):int(x2 + w)] = True
+    assert not (changed & ~boxes).any(), "pixels far from every face changed"
+
+
+def test_device_selection_proves_the_gpu():
+    """`auto` picks the GPU after a real kernel launch and says why."""
+    from gpen_engine.device import select_device
+
+    report = select_device("auto")
+    assert "cuda" == report.device.type
+    assert not report.fell_back
+    assert report.reason
