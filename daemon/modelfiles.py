@@ -17,7 +17,7 @@ from torch import nn
 
 from daemon.downloads import DownloadError, download, part_path
 from daemon.settings import ConfigError, Settings, hot_folders, preset_table, settings_from_args
-from gpen_engine.checkpoint import load_state_dict_file, verify_generator_file
+from gpen_engine.checkpoint import load_into, verify_generator_file
 from gpen_engine.gpen import GpenArch
 from gpen_engine.registry import ModelSpec, detector_network, model_table, preset_models
 from gpen_engine.types import ModelFileError
@@ -82,7 +82,7 @@ def verify_file(spec: ModelSpec, path: Path) -> None:
             raise ModelFileError(f"{spec.name}: no architecture given for a GPEN file")
         verify_generator_file(path, spec.arch, key=spec.key)
         return
-    _strict_load(_facexlib_network(spec), path, spec.name)
+    load_into(_facexlib_network(spec), path, name=spec.name)
 
 
 def _facexlib_network(spec: ModelSpec) -> nn.Module:
@@ -96,28 +96,6 @@ def _facexlib_network(spec: ModelSpec) -> nn.Module:
         from facexlib.parsing.parsenet import ParseNet
 
         return ParseNet(in_size=512, out_size=512, parsing_ch=19)
-
-
-def _strict_load(module: nn.Module, path: Path, name: str) -> None:
-    state = load_state_dict_file(path)  # weights_only, with GPEN's readable errors; strips `module.`
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
-    if misshaped:
-        problems.append(f"{len(misshaped)} misshaped, e.g. {'; '.join(misshaped[:3])}")
-    if problems:
-        raise ModelFileError(f"{path}: not a {name} weight file: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
 
 
 # --- start-up -------------------------------------------------------------------------------------------

@@ -140,17 +140,15 @@ def _unwrap(obj: object, path: Path, key: str | None) -> Mapping[object, object]
     return obj
 
 
-def _check_architecture(state: Mapping[str, Tensor], arch: GpenArch, path: Path) -> None:
-    expected = expected_shapes(arch)
+def key_problems(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """What keeps ``state`` from loading strictly where ``expected`` (key -> shape) is wanted; empty if nothing."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     misshaped = [
         f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
         for k in expected
-        if k in state and tuple(state[k].shape) != expected[k]
+        if k in state and tuple(state[k].shape) != tuple(expected[k])
     ]
-    if not (missing or unexpected or misshaped):
-        return
     problems = []
     if missing:
         problems.append(f"missing keys: {_first(missing)}")
@@ -158,6 +156,23 @@ def _check_architecture(state: Mapping[str, Tensor], arch: GpenArch, path: Path)
         problems.append(f"unexpected keys: {_first(unexpected)}")
     if misshaped:
         problems.append(f"shape mismatches: {_first(misshaped)}")
+    return problems
+
+
+def load_into(module: nn.Module, path: str | os.PathLike[str], *, name: str, key: str | None = None) -> nn.Module:
+    """Load the weight file ``path`` strictly into ``module`` (a detector, a parser...); errors name what is off."""
+    state = load_state_dict_file(path, key)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if problems := key_problems(state, expected):
+        raise ModelFileError(f"{path}: not a {name} weight file: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def _check_architecture(state: Mapping[str, Tensor], arch: GpenArch, path: Path) -> None:
+    problems = key_problems(state, expected_shapes(arch))
+    if not problems:
+        return
     hint = _guess_variant(state)
     raise ModelFileError(
         f"{path}: weights do not fit the expected architecture {arch}: " + "; ".join(problems)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .types import ModelFileError
+from .checkpoint import load_into
 
 MASK_SIZE = 512  # GPEN builds its masks at this size for every model size
 BORDER = 26  # rectangle 26..486 at 512; parsing masks lose a 26 px border
@@ -73,21 +73,7 @@ def load_parser(path: str | Path, device: torch.device | str) -> nn.Module:
     """Build facexlib's ParseNet (512 px, 19 classes) and load its weights from ``path``."""
     from facexlib.parsing.parsenet import ParseNet
 
-    try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise ModelFileError(f"parser weights not found: {path}") from exc
-    except Exception as exc:  # truncated, not a torch file, or holding pickled code
-        raise ModelFileError(f"cannot read parser weights {path}: {exc}") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelFileError(f"{path} does not hold a state dict")
-    model = ParseNet(in_size=MASK_SIZE, out_size=MASK_SIZE, parsing_ch=19)
-    try:
-        model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
-    except RuntimeError as exc:
-        raise ModelFileError(f"{path} is not a ParseNet state dict: {exc}") from exc
+    model = load_into(ParseNet(in_size=MASK_SIZE, out_size=MASK_SIZE, parsing_ch=19), path, name="ParseNet")
     return model.to(device).eval()
 
 
