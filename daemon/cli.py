@@ -25,7 +25,8 @@ def _common(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
     p.add_argument("--config", metavar="FILE", default=default,
                    help="TOML config (default: $GPEN_WATCH_CONFIG, /etc/gpen-watch/config.toml)")
     p.add_argument("--device", default=default, help="auto, cpu, cuda or cuda:N (overrides the config)")
-    p.add_argument("--models-dir", metavar="DIR", default=default, help="where weight files live (overrides the config)")
+    p.add_argument("--models-dir", metavar="DIR", default=default,
+                   help="where weight files live (overrides the config)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -409,10 +409,8 @@ class FolderWatcher:
         except _Unavailable as exc:
             self._pause(str(exc))
             return
-        if full:
-            report = sorted(found)
-        else:
-            report = sorted(rel for rel, sig in found.items() if self._snapshot.get(rel) != sig)
+        # A full scan reports everything (the reconcile pass); a poll only what is new or changed.
+        report = sorted(found) if full else sorted(rel for rel, sig in found.items() if self._snapshot.get(rel) != sig)
         self._snapshot = found
         if report:
             self._call(self._on_candidates, report)

@@ -50,3 +50,35 @@ def solvay_rgb(shared_dir: Path) -> np.ndarray:
         rgb = np.asarray(im.convert("RGB")).copy()
     rgb.flags.writeable = False
     return rgb
+
+
+# A GPEN generator small enough for CPU tests (random weights via the hidden --random-weights flag), the real detector.
+TINY_CLI_CONFIG = """
+models_dir = "{models}"
+download = false
+device = "cpu"
+
+[[models]]
+name = "tiny-gpen"
+path = "tiny-gpen.pth"
+size = 64
+channel_multiplier = 1
+narrow = 0.125
+
+[presets.tiny]
+base = "low-spec"
+model = "tiny-gpen"
+detector = "mobile0.25"
+max_long_side = 2000
+precision = "fp32"
+use_parsing = false
+batch_size = 8
+"""
+
+
+@pytest.fixture
+def tiny_cli_config(tmp_path: Path, detector_path: Path) -> Path:
+    """A config with preset ``tiny`` (a 64 px GPEN, the real mobile0.25 detector) for `enhance`/`bench` tests."""
+    path = tmp_path / "config.toml"
+    path.write_text(TINY_CLI_CONFIG.format(models=detector_path.parent))
+    return path

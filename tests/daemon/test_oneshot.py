@@ -18,36 +18,9 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 SOLVAY = SHARED / "testdata" / "solvay_1927.png"
 DETECTOR = SHARED / "models" / "detection_mobilenet0.25_Final.pth"
 
-# A GPEN generator small enough for CPU tests (random weights via the hidden flag), the real detector.
-CONFIG = """
-models_dir = "{models}"
-download = false
-device = "cpu"
-
-[[models]]
-name = "tiny-gpen"
-path = "tiny-gpen.pth"
-size = 64
-channel_multiplier = 1
-narrow = 0.125
-
-[presets.tiny]
-base = "low-spec"
-model = "tiny-gpen"
-detector = "mobile0.25"
-max_long_side = 2000
-precision = "fp32"
-use_parsing = false
-batch_size = 8
-"""
-
-
 @pytest.fixture
-def config(tmp_path: Path) -> Path:
-    assert SOLVAY.is_file() and DETECTOR.is_file(), f"shared test data missing under {SHARED}"
-    path = tmp_path / "config.toml"
-    path.write_text(CONFIG.format(models=DETECTOR.parent))
-    return path
+def config(tiny_cli_config: Path) -> Path:
+    return tiny_cli_config
 
 
 def enhance(config: Path, *args: str) -> int:

@@ -21,27 +21,6 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 SOLVAY = SHARED / "testdata" / "solvay_1927.png"
 DETECTOR = SHARED / "models" / "detection_mobilenet0.25_Final.pth"
 
-CONFIG = """
-models_dir = "{models}"
-download = false
-device = "cpu"
-
-[[models]]
-name = "tiny-gpen"
-path = "tiny-gpen.pth"
-size = 64
-channel_multiplier = 1
-narrow = 0.125
-
-[presets.tiny]
-base = "low-spec"
-model = "tiny-gpen"
-detector = "mobile0.25"
-max_long_side = 2000
-precision = "fp32"
-use_parsing = false
-batch_size = 8
-"""
 
 
 class TestFlops:
@@ -125,10 +104,10 @@ class TestBaseline:
 
 
 class TestBenchCommand:
-    def test_smoke_run_writes_every_figure(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_smoke_run_writes_every_figure(self, tmp_path: Path, tiny_cli_config: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
         """A tiny CPU run with --baseline prints the report and writes every figure, speed-up too, to JSON."""
-        config = tmp_path / "config.toml"
-        config.write_text(CONFIG.format(models=DETECTOR.parent))
+        config = tiny_cli_config
         images = tmp_path / "photos"
         images.mkdir()
         Image.open(SOLVAY).convert("RGB").crop((300, 50, 900, 350)).save(images / "group.jpg", quality=92)
