@@ -3,7 +3,8 @@
 facexlib's own ``detect_faces`` handles one image per call and ``batched_detect_faces`` needs
 same-sized frames, so this module feeds the network itself: each image is scaled by GPEN's rule,
 padded to a bucket shape (a few fixed shapes, so cuDNN and the allocator see shapes repeat),
-images sharing a bucket run as one batch, and the anchors are decoded and filtered here.
+images sharing a bucket run as one batch, and the anchors of the whole batch are decoded and
+filtered here, on the device, with a single copy of the survivors back to the host.
 
 Network facts used (from facexlib's ``retinaface.py`` / ``retinaface_utils.py``): input is BGR
 float minus the mean (104, 117, 123); outputs per anchor are box offsets, class softmax and
@@ -117,7 +118,7 @@ def _cached_priors(
 
 @functools.lru_cache(maxsize=4)
 def _mean_bgr(device: torch.device) -> Tensor:
-    return torch.tensor(_MEAN_BGR, device=device).view(1, 3, 1, 1)
+    return torch.tensor(_MEAN_BGR, device=device).view(3, 1, 1)
 
 
 def _resized(image: np.ndarray, scale: float) -> np.ndarray:
@@ -132,24 +133,26 @@ def _resized(image: np.ndarray, scale: float) -> np.ndarray:
 def _input_batch(images: Sequence[np.ndarray], bucket: tuple[int, int], device: torch.device) -> Tensor:
     """RGB uint8 images (already at detection scale) -> BGR mean-subtracted (N, 3, bucket) batch.
 
-    The pixels travel as uint8 in one copy (from pinned memory on CUDA, so the copy does not stall
-    the host); conversion, mean subtraction and padding happen on the device.
+    On CUDA the pixels travel as uint8 in one copy from pinned memory (so the copy does not stall
+    the host); conversion, channel order, mean subtraction and padding happen on the device.
     """
-    bh, bw = bucket
-    host = torch.empty((len(images), bh, bw, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
-    packed = host.numpy()
-    for row, image in enumerate(images):
-        h, w = image.shape[:2]
-        packed[row, :h, :w] = image
-    pixels = host.to(device, non_blocking=True)
-    batch = torch.empty((len(images), 3, bh, bw), device=device)
-    batch.copy_(pixels.permute(0, 3, 1, 2).flip(1)).sub_(_mean_bgr(device))
+    if device.type == "cuda":
+        host = torch.empty((len(images), *bucket, 3), dtype=torch.uint8, pin_memory=True)
+        packed = host.numpy()
+        for row, image in enumerate(images):
+            packed[row, :image.shape[0], :image.shape[1]] = image
+        pixels = host.to(device, non_blocking=True)
+        views = [pixels[row, :image.shape[0], :image.shape[1]] for row, image in enumerate(images)]
+    else:  # already where the network runs: read the arrays in place where torch can
+        arrays = [np.ascontiguousarray(image) for image in images]
+        views = [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays]
     # Zero after mean subtraction is what the first convolution's own padding sees, so the pad is
-    # as neutral as the network allows (the pad pixels of ``host`` were never written).
-    for row, image in enumerate(images):
-        h, w = image.shape[:2]
-        batch[row, :, h:, :] = 0.0
-        batch[row, :, :h, w:] = 0.0
+    # as neutral as the network allows.
+    batch = torch.zeros((len(images), 3, *bucket), device=device)
+    mean = _mean_bgr(device)
+    for row, view in enumerate(views):
+        h, w = view.shape[:2]
+        batch[row, :, :h, :w].copy_(view.permute(2, 0, 1).flip(0)).sub_(mean)
     return batch
 
 
@@ -160,8 +163,8 @@ def _survivors(loc: Tensor, conf: Tensor, landm: Tensor, priors: Tensor, varianc
     Rows are (image row, x1, y1, x2, y2, score, 10 landmark coordinates), float32, boxes and
     landmarks normalised by the bucket size; each image's rows come in decreasing score.
 
-    Syncs with the device twice plus once inside NMS on CUDA: ``nonzero`` (the candidate count)
-    and the final copy to the host.
+    Reads from the device three times whatever the batch size: the candidate count (``nonzero``),
+    the overlap mask inside torchvision's CUDA NMS, and the survivors.
     """
     scores = conf[..., 1].float()
     # The best-scoring anchors per image first (facexlib's pre-NMS cap), so that cap holds per
@@ -175,11 +178,13 @@ def _survivors(loc: Tensor, conf: Tensor, landm: Tensor, priors: Tensor, varianc
     anchor = top_anchor[img, col]
     score = top_scores[img, col]
     boxes, points = _decode(loc[img, anchor].float(), landm[img, anchor].float(), priors[anchor], variance)
-    # Per-image NMS in one call, the image row as the class. In float64, and shifted to be
-    # non-negative, the offsets batched_nms adds to separate images cost no precision and cannot
-    # make boxes of two images overlap.
+    # Per-image NMS in one call: each image's boxes are moved by a multiple of the span of all
+    # boxes, so boxes of two images never overlap (batched_nms's coordinate trick, done here so it
+    # never falls back to a loop with a sync per image, as batched_nms does for many boxes). In
+    # float64 the offsets cost no precision: IoUs are those of the image alone.
     wide = boxes.double()
-    kept = torchvision.ops.batched_nms(wide - wide.min(), score.double(), img, _NMS_IOU)
+    span = wide.max() - wide.min() + 1.0
+    kept = torchvision.ops.nms(wide + img.unsqueeze(1) * span, score.double(), _NMS_IOU)
     rows = torch.cat([img.unsqueeze(1).float(), boxes, score.unsqueeze(1), points], dim=1)
     return rows[kept].cpu().numpy()
 

@@ -139,8 +139,8 @@ class TestDetectFaces:
     def test_one_batch_mixing_0_1_and_29_faces(self, detector: torch.nn.Module, solvay_rgb: np.ndarray) -> None:
         """One bucket batch of images with 29, 0, 1 and (mirrored) 29 faces gives each image exactly its own faces."""
         (faces,) = detect_faces(detector, [solvay_rgb])
-        images = [solvay_rgb, np.full_like(solvay_rgb, 128), _one_face(solvay_rgb, faces[0]),
-                  np.ascontiguousarray(solvay_rgb[:, ::-1])]
+        # The mirrored copy is a view with a negative stride, as callers may pass.
+        images = [solvay_rgb, np.full_like(solvay_rgb, 128), _one_face(solvay_rgb, faces[0]), solvay_rgb[:, ::-1]]
         together = detect_faces(detector, images)
         assert [len(f) for f in together] == [SOLVAY_FACES, 0, 1, SOLVAY_FACES]
         for image, got in zip(images, together, strict=True):
@@ -169,6 +169,17 @@ class TestDetectFaces:
             assert all(f.size >= cut for f in got)
             (alone,) = detect_faces(detector, [image])
             _assert_same_faces(got, [f for f in alone if f.size >= cut])
+
+    def test_half_precision_autocast_finds_the_same_faces(
+        self, detector: torch.nn.Module, solvay_rgb: np.ndarray,
+    ) -> None:
+        """With the network under fp16 autocast the same 29 faces come back, boxes within 3 px."""
+        (faces,) = detect_faces(detector, [solvay_rgb])
+        (half,) = detect_faces(detector, [solvay_rgb], autocast_dtype=torch.float16)
+        assert len(half) == len(faces) == SOLVAY_FACES
+        dev = _match(_boxes(half), _boxes(faces))
+        assert np.median(dev) < 0.5
+        assert dev.max() < 3.0
 
     def test_order_is_largest_first(self, detector: torch.nn.Module, solvay_rgb: np.ndarray) -> None:
         """Faces come largest first, and the same image always gives the same order."""
