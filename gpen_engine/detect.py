@@ -25,8 +25,9 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from .checkpoint import load_into
 from .options import DetectorName
-from .types import Face, ModelFileError
+from .types import Face
 
 _MEAN_BGR = (104.0, 117.0, 123.0)
 _NMS_IOU = 0.4
@@ -39,22 +40,8 @@ def load_detector(path: str | Path, name: DetectorName, device: torch.device | s
     from facexlib.detection.retinaface import RetinaFace
 
     device = torch.device(device)
-    try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise ModelFileError(f"detector weights not found: {path}") from exc
-    except Exception as exc:  # truncated, not a torch file, or holding pickled code
-        raise ModelFileError(f"cannot read detector weights {path}: {exc}") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelFileError(f"{path} does not hold a state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
     model = RetinaFace(network_name=name, half=False, phase="test", device=device)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelFileError(f"{path} is not a RetinaFace {name} state dict: {exc}") from exc
+    load_into(model, path, name=f"RetinaFace {name}")
     return model.to(device).eval()
 
 
