@@ -3,7 +3,12 @@
 Every function takes crops shaped (N, 3, S, S), RGB in [0, 1], on any device and of any floating dtype
 (the arithmetic runs in float32 and the result is cast back), and returns a tensor of the same shape,
 dtype and device. Masks are (N, 1, S, S) in [0, 1]. Amounts are percentages, 0-100; an amount of 0
-returns the input tensor itself, so "off" is exactly off.
+returns the input tensor itself, so "off" is exactly off. Any memory format (channels-last too) works.
+
+Cost: the knobs run once per generator batch, so they are written to stay small next to it: blurs are
+sums of shifted slices, colour statistics are moments of RGB (YCbCr being linear in it), kernel taps,
+the template ellipse and the colour matrices are cached per size or device, and no device value is
+read back to the host.
 
 Spatial constants are given for a 512 px crop and scale with S, so a knob means the same thing for
 the 256, 512 and 1024 models (the crop covers the same part of the face at every size).
@@ -14,6 +19,7 @@ Order in the engine: ``denoise`` -> generator -> ``soften_small`` -> ``restore_d
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -21,10 +27,9 @@ import torch
 import torch.nn.functional as F
 
 # BT.601 full-range YCbCr, the space the skin statistics live in: luma and two colour differences.
-_RGB_TO_YCBCR = torch.tensor(
-    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]
-)
-_CHROMA_OFFSET = torch.tensor([0.0, 0.5, 0.5])
+# Kept as plain numbers; device tensors come from _colour_matrices, cached per device.
+_RGB_TO_YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+_CHROMA_OFFSET = (0.0, 0.5, 0.5)  # added to Y, Cb, Cr
 
 # Skin chroma box (Chai & Ngan 1999), in [0, 1] units: Cb in [77, 127] / 255, Cr in [133, 173] / 255.
 _SKIN_CB = (77 / 255, 127 / 255)
@@ -57,14 +62,14 @@ def denoise(crops: torch.Tensor, amount: float) -> torch.Tensor:
     if fraction == 0.0:
         return crops
     x = crops.float()
-    radius = max(1, round(x.shape[-1] / 256))
+    taps = _box_taps(max(1, round(x.shape[-1] / 256)))
     eps = (_DENOISE_MAX_SIGMA * fraction) ** 2
-    mean = _box(x, radius)
-    var = (_box(x * x, radius) - mean * mean).clamp_min(0.0)
-    gain = var / (var + eps)
-    offset = mean - gain * mean
-    out = _box(gain, radius) * x + _box(offset, radius)
-    return out.clamp(0.0, 1.0).to(crops.dtype)
+    mean = _separable(x, taps)
+    var = _separable(x * x, taps).sub_(mean * mean).clamp_min_(0.0)
+    gain = var.div_(var + eps)  # var's storage is reused: it is not needed after this
+    offset = mean.addcmul_(gain, mean, value=-1.0)  # mean - gain * mean, in mean's storage
+    out = torch.addcmul(_separable(offset, taps), _separable(gain, taps), x)
+    return out.clamp_(0.0, 1.0).to(crops.dtype)
 
 
 def sharpen(crops: torch.Tensor, amount: float) -> torch.Tensor:
@@ -77,7 +82,8 @@ def sharpen(crops: torch.Tensor, amount: float) -> torch.Tensor:
         return crops
     x = crops.float()
     blurred = gaussian_blur(x, max(_MIN_SIGMA, _SHARPEN_SIGMA * x.shape[-1] / 512))
-    return (x + fraction * (x - blurred)).clamp(0.0, 1.0).to(crops.dtype)
+    # blurred + (1 + f) * (x - blurred) == x + f * (x - blurred), in one pass
+    return torch.lerp(blurred, x, 1.0 + fraction).clamp_(0.0, 1.0).to(crops.dtype)
 
 
 def blend(
@@ -119,18 +125,29 @@ def protect_skin(
     _check_pair(restored, original)
     if skin_mask.shape != (restored.shape[0], 1, *restored.shape[2:]):
         raise ValueError(f"skin_mask must be (N, 1, S, S), got {tuple(skin_mask.shape)}")
-    weight = skin_mask.float()
-    total = weight.sum(dim=(2, 3), keepdim=True)
+    # YCbCr is linear in RGB, so the statistics come from RGB's weighted means and covariances and the
+    # per-face move (scale and shift in YCbCr) folds into one 3x3 matrix and offset applied in RGB:
+    # no YCbCr image is ever built, and pixels with zero weight keep their exact value.
+    n, _, height, width = restored.shape
+    to_ycc, to_rgb = _colour_matrices(restored.device)
+    # contiguous: the reductions then sum in the same order for every memory format (same output)
+    rgb_r = restored.float().contiguous().view(n, 3, height * width)
+    rgb_o = original.float().contiguous().view(n, 3, height * width)
+    weight = skin_mask.float().contiguous().view(n, 1, height * width)
+    total = weight.sum(dim=2, keepdim=True)  # (N, 1, 1)
     usable = total > _MIN_SKIN_WEIGHT
     total = total.clamp_min(1e-6)
-    ycc_r = _to_ycbcr(restored.float())
-    ycc_o = _to_ycbcr(original.float())
-    mean_r, std_r = _weighted_stats(ycc_r, weight, total)
-    mean_o, std_o = _weighted_stats(ycc_o, weight, total)
-    ratio = (std_o / std_r.clamp_min(1e-4)).clamp(*_SKIN_STD_RATIO)
-    moved = (ycc_r - mean_r) * ratio + mean_o
-    mixed = ycc_r + (weight * usable) * (moved - ycc_r)
-    return _from_ycbcr(mixed).clamp(0.0, 1.0).to(restored.dtype)
+    mean_r, cov_r = _weighted_moments(rgb_r, weight, total)
+    mean_o, cov_o = _weighted_moments(rgb_o, weight, total)
+    std_r = torch.einsum("kc,ncd,kd->nk", to_ycc, cov_r, to_ycc).clamp_min(0.0).sqrt()
+    std_o = torch.einsum("kc,ncd,kd->nk", to_ycc, cov_o, to_ycc).clamp_min(0.0).sqrt()
+    ratio = (std_o / std_r.clamp_min(1e-4)).clamp(*_SKIN_STD_RATIO)  # (N, 3), per YCbCr channel
+    # moved - ycc_r = (ratio - 1) * ycc_r + mean_o - ratio * mean_r; back in RGB that is A @ rgb + c:
+    matrix = to_rgb @ ((ratio - 1.0).unsqueeze(2) * to_ycc)  # (N, 3, 3)
+    shift = mean_o - to_rgb @ (ratio.unsqueeze(2) * (to_ycc @ mean_r))  # (N, 3, 1)
+    matrix, shift = matrix * usable, shift * usable  # unusable faces: a zero move
+    out = torch.addcmul(rgb_r, weight, torch.baddbmm(shift, matrix, rgb_r))
+    return out.clamp_(0.0, 1.0).view(n, 3, height, width).to(restored.dtype)
 
 
 def default_skin_mask(crops: torch.Tensor) -> torch.Tensor:
@@ -141,18 +158,16 @@ def default_skin_mask(crops: torch.Tensor) -> torch.Tensor:
     Gaussian of S/256 px. Gray faces have no skin chroma and get an empty mask.
     """
     x = crops.float()
-    n, _, height, width = x.shape
-    ys = (torch.arange(height, device=x.device, dtype=torch.float32) + 0.5) / height
-    xs = (torch.arange(width, device=x.device, dtype=torch.float32) + 0.5) / width
-    dy = (ys[:, None] - _FACE_CENTRE[1]) / _FACE_SEMI_AXES[1]
-    dx = (xs[None, :] - _FACE_CENTRE[0]) / _FACE_SEMI_AXES[0]
-    ellipse = (dx * dx + dy * dy <= 1.0).float()
-    ycc = _to_ycbcr(x)
-    cb, cr = ycc[:, 1:2], ycc[:, 2:3]
-    chroma = (cb >= _SKIN_CB[0]) & (cb <= _SKIN_CB[1]) & (cr >= _SKIN_CR[0]) & (cr <= _SKIN_CR[1])
-    mask = chroma.float() * ellipse.expand(n, 1, height, width)
-    mask = gaussian_blur(mask, max(0.5, width / 256))
-    return mask.clamp(0.0, 1.0).to(crops.dtype)
+    height, width = x.shape[-2:]
+    to_ycc, _ = _colour_matrices(x.device)
+    # Only Cb and Cr are needed; the offset is added (not folded into the bounds) so a pixel on a
+    # bound is classified exactly as the full conversion would.
+    chroma = torch.einsum("kc,nchw->nkhw", to_ycc[1:], x).add_(_CHROMA_OFFSET[1])
+    cb, cr = chroma[:, 0:1], chroma[:, 1:2]
+    skin = (cb >= _SKIN_CB[0]) & (cb <= _SKIN_CB[1]) & (cr >= _SKIN_CR[0]) & (cr <= _SKIN_CR[1])
+    mask = skin & _face_ellipse(height, width, x.device)
+    mask = gaussian_blur(mask.float(), max(0.5, width / 256))
+    return mask.clamp_(0.0, 1.0).to(crops.dtype)
 
 
 def restore_detail(restored: torch.Tensor, original: torch.Tensor, amount: float) -> torch.Tensor:
@@ -178,22 +193,21 @@ def restore_detail(restored: torch.Tensor, original: torch.Tensor, amount: float
     if fraction == 0.0:
         return restored
     scale = restored.shape[-1] / 512
-    band_r = detail_band(restored)
-    band_o = detail_band(original)
-    energy_sigma = _DETAIL_ENERGY_SIGMA * scale
-    energy_r = gaussian_blur(band_r * band_r, energy_sigma)
-    energy_o = gaussian_blur(band_o * band_o, energy_sigma)
-    lost = (1.0 - energy_r / energy_o.clamp_min(1e-8)).clamp(0.0, 1.0)
-    carrier = max(_MIN_SIGMA, _DETAIL_CARRIER_SIGMA * scale)
-    difference = _luma(original.float()) - _luma(restored.float())
-    correction = difference - gaussian_blur(difference, carrier)
-    return (restored.float() + fraction * lost * correction).clamp(0.0, 1.0).to(restored.dtype)
+    x = restored.float()
+    luma = torch.cat((_luma(x), _luma(original.float())), dim=1)  # (N, 2, S, S): restored, original
+    bands = _high_pass(luma, max(_MIN_SIGMA, _DETAIL_SIGMA * scale))
+    energy = gaussian_blur(bands.mul_(bands), _DETAIL_ENERGY_SIGMA * scale)
+    energy_r, energy_o = energy[:, 0:1], energy[:, 1:2]
+    lost = energy_r.div_(energy_o.clamp_min(1e-8)).neg_().add_(1.0).clamp_(0.0, 1.0)
+    difference = luma[:, 1:2] - luma[:, 0:1]
+    correction = _high_pass(difference, max(_MIN_SIGMA, _DETAIL_CARRIER_SIGMA * scale))
+    out = torch.addcmul(x, lost, correction, value=fraction)  # one luma offset for R, G and B
+    return out.clamp_(0.0, 1.0).to(restored.dtype)
 
 
 def detail_band(crops: torch.Tensor) -> torch.Tensor:
     """The luma detail band of :func:`restore_detail`: Y - G_sigma(Y), sigma = 2 px at 512; (N, 1, S, S)."""
-    luma = _luma(crops.float())
-    return luma - gaussian_blur(luma, max(_MIN_SIGMA, _DETAIL_SIGMA * crops.shape[-1] / 512))
+    return _high_pass(_luma(crops.float()), max(_MIN_SIGMA, _DETAIL_SIGMA * crops.shape[-1] / 512))
 
 
 def soften_small(
@@ -207,14 +221,17 @@ def soften_small(
     sizes = torch.as_tensor(face_sizes, dtype=torch.float32).flatten()
     if sizes.numel() != restored.shape[0]:
         raise ValueError(f"need one face size per crop: {sizes.numel()} sizes, {restored.shape[0]} crops")
-    small = sizes < min_size
-    if not bool(small.any()):
+    # The decision is made on the host (sizes are host numbers), so no device value is ever waited for.
+    small = (sizes.cpu() < min_size).nonzero().flatten().tolist()
+    if not small:
         return restored
     x = restored.float()
-    taps = torch.tensor([0.25, 0.5, 0.25], device=x.device)
-    blurred = _separable(x, taps)
-    pick = small.to(x.device).view(-1, 1, 1, 1)
-    return torch.where(pick, blurred, x).to(restored.dtype)
+    if len(small) == x.shape[0]:
+        return _separable(x, _BINOMIAL_3).to(restored.dtype)
+    picked = torch.tensor(small, device=x.device)
+    out = x.clone()  # x may be the caller's own tensor
+    out.index_copy_(0, picked, _separable(x.index_select(0, picked), _BINOMIAL_3))
+    return out.to(restored.dtype)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -224,47 +241,96 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur per channel (radius 3 sigma, edges replicated); x is (N, C, H, W) float."""
     if sigma <= 0:
         return x
+    return _separable(x, _gaussian_taps(float(sigma)))
+
+
+_BINOMIAL_3 = (0.25, 0.5, 0.25)
+
+
+@functools.lru_cache(maxsize=32)
+def _gaussian_taps(sigma: float) -> tuple[float, ...]:
     radius = max(1, math.ceil(3.0 * sigma))
-    positions = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
-    taps = torch.exp(-0.5 * (positions / sigma) ** 2)
-    return _separable(x, taps / taps.sum())
+    weights = [math.exp(-0.5 * (i / sigma) ** 2) for i in range(-radius, radius + 1)]
+    total = sum(weights)
+    return tuple(w / total for w in weights)
 
 
-def _separable(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    channels = x.shape[1]
-    radius = taps.numel() // 2
-    kernel_x = taps.view(1, 1, 1, -1).repeat(channels, 1, 1, 1).to(x.dtype)
-    kernel_y = taps.view(1, 1, -1, 1).repeat(channels, 1, 1, 1).to(x.dtype)
-    out = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel_x, groups=channels)
-    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), kernel_y, groups=channels)
+@functools.lru_cache(maxsize=8)
+def _box_taps(radius: int) -> tuple[float, ...]:
+    return (1.0 / (2 * radius + 1),) * (2 * radius + 1)
 
 
-def _box(x: torch.Tensor, radius: int) -> torch.Tensor:
-    padded = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-    return F.avg_pool2d(padded, kernel_size=2 * radius + 1, stride=1)
+def _separable(x: torch.Tensor, taps: tuple[float, ...]) -> torch.Tensor:
+    """Correlate every channel with ``taps`` along W, then along H; edges replicated.
+
+    Written as a sum of shifted slices: for the short kernels used here this is several times faster
+    on the CPU than a depthwise convolution, needs no kernel tensor on the device, and works for any
+    memory format. The result is a new tensor (never ``x``).
+    """
+    radius = len(taps) // 2
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (radius, radius, 0, 0), mode="replicate")
+    rows = padded[..., 0:width] * taps[0]
+    for i in range(1, len(taps)):
+        rows.add_(padded[..., i : i + width], alpha=taps[i])
+    padded = F.pad(rows, (0, 0, radius, radius), mode="replicate")
+    out = padded[..., 0:height, :] * taps[0]
+    for i in range(1, len(taps)):
+        out.add_(padded[..., i : i + height, :], alpha=taps[i])
+    return out
+
+
+def _high_pass(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x - G_sigma(x)``, as a new tensor."""
+    return gaussian_blur(x, sigma).neg_().add_(x)
+
+
+@functools.lru_cache(maxsize=8)
+def _face_ellipse(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """The template's central face area as a (1, 1, H, W) bool map (read-only: it is shared)."""
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    dy = (ys[:, None] - _FACE_CENTRE[1]) / _FACE_SEMI_AXES[1]
+    dx = (xs[None, :] - _FACE_CENTRE[0]) / _FACE_SEMI_AXES[0]
+    return (dx * dx + dy * dy <= 1.0).view(1, 1, height, width)
+
+
+@functools.lru_cache(maxsize=8)
+def _colour_matrices(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB -> YCbCr (offset left out) and its inverse as float32 on ``device`` (read-only: shared)."""
+    forward = torch.tensor(_RGB_TO_YCBCR, dtype=torch.float32)
+    inverse = torch.tensor(_invert_3x3(_RGB_TO_YCBCR), dtype=torch.float32)
+    return forward.to(device), inverse.to(device)
+
+
+def _invert_3x3(m: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
+    # Cofactors in Python floats: exact enough, and no float64 kernel on a device that lacks one.
+    (a, b, c), (d, e, f), (g, h, i) = m
+    det = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    return (
+        ((e * i - f * h) / det, (c * h - b * i) / det, (b * f - c * e) / det),
+        ((f * g - d * i) / det, (a * i - c * g) / det, (c * d - a * f) / det),
+        ((d * h - e * g) / det, (b * g - a * h) / det, (a * e - b * d) / det),
+    )
 
 
 def _luma(rgb: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("c,nchw->nhw", _RGB_TO_YCBCR[0].to(rgb.device), rgb).unsqueeze(1)
+    to_ycc, _ = _colour_matrices(rgb.device)
+    return torch.einsum("c,nchw->nhw", to_ycc[0], rgb).unsqueeze(1)
 
 
-def _to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
-    matrix = _RGB_TO_YCBCR.to(rgb.device)
-    return torch.einsum("kc,nchw->nkhw", matrix, rgb) + _CHROMA_OFFSET.to(rgb.device).view(1, 3, 1, 1)
-
-
-def _from_ycbcr(ycc: torch.Tensor) -> torch.Tensor:
-    matrix = torch.linalg.inv(_RGB_TO_YCBCR.double()).float().to(ycc.device)
-    centred = ycc - _CHROMA_OFFSET.to(ycc.device).view(1, 3, 1, 1)
-    return torch.einsum("ck,nkhw->nchw", matrix, centred)
-
-
-def _weighted_stats(
+def _weighted_moments(
     values: torch.Tensor, weight: torch.Tensor, total: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = (values * weight).sum(dim=(2, 3), keepdim=True) / total
-    var = (((values - mean) ** 2) * weight).sum(dim=(2, 3), keepdim=True) / total
-    return mean, var.clamp_min(0.0).sqrt()
+    """Weighted mean (N, C, 1) and covariance (N, C, C) of values (N, C, P) under weight (N, 1, P).
+
+    Two passes (centre, then second moments) rather than E[v v^T] - mu mu^T: the skin's variance is
+    tiny next to its squared mean, and float32 would lose it to cancellation.
+    """
+    mean = torch.bmm(values, weight.transpose(1, 2)) / total
+    centred = values - mean
+    cov = torch.bmm(centred * weight, centred.transpose(1, 2)) / total
+    return mean, cov
 
 
 def _fraction(amount: float, name: str) -> float:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpen_engine.adjust import (
     blend,
@@ -110,6 +111,19 @@ class TestDenoise:
         assert variances[0] > variances[1] > variances[2]
         assert variances[2] < 0.3 * variances[0]
 
+    def test_matches_the_documented_guided_filter(self) -> None:
+        """Denoise is the self-guided filter of its docstring: box radius S/256, eps = (0.08 * amount/100)^2."""
+        _, noisy = self._noisy_edge()
+        radius, eps = 1, (0.08 * 0.6) ** 2
+
+        def box(v: torch.Tensor) -> torch.Tensor:
+            return F.avg_pool2d(F.pad(v, (radius,) * 4, mode="replicate"), 2 * radius + 1, stride=1)
+
+        mean = box(noisy)
+        gain = (box(noisy * noisy) - mean * mean).clamp_min(0) / ((box(noisy * noisy) - mean * mean).clamp_min(0) + eps)
+        expected = (box(gain) * noisy + box(mean - gain * mean)).clamp(0, 1)
+        torch.testing.assert_close(denoise(noisy, 60), expected, atol=1e-5, rtol=0)
+
     def test_strong_edges_survive(self) -> None:
         """The step between the two sides of a strong edge stays sharp (edge-preserving, not a blur)."""
         clean, noisy = self._noisy_edge()
@@ -152,8 +166,38 @@ class TestSkinProtection:
         mask = torch.zeros(2, 1, SIZE, SIZE)
         mask[..., 80:160, 80:160] = 1.0
         out = protect_skin(restored, original, mask)
-        torch.testing.assert_close(out[..., :80, :], restored[..., :80, :], atol=1e-5, rtol=0)
+        assert torch.equal(out[..., :80, :], restored[..., :80, :])
         assert not torch.allclose(out[..., 80:160, 80:160], restored[..., 80:160, 80:160])
+
+    def test_matches_the_documented_ycbcr_statistics_transfer(self) -> None:
+        """The output is the docstring's formula: weighted YCbCr mean/std moved to the original's, mixed by mask."""
+        original, restored = _faces(seed=1), gaussian_blur(_faces(seed=2), 1.5) * 0.8 + 0.1
+        mask = default_skin_mask(original) * 0.7  # a soft mask: the mix must follow it per pixel
+        to_ycc = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+        offset = torch.tensor([0.0, 0.5, 0.5]).view(1, 3, 1, 1)
+        ycc_r = torch.einsum("kc,nchw->nkhw", to_ycc, restored) + offset
+        ycc_o = torch.einsum("kc,nchw->nkhw", to_ycc, original) + offset
+        total = mask.sum(dim=(2, 3), keepdim=True)
+
+        def stats(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            mean = (v * mask).sum(dim=(2, 3), keepdim=True) / total
+            return mean, (((v - mean) ** 2 * mask).sum(dim=(2, 3), keepdim=True) / total).sqrt()
+
+        (mean_r, std_r), (mean_o, std_o) = stats(ycc_r), stats(ycc_o)
+        moved = (ycc_r - mean_r) * (std_o / std_r).clamp(0.5, 2.0) + mean_o
+        mixed = ycc_r + mask * (moved - ycc_r) - offset
+        expected = torch.einsum("ck,nkhw->nchw", torch.linalg.inv(to_ycc), mixed).clamp(0, 1)
+        torch.testing.assert_close(protect_skin(restored, original, mask), expected, atol=1e-5, rtol=0)
+
+    def test_a_face_with_too_little_skin_is_returned_unchanged(self) -> None:
+        """Below 16 px of skin the statistics mean nothing: that face is untouched, the others are not."""
+        original, restored = _faces(seed=1), _faces(seed=2) * 0.9
+        mask = torch.zeros(2, 1, SIZE, SIZE)
+        mask[0, :, 100:103, 100:105] = 1.0  # 15 px
+        mask[1, :, 100:110, 100:110] = 1.0
+        out = protect_skin(restored, original, mask)
+        assert torch.equal(out[0], restored[0])
+        assert not torch.equal(out[1], restored[1])
 
 
 class TestDetail:
@@ -196,10 +240,38 @@ class TestSoftenSmall:
         assert torch.equal(out[1], faces[1])
         assert _high_frequency_energy(out[:1]) < _high_frequency_energy(faces[:1])
 
+    def test_a_small_face_is_blurred_the_same_in_any_batch(self) -> None:
+        """Which other faces share the batch does not change how a small face is blurred."""
+        faces = _faces(3)
+        mixed = soften_small(faces, [60.0, 150.0, 40.0])
+        alone = soften_small(faces[2:], [40.0])
+        assert torch.equal(mixed[2], alone[0]) and torch.equal(mixed[1], faces[1])
+        assert torch.equal(mixed[0], soften_small(faces[:1], [60.0])[0])
+
     def test_no_small_face_is_identity(self) -> None:
         """With only large faces the batch is returned as is."""
         faces = _faces()
         assert soften_small(faces, torch.tensor([120.0, 300.0])) is faces
+
+
+class TestGaussianBlur:
+    @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.7, 6.0])
+    def test_is_a_normalised_gaussian_of_radius_3_sigma_with_replicated_edges(self, sigma: float) -> None:
+        """The blur equals a 2-D convolution with the truncated, normalised Gaussian on edge-replicated input."""
+        x = torch.rand(2, 3, 48, 40, generator=torch.Generator().manual_seed(7))
+        radius = max(1, int(torch.tensor(3.0 * sigma).ceil()))
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+        kernel = torch.outer(taps, taps) / taps.sum() ** 2
+        padded = F.pad(x, (radius,) * 4, mode="replicate")
+        expected = F.conv2d(padded, kernel.expand(3, 1, -1, -1).contiguous(), groups=3)
+        torch.testing.assert_close(gaussian_blur(x, sigma), expected, atol=1e-5, rtol=0)
+
+    def test_does_not_modify_its_input(self) -> None:
+        """Blurring returns a new tensor and leaves the caller's one as it was."""
+        x = _faces()
+        before = x.clone()
+        gaussian_blur(x, 2.0)
+        assert torch.equal(x, before)
 
 
 _DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -229,6 +301,23 @@ class TestContract:
         channels = 1 if name == "default_skin_mask" else 3
         assert (out.shape, out.dtype, out.device.type) == ((n, channels, SIZE, SIZE), dtype, device)
         assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+    @pytest.mark.parametrize("name", sorted(_KNOBS))
+    def test_channels_last_input_gives_the_same_result(self, name: str) -> None:
+        """A channels-last batch (what a convolutional pipeline often hands over) gives the same output."""
+        restored, original = _faces(2, seed=1), _faces(2, seed=2)
+        expected = _KNOBS[name](restored, original)
+        last = torch.channels_last
+        out = _KNOBS[name](restored.to(memory_format=last), original.to(memory_format=last))
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+    @pytest.mark.parametrize("name", sorted(_KNOBS))
+    def test_inputs_are_not_modified(self, name: str) -> None:
+        """No knob writes into the caller's tensors (the engine reuses them for later steps)."""
+        restored, original = _faces(2, seed=1), _faces(2, seed=2)
+        copies = restored.clone(), original.clone()
+        _KNOBS[name](restored, original)
+        assert torch.equal(restored, copies[0]) and torch.equal(original, copies[1])
 
     @pytest.mark.parametrize("size", [32, 512])
     def test_knobs_work_at_other_sizes(self, size: int) -> None:
