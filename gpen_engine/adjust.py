@@ -221,17 +221,30 @@ def soften_small(
     sizes = torch.as_tensor(face_sizes, dtype=torch.float32).flatten()
     if sizes.numel() != restored.shape[0]:
         raise ValueError(f"need one face size per crop: {sizes.numel()} sizes, {restored.shape[0]} crops")
-    # The decision is made on the host (sizes are host numbers), so no device value is ever waited for.
-    small = (sizes.cpu() < min_size).nonzero().flatten().tolist()
-    if not small:
+    # Decided on the host (sizes are host numbers) and applied to runs of consecutive small faces by
+    # slicing: no index tensor is copied to the device and no device value is waited for.
+    small = (sizes.cpu() < min_size).tolist()
+    runs = _runs(small)
+    if not runs:
         return restored
     x = restored.float()
-    if len(small) == x.shape[0]:
+    if runs == [(0, len(small))]:
         return _separable(x, _BINOMIAL_3).to(restored.dtype)
-    picked = torch.tensor(small, device=x.device)
     out = x.clone()  # x may be the caller's own tensor
-    out.index_copy_(0, picked, _separable(x.index_select(0, picked), _BINOMIAL_3))
+    for start, stop in runs:
+        out[start:stop] = _separable(x[start:stop], _BINOMIAL_3)
     return out.to(restored.dtype)
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """(start, stop) of each run of consecutive True flags."""
+    runs: list[tuple[int, int]] = []
+    for i, flag in enumerate(flags):
+        if flag and runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        elif flag:
+            runs.append((i, i + 1))
+    return runs
 
 
 # ------------------------------------------------------------------------------------- helpers

@@ -242,11 +242,11 @@ class TestSoftenSmall:
 
     def test_a_small_face_is_blurred_the_same_in_any_batch(self) -> None:
         """Which other faces share the batch does not change how a small face is blurred."""
-        faces = _faces(3)
-        mixed = soften_small(faces, [60.0, 150.0, 40.0])
-        alone = soften_small(faces[2:], [40.0])
-        assert torch.equal(mixed[2], alone[0]) and torch.equal(mixed[1], faces[1])
-        assert torch.equal(mixed[0], soften_small(faces[:1], [60.0])[0])
+        faces = _faces(5)
+        mixed = soften_small(faces, [60.0, 150.0, 40.0, 30.0, 200.0])
+        for i in (0, 2, 3):
+            assert torch.equal(mixed[i], soften_small(faces[i : i + 1], [50.0])[0])
+        assert torch.equal(mixed[1], faces[1]) and torch.equal(mixed[4], faces[4])
 
     def test_no_small_face_is_identity(self) -> None:
         """With only large faces the batch is returned as is."""
