@@ -29,7 +29,7 @@ from daemon import publish, status
 from daemon.batcher import pick_queue
 from daemon.executor import LocalExecutor, Outcome
 from daemon.faults import FailPoints
-from daemon.jobs import Job, JobTable
+from daemon.jobs import Job, JobStateError, JobTable
 from daemon.logs import configure_logging
 from daemon.notify import Notifier
 from daemon.paths import UnsafePath, is_candidate, open_no_follow, safe_join
@@ -173,7 +173,7 @@ class Service:
     def startup(self) -> None:
         state = state_dir(self.settings)
         state.mkdir(parents=True, exist_ok=True)
-        self.jobs = JobTable.open(state / status.JOBS_FILE)
+        self.jobs = JobTable.open(state / status.JOBS_FILE, owner=self.settings.instance)
         requeued = self.jobs.requeue_in_flight(max_attempts=self.settings.max_attempts)
         if requeued:
             log.warning("work in flight at the last stop is redone", jobs=requeued)
@@ -413,7 +413,10 @@ class Service:
                             check_decodes=gate.check_decodes,
                         ),
                     )
-                    self._gate_one(g, folder, job)
+                    try:
+                        self._gate_one(g, folder, job)
+                    except JobStateError:  # another instance sharing this table settled it first
+                        g.forget(job.id)
             except Exception:
                 log.exception("gate pass failed; retrying")
             self.stop_event.wait(0.2)
@@ -857,8 +860,9 @@ class Service:
 
     def _write_snapshot(self, depths: dict[str, int], caps: dict[str, int]) -> None:
         try:
+            name = status.SNAPSHOT_FILE if not self.settings.instance else f"status-{self.settings.instance}.json"
             status.write_snapshot(
-                state_dir(self.settings) / status.SNAPSHOT_FILE,
+                state_dir(self.settings) / name,
                 status.Snapshot.current(
                     device=self.device_name, batch_caps=caps, paused=dict(self.paused),
                     queue_depths=depths, counters=dict(self.counters),
@@ -873,6 +877,9 @@ class Service:
         from daemon.metrics import start_metrics
 
         assert self.jobs is not None
-        self.metrics = start_metrics(self.settings.metrics, self.jobs)
-        log.info("metrics endpoint", host=self.settings.metrics.host, port=self.settings.metrics.port)
+        metrics = self.settings.metrics
+        if self.settings.instance.isdigit():  # one port per GPU instance: base port + index
+            metrics = metrics.model_copy(update={"port": metrics.port + int(self.settings.instance)})
+        self.metrics = start_metrics(metrics, self.jobs)
+        log.info("metrics endpoint", host=metrics.host, port=metrics.port)
 

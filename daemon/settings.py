@@ -119,6 +119,9 @@ class Settings(BaseSettings):
 
     # systemd sets STATE_DIRECTORY for units with StateDirectory=.
     state_dir: Path | None = None
+    # Names this daemon when several (one per GPU) share one state directory and the same hot folders;
+    # the job table hands each file to exactly one of them. The systemd template sets it to the GPU index.
+    instance: str = ""
     models_dir: Path = Path("models")
     download: bool = True
     device: str = "auto"

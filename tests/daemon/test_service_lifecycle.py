@@ -81,3 +81,25 @@ def test_sigterm_finishes_the_batch_in_flight_and_exits_zero(tmp_path):
         wait_for(lambda: account(layout, later).settled == 1, 90, again, "picked up after restart")
     finally:
         assert 0 == again.stop()
+
+
+def test_two_instances_share_hot_folders_and_publish_each_file_once(tmp_path):
+    """Two daemons (one per GPU, as gpen-watch@0/@1) on one config and job table: each file is published once."""
+    config, layout = write_config(tmp_path)
+    inputs = {("a", f"shared-{i:02d}.jpg"): face_photo(i) for i in range(16)}
+    first = Daemon(config, env={"GPEN_WATCH_INSTANCE": "0"}).start()
+    second = Daemon(config, env={"GPEN_WATCH_INSTANCE": "1"}).start()
+    try:
+        for d in (first, second):
+            wait_for(lambda d=d: "gpen-watch ready" in d.log_text(), 120, d, "ready")
+        for (_, rel), data in inputs.items():
+            (layout.hot["a"] / rel).write_bytes(data)
+        wait_for(lambda: account(layout, inputs).settled == len(inputs), 150, first, "all settled")
+        acc = account(layout, inputs)
+        assert [] == acc.lost and [] == acc.duplicated and {} == acc.failed
+        assert len(inputs) == len([p for p in layout.out["a"].iterdir() if p.is_file()])
+    finally:
+        codes = [first.stop(), second.stop()]
+    assert [0, 0] == codes
+    published = [sum(1 for e in d.log_lines() if e.get("event") == "published") for d in (first, second)]
+    assert len(inputs) == sum(published)

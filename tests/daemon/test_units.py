@@ -167,7 +167,7 @@ class TestHardening:
     def test_state_directory(self) -> None:
         """The single unit keeps its state in /var/lib/gpen-watch, each template instance in a subfolder."""
         assert values(parse_unit(SERVICE), "Service", "StateDirectory") == ["gpen-watch"]
-        assert values(parse_unit(TEMPLATE), "Service", "StateDirectory") == ["gpen-watch/%i"]
+        assert values(parse_unit(TEMPLATE), "Service", "StateDirectory") == ["gpen-watch"]
 
 
 class TestTemplate:
@@ -178,10 +178,11 @@ class TestTemplate:
         assert "CUDA_DEVICE_ORDER=PCI_BUS_ID" in env
         assert "GPEN_WATCH_DEVICE=cuda:0" in env
 
-    def test_instance_reads_its_own_config(self) -> None:
-        """Instance N reads /etc/gpen-watch/N.toml, so each GPU gets its own hot folders."""
+    def test_instances_share_config_and_job_table(self) -> None:
+        """Every instance reads the one config and shares the job table, named by its GPU index: no file to edit."""
         (start,) = values(parse_unit(TEMPLATE), "Service", "ExecStart")
-        assert start.endswith("--config /etc/gpen-watch/%i.toml")
+        assert start.endswith("--config /etc/gpen-watch/config.toml")
+        assert "GPEN_WATCH_INSTANCE=%i" in values(parse_unit(TEMPLATE), "Service", "Environment")
 
 
 def make_sysroot(root: Path) -> subprocess.CompletedProcess[str]:
