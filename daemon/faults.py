@@ -2,7 +2,8 @@
 
 Off unless ``GPEN_WATCH_FAILPOINTS`` is set, e.g. ``generate=raise:oom*2;publish=raise:enospc;generate=hang``:
 ``NAME=ACTION[:ARG][*COUNT]`` entries separated by ``;``. COUNT limits how often a point fires (default: always).
-Actions: ``raise:oom`` (torch.OutOfMemoryError), ``raise:enospc`` / ``raise:eio`` (OSError), ``sleep:SECONDS``,
+Actions: ``raise:oom`` (torch.OutOfMemoryError), ``raise:enospc`` / ``raise:eio`` (OSError), ``raise:error``
+(an unexpected RuntimeError), ``sleep:SECONDS``,
 ``hang`` (blocks forever, as a wedged GPU call would), ``exit`` (the process dies at once, like SIGKILL).
 """
 
@@ -65,6 +66,8 @@ class FailPoints:
             threading.Event().wait()
         elif point.action == "exit":
             os._exit(137)
+        elif point.arg == "error":
+            raise RuntimeError(f"unexpected failure (failpoint {name})")
         elif point.arg == "oom":
             import torch
 

@@ -47,7 +47,7 @@ from daemon.settings import (
 from daemon.watch import FolderWatcher
 from gpen_engine import imageio
 from gpen_engine.options import EngineOptions, Preset
-from gpen_engine.restorer import Restorer
+from gpen_engine.restorer import Restorer, is_out_of_memory
 from gpen_engine.types import DecodedImage, DeviceOutOfMemory, EngineError, InputError, NoFaceFound, RestoredImage
 
 log = structlog.get_logger("gpen_watch.service")
@@ -768,7 +768,10 @@ class Service:
         assert self.jobs is not None
         if self.metrics is not None:
             self.metrics.count_result("retry")
-        transient = not isinstance(exc, OSError) or publish.classify_os_error(exc, side=side) == "transient"
+        if isinstance(exc, OSError):
+            transient = publish.classify_os_error(exc, side=side) == "transient"
+        else:  # out of memory will pass; an unexpected error gets max_attempts tries, then failed/ with its reason
+            transient = isinstance(exc, DeviceOutOfMemory) or is_out_of_memory(exc)
         if not transient and job.attempts >= self.settings.max_attempts:
             folder = self.folders.get(job.folder)
             if folder is not None:

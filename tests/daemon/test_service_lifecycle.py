@@ -103,3 +103,23 @@ def test_two_instances_share_hot_folders_and_publish_each_file_once(tmp_path):
     assert [0, 0] == codes
     published = [sum(1 for e in d.log_lines() if e.get("event") == "published") for d in (first, second)]
     assert len(inputs) == sum(published)
+
+
+def test_an_unexpected_error_that_repeats_ends_in_failed_with_its_reason(tmp_path):
+    """An error that is neither transient nor the photo's fault is retried max_attempts times, then failed/ + sidecar."""
+    config, layout = write_config(tmp_path, extra="max_attempts = 2")
+    daemon = Daemon(config, env={"GPEN_WATCH_FAILPOINTS": "publish=raise:error"}).start()
+    inputs = {("a", "unlucky.jpg"): face_photo(3)}
+    try:
+        (layout.hot["a"] / "unlucky.jpg").write_bytes(inputs[("a", "unlucky.jpg")])
+        wait_for(lambda: account(layout, inputs).settled == 1, 90, daemon, "settled")
+    finally:
+        assert 0 == daemon.stop()
+    acc = account(layout, inputs)
+    assert ["a/unlucky.jpg"] == list(acc.failed)
+    stored = acc.failed["a/unlucky.jpg"]
+    assert inputs[("a", "unlucky.jpg")] == stored.read_bytes()
+    import json
+
+    sidecar = json.loads(stored.with_name(stored.name + ".error.json").read_text())
+    assert "publish" == sidecar["stage"] and "unexpected failure" in sidecar["error"]
