@@ -106,7 +106,7 @@ def test_two_instances_share_hot_folders_and_publish_each_file_once(tmp_path):
 
 
 def test_an_unexpected_error_that_repeats_ends_in_failed_with_its_reason(tmp_path):
-    """An error that is neither transient nor the photo's fault is retried max_attempts times, then failed/ + sidecar."""
+    """An error neither transient nor the photo's fault is retried max_attempts times, then failed/ + sidecar."""
     config, layout = write_config(tmp_path, extra="max_attempts = 2")
     daemon = Daemon(config, env={"GPEN_WATCH_FAILPOINTS": "publish=raise:error"}).start()
     inputs = {("a", "unlucky.jpg"): face_photo(3)}
