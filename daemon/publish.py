@@ -385,11 +385,16 @@ def _free_name(dir_fd: int, name: str) -> str:
     return candidate
 
 
-def _move_into(src: Path, dst: Path, root: Path | None) -> Path:
-    """Move ``src`` to ``dst`` (a free name near it): rename when possible, else copy, then unlink."""
+def _move_into(src: Path, dst: Path, root: Path | None, *, before: Callable[[Path], None] | None = None) -> Path:
+    """Move ``src`` to ``dst`` (a free name near it): rename when possible, else copy, then unlink.
+
+    ``before`` is called with the chosen final path just before the original is moved there.
+    """
     dir_fd = _dir_for(dst, root)
     try:
         final = _free_name(dir_fd, dst.name)
+        if before is not None:
+            before(dst.with_name(final))
         try:
             os.rename(src, final, dst_dir_fd=dir_fd)
         except OSError as exc:
@@ -503,28 +508,39 @@ def write_failure(
     ``src`` (the original in the hot folder) is moved there, or copied and then removed when the
     failed folder is on another filesystem; with no ``src``, ``data`` is written instead. An
     earlier failure with the same name is never overwritten: ``name (1).jpg`` is used. The
-    original lands first, then the sidecar, so a crash in between loses nothing.
-    Returns the path of the stored original.
+    sidecar lands first, then the original, so nobody ever finds a failed file without its
+    reason; a crash in between leaves the original in the hot folder, and the retry rewrites
+    the same sidecar. Returns the path of the stored original.
     """
+    payload = json.dumps(info.as_json(), indent=2, ensure_ascii=False).encode() + b"\n"
+
+    sidecars: list[Path] = []
+
+    def write_sidecar(stored: Path) -> None:
+        sidecars.append(stored.with_name(stored.name + ".error.json"))
+        write_atomic(sidecars[-1], payload, root=failed_dir)
+
     target = safe_join(failed_dir, str(relpath))
     if src is not None:
-        stored = _move_into(src, target, failed_dir)
-    elif data is not None:
-        dir_fd = _dir_for(target, failed_dir)
         try:
-            name = _free_name(dir_fd, target.name)
-            with _temp_in(dir_fd) as temp:
-                _write_all(temp.fd, data)
-                _commit(temp, name, replace=False, mtime_ns=None, atime_ns=None)
-        finally:
-            os.close(dir_fd)
-        stored = target.with_name(name)
-    else:
+            return _move_into(src, target, failed_dir, before=write_sidecar)
+        except BaseException:
+            for sidecar in sidecars:  # the original did not get there: no reason without a file
+                with contextlib.suppress(OSError):
+                    os.unlink(sidecar)
+            raise
+    if data is None:
         raise ValueError("write_failure needs the source file or its bytes")
-    sidecar = stored.with_name(stored.name + ".error.json")
-    payload = json.dumps(info.as_json(), indent=2, ensure_ascii=False).encode() + b"\n"
-    write_atomic(sidecar, payload, root=failed_dir)
-    return stored
+    dir_fd = _dir_for(target, failed_dir)
+    try:
+        name = _free_name(dir_fd, target.name)
+        write_sidecar(target.with_name(name))
+        with _temp_in(dir_fd) as temp:
+            _write_all(temp.fd, data)
+            _commit(temp, name, replace=False, mtime_ns=None, atime_ns=None)
+    finally:
+        os.close(dir_fd)
+    return target.with_name(name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -290,10 +290,12 @@ def account(layout: Layout, inputs: dict[tuple[str, str], bytes], *, read: bool 
             acc.published[key] = outs[0]
             if len(outs) > 1 or len(backups) > 1:
                 acc.duplicated.append(key)
-        elif failed:
+        elif failed and failed[0].with_name(failed[0].name + ".error.json").is_file():
             acc.failed[key] = failed[0]
-            if not failed[0].with_name(failed[0].name + ".error.json").is_file():
-                acc.lost.append(key + " (failed without sidecar)")
+        elif failed:
+            # The original lands in failed/ a moment before its sidecar (so a crash between loses nothing);
+            # until the sidecar is there the file is not settled, and if it never comes it is lost.
+            acc.lost.append(key + " (failed without sidecar)")
         else:
             acc.lost.append(key)
     return acc

@@ -332,6 +332,33 @@ class TestWriteFailure:
                 p.unlink()
             failed.rmdir()
 
+    def test_sidecar_is_there_before_the_original(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Whoever sees a file in failed/ also finds its reason: the sidecar is written before the move."""
+        src = tmp_path / "in" / "p.jpg"
+        src.parent.mkdir()
+        src.write_bytes(b"junk")
+        failed = tmp_path / "failed"
+        failed.mkdir()
+        seen: list[bool] = []
+        rename = os.rename
+
+        def watching_rename(a, b, **kw):
+            seen.append((failed / "p.jpg.error.json").is_file())
+            return rename(a, b, **kw)
+
+        monkeypatch.setattr(os, "rename", watching_rename)
+        write_failure(failed, "p.jpg", src, None, self.info())
+        assert [True] == seen
+        assert (failed / "p.jpg").read_bytes() == b"junk"
+
+    def test_source_vanished_leaves_no_orphan_sidecar(self, tmp_path: Path) -> None:
+        """If the original is gone before it can be moved, no reason is left behind without a file."""
+        failed = tmp_path / "failed"
+        failed.mkdir()
+        with pytest.raises(FileNotFoundError):
+            write_failure(failed, "p.jpg", tmp_path / "gone.jpg", None, self.info())
+        assert [] == list(failed.iterdir())
+
     def test_missing_failed_root_is_transient_and_keeps_source(self, tmp_path: Path) -> None:
         """If the failed folder's share is gone the original stays put and the error is transient."""
         src = tmp_path / "p.jpg"
