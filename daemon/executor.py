@@ -13,14 +13,14 @@ from typing import Protocol
 import numpy as np
 
 from daemon.faults import FailPoints
-from gpen_engine.restorer import Restorer
+from gpen_engine.restorer import Restorer, WorkingImage
 from gpen_engine.types import EngineError, RestoredImage
 
 Outcome = RestoredImage | EngineError
 
 
 class Executor(Protocol):
-    def run(self, preset: str, images: Sequence[np.ndarray]) -> list[Outcome]:
+    def run(self, preset: str, images: Sequence[np.ndarray | WorkingImage]) -> list[Outcome]:
         """Restore ``images`` with ``preset``; one outcome per image, in order.
 
         Raises only for failures of the whole batch (device lost, out of memory after every retry).
@@ -37,7 +37,7 @@ class LocalExecutor:
     restorers: Mapping[str, Restorer]
     failpoints: FailPoints
 
-    def run(self, preset: str, images: Sequence[np.ndarray]) -> list[Outcome]:
+    def run(self, preset: str, images: Sequence[np.ndarray | WorkingImage]) -> list[Outcome]:
         self.failpoints.hit("generate")
         return self.restorers[preset].restore(list(images))
 

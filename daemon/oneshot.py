@@ -33,7 +33,7 @@ from gpen_engine import imageio
 from gpen_engine.device import select_device
 from gpen_engine.options import EncodeOptions, EngineOptions, Preset
 from gpen_engine.registry import detector_spec, parser_spec
-from gpen_engine.restorer import EngineModels, Restorer, load_engine_models
+from gpen_engine.restorer import EngineModels, Restorer, WorkingImage, load_engine_models, prepare_image
 from gpen_engine.types import DecodedImage, EngineError, RestoredImage
 
 RANDOM_WEIGHTS_WARNING = (
@@ -58,7 +58,7 @@ class Item:
 class Decoded:
     item: Item
     image: DecodedImage
-    working: np.ndarray
+    working: WorkingImage
 
 
 @dataclass
@@ -274,7 +274,7 @@ def _read_decode(item: Item, options: EngineOptions) -> Decoded | str:
         if not data:
             return f"{item.source}: empty file (0 bytes)"
         image = imageio.decode(data, max_pixels=options.decode.max_pixels)
-        return Decoded(item, image, imageio.resize_long_side(image.rgb, options.preset.max_long_side))
+        return Decoded(item, image, prepare_image(image.rgb, options.preset))
     except (OSError, UnsafePath) as exc:
         return f"{item.source}: cannot read: {getattr(exc, 'strerror', None) or exc}"
     except EngineError as exc:
@@ -288,7 +288,7 @@ def _encode_write(decoded: Decoded, result: RestoredImage, options: EngineOption
         data, fmt = imageio.encode(decoded.image, result.rgb, options=options.encode)
         write_new(item.target_dir, item.stem, imageio.extension_for(fmt), data)
         if compare:
-            side = side_by_side(decoded.working, result.rgb)
+            side = side_by_side(decoded.working.rgb, result.rgb)
             jpeg, _ = imageio.encode(DecodedImage(rgb=side, format="JPEG", mode="RGB"), side,
                                      options=EncodeOptions(format="JPEG", jpeg_quality=90))
             write_new(item.target_dir, item.stem.removesuffix(".restored") + ".compare", ".jpg", jpeg)

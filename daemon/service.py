@@ -47,7 +47,7 @@ from daemon.settings import (
 from daemon.watch import FolderWatcher
 from gpen_engine import imageio
 from gpen_engine.options import EngineOptions, Preset
-from gpen_engine.restorer import Restorer, is_out_of_memory
+from gpen_engine.restorer import Restorer, WorkingImage, is_out_of_memory
 from gpen_engine.types import DecodedImage, DeviceOutOfMemory, EngineError, InputError, NoFaceFound, RestoredImage
 
 log = structlog.get_logger("gpen_watch.service")
@@ -84,6 +84,7 @@ class Prepared:
     source: Path
     data: bytes
     image: DecodedImage
+    working: WorkingImage  # made on the read pool, so the device's thread starts at detection
     decode_ms: float
 
 
@@ -571,12 +572,18 @@ class Service:
             self.jobs.requeue_pending(job.id, "source changed after it was queued")
             log.info("source changed while queued; checking it again", folder=job.folder, path=job.relpath)
             return None
+        restorer = self.restorers.get(folder.preset)
+        if restorer is None:  # its preset left the config on reload
+            self.jobs.retry_later(job.id, "preset no longer configured", 60)
+            return None
         try:
             image = imageio.decode(data, max_pixels=self.settings.max_pixels)
+            decode_ms = (time.monotonic() - started) * 1000  # preparing counts as detection, in the engine's times
+            working = restorer.prepare(image.rgb)
         except InputError as exc:
             self._fail(job, folder, source, "decode", str(exc))
             return None
-        return Prepared(job, folder, source, data, image, (time.monotonic() - started) * 1000)
+        return Prepared(job, folder, source, data, image, working, decode_ms)
 
     def _folder_available(self, key: str) -> bool:
         """False while a hot folder (or the share it lives on) is gone: missing files there are not deletions."""
@@ -625,7 +632,7 @@ class Service:
         assert self.executor is not None
         started = time.monotonic()
         try:
-            outcomes = self.executor.run(batch.preset, [p.image.rgb for p in batch.items])
+            outcomes = self.executor.run(batch.preset, [p.working for p in batch.items])
         except Exception as exc:  # the whole batch failed (device error, OOM after every retry)
             log.error("batch failed; its files are retried", error=str(exc), files=len(batch.items))
             for item in batch.items:

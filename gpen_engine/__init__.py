@@ -10,7 +10,7 @@ from .gpen import VARIANTS, GpenArch, create_generator
 from .imageio import check_complete, decode, encode
 from .options import BUILTIN_PRESETS, DecodeOptions, EncodeOptions, EngineOptions, Preset
 from .registry import ModelSpec, builtin_models, model_table
-from .restorer import EngineModels, Restorer, load_engine_models
+from .restorer import EngineModels, Restorer, WorkingImage, load_engine_models, prepare_image
 from .types import (
     DecodedImage,
     DeviceError,
@@ -48,6 +48,7 @@ __all__ = [
     "RestoredImage",
     "Restorer",
     "UnsupportedImage",
+    "WorkingImage",
     "builtin_models",
     "check_complete",
     "create_generator",
@@ -56,5 +57,6 @@ __all__ = [
     "load_engine_models",
     "load_generator",
     "model_table",
+    "prepare_image",
     "select_device",
 ]

@@ -38,6 +38,7 @@ from .detect import detect_faces
 from .gpen import GpenArch, create_generator
 from .masks import rectangle_mask
 from .options import EngineOptions, Preset
+from .restorer import WorkingImage, prepare_image
 from .stylegan2 import Blur, fused_leaky_relu
 from .types import EngineError, RestoredImage
 
@@ -293,7 +294,7 @@ def load_average() -> float | None:
 
 
 def engine_pass(
-    restore: Callable[[list[np.ndarray]], list[RestoredImage | EngineError]],
+    restore: Callable[[list[WorkingImage]], list[RestoredImage | EngineError]],
     inputs: Sequence[bytes],
     options: EngineOptions,
     pool: ThreadPoolExecutor,
@@ -306,9 +307,9 @@ def engine_pass(
     preset = options.preset
 
     def decode(data: bytes) -> tuple[object, float]:
-        def work() -> tuple[imageio.DecodedImage, np.ndarray]:
+        def work() -> tuple[imageio.DecodedImage, WorkingImage]:
             image = imageio.decode(data, max_pixels=options.decode.max_pixels)
-            return image, imageio.resize_long_side(image.rgb, preset.max_long_side)
+            return image, prepare_image(image.rgb, preset)
 
         try:
             return _timed(work)
@@ -333,8 +334,8 @@ def engine_pass(
                 errors.append(str(out))
         results = restore([out[1] for out, _ in good]) if good else []  # type: ignore[index]
         _sync(device)
-        for ((image, _), decode_ms), result in zip(good, results, strict=True):  # type: ignore[misc]
-            stage["decode"] += decode_ms
+        for ((image, working), decode_ms), result in zip(good, results, strict=True):  # type: ignore[misc]
+            stage["decode"] += decode_ms - working.prepare_ms  # preparing is in the engine's detect time
             if isinstance(result, EngineError):
                 failed += 1
                 errors.append(str(result))
@@ -588,7 +589,7 @@ class BenchModels:
     precision: str
     size: int  # the generator's face size
     template: np.ndarray  # the 5-point crop template at that size
-    restore: Callable[[list[np.ndarray]], list[RestoredImage | EngineError]]
+    restore: Callable[[list[WorkingImage]], list[RestoredImage | EngineError]]
 
 
 def run_benchmark(

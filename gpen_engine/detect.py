@@ -108,13 +108,22 @@ def _mean_bgr(device: torch.device) -> Tensor:
     return torch.tensor(_MEAN_BGR, device=device).view(3, 1, 1)
 
 
-def _resized(image: np.ndarray, scale: float) -> np.ndarray:
-    """The image as the detector searches it (OpenCV's area filter when shrinking)."""
+def _search_shape(height: int, width: int, long_side: int, resize_above: float | None) -> tuple[float, int, int]:
+    scale = detection_scale(height, width, long_side, resize_above)
+    return scale, max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def search_copy(image: np.ndarray, long_side: int = 1000, resize_above: float | None = None) -> np.ndarray:
+    """The image as the detector searches it: scaled by ``detection_scale`` with OpenCV's area filter.
+
+    The image itself when no scaling is needed. Pure CPU work: callers with a thread pool make
+    these copies there and hand them to ``detect_faces`` so the device's thread does not wait
+    on a full-frame resize.
+    """
+    scale, dh, dw = _search_shape(*image.shape[:2], long_side, resize_above)
     if scale == 1.0:
         return image
-    h, w = image.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return cv2.resize(image, (dw, dh), interpolation=cv2.INTER_AREA)
 
 
 def _input_batch(images: Sequence[np.ndarray], bucket: tuple[int, int], device: torch.device) -> Tensor:
@@ -207,6 +216,7 @@ def detect_faces(
     min_face_size: float = 16,
     max_faces: int = 100,
     autocast_dtype: torch.dtype | None = None,
+    search: Sequence[np.ndarray] | None = None,
 ) -> list[list[Face]]:
     """Faces in each RGB uint8 image, in that image's own pixel coordinates.
 
@@ -218,27 +228,34 @@ def detect_faces(
 
     ``autocast_dtype`` (e.g. ``torch.float16`` on CUDA) runs the network under autocast; off by
     default, since it moves boxes and scores slightly.
+
+    ``search`` optionally gives each image's ``search_copy`` (same ``long_side``), made ahead of
+    time; a copy of the wrong size is an error.
     """
+    if search is not None and len(search) != len(images):
+        raise ValueError(f"{len(search)} search copies for {len(images)} images")
     device = next(detector.parameters()).device
     cfg = detector.cfg
     plans = []
     for image in images:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an HxWx3 uint8 image, got {image.shape} {image.dtype}")
-        h, w = image.shape[:2]
-        scale = detection_scale(h, w, long_side, resize_above)
-        dh, dw = max(1, round(h * scale)), max(1, round(w * scale))
-        plans.append((scale, (dh, dw), (bucket_side(dh), bucket_side(dw))))
+        _, dh, dw = _search_shape(*image.shape[:2], long_side, resize_above)
+        if search is not None and search[len(plans)].shape != (dh, dw, 3):
+            raise ValueError(f"search copy {search[len(plans)].shape} does not match {(dh, dw, 3)} for "
+                             f"an image of {image.shape} at long side {long_side}")
+        plans.append(((dh, dw), (bucket_side(dh), bucket_side(dw))))
 
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, (_, _, bucket) in enumerate(plans):
+    for i, (_, bucket) in enumerate(plans):
         groups.setdefault(bucket, []).append(i)
 
     steps = tuple(cfg["steps"])
     min_sizes = tuple(tuple(s) for s in cfg["min_sizes"])
     results: list[list[Face]] = [[] for _ in images]
     for bucket, members in groups.items():
-        batch = _input_batch([_resized(images[i], plans[i][0]) for i in members], bucket, device)
+        copies = [search[i] if search is not None else search_copy(images[i], long_side, resize_above) for i in members]
+        batch = _input_batch(copies, bucket, device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             loc, conf, landm = detector(batch)
         priors = _cached_priors(steps, min_sizes, *bucket, device)
@@ -247,7 +264,7 @@ def detect_faces(
         bh, bw = bucket
         for row, i in enumerate(members):
             h, w = images[i].shape[:2]
-            dh, dw = plans[i][1]
+            dh, dw = plans[i][0]
             # Normalised bucket coordinates -> detection pixels -> original pixels (continuous
             # coordinates, so scaling by the exact size ratio maps edges onto edges).
             to_image = np.array([bw * w / dw, bh * h / dh] * 5, dtype=np.float32)
@@ -256,4 +273,4 @@ def detect_faces(
     return results
 
 
-__all__ = ["bucket_side", "detect_faces", "detection_scale", "load_detector", "prior_boxes"]
+__all__ = ["bucket_side", "detect_faces", "detection_scale", "load_detector", "prior_boxes", "search_copy"]

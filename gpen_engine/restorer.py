@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from . import adjust
 from .align import face_matrices, footprint, image_window, warp_crops
 from .checkpoint import load_generator
-from .detect import detect_faces, load_detector
+from .detect import detect_faces, load_detector, search_copy
 from .gpen import VARIANTS, GpenArch, create_generator
 from .imageio import resize_long_side
 from .masks import load_parser, parse_masks, rectangle_mask
@@ -122,11 +122,38 @@ class BatchCap:
             self.clean = 0
 
 
+@dataclass(frozen=True)
+class WorkingImage:
+    """An image made ready for the device by ``prepare_image``."""
+
+    rgb: np.ndarray  # the working image: the input capped at the preset's long side
+    search: np.ndarray  # the smaller copy the face detector searches
+    prepare_ms: float
+    sides: tuple[int, int]  # the preset's (max_long_side, detect_long_side) it was made for
+
+
+def prepare_image(image: np.ndarray, preset: Preset) -> WorkingImage:
+    """The CPU part of restoring ``image`` (HxWx3 uint8 RGB): cap its size, make the detector's copy.
+
+    Thread-safe and free of device work, so callers run it in their decode pool; the device's
+    thread then starts at detection. ``Restorer.restore`` does it itself for plain arrays.
+    Raises ``InputError`` for an array that is not an HxWx3 uint8 image.
+    """
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise InputError(f"expected an HxWx3 uint8 RGB image, got {getattr(image, 'shape', None)}")
+    t0 = time.perf_counter()
+    rgb = resize_long_side(image, preset.max_long_side)
+    search = search_copy(rgb, preset.detect_long_side)
+    sides = (preset.max_long_side, preset.detect_long_side)
+    return WorkingImage(rgb, search, (time.perf_counter() - t0) * 1000.0, sides)
+
+
 @dataclass
 class _Work:
     """One image on its way through the pipeline."""
 
     rgb: np.ndarray
+    search: np.ndarray
     faces: list[Face]
     times: StageTimes
     matrices: np.ndarray = field(default_factory=lambda: np.zeros((0, 2, 3)))
@@ -165,12 +192,17 @@ class Restorer:
         self._rect = rectangle_mask(models.face_size, models.device)[0]
         self._use_parser = preset.use_parsing and models.parser is not None
 
-    def restore(self, images: Sequence[np.ndarray]) -> list[RestoredImage | EngineError]:
+    def prepare(self, image: np.ndarray) -> WorkingImage:
+        """``prepare_image`` with this restorer's preset (thread-safe)."""
+        return prepare_image(image, self.preset)
+
+    def restore(self, images: Sequence[np.ndarray | WorkingImage]) -> list[RestoredImage | EngineError]:
         """Restore every HxWx3 uint8 RGB image; a failed image's slot holds its error.
 
-        Results are the size of the working image (the input capped at ``preset.max_long_side``).
-        An image without faces comes back as the working image itself (not a copy), or as
-        ``NoFaceFound`` when the preset requires faces.
+        An image may come as a ``WorkingImage`` from ``prepare`` (made with this preset), which
+        saves the device's thread the resizing. Results are the size of the working image (the
+        input capped at ``preset.max_long_side``). An image without faces comes back as the
+        working image itself (not a copy), or as ``NoFaceFound`` when the preset requires faces.
         """
         with torch.inference_mode():
             return self._restore(images)
@@ -181,14 +213,15 @@ class Restorer:
         clock = _Clock(self.models.device)
         works: list[_Work | EngineError] = []
         for image in images:
-            if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 \
-                    or image.dtype != np.uint8:
-                shape = getattr(image, "shape", None)
-                works.append(InputError(f"expected an HxWx3 uint8 RGB image, got {shape}"))
+            try:
+                ready = image if isinstance(image, WorkingImage) else prepare_image(image, self.preset)
+                if ready.sides != (self.preset.max_long_side, self.preset.detect_long_side):
+                    ready = prepare_image(ready.rgb, self.preset)  # made for an earlier version of the preset
+            except InputError as exc:
+                works.append(exc)
                 continue
-            t0 = time.perf_counter()
-            rgb = resize_long_side(image, self.preset.max_long_side)
-            works.append(_Work(rgb, [], StageTimes(detect=(time.perf_counter() - t0) * 1000.0)))
+            # Resizing is part of detection's cost, wherever it ran.
+            works.append(_Work(ready.rgb, ready.search, [], StageTimes(detect=ready.prepare_ms)))
         live = [w for w in works if isinstance(w, _Work)]
         clock.lap()
         self._detect(live)
@@ -209,11 +242,11 @@ class Restorer:
 
     def _detect(self, works: list[_Work]) -> None:
         p = self.preset
-        detect: Callable[[list[np.ndarray]], list[list[Face]]] = lambda rgbs: detect_faces(  # noqa: E731
-            self.models.detector, rgbs, long_side=p.detect_long_side, confidence=p.det_confidence,
-            min_face_size=p.min_face_size, max_faces=p.max_faces)
         try:
-            found = detect([w.rgb for w in works])
+            found = detect_faces(
+                self.models.detector, [w.rgb for w in works], long_side=p.detect_long_side,
+                confidence=p.det_confidence, min_face_size=p.min_face_size, max_faces=p.max_faces,
+                search=[w.search for w in works])
         except Exception as exc:
             if not is_out_of_memory(exc) or len(works) == 1:
                 if is_out_of_memory(exc):
@@ -367,5 +400,5 @@ class Restorer:
         w.masks.clear()
 
 
-__all__ = ["BatchCap", "DeviceOutOfMemory", "EngineModels", "Restorer", "is_out_of_memory",
-           "load_engine_models"]
+__all__ = ["BatchCap", "DeviceOutOfMemory", "EngineModels", "Restorer", "WorkingImage", "is_out_of_memory",
+           "load_engine_models", "prepare_image"]

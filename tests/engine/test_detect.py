@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpen_engine.detect import bucket_side, detect_faces, detection_scale, load_detector
+from gpen_engine.detect import bucket_side, detect_faces, detection_scale, load_detector, search_copy
 from gpen_engine.types import Face, ModelFileError
 from tests.conftest import SOLVAY_FACES
 
@@ -120,6 +120,17 @@ class TestDetectFaces:
         # Face boxes here are ~90 px wide at full resolution; a searched copy at 0.38x sees them at 34 px.
         assert np.median(_match(_boxes(big_faces), expected)) < 6.0
         assert _match(_boxes(big_faces), expected).max() < 15.0
+
+    def test_search_copies_made_ahead(self, detector: torch.nn.Module, solvay_rgb: np.ndarray) -> None:
+        """Search copies made beforehand give the same faces; a copy of the wrong size is refused."""
+        big = cv2.resize(solvay_rgb, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+        copies = [search_copy(big), search_copy(solvay_rgb)]
+        assert max(copies[0].shape[:2]) == 1000 and copies[1] is solvay_rgb
+        expected = detect_faces(detector, [big, solvay_rgb])
+        got = detect_faces(detector, [big, solvay_rgb], search=copies)
+        assert [_boxes(f).tolist() for f in expected] == [_boxes(f).tolist() for f in got]
+        with pytest.raises(ValueError, match="does not match"):
+            detect_faces(detector, [big], search=[solvay_rgb])
 
     def test_batch_equals_single(self, detector: torch.nn.Module, solvay_rgb: np.ndarray) -> None:
         """Images of different sizes detected in one call give the faces each gives alone."""

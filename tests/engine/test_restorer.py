@@ -201,6 +201,32 @@ class TestRestorer:
         assert max(out.rgb.shape[:2]) == 400
         assert all(f.box[2] <= 400 + 1 for f in out.faces)
 
+    def test_prepared_images_restore_the_same(self, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """Images prepared ahead (on a decode thread) give exactly the result of plain arrays."""
+        preset = PLAIN.with_(max_long_side=500, detect_long_side=200)
+        restorer = Restorer(_models(FakeGenerator(), detector), preset)
+        prepared = [restorer.prepare(image) for image in images]
+        assert [max(p.search.shape[:2]) for p in prepared] == [200, 200, 170]  # 170 px: below 1.5 x 200, kept
+        plain = restorer.restore(images)
+        ahead = restorer.restore(prepared)
+        for a, b in zip(plain, ahead, strict=True):
+            np.testing.assert_array_equal(_ok(a).rgb, _ok(b).rgb)
+            assert [f.box.tolist() for f in _ok(a).faces] == [f.box.tolist() for f in _ok(b).faces]
+
+    def test_prepared_for_another_preset_is_redone(self, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """An image prepared before a reload changed the preset's sizes is prepared again, not misread."""
+        old = Restorer(_models(FakeGenerator(), detector), PLAIN.with_(detect_long_side=200))
+        new = Restorer(_models(FakeGenerator(), detector), PLAIN)
+        (result,) = new.restore([old.prepare(images[1])])
+        (expected,) = new.restore(images[1:2])
+        assert len(_ok(expected).faces) == len(_ok(result).faces)
+        np.testing.assert_array_equal(_ok(expected).rgb, _ok(result).rgb)
+
+    def test_prepare_refuses_non_images(self, detector: nn.Module) -> None:
+        restorer = Restorer(_models(FakeGenerator(), detector), PLAIN)
+        with pytest.raises(InputError, match="HxWx3 uint8"):
+            restorer.prepare(np.zeros((10, 10), np.uint8))
+
     def test_stage_times(self, detector: nn.Module, images: list[np.ndarray]) -> None:
         """Detection, alignment, generation and paste times are recorded for each image."""
         results = Restorer(_models(FakeGenerator(), detector), PLAIN).restore(images)
