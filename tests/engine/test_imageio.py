@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageCms, ImageFile, ImageOps
+from PIL import Image, ImageCms, ImageFile, ImageOps, PngImagePlugin
 
 from gpen_engine.imageio import check_complete, decode, encode, extension_for, resize_long_side
 from gpen_engine.options import EncodeOptions
@@ -105,6 +105,35 @@ class TestRoundTrip:
         expected = [round_trip(f) for f in files]
         with ThreadPoolExecutor(max_workers=4) as pool:
             assert list(pool.map(round_trip, files)) == expected
+
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_encoding_gives_pillows_own_bytes(self, fmt: str) -> None:
+        """Encoding through an in-memory file (so the GIL is free) writes what Pillow writes to a buffer."""
+        pil = Image.fromarray(_photo(300, 200))
+        icc = _srgb_icc()
+        source: dict[str, object] = {"icc_profile": icc} if fmt != "BMP" else {}
+        if fmt == "TIFF":
+            source["compression"] = "tiff_lzw"
+        image = decode(_save(pil, fmt, **source))
+        data, _ = encode(image, image.rgb, options=EncodeOptions())
+        params: dict[str, object] = {"icc_profile": icc} if fmt != "BMP" else {}
+        if fmt == "JPEG":
+            params.update(quality=EncodeOptions().jpeg_quality, subsampling=image.info["jpeg_subsampling"],
+                          progressive=False)
+        elif fmt == "WEBP":
+            params.update(quality=EncodeOptions().webp_quality, lossless=False)
+        elif fmt == "TIFF":
+            params.update(compression="tiff_lzw")
+        elif fmt == "PNG":
+            params.update(pnginfo=PngImagePlugin.PngInfo())
+        expected = _save(Image.fromarray(image.rgb), fmt, **params)
+        if fmt == "TIFF":  # libtiff lays out a real file differently (directory first): same image
+            back, reference = _open(data), _open(expected)
+            np.testing.assert_array_equal(np.asarray(reference), np.asarray(back))
+            assert (reference.info.get("icc_profile"), reference.info.get("compression")) == (
+                back.info.get("icc_profile"), back.info.get("compression"))
+        else:
+            assert expected == data
 
     def test_real_rgba_png_with_icc_round_trips(self, shared_dir: Path) -> None:
         """The Solvay photo (RGBA PNG with ICC, XMP, DPI) comes back with identical pixels and metadata."""
