@@ -692,11 +692,13 @@ def _save(pil: Image.Image, fmt: str, **params: Any) -> bytes:
     file descriptor it compresses with the GIL released. Encoding runs in a thread pool next to
     the device's thread, so holding the GIL here stalls the GPU: the bytes are the same either way.
     """
-    if not hasattr(os, "memfd_create"):  # not Linux
+    try:
+        fd = os.memfd_create("gpen-watch-encode", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):  # not Linux, or refused (a stricter seccomp filter): same bytes, slower
         buffer = io.BytesIO()
         pil.save(buffer, fmt, **params)
         return buffer.getvalue()
-    with os.fdopen(os.memfd_create("gpen-watch-encode", os.MFD_CLOEXEC), "w+b") as fh:
+    with os.fdopen(fd, "w+b") as fh:
         pil.save(fh, fmt, **params)
         fh.seek(0)
         return fh.read()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -134,6 +135,19 @@ class TestRoundTrip:
                 back.info.get("icc_profile"), back.info.get("compression"))
         else:
             assert expected == data
+
+    def test_encoding_works_where_in_memory_files_are_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A sandbox that refuses memfd_create (or a system without it) still gets the same JPEG."""
+        image = decode(_save(Image.fromarray(_photo()), "JPEG"))
+        expected, _ = encode(image, image.rgb, options=EncodeOptions())
+
+        def refused(*_args: object) -> int:
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "memfd_create", refused)
+        assert (expected, "JPEG") == encode(image, image.rgb, options=EncodeOptions())
+        monkeypatch.delattr(os, "memfd_create")
+        assert (expected, "JPEG") == encode(image, image.rgb, options=EncodeOptions())
 
     def test_real_rgba_png_with_icc_round_trips(self, shared_dir: Path) -> None:
         """The Solvay photo (RGBA PNG with ICC, XMP, DPI) comes back with identical pixels and metadata."""
