@@ -512,8 +512,9 @@ def write_failure(
     reason; a crash in between leaves the original in the hot folder, and the retry rewrites
     the same sidecar. Returns the path of the stored original.
     """
+    if src is None and data is None:
+        raise ValueError("write_failure needs the source file or its bytes")
     payload = json.dumps(info.as_json(), indent=2, ensure_ascii=False).encode() + b"\n"
-
     sidecars: list[Path] = []
 
     def write_sidecar(stored: Path) -> None:
@@ -521,26 +522,30 @@ def write_failure(
         write_atomic(sidecars[-1], payload, root=failed_dir)
 
     target = safe_join(failed_dir, str(relpath))
-    if src is not None:
-        try:
-            return _move_into(src, target, failed_dir, before=write_sidecar)
-        except BaseException:
-            for sidecar in sidecars:  # the original did not get there: no reason without a file
-                with contextlib.suppress(OSError):
-                    os.unlink(sidecar)
-            raise
-    if data is None:
-        raise ValueError("write_failure needs the source file or its bytes")
-    dir_fd = _dir_for(target, failed_dir)
     try:
-        name = _free_name(dir_fd, target.name)
-        write_sidecar(target.with_name(name))
+        if src is not None:
+            return _move_into(src, target, failed_dir, before=write_sidecar)
+        assert data is not None
+        return _write_new(target, data, failed_dir, before=write_sidecar)
+    except BaseException:
+        for sidecar in sidecars:  # the original did not get there: no reason without a file
+            with contextlib.suppress(OSError):
+                os.unlink(sidecar)
+        raise
+
+
+def _write_new(dst: Path, data: bytes, root: Path, *, before: Callable[[Path], None]) -> Path:
+    """Write ``data`` under a free name near ``dst``; ``before`` is called with that name first."""
+    dir_fd = _dir_for(dst, root)
+    try:
+        name = _free_name(dir_fd, dst.name)
+        before(dst.with_name(name))
         with _temp_in(dir_fd) as temp:
             _write_all(temp.fd, data)
             _commit(temp, name, replace=False, mtime_ns=None, atime_ns=None)
     finally:
         os.close(dir_fd)
-    return target.with_name(name)
+    return dst.with_name(name)
 
 
 # ---------------------------------------------------------------------------------------------

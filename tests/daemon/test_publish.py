@@ -359,6 +359,28 @@ class TestWriteFailure:
             write_failure(failed, "p.jpg", tmp_path / "gone.jpg", None, self.info())
         assert [] == list(failed.iterdir())
 
+    def test_full_disk_while_storing_bytes_leaves_no_orphan_sidecar(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A failure that cannot be stored (disk full) leaves neither a partial file nor a lone reason."""
+        import daemon.publish as publish
+
+        write_all = publish._write_all
+        written: list[bytes] = []
+
+        def full(fd: int, data: bytes) -> None:
+            if data == b"payload":  # the sidecar goes through; the original does not fit
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written.append(bytes(data))
+            write_all(fd, data)
+
+        failed = tmp_path / "failed"
+        failed.mkdir()
+        monkeypatch.setattr(publish, "_write_all", full)
+        with pytest.raises(OSError):
+            write_failure(failed, "p.jpg", None, b"payload", self.info())
+        assert len(written) == 1 and b'"stage"' in written[0]  # the sidecar was written, then taken back
+        assert [] == list(failed.iterdir())
+
     def test_missing_failed_root_is_transient_and_keeps_source(self, tmp_path: Path) -> None:
         """If the failed folder's share is gone the original stays put and the error is transient."""
         src = tmp_path / "p.jpg"
