@@ -572,8 +572,8 @@ class Service:
             self.jobs.requeue_pending(job.id, "source changed after it was queued")
             log.info("source changed while queued; checking it again", folder=job.folder, path=job.relpath)
             return None
-        restorer = self.restorers.get(folder.preset)
-        if restorer is None:  # its preset left the config on reload
+        restorer = self.restorers.get(job.preset)  # the batch's preset: claimed only while it is loaded
+        if restorer is None:  # unloaded by a reload since the claim
             self.jobs.retry_later(job.id, "preset no longer configured", 60)
             return None
         try:
