@@ -211,6 +211,10 @@ class PassStats:
     peak_rss_mb: float | None
     peak_device_mb: float | None
     errors: list[str] = field(default_factory=list)
+    # Share of the wall time the device's thread spent restoring, and waiting for decoded images.
+    # Near 100 % busy: the device's thread is the limit; much waiting: the CPU pool is.
+    restore_busy: float | None = None
+    decode_wait: float | None = None
 
 
 @dataclass
@@ -220,6 +224,8 @@ class _Pass:
     failed: int
     stage_ms: dict[str, float]
     errors: list[str]
+    restore_s: float | None = None  # time the calling thread spent inside the engine's restore calls
+    wait_s: float | None = None  # time it spent waiting for the pool to finish decoding
 
 
 def _reset_peaks(device: torch.device) -> None:
@@ -325,8 +331,12 @@ def engine_pass(
     errors: list[str] = []
     decoded = [pool.submit(decode, data) for data in inputs]
     encodes = []
+    restore_s = wait_s = 0.0
     for start in range(0, len(inputs), images_per_call):
+        t_wait = time.perf_counter()
         chunk = [f.result() for f in decoded[start : start + images_per_call]]
+        t_restore = time.perf_counter()
+        wait_s += t_restore - t_wait
         good = [(out, ms) for out, ms in chunk if not isinstance(out, EngineError)]
         for out, _ in chunk:
             if isinstance(out, EngineError):
@@ -334,6 +344,7 @@ def engine_pass(
                 errors.append(str(out))
         results = restore([out[1] for out, _ in good]) if good else []  # type: ignore[index]
         _sync(device)
+        restore_s += time.perf_counter() - t_restore
         for ((image, working), decode_ms), result in zip(good, results, strict=True):  # type: ignore[misc]
             stage["decode"] += decode_ms - working.prepare_ms  # preparing is in the engine's detect time
             if isinstance(result, EngineError):
@@ -349,7 +360,7 @@ def engine_pass(
         stage["encode"] += future.result()
     seconds = time.perf_counter() - t0
     n = max(1, len(inputs))
-    return _Pass(seconds, faces, failed, {k: v / n for k, v in stage.items()}, errors)
+    return _Pass(seconds, faces, failed, {k: v / n for k, v in stage.items()}, errors, restore_s, wait_s)
 
 
 # ------------------------------------------------------------------------------------ baseline
@@ -576,6 +587,8 @@ def _stats(method: str, p: _Pass, images: int, flops_per_face: float, peak: Matm
         images_per_s=images / p.seconds, faces_per_s=p.faces / p.seconds,
         ms_per_image={k: round(v, 2) for k, v in p.stage_ms.items()}, generator_fraction=fraction,
         peak_rss_mb=rss, peak_device_mb=dev, errors=p.errors,
+        restore_busy=None if p.restore_s is None else p.restore_s / p.seconds,
+        decode_wait=None if p.wait_s is None else p.wait_s / p.seconds,
     )
 
 
@@ -697,6 +710,9 @@ def format_report(report: BenchReport) -> str:
                          f"{stats.faces_per_s:7.2f} faces/s  ({stats.faces} faces, {stats.failed} failed)"
                          f"{frac}{rss}{dev}")
             lines.append(f"           ms per image: {stage}")
+            if stats.restore_busy is not None and stats.decode_wait is not None:
+                lines.append(f"           the restoring thread: {stats.restore_busy:.0%} of the time in restore calls, "
+                             f"{stats.decode_wait:.0%} waiting for decoded images")
         if s.speedup is not None:
             lines.append(f"  speed-up vs one face at a time: {s.speedup:.2f}x")
     return "\n".join(lines)

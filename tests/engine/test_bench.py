@@ -132,3 +132,7 @@ class TestBenchCommand:
         assert engine["images_per_s"] > 0 and engine["faces_per_s"] > 0
         assert engine["peak_rss_mb"] > 0
         assert photos["speedup"] > 0
+        # Where the engine's thread spent the run: restoring or waiting for decodes, never more than all of it.
+        assert 0 < engine["restore_busy"] <= 1 and 0 <= engine["decode_wait"] < 1
+        assert engine["restore_busy"] + engine["decode_wait"] <= 1
+        assert "of the time in restore calls" in printed.out
