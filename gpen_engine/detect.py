@@ -237,12 +237,12 @@ def detect_faces(
     device = next(detector.parameters()).device
     cfg = detector.cfg
     plans = []
-    for image in images:
+    for i, image in enumerate(images):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an HxWx3 uint8 image, got {image.shape} {image.dtype}")
         _, dh, dw = _search_shape(*image.shape[:2], long_side, resize_above)
-        if search is not None and search[len(plans)].shape != (dh, dw, 3):
-            raise ValueError(f"search copy {search[len(plans)].shape} does not match {(dh, dw, 3)} for "
+        if search is not None and search[i].shape != (dh, dw, 3):
+            raise ValueError(f"search copy {search[i].shape} does not match {(dh, dw, 3)} for "
                              f"an image of {image.shape} at long side {long_side}")
         plans.append(((dh, dw), (bucket_side(dh), bucket_side(dw))))
 

@@ -187,7 +187,7 @@ def _open_with_plugin(data: bytes, fmt: str) -> ImageFile.ImageFile:
         raise InputError(f"corrupt {fmt}: unreadable header")
     # The whole file is in memory: feed the decoder in one call rather than in 64 KiB reads. Each
     # call takes the GIL back, and behind a busy device thread each take can wait a switch interval
-    # (a 1920 px JPEG decoded in 7 calls ran 3x slower than in one, next to a Python-bound thread).
+    # (next to a Python-bound thread, a 1920 px JPEG took 75 ms in 7 calls, 42 ms in one).
     im.decodermaxblock = max(im.decodermaxblock, len(data))
     return im
 
