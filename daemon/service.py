@@ -465,7 +465,7 @@ class Service:
             log.warning("file refused", folder=key, path=relpath, reason=reason)
             return
         job = self.jobs.note_candidate(key, relpath, folder.preset)
-        self._fail(job, folder, path, "watch", f"refused: {reason} (links are never followed)")
+        self._fail(job, folder, path, "watch", f"refused: {reason}")
 
     def _gate_one(self, gate: ReadinessGate, folder: FolderSettings, job: Job) -> None:
         assert self.jobs is not None

@@ -137,7 +137,9 @@ def test_bad_input_corpus_each_reaches_its_documented_outcome(tmp_path):
         # The link is never followed: it lands in failed/ as a link, its target untouched.
         wait_for(lambda: (layout.failed["a"] / "link-out.jpg.error.json").is_file(), 30, daemon, "link refused")
         assert (layout.failed["a"] / "link-out.jpg").is_symlink()
-        assert sidecar_of(layout.failed["a"] / "link-out.jpg")["stage"] == "watch"
+        link_info = sidecar_of(layout.failed["a"] / "link-out.jpg")
+        assert link_info["stage"] == "watch"
+        assert link_info["error"] == "refused: symbolic link: links are never followed"
         assert outside.read_bytes() == small_face_photo(4)
         assert not any(p.name.startswith("link-out") for p in files_under(layout.out["a"]))
 
