@@ -82,7 +82,8 @@ class StyleGenerator(nn.Module):
         """
         n = z.shape[0]
         w = self.style(z.float())
-        out = self.conv1(self.input(n).to(features[0].dtype), w, features[0])
+        start = self.input(n).to(features[0].dtype, memory_format=torch.channels_last)  # the encoder's layout
+        out = self.conv1(start, w, features[0])
         rgb = self.to_rgb1(out, w)
         split, chunk = self._split_levels(n, out.element_size(), max_chunk_bytes)
         for level in range(split):

@@ -179,16 +179,40 @@ def upsample_conv(x: Tensor, weight: Tensor, blur: Blur) -> Tensor:
 
     oneDNN (CPU) runs the transposed convolution well, and the blur is cheap there. cuDNN runs transposed
     convolutions slowly (and gave run-to-run differences here) and depthwise blurs very slowly, so on CUDA
-    both are folded into one ordinary 3x3 convolution producing the four output phases, interleaved by a
-    pixel shuffle (see ``_upsample_phases``): more multiply-adds, far less time.
+    both are folded into one ordinary 3x3 convolution producing the four output phases, interleaved by
+    ``depth_to_space`` (see ``_upsample_phases``): more multiply-adds, far less time.
     """
     if _gpu_formulation(x):
-        return F.pixel_shuffle(F.conv2d(x, _upsample_phases(weight, blur.kernel), padding=1), 2)
+        return depth_to_space(F.conv2d(x, _upsample_phases(weight, blur.kernel), padding=1))
     return blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2))
 
 
+def depth_to_space(x: Tensor) -> Tensor:
+    """(N, 4C, H, W), channels ordered (row phase, column phase, channel) -> (N, C, 2H, 2W), channels-last.
+
+    ``F.pixel_shuffle`` orders the phases inside each channel, and on CUDA it returns a contiguous (NCHW)
+    tensor: a channels-last network would leave that layout after its first upsampling, and cuDNN would
+    transpose around every later convolution. With the phases outermost, the one copy here moves runs of
+    C adjacent values and the result stays channels-last.
+    """
+    n, c4, h, w = x.shape
+    c = c4 // 4
+    phases = x.permute(0, 2, 3, 1).reshape(n, h, w, 2, 2, c)  # a view of a channels-last x
+    return phases.permute(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+
+
+def space_to_depth(x: Tensor) -> Tensor:
+    """(N, C, 2H, 2W) -> (N, 4C, H, W), channels ordered (row phase, column phase, channel), channels-last.
+
+    The inverse of ``depth_to_space``, for the same reason preferred to ``F.pixel_unshuffle``.
+    """
+    n, c, h2, w2 = x.shape
+    cells = x.permute(0, 2, 3, 1).reshape(n, h2 // 2, 2, w2 // 2, 2, c)
+    return cells.permute(0, 1, 3, 2, 4, 5).reshape(n, h2 // 2, w2 // 2, 4 * c).permute(0, 3, 1, 2)
+
+
 def _upsample_phases(weight: Tensor, kernel: Tensor) -> Tensor:
-    """(out, in, 3, 3) weight + (4, 4) blur -> (4 * out, in, 3, 3), channels ordered (out, row, column phase).
+    """(out, in, 3, 3) weight + (4, 4) blur -> (4 * out, in, 3, 3), channels ordered (row, column phase, out).
 
     In 1-D the transposed conv followed by the blur (padding 1) is a transposed conv with c = w * k (full
     convolution, 6 taps) and padding 2: z[2n + r] = c[r + 4] x[n - 1] + c[r + 2] x[n] + c[r] x[n + 1].
@@ -196,8 +220,8 @@ def _upsample_phases(weight: Tensor, kernel: Tensor) -> Tensor:
     """
     out_c, in_c = weight.shape[:2]
     cf = torch.flip(fold_blur(weight, torch.flip(kernel, [0, 1])), [2, 3])  # fold_blur(w, flip k) = w * k
-    rows = [torch.stack([cf[:, :, 1 - r :: 2, 1 - s :: 2] for s in (0, 1)], dim=1) for r in (0, 1)]
-    return torch.stack(rows, dim=1).reshape(out_c * 4, in_c, 3, 3)
+    phases = [cf[:, :, 1 - r :: 2, 1 - s :: 2] for r in (0, 1) for s in (0, 1)]
+    return torch.cat(phases).reshape(4 * out_c, in_c, 3, 3)
 
 
 class ModulatedConv2d(nn.Module):
@@ -373,13 +397,13 @@ def fold_blur(weight: Tensor, kernel: Tensor) -> Tensor:
 def _stride2_conv_space_to_depth(x: Tensor, weight: Tensor, padding: int) -> Tensor:
     """``conv2d(x, weight, stride=2, padding=padding)`` for an even-sized kernel, as a stride-1 conv.
 
-    Tap (2p + a, 2q + b) of the kernel meets input pixel (2y + 2p + a, 2x + 2q + b): after a pixel
-    unshuffle by 2 that is channel (c, a, b) at (y + p, x + q), an ordinary conv with half the kernel size.
+    Tap (2p + a, 2q + b) of the kernel meets input pixel (2y + 2p + a, 2x + 2q + b): after
+    ``space_to_depth`` that is channel (a, b, c) at (y + p, x + q), an ordinary conv with half the kernel size.
     """
     out_c, in_c, kh, kw = weight.shape
-    w = weight.reshape(out_c, in_c, kh // 2, 2, kw // 2, 2).permute(0, 1, 3, 5, 2, 4)
-    x = F.pixel_unshuffle(F.pad(x, [padding] * 4), 2)
-    return F.conv2d(x, w.reshape(out_c, in_c * 4, kh // 2, kw // 2))
+    w = weight.reshape(out_c, in_c, kh // 2, 2, kw // 2, 2).permute(0, 3, 5, 1, 2, 4)
+    x = space_to_depth(F.pad(x, [padding] * 4))
+    return F.conv2d(x, w.reshape(out_c, 4 * in_c, kh // 2, kw // 2))
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

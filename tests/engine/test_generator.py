@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gpen_engine import stylegan2
 from gpen_engine.gpen import DEFAULT_CHUNK_BYTES, VARIANTS, GpenArch, create_generator
 from gpen_engine.precision import prepare_generator, resolve_precision
-from gpen_engine.stylegan2 import Blur, ConvLayer, ModulatedConv2d, Upsample, fold_blur, upsample_conv
+from gpen_engine.stylegan2 import Blur, ConvLayer, ModulatedConv2d, StyledConv, Upsample, fold_blur, upsample_conv
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 REPO = Path(__file__).resolve().parents[2]
@@ -169,6 +169,41 @@ class TestFastFormulations:
             assert _max_error(F.conv2d(x, folded, stride=2, padding=2), expected) < 1e-12
             space_to_depth = stylegan2._stride2_conv_space_to_depth(x, folded, 2)
             assert _max_error(space_to_depth, expected) < 1e-12
+
+    def test_depth_to_space_is_a_pixel_shuffle_that_keeps_channels_last(self) -> None:
+        """Phase-major depth_to_space / space_to_depth are pixel (un)shuffles, and hand on channels-last.
+
+        On CUDA ``F.pixel_shuffle`` returns a contiguous tensor, which would make every later conv
+        transpose its operands; these run the same reshapes on any device.
+        """
+        x = torch.randn(2, 4 * 5, 3, 4).contiguous(memory_format=torch.channels_last)
+        phase_major = x.unflatten(1, (4, 5)).transpose(1, 2).flatten(1, 2)  # (phase, c) -> (c, phase)
+        up = stylegan2.depth_to_space(x)
+        assert torch.equal(up, F.pixel_shuffle(phase_major, 2))
+        assert up.is_contiguous(memory_format=torch.channels_last)
+        down = stylegan2.space_to_depth(up)
+        assert torch.equal(down, x)
+        assert down.is_contiguous(memory_format=torch.channels_last)
+
+    def test_cuda_formulations_keep_every_layer_channels_last(self, tiny, monkeypatch) -> None:
+        """Every encoder and synthesis layer of the CUDA formulation hands on a channels-last tensor."""
+        model, inputs, _ = tiny
+        monkeypatch.setattr(stylegan2, "_gpu_formulation", lambda x: True)
+        layouts: dict[str, bool] = {}
+        handles = [
+            module.register_forward_hook(
+                lambda mod, args, out, name=name: layouts.__setitem__(
+                    name, out.is_contiguous(memory_format=torch.channels_last)))
+            for name, module in model.named_modules() if isinstance(module, (ConvLayer, StyledConv))
+        ]
+        try:
+            with torch.inference_mode():
+                model(inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert len(layouts) > 10
+        assert [name for name, channels_last in layouts.items() if not channels_last] == []
 
     @pytest.mark.parametrize(("kernel_size", "upsample", "demodulate"), [
         (3, False, True), (3, True, True), (1, False, False), (1, False, True),

@@ -64,6 +64,26 @@ def test_half_precision_stays_close_to_fp32(precision, bound, no_tf32):
     assert err < bound
 
 
+def test_fp16_layers_stay_channels_last_on_cuda():
+    """Every layer of the fp16 generator hands on a channels-last tensor, the layout tensor cores read.
+
+    A contiguous (NCHW) tensor in between makes cuDNN transpose around every later convolution.
+    """
+    from gpen_engine.stylegan2 import ConvLayer, StyledConv
+
+    model, x, _ = _golden(DATA / "golden_tiny64.pt")
+    model = prepare_generator(model, "cuda", "fp16")
+    layouts: dict[str, bool] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (ConvLayer, StyledConv)):
+            module.register_forward_hook(lambda mod, args, out, name=name: layouts.__setitem__(
+                name, out.is_contiguous(memory_format=torch.channels_last)))
+    with torch.inference_mode():
+        model(x.cuda())
+    assert len(layouts) > 10
+    assert [name for name, channels_last in layouts.items() if not channels_last] == []
+
+
 def test_restorer_on_cuda_keeps_background_and_finds_faces(detector_path, solvay_rgb):
     """On the GPU the whole pipeline finds the 29 Solvay faces and leaves pixels away from faces untouched."""
     from gpen_engine.options import BUILTIN_PRESETS
