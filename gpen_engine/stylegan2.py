@@ -18,7 +18,7 @@ layers and the demodulation factors are computed in float32 (see ``gpen_engine/p
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,26 @@ def _gpu_formulation(x: Tensor) -> bool:
 def _writes_in_place(*tensors: Tensor) -> bool:
     """In-place ops and ``out=`` save a pass and an allocation, but only when autograd is not recording."""
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def derived_weight(module: nn.Module, name: str, make: Callable[[], Tensor], *sources: Tensor) -> Tensor:
+    """``make()``, kept on ``module`` for as long as ``sources`` (the parameters it is made from) are unchanged.
+
+    The CUDA formulations run on weights rebuilt from the parameters (blurs folded in, phases split out):
+    rebuilding them on every call cost as much as a small batch's convolutions. A parameter that is
+    loaded, moved or cast gets a new version or address, which makes the kept weight stale. Nothing is
+    kept while autograd records, so gradients reach the parameters as usual.
+    """
+    if torch.is_grad_enabled():
+        return make()
+    try:
+        key = tuple((t.data_ptr(), t._version, t.device) for t in sources)
+    except RuntimeError:  # parameters created under inference mode carry no version counter
+        return make()
+    kept = module.__dict__.setdefault("_derived_weights", {})
+    if name not in kept or kept[name][0] != key:
+        kept[name] = (key, make())
+    return kept[name][1]
 
 
 def fused_leaky_relu(x: Tensor, bias: Tensor, *, inplace: bool = False) -> Tensor:
@@ -174,16 +194,18 @@ def _fir_upsample_phases(kernel: Tensor) -> Tensor:
     return taps.permute(0, 2, 1, 3).reshape(4, 3, 3)
 
 
-def upsample_conv(x: Tensor, weight: Tensor, blur: Blur) -> Tensor:
+def upsample_conv(x: Tensor, weight: Tensor, blur: Blur, *, phases: Tensor | None = None) -> Tensor:
     """``conv_transpose2d(x, W, stride=2)`` followed by ``blur``: (N, in, H, W) -> (N, out, 2H, 2W).
 
     oneDNN (CPU) runs the transposed convolution well, and the blur is cheap there. cuDNN runs transposed
     convolutions slowly (and gave run-to-run differences here) and depthwise blurs very slowly, so on CUDA
     both are folded into one ordinary 3x3 convolution producing the four output phases, interleaved by
-    ``depth_to_space`` (see ``_upsample_phases``): more multiply-adds, far less time.
+    ``depth_to_space`` (see ``upsample_phases``): more multiply-adds, far less time. ``phases`` may give
+    that folded weight, made ahead.
     """
     if _gpu_formulation(x):
-        return depth_to_space(F.conv2d(x, _upsample_phases(weight, blur.kernel), padding=1))
+        phases = upsample_phases(weight, blur.kernel) if phases is None else phases
+        return depth_to_space(F.conv2d(x, phases, padding=1))
     return blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2))
 
 
@@ -211,7 +233,7 @@ def space_to_depth(x: Tensor) -> Tensor:
     return cells.permute(0, 1, 3, 2, 4, 5).reshape(n, h2 // 2, w2 // 2, 4 * c).permute(0, 3, 1, 2)
 
 
-def _upsample_phases(weight: Tensor, kernel: Tensor) -> Tensor:
+def upsample_phases(weight: Tensor, kernel: Tensor) -> Tensor:
     """(out, in, 3, 3) weight + (4, 4) blur -> (4 * out, in, 3, 3), channels ordered (row, column phase, out).
 
     In 1-D the transposed conv followed by the blur (padding 1) is a transposed conv with c = w * k (full
@@ -255,7 +277,8 @@ class ModulatedConv2d(nn.Module):
         weight = self.weight[0].to(x.dtype)
         x = x * s.to(x.dtype)[:, :, None, None]
         if self.upsample:
-            out = upsample_conv(x, weight, self.blur)
+            phases = self._phases(x.dtype) if _gpu_formulation(x) else None
+            out = upsample_conv(x, weight, self.blur, phases=phases)
         else:
             out = F.conv2d(x, weight, padding=self.kernel_size // 2)
         if self.demodulate:
@@ -263,9 +286,18 @@ class ModulatedConv2d(nn.Module):
             out = out.mul_(demod) if _writes_in_place(out, demod) else out * demod
         return out
 
+    def _phases(self, dtype: torch.dtype) -> Tensor:
+        """``upsample_phases`` of this layer's weight and blur, made in float32 once and kept."""
+        return derived_weight(
+            self, f"phases {dtype}",
+            lambda: upsample_phases(self.weight[0].float(), self.blur.kernel.float()).to(dtype),
+            self.weight, self.blur.kernel)
+
     def demodulation(self, s: Tensor) -> Tensor:
         """1 / ||W * s|| per sample and output channel, in float32: (N, out)."""
-        w_sq = torch.linalg.vector_norm(self.weight[0].float(), dim=(2, 3)).square()  # (out, in)
+        w_sq = derived_weight(  # (out, in)
+            self, "squared norms", lambda: torch.linalg.vector_norm(self.weight[0].float(), dim=(2, 3)).square(),
+            self.weight)
         return torch.rsqrt(s.square() @ w_sq.t() + 1e-8)
 
     def _pointwise(self, x: Tensor, s: Tensor) -> Tensor:
@@ -364,8 +396,12 @@ class ConvLayer(nn.Sequential):
         if not (isinstance(first, Blur) and _gpu_formulation(x)):
             return super().forward(x)
         conv, activate = self[1], self[2]
-        weight = fold_blur(conv.weight.float() * conv.scale, first.kernel.float()).to(x.dtype)
-        return activate(_stride2_conv_space_to_depth(x, weight, first.pad[0]))
+
+        def folded() -> Tensor:
+            return space_to_depth_weight(fold_blur(conv.weight.float() * conv.scale, first.kernel.float()))
+
+        weight = derived_weight(self, f"folded {x.dtype}", lambda: folded().to(x.dtype), conv.weight, first.kernel)
+        return activate(F.conv2d(space_to_depth(F.pad(x, [first.pad[0]] * 4)), weight))
 
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, *, downsample: bool = False,
                  blur_taps: Sequence[float] = BLUR_KERNEL) -> None:
@@ -400,10 +436,14 @@ def _stride2_conv_space_to_depth(x: Tensor, weight: Tensor, padding: int) -> Ten
     Tap (2p + a, 2q + b) of the kernel meets input pixel (2y + 2p + a, 2x + 2q + b): after
     ``space_to_depth`` that is channel (a, b, c) at (y + p, x + q), an ordinary conv with half the kernel size.
     """
+    return F.conv2d(space_to_depth(F.pad(x, [padding] * 4)), space_to_depth_weight(weight))
+
+
+def space_to_depth_weight(weight: Tensor) -> Tensor:
+    """(out, in, 2k, 2k) kernel -> (out, 4 * in, k, k), input channels ordered as ``space_to_depth`` makes them."""
     out_c, in_c, kh, kw = weight.shape
     w = weight.reshape(out_c, in_c, kh // 2, 2, kw // 2, 2).permute(0, 3, 5, 1, 2, 4)
-    x = space_to_depth(F.pad(x, [padding] * 4))
-    return F.conv2d(x, w.reshape(out_c, 4 * in_c, kh // 2, kw // 2))
+    return w.reshape(out_c, 4 * in_c, kh // 2, kw // 2)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

@@ -205,6 +205,34 @@ class TestFastFormulations:
         assert len(layouts) > 10
         assert [name for name, channels_last in layouts.items() if not channels_last] == []
 
+    def test_cuda_weights_are_made_once_and_follow_the_parameters(self, tiny, monkeypatch) -> None:
+        """The folded CUDA weights are made once, not per call, and are made again when new weights load."""
+        model, inputs, expected = tiny
+        monkeypatch.setattr(stylegan2, "_gpu_formulation", lambda x: True)
+        made = []
+        phases = stylegan2.upsample_phases
+        monkeypatch.setattr(stylegan2, "upsample_phases", lambda *a: made.append(1) or phases(*a))
+        fresh = create_generator(model.arch).eval().requires_grad_(False)  # random weights
+        with torch.inference_mode():
+            first = fresh(inputs)
+            per_call = len(made)
+            again = fresh(inputs)
+        assert per_call > 0 and len(made) == per_call
+        assert torch.equal(first, again)
+        fresh.load_state_dict(model.state_dict())
+        with torch.inference_mode():
+            assert _max_error(fresh(inputs), expected) < TOLERANCE
+
+    def test_cuda_formulation_still_trains(self, monkeypatch) -> None:
+        """With autograd recording, nothing kept stands in for the parameters: their gradients arrive."""
+        monkeypatch.setattr(stylegan2, "_gpu_formulation", lambda x: True)
+        layer = ConvLayer(4, 6, 3, downsample=True)
+        x = torch.randn(2, 4, 8, 8)
+        with torch.no_grad():
+            layer(x)
+        layer(x).square().sum().backward()
+        assert layer[1].weight.grad is not None and layer[1].weight.grad.abs().sum() > 0
+
     @pytest.mark.parametrize(("kernel_size", "upsample", "demodulate"), [
         (3, False, True), (3, True, True), (1, False, False), (1, False, True),
     ])
