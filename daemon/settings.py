@@ -40,7 +40,7 @@ class PresetSettings(_Strict):
     base: str | None = None
     model: str | None = None
     batch_size: Annotated[int, Field(ge=1, le=256)] | None = None
-    max_long_side: Annotated[int, Field(ge=64)] | None = None
+    max_long_side: Annotated[int, Field(ge=0)] | None = None  # 0: never scale down
     strength: Percent | None = None
     denoise: Percent | None = None
     sharpen: Percent | None = None
@@ -55,6 +55,14 @@ class PresetSettings(_Strict):
     max_faces: Annotated[int, Field(ge=1)] | None = None
     use_parsing: bool | None = None
     faces_required: bool | None = None
+
+
+    @field_validator("max_long_side")
+    @classmethod
+    def _zero_or_a_real_size(cls, value: int | None) -> int | None:
+        if value is not None and 0 < value < 64:
+            raise ValueError("must be 0 (keep the full size) or at least 64")
+        return value
 
 
 class FolderSettings(_Strict):
@@ -233,6 +241,8 @@ def preset_table(settings: Settings) -> dict[str, Preset]:
         if base_name not in table:
             raise ValueError(f"presets.{name}.base = {base_name!r}: unknown preset")
         changes = {k: v for k, v in custom.model_dump(exclude={"base"}).items() if v is not None}
+        if changes.get("max_long_side") == 0:
+            changes["max_long_side"] = None  # the engine's "no cap"
         table[name] = table[base_name].with_(name=name, **changes)
     return table
 

@@ -142,3 +142,17 @@ class TestEnhanceFolders:
         status = enhance(config, str(tmp_path / "nope.jpg"))
         assert status != 0
         assert "nope.jpg" in capsys.readouterr().err
+
+
+class TestFullSize:
+    def test_max_long_side_zero_keeps_the_full_size(self, config: Path, tmp_path: Path) -> None:
+        """A preset with max_long_side = 0 restores a photo above every built-in cap at its own size."""
+        config.write_text(config.read_text() + '\n[presets.archive]\nbase = "tiny"\nmax_long_side = 0\n')
+        big = Image.open(SOLVAY).convert("RGB").crop((300, 50, 900, 350)).resize((3000, 1500), Image.LANCZOS)
+        src = tmp_path / "scan.png"
+        big.save(src)
+        status = main(["enhance", "--config", str(config), "--preset", "archive", "--random-weights", str(src)])
+        assert status == 0
+        with Image.open(tmp_path / "scan.restored.png") as out:
+            assert out.size == (3000, 1500)
+            assert not np.array_equal(np.asarray(out), np.asarray(big))  # its faces were restored
