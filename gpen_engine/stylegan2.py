@@ -401,7 +401,7 @@ class ConvLayer(nn.Sequential):
             return space_to_depth_weight(fold_blur(conv.weight.float() * conv.scale, first.kernel.float()))
 
         weight = derived_weight(self, f"folded {x.dtype}", lambda: folded().to(x.dtype), conv.weight, first.kernel)
-        return activate(F.conv2d(space_to_depth(F.pad(x, [first.pad[0]] * 4)), weight))
+        return activate(stride2_conv_space_to_depth(x, weight, first.pad[0]))
 
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, *, downsample: bool = False,
                  blur_taps: Sequence[float] = BLUR_KERNEL) -> None:
@@ -430,13 +430,14 @@ def fold_blur(weight: Tensor, kernel: Tensor) -> Tensor:
     return F.conv2d(padded, kernel[None, None]).reshape(out_c, in_c, kh + th - 1, kw + tw - 1)
 
 
-def _stride2_conv_space_to_depth(x: Tensor, weight: Tensor, padding: int) -> Tensor:
+def stride2_conv_space_to_depth(x: Tensor, s2d_weight: Tensor, padding: int) -> Tensor:
     """``conv2d(x, weight, stride=2, padding=padding)`` for an even-sized kernel, as a stride-1 conv.
 
-    Tap (2p + a, 2q + b) of the kernel meets input pixel (2y + 2p + a, 2x + 2q + b): after
-    ``space_to_depth`` that is channel (a, b, c) at (y + p, x + q), an ordinary conv with half the kernel size.
+    ``s2d_weight`` is ``space_to_depth_weight(weight)``. Tap (2p + a, 2q + b) of the kernel meets input
+    pixel (2y + 2p + a, 2x + 2q + b): after ``space_to_depth`` that is channel (a, b, c) at (y + p, x + q),
+    an ordinary conv with half the kernel size.
     """
-    return F.conv2d(space_to_depth(F.pad(x, [padding] * 4)), space_to_depth_weight(weight))
+    return F.conv2d(space_to_depth(F.pad(x, [padding] * 4)), s2d_weight)
 
 
 def space_to_depth_weight(weight: Tensor) -> Tensor:

@@ -167,7 +167,7 @@ class TestFastFormulations:
             folded = fold_blur(layer[1].weight * layer[1].scale, layer[0].kernel)
             expected = layer[1](layer[0](x))
             assert _max_error(F.conv2d(x, folded, stride=2, padding=2), expected) < 1e-12
-            space_to_depth = stylegan2._stride2_conv_space_to_depth(x, folded, 2)
+            space_to_depth = stylegan2.stride2_conv_space_to_depth(x, stylegan2.space_to_depth_weight(folded), 2)
             assert _max_error(space_to_depth, expected) < 1e-12
 
     def test_depth_to_space_is_a_pixel_shuffle_that_keeps_channels_last(self) -> None:
