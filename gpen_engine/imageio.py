@@ -14,6 +14,7 @@ never set. Every call works on its own objects, so decode/encode may run in a th
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import struct
@@ -53,15 +54,25 @@ _UNSUPPORTED_MAGIC: tuple[tuple[bytes, int, str], ...] = (
 )
 
 # TIFF tags that describe the pixel layout of the source file; they must never be copied into the
-# metadata of a newly written image (a stale width or strip offset would corrupt it).
+# metadata of a newly written image (a stale width or strip offset would corrupt it). 37724 holds
+# Photoshop's layers, which an editor would open instead of the restored pixels.
 _STRUCTURAL_TAGS = frozenset(
     {254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 277, 278, 279, 280, 281, 284, 317, 320, 322,
-     323, 324, 325, 338, 339, 340, 341, 347, 530, 531, 532, 700, 33723, 34377, 34675}
+     323, 324, 325, 338, 339, 340, 341, 347, 530, 531, 532, 700, 33723, 34377, 34675, 37724}
 )
+# The most EXIF a JPEG APP1 segment can hold (Pillow refuses more).
+_JPEG_MAX_EXIF = 65533
+# PNG text chunks in which ImageMagick and exiftool keep EXIF: its content is written as a fresh eXIf
+# chunk (orientation reset), so a copy would carry the old orientation and be applied a second time.
+_PNG_EXIF_TEXT = frozenset({"Raw profile type exif", "Raw profile type APP1"})
 _ORIENTATION = 0x0112
+_PHOTOMETRIC = 262
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _MAX_PAGES_CHECKED = 64
+
+# What Pillow's plugins raise for a damaged file, depending on where the damage is.
+_CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, struct.error, zlib.error)
 
 Image.init()  # register every plugin once, at import, so decode never mutates Pillow's registry
 
@@ -204,7 +215,10 @@ def _check_pixels(size: tuple[int, int] | tuple[Any, ...], max_pixels: int) -> N
 
 
 def _refuse_multi_frame(im: ImageFile.ImageFile, fmt: str) -> None:
-    frames = int(getattr(im, "n_frames", 1))
+    try:
+        frames = int(getattr(im, "n_frames", 1))  # reads every page's header in a TIFF
+    except _CORRUPT as exc:
+        raise InputError(f"corrupt {fmt}: {exc}") from exc
     if frames <= 1:
         return
     if fmt in ("PNG", "WEBP"):
@@ -225,7 +239,9 @@ def _refuse_multi_frame(im: ImageFile.ImageFile, fmt: str) -> None:
                         "restoring one page would drop the others"
                     )
             im.seek(0)
-        except (OSError, EOFError, ValueError, struct.error) as exc:
+        except InputError:
+            raise
+        except _CORRUPT as exc:
             raise InputError(f"corrupt TIFF: {exc}") from exc
     # JPEG/MPO: the extra pictures are camera previews; the primary image is the photo.
 
@@ -337,8 +353,7 @@ def _load(im: ImageFile.ImageFile, fmt: str) -> None:
         im.load()
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image too large: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, MemoryError,
-            struct.error, zlib.error) as exc:
+    except (*_CORRUPT, MemoryError) as exc:
         message = str(exc)
         kind = "truncated" if "truncated" in message or isinstance(exc, EOFError) else "corrupt"
         raise InputError(f"{kind} {fmt}: {message}") from exc
@@ -356,25 +371,30 @@ def _pixels(im: ImageFile.ImageFile, data: bytes, fmt: str) -> _Pixels:
     info: dict[str, object] = {"source_mode": mode}
     if _needs_cv2_16bit(im, data, fmt):
         return (*_pixels_16bit_color(im, data), icc, info)
+    # A colour key (PNG's tRNS for gray or RGB pixels) makes the pixels of one value transparent: it
+    # comes back as an alpha channel, since restored pixels no longer hold the key value exactly.
+    keyed = "transparency" in im.info
     if mode.startswith("I;16") or mode == "I":
         gray16 = np.asarray(im)
         if gray16.min(initial=0) < 0 or gray16.max(initial=0) > 65535:
             raise InputError(f"unsupported {fmt} pixel format: 32-bit integer samples")
+        if fmt == "TIFF" and im.tag_v2.get(_PHOTOMETRIC) == 0:  # type: ignore[attr-defined]
+            gray16 = 65535 - gray16  # "min is white": Pillow inverts 8-bit samples itself, not 16-bit ones
         high = np.ascontiguousarray(gray16.astype(np.uint16))[:, :, None]
         return _gray_rgb(_to_8bit(high[:, :, 0])), None, high, True, icc, info
-    if mode in ("1", "L"):
+    if mode in ("1", "L") and not keyed:
         return _gray_rgb(np.asarray(im.convert("L"))), None, None, True, icc, info
-    if mode in ("LA", "La"):
+    if mode in ("1", "L", "LA", "La"):
         la = np.asarray(im.convert("LA"))
         return _gray_rgb(la[:, :, 0]), np.ascontiguousarray(la[:, :, 1]), None, True, icc, info
     if mode == "CMYK":
         rgb_im, icc = _cmyk_to_rgb(im, icc, info)
         return np.asarray(rgb_im).copy(), None, None, False, icc, info
-    if mode == "RGB":
+    if mode == "RGB" and not keyed:
         return np.array(im), None, None, False, icc, info  # one copy, writable
     if mode in ("RGBX", "YCbCr"):
         return np.asarray(im.convert("RGB")).copy(), None, None, False, icc, info
-    if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
+    if mode in ("RGBA", "RGBa", "PA", "RGB") or (mode == "P" and keyed):
         rgba = np.asarray(im.convert("RGBA"))
         rgb, alpha = np.ascontiguousarray(rgba[:, :, :3]), np.ascontiguousarray(rgba[:, :, 3])
         return rgb, alpha, None, False, icc, info
@@ -503,7 +523,9 @@ def _reset_xmp_orientation(xmp: bytes | str) -> bytes:
 def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, object]:
     info: dict[str, object] = {}
     if "dpi" in im.info:
-        info["dpi"] = tuple(float(v) for v in im.info["dpi"])
+        dpi = tuple(float(v) for v in im.info["dpi"])
+        if all(math.isfinite(v) and v > 0 for v in dpi):  # a 0/0 resolution tag reads as NaN
+            info["dpi"] = dpi
     if xmp := im.info.get("xmp"):
         info["xmp"] = _reset_xmp_orientation(xmp)
     if fmt == "JPEG":
@@ -511,7 +533,7 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
         info["progressive"] = bool(im.info.get("progressive") or im.info.get("progression"))
     elif fmt == "PNG":
         text = getattr(im, "text", {}) or {}
-        info["png_text"] = {k: v for k, v in text.items() if k != "XML:com.adobe.xmp"}
+        info["png_text"] = {k: v for k, v in text.items() if k != "XML:com.adobe.xmp" and k not in _PNG_EXIF_TEXT}
     elif fmt == "TIFF":
         info["tiff_compression"] = im.info.get("compression", "raw")
     elif fmt == "WEBP":
@@ -670,6 +692,8 @@ def _encode_8bit(
         if isinstance(subsampling, int) and subsampling >= 0:
             params["subsampling"] = subsampling
         params.update(meta)
+        if len(meta.get("exif", b"")) > _JPEG_MAX_EXIF:  # from a TIFF or PNG: a restored photo beats a failure
+            del params["exif"]
     elif fmt == "PNG":
         params = {k: v for k, v in meta.items() if k != "xmp"}
         params["pnginfo"] = _png_text_info(image, meta.get("xmp"))

@@ -57,6 +57,21 @@ def _png16(samples: np.ndarray, colour_type: int, exif: bytes | None = None) -> 
             + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b""))
 
 
+def _set_tiff_tag(data: bytes, tag: int, value: int, page: int = 0) -> bytes:
+    """``data`` (a little-endian TIFF) with the SHORT ``tag`` of page ``page`` set to ``value``."""
+    out = bytearray(data)
+    offset = struct.unpack("<I", out[4:8])[0]
+    for _ in range(page):
+        count = struct.unpack("<H", out[offset : offset + 2])[0]
+        offset = struct.unpack("<I", out[offset + 2 + 12 * count : offset + 6 + 12 * count])[0]
+    count = struct.unpack("<H", out[offset : offset + 2])[0]
+    for entry in range(offset + 2, offset + 2 + 12 * count, 12):
+        if struct.unpack("<H", out[entry : entry + 2])[0] == tag:
+            out[entry + 8 : entry + 10] = struct.pack("<H", value)
+            return bytes(out)
+    raise KeyError(tag)
+
+
 def _srgb_icc() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
@@ -320,6 +335,35 @@ class TestModes:
         assert (back[0, 0, 3], back[0, 9, 3]) == (255, 0)
 
 
+    @pytest.mark.parametrize("mode", ["RGB", "L"])
+    def test_colour_key_transparency_becomes_alpha(self, mode: str) -> None:
+        """A PNG whose transparency is one colour (tRNS) keeps those pixels transparent."""
+        pixels = np.full((8, 8, 3), 200, np.uint8)
+        pixels[:4] = (0, 255, 0)
+        source = Image.fromarray(pixels).convert(mode)
+        key = source.getpixel((0, 0))
+        image = decode(_save(source, "PNG", transparency=key))
+        assert (image.alpha[0, 0], image.alpha[7, 0]) == (0, 255)
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        alpha = np.asarray(back.convert("RGBA"))[:, :, 3]
+        assert (alpha[0, 0], alpha[7, 0]) == (0, 255)
+        assert back.mode == ("LA" if mode == "L" else "RGBA")
+
+    def test_16bit_min_is_white_tiff_is_not_inverted(self) -> None:
+        """A 16-bit gray TIFF that stores white as 0 (PhotometricInterpretation 0) is not read as a negative."""
+        raw = np.zeros((4, 6), np.uint16)
+        raw[:2] = 65535  # black in "min is white"
+        data = _set_tiff_tag(_save(Image.fromarray(raw), "TIFF"), 262, 0)
+        assert Image.open(io.BytesIO(data)).tag_v2[262] == 0
+        image = decode(data)
+        assert (image.rgb[0, 0, 0], image.rgb[3, 0, 0]) == (0, 255)
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        shown = np.asarray(back).astype(np.int64)
+        if back.tag_v2.get(262) == 0:
+            shown = 65535 - shown
+        assert (shown[0, 0], shown[3, 0]) == (0, 65535)
+
+
 class TestMetadata:
     @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
     def test_icc_profile_is_kept(self, fmt: str) -> None:
@@ -353,6 +397,50 @@ class TestMetadata:
         image = decode(_save(Image.fromarray(_photo()), "PNG", pnginfo=pnginfo))
         back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
         assert back.text["Description"] == "Solvay conference"
+
+
+    def test_photoshop_layers_are_not_copied_into_the_result(self) -> None:
+        """A TIFF's Photoshop layer data (tag 37724) would show the old pixels in an editor: it is dropped."""
+        tags = {37724: b"Adobe Photoshop Document Data Block\0" + b"U" * 2000, 305: "Scanner software"}
+        image = decode(_save(Image.fromarray(_photo()), "TIFF", tiffinfo=tags))
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert 37724 not in back.tag_v2
+        assert back.tag_v2.get(305) == "Scanner software"
+
+    def test_exif_text_profile_in_png_does_not_keep_the_old_orientation(self) -> None:
+        """EXIF kept as ImageMagick's text profile is rotated with the pixels, not copied with orientation 6."""
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        blob = exif.tobytes()
+        pnginfo = PngImagePlugin.PngInfo()
+        pnginfo.add_text("Raw profile type exif", f"\nexif\n{len(blob):8d}\n{blob.hex()}\n", zip=True)
+        image = decode(_save(Image.fromarray(_photo(6, 10)), "PNG", pnginfo=pnginfo))
+        assert image.rgb.shape[:2] == (10, 6)  # rotated upright
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert back.getexif().get(0x0112) == 1
+        assert "Raw profile type exif" not in back.info
+
+    def test_a_nonsense_resolution_is_dropped(self) -> None:
+        """A TIFF resolution of 0/0 (NaN dpi) is left out rather than failing the encode."""
+        data = bytearray(_save(Image.fromarray(_photo()), "TIFF", dpi=(72, 72)))
+        start = struct.unpack("<I", data[4:8])[0]
+        for entry in range(start + 2, start + 2 + 12 * struct.unpack("<H", data[start : start + 2])[0], 12):
+            tag, _, _, where = struct.unpack("<HHII", data[entry : entry + 12])
+            if tag in (282, 283):
+                data[where : where + 8] = struct.pack("<II", 0, 0)
+        image = decode(bytes(data))
+        for fmt in ("TIFF", "JPEG", "PNG"):
+            assert _open(encode(image, image.rgb, options=EncodeOptions(format=fmt))[0]).size == (64, 48)
+
+    def test_exif_too_large_for_jpeg_is_left_out_of_a_jpeg(self) -> None:
+        """A PNG whose EXIF exceeds a JPEG segment still becomes a JPEG (without EXIF) when JPEG is asked for."""
+        exif = Image.Exif()
+        exif[0x010E] = "x" * 70_000  # ImageDescription
+        image = decode(_save(Image.fromarray(_photo()), "PNG", exif=exif, icc_profile=_srgb_icc()))
+        back = _open(encode(image, image.rgb, options=EncodeOptions(format="JPEG"))[0])
+        assert back.format == "JPEG" and len(back.getexif()) == 0
+        assert back.info.get("icc_profile") == _srgb_icc()
+        assert len(_open(encode(image, image.rgb, options=EncodeOptions())[0]).getexif()[0x010E]) == 70_000
 
 
 class TestBadInput:
@@ -435,6 +523,14 @@ class TestBadInput:
         frames = [Image.fromarray(np.full((20, 20, 3), i * 60, np.uint8)) for i in range(3)]
         data = _save(frames[0], fmt, save_all=True, append_images=frames[1:])
         with pytest.raises(InputError, match="GIF|animated|multi-page"):
+            decode(data)
+
+    @pytest.mark.parametrize(("tag", "value"), [(262, 99), (258, 7), (259, 12345)])
+    def test_a_damaged_later_tiff_page_is_bad_input(self, tag: int, value: int) -> None:
+        """Damage in a TIFF's second page header is reported as bad input like any other."""
+        pages = [Image.fromarray(_photo()), Image.fromarray(_photo(seed=1))]
+        data = _set_tiff_tag(_save(pages[0], "TIFF", save_all=True, append_images=pages[1:]), tag, value, page=1)
+        with pytest.raises(InputError, match="TIFF"):
             decode(data)
 
     def test_tiff_with_a_reduced_resolution_preview_page_is_accepted(self) -> None:
