@@ -222,7 +222,9 @@ def detect_faces(
 
     Each image is searched at ``detection_scale`` and padded to its bucket shape; images with the
     same bucket run in one forward pass and are decoded and filtered together on the device, so
-    an image's faces do not depend on which other images share the call. Faces scoring above
+    an image's faces do not depend on which other images share the call (beyond float rounding:
+    convolution kernels may sum in another order for another batch size, moving a landmark by
+    about 1e-4 px). Faces scoring above
     ``confidence`` survive NMS (IoU 0.4, per image); those whose larger box side is below
     ``min_face_size`` are dropped; the ``max_faces`` largest are returned, largest first.
 

@@ -139,7 +139,8 @@ def prepare_image(image: np.ndarray, preset: Preset) -> WorkingImage:
     thread then starts at detection. ``Restorer.restore`` does it itself for plain arrays.
     Raises ``InputError`` for an array that is not an HxWx3 uint8 image.
     """
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 \
+            or 0 in image.shape:
         raise InputError(f"expected an HxWx3 uint8 RGB image, got {getattr(image, 'shape', None)}")
     t0 = time.perf_counter()
     rgb = resize_long_side(image, preset.max_long_side)

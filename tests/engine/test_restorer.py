@@ -187,10 +187,11 @@ class TestRestorer:
         assert gen.sizes == []
 
     def test_bad_input_fails_its_slot(self, detector: nn.Module, images: list[np.ndarray]) -> None:
-        """A gray or float array is an InputError in its own slot; the other image is restored."""
+        """A gray, float or empty array is an InputError in its own slot; the other image is restored."""
         results = Restorer(_models(FakeGenerator(), detector), PLAIN).restore(
-            [np.zeros((50, 50), np.uint8), images[2], np.zeros((50, 50, 3), np.float32)])
-        assert isinstance(results[0], InputError) and isinstance(results[2], InputError)
+            [np.zeros((50, 50), np.uint8), images[2], np.zeros((50, 50, 3), np.float32),
+             np.zeros((0, 3000, 3), np.uint8), np.zeros((10, 0, 3), np.uint8)])
+        assert [type(r) for r in results[2:]] == [InputError] * 3 and isinstance(results[0], InputError)
         assert len(_ok(results[1]).faces) == 4
 
     def test_long_side_is_capped(self, detector: nn.Module, images: list[np.ndarray]) -> None:
