@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,26 @@ class Decoded:
 
 
 @dataclass
+class Names:
+    """Result names, handed out in input order.
+
+    Two inputs can want one name (``x.jpg`` and ``x.jpeg``; ``a/p.jpg`` and ``b/p.jpg`` into one
+    ``-o``). Claiming names here, in order, rather than when each parallel write lands, means the
+    first input always gets the plain name and the next ``NAME (1)``, run after run.
+    """
+
+    claimed: set[Path] = field(default_factory=set)
+
+    def claim(self, folder: Path, stem: str, ext: str) -> Path:
+        for n in range(10_000):
+            path = folder / (f"{stem}{ext}" if n == 0 else f"{stem} ({n}){ext}")
+            if path not in self.claimed and not os.path.lexists(path):
+                self.claimed.add(path)
+                return path
+        raise FileExistsError(f"no free name for {folder / (stem + ext)}")
+
+
+@dataclass
 class Tally:
     ok: int = 0
     failed: int = 0
@@ -84,6 +104,12 @@ def command(args: Any) -> int:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
 
     output = Path(args.output).expanduser() if args.output else None
+    if output is not None:
+        try:  # before any work: an unusable -o would otherwise fail every file after restoring it
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"error: output folder {output}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     items, problems = collect_inputs([Path(p) for p in args.paths], output, settings.extensions)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
@@ -147,7 +173,10 @@ def collect_inputs(
     """Files to restore (folders walked recursively) and a message for each argument that cannot be used.
 
     Inside folders only candidate images count: junk, hidden and temporary names, other extensions,
-    symbolic links and this command's own earlier outputs are skipped.
+    symbolic links and this command's own earlier outputs are skipped; a folder that cannot be read is
+    a problem, not a silent gap. A file named on the command line is read even through a link (the
+    user chose it); its result goes beside the name given. A result that would land in its source's
+    own folder is always marked ``.restored``, so that a later run does not take it for an input.
     """
     exts = normalize_extensions(extensions)
     items: list[Item] = []
@@ -160,35 +189,45 @@ def collect_inputs(
             problems.append(f"{path}: {exc.strerror or exc}")
             continue
         if stat.S_ISDIR(st.st_mode):
-            for rel in _walk(path, exts, output):
+            for rel in _walk(path, exts, output, problems):
                 source = path / rel
-                target = (output / rel).parent if output else source.parent
-                _add(items, seen, Item(source, target, _stem(source, beside=output is None)))
+                _add(items, seen, _item(source, source, (output / rel).parent if output else source.parent))
         elif stat.S_ISREG(st.st_mode):
-            target = output if output else path.parent
-            _add(items, seen, Item(path, target, _stem(path, beside=output is None)))
+            _add(items, seen, _item(Path(os.path.realpath(path)), path, output or path.parent))
         else:
             problems.append(f"{path}: not a regular file or folder")
     return items, problems
 
 
+def _item(source: Path, named: Path, target_dir: Path) -> Item:
+    beside = _same_folder(target_dir, named.parent)
+    return Item(source, target_dir, named.stem + ".restored" if beside else named.stem)
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # not there yet: only -o creates folders, and only new ones
+        return a.resolve() == b.resolve()
+
+
 def _add(items: list[Item], seen: set[Path], item: Item) -> None:
-    key = item.source.absolute()
+    key = item.source.resolve()  # the same file however it was spelled or linked
     if key not in seen:
         seen.add(key)
         items.append(item)
 
 
-def _stem(path: Path, *, beside: bool) -> str:
-    return path.stem + ".restored" if beside else path.stem
-
-
-def _walk(root: Path, exts: frozenset[str], output: Path | None) -> Iterator[str]:
+def _walk(root: Path, exts: frozenset[str], output: Path | None, problems: list[str]) -> Iterator[str]:
     """POSIX relative paths of candidate images below ``root``, sorted, never through a link."""
-    skip = output.absolute() if output else None
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    skip = output.resolve() if output else None
+
+    def unreadable(exc: OSError) -> None:
+        problems.append(f"{exc.filename}: cannot read folder: {exc.strerror or exc}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if skip is None or (here / d).absolute() != skip)
+        dirnames[:] = sorted(d for d in dirnames if skip is None or (here / d).resolve() != skip)
         for name in sorted(filenames):
             full = here / name
             rel = full.relative_to(root).as_posix()
@@ -211,7 +250,8 @@ def run(items: list[Item], restorer: Restorer, options: EngineOptions, *, io_thr
         # Decoding runs ahead of the engine, but only so far: a folder of camera files must not fill memory.
         pending: deque[Future[Decoded | str]] = deque()
         queue = iter(items)
-        writes: deque[Future[tuple[Item, str | None]]] = deque()
+        writes: deque[tuple[Future[tuple[Item, str | None]], int]] = deque()
+        names = Names()
 
         def top_up() -> None:
             while len(pending) < 2 * per_call:
@@ -221,13 +261,15 @@ def run(items: list[Item], restorer: Restorer, options: EngineOptions, *, io_thr
                 pending.append(pool.submit(_read_decode, item, options))
 
         def finish_writes(block: bool) -> None:
-            while writes and (block or writes[0].done()):
-                item, error = writes.popleft().result()
+            while writes and (block or writes[0][0].done()):
+                done, faces = writes.popleft()
+                item, error = done.result()
                 if error:
                     tally.failed += 1
                     log(f"error: {item.source}: {error}")
                 else:
                     tally.ok += 1
+                    tally.faces += faces
                 bar.update(1)
 
         top_up()
@@ -251,8 +293,14 @@ def run(items: list[Item], restorer: Restorer, options: EngineOptions, *, io_thr
                     log(f"error: {decoded.item.source}: {result}")
                     bar.update(1)
                     continue
-                tally.faces += len(result.faces)
-                writes.append(pool.submit(_encode_write, decoded, result, options, compare))
+                try:
+                    targets = _targets(names, decoded, options, compare)
+                except (OSError, ValueError) as exc:
+                    tally.failed += 1
+                    log(f"error: {decoded.item.source}: cannot write result: {exc}")
+                    bar.update(1)
+                    continue
+                writes.append((pool.submit(_encode_write, decoded, result, options, *targets), len(result.faces)))
             finish_writes(block=False)
             elapsed = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix_str(f"{tally.faces / elapsed:.2f} faces/s, {tally.faces} faces")
@@ -281,20 +329,36 @@ def _read_decode(item: Item, options: EngineOptions) -> Decoded | str:
         return f"{item.source}: {exc}"
 
 
+def _targets(names: Names, decoded: Decoded, options: EngineOptions, compare: bool) -> tuple[Path, Path | None]:
+    """Where the result (and the before/after image) of ``decoded`` go: names claimed now, in input order."""
+    item = decoded.item
+    ext = imageio.extension_for(options.encode.format or decoded.image.format)
+    result = names.claim(item.target_dir, item.stem, ext)
+    side = names.claim(item.target_dir, item.stem.removesuffix(".restored") + ".compare", ".jpg") if compare else None
+    return result, side
+
+
 def _encode_write(decoded: Decoded, result: RestoredImage, options: EngineOptions,
-                  compare: bool) -> tuple[Item, str | None]:
+                  target: Path, compare_target: Path | None) -> tuple[Item, str | None]:
     item = decoded.item
     try:
-        data, fmt = imageio.encode(decoded.image, result.rgb, options=options.encode)
-        write_new(item.target_dir, item.stem, imageio.extension_for(fmt), data)
-        if compare:
+        data, _ = imageio.encode(decoded.image, result.rgb, options=options.encode)
+        _write_claimed(target, data)
+        if compare_target is not None:
             side = side_by_side(decoded.working.rgb, result.rgb)
             jpeg, _ = imageio.encode(DecodedImage(rgb=side, format="JPEG", mode="RGB"), side,
                                      options=EncodeOptions(format="JPEG", jpeg_quality=90))
-            write_new(item.target_dir, item.stem.removesuffix(".restored") + ".compare", ".jpg", jpeg)
+            _write_claimed(compare_target, jpeg)
     except (OSError, ValueError, EngineError) as exc:
         return item, f"cannot write result: {exc}"
     return item, None
+
+
+def _write_claimed(path: Path, data: bytes) -> Path:
+    try:
+        return write_atomic(path, data, replace=False)
+    except FileExistsError:  # something outside this run took the name since it was claimed
+        return write_new(path.parent, path.stem, path.suffix, data)
 
 
 def write_new(folder: Path, stem: str, ext: str, data: bytes) -> Path:

@@ -156,3 +156,74 @@ class TestFullSize:
         with Image.open(tmp_path / "scan.restored.png") as out:
             assert out.size == (3000, 1500)
             assert not np.array_equal(np.asarray(out), np.asarray(big))  # its faces were restored
+
+
+class TestAwkwardArguments:
+    def test_an_unreadable_folder_is_reported_not_skipped(self, config: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+        """A subfolder that cannot be listed is an error line and a non-zero exit, not a silent gap."""
+        (tmp_path / "in" / "locked").mkdir(parents=True)
+        (tmp_path / "in" / "p.jpg").write_bytes(jpeg_crop((300, 50, 700, 350)))
+        scandir = os.scandir
+
+        def refuse_locked(path: object = ".") -> object:
+            if str(path).endswith("locked"):
+                raise PermissionError(13, "Permission denied", str(path))
+            return scandir(path)
+
+        monkeypatch.setattr(os, "scandir", refuse_locked)
+        assert enhance(config, str(tmp_path / "in")) == 1
+        err = capsys.readouterr().err
+        assert "locked: cannot read folder: Permission denied" in err
+        assert "1 ok, 1 failed" in err
+
+    def test_output_into_the_input_folder_is_not_restored_again(self, config: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+        """-o naming the input folder itself marks results .restored, so a second run skips them."""
+        folder = tmp_path / "in"
+        folder.mkdir()
+        (folder / "p.jpg").write_bytes(jpeg_crop((300, 50, 700, 350)))
+        for _ in range(2):
+            assert enhance(config, "-o", str(folder), str(folder)) == 0
+            assert "1 ok, 0 failed" in capsys.readouterr().err
+        assert {p.name for p in folder.iterdir()} == {"p.jpg", "p.restored.jpg", "p.restored (1).jpg"}
+
+    def test_one_file_spelled_two_ways_is_restored_once(self, config: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "p.jpg").write_bytes(jpeg_crop((300, 50, 700, 350)))
+        os.symlink(tmp_path / "d", tmp_path / "link")
+        paths = [tmp_path / "d" / "p.jpg", tmp_path / "d" / ".." / "d" / "p.jpg", tmp_path / "link"]
+        assert enhance(config, *map(str, paths)) == 0
+        assert "1 ok, 0 failed" in capsys.readouterr().err
+
+    def test_a_linked_file_named_on_the_command_line_is_restored_beside_the_link(
+            self, config: Path, tmp_path: Path) -> None:
+        """The user named the link: it is followed, and the result takes the link's place and name."""
+        (tmp_path / "store").mkdir()
+        (tmp_path / "view").mkdir()
+        (tmp_path / "store" / "original.jpg").write_bytes(jpeg_crop((300, 50, 700, 350)))
+        os.symlink(tmp_path / "store" / "original.jpg", tmp_path / "view" / "shown.jpg")
+        assert enhance(config, str(tmp_path / "view" / "shown.jpg")) == 0
+        assert (tmp_path / "view" / "shown.restored.jpg").is_file()
+        assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["original.jpg"]
+
+    def test_inputs_wanting_one_name_get_names_in_input_order(self, config: Path, tmp_path: Path) -> None:
+        """x.jpeg and x.jpg both want x.restored.jpg: the first in order gets it, whatever the threads do."""
+        (tmp_path / "x.jpeg").write_bytes(jpeg_crop((300, 50, 700, 350)))  # 400 x 300
+        (tmp_path / "x.jpg").write_bytes(jpeg_crop((300, 50, 600, 450)))  # 300 x 400
+        assert enhance(config, "--compare", str(tmp_path / "x.jpeg"), str(tmp_path / "x.jpg")) == 0
+        sizes = {}
+        for name in ("x.restored.jpg", "x.restored (1).jpg", "x.compare.jpg", "x.compare (1).jpg"):
+            with Image.open(tmp_path / name) as im:
+                sizes[name] = im.size
+        assert (sizes["x.restored.jpg"], sizes["x.restored (1).jpg"]) == ((400, 300), (300, 400))
+        assert (sizes["x.compare.jpg"][1], sizes["x.compare (1).jpg"][1]) == (300, 400)
+
+    def test_an_output_path_that_is_a_file_stops_before_any_work(self, config: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+        (tmp_path / "p.jpg").write_bytes(jpeg_crop((300, 50, 700, 350)))
+        (tmp_path / "taken").write_text("a file")
+        assert enhance(config, "-o", str(tmp_path / "taken"), str(tmp_path / "p.jpg")) == 2
+        assert f"output folder {tmp_path / 'taken'}" in capsys.readouterr().err
