@@ -117,6 +117,8 @@ _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     # Crashes are counted apart from attempts: transient retries (disk full, share gone, OOM) must not make a
     # single crash look like a file that keeps killing the daemon.
     1: lambda con: _run_script(con, "ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0"),
+    # collisions = "overwrite" asks, per candidate name, which source a result file belongs to.
+    2: lambda con: _run_script(con, "CREATE INDEX jobs_by_output ON jobs (output_path, id)"),
 }
 
 
@@ -336,6 +338,13 @@ class JobTable:
             "AND (output_path IS NOT NULL OR backup_path IS NOT NULL)"
         )
         return {str(p) for row in rows for p in row if p is not None}
+
+    def source_of(self, output_path: str) -> tuple[str, str] | None:
+        """(folder, relpath) of the newest job whose result was planned at ``output_path``, if any."""
+        rows = self._read(
+            "SELECT folder, relpath FROM jobs WHERE output_path = ? ORDER BY id DESC LIMIT 1", (output_path,)
+        )
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
 
     def find_done_by_hash(self, folder: str, sha256: str) -> Job | None:
         """The newest finished job of ``folder`` whose source had this SHA-256 (for the duplicates policy)."""

@@ -347,13 +347,15 @@ def plan_output_name(
     *,
     collisions: Collisions = "suffix",
     reserved: Callable[[Path], bool] | None = None,
+    replaceable: Callable[[Path], bool] | None = None,
 ) -> Path:
     """Where the result for ``relpath`` goes: same subfolders under ``out_dir``, extension ``ext``.
 
     ``suffix``: an existing file (or one ``reserved`` says is promised to another job) is never
     overwritten; ``name (1).jpg``, ``name (2).jpg``... are tried in turn. ``overwrite``: an
-    existing file is replaced, but a name reserved for another job still gets a suffix, so two
-    different sources (``a.png`` and ``a.jpg``) never overwrite each other's results.
+    existing file that ``replaceable`` accepts (default: any) is replaced; a name reserved for
+    another job, or a file ``replaceable`` refuses, still gets a suffix, so two different sources
+    (``a.png`` and ``a.jpg``) never overwrite each other's results.
     Raises ShareUnavailable if ``out_dir`` is missing.
     """
     if not is_mounted_share_available(out_dir):
@@ -363,11 +365,12 @@ def plan_output_name(
     base = (same_name.stem if ext else same_name.name) + ext
     folder = same_name.parent
     is_reserved = reserved or (lambda _p: False)
+    may_replace = replaceable or (lambda _p: True)
     for n in range(_MAX_SUFFIX):
         candidate = folder / (base if n == 0 else _suffixed(base, n))
         if is_reserved(candidate):
             continue
-        if collisions == "overwrite" or not os.path.lexists(candidate):
+        if not os.path.lexists(candidate) or (collisions == "overwrite" and may_replace(candidate)):
             return candidate
     raise FileExistsError(errno.EEXIST, f"no free name after {_MAX_SUFFIX} tries", str(folder / base))
 

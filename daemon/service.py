@@ -722,7 +722,9 @@ class Service:
             # No face, nothing restored: publish the original bytes, not a re-encoded copy; and not the engine's
             # working image either, which max_long_side may have scaled down.
             return item.data, Path(item.job.relpath).suffix
-        data, fmt = imageio.encode(item.image, outcome.rgb, options=opts.encode)
+        # Converted to the configured format, a photo without faces still keeps its full size.
+        rgb = outcome.rgb if outcome.faces else item.image.rgb
+        data, fmt = imageio.encode(item.image, rgb, options=opts.encode)
         ext = Path(item.job.relpath).suffix if fmt == item.image.format else imageio.extension_for(fmt)
         return data, ext
 
@@ -731,14 +733,18 @@ class Service:
         assert self.jobs is not None
         if job.output_path and job.backup_path:
             return Path(job.output_path), Path(job.backup_path)
+        jobs = self.jobs
         with self.names_lock:
-            reserved = self.jobs.reserved_targets()
+            reserved = jobs.reserved_targets()
             output = publish.plan_output_name(
                 folder.output, job.relpath, ext, collisions=self.settings.collisions,
                 reserved=lambda p: str(p) in reserved,
+                # "overwrite" replaces this source's own earlier result, never another file's.
+                replaceable=lambda p: jobs.source_of(str(p)) == (job.folder, job.relpath),
             )
+            # A backup may be the only copy of an earlier original: backups are never replaced.
             backup = publish.plan_output_name(
-                folder.backup, job.relpath, Path(job.relpath).suffix, collisions=self.settings.collisions,
+                folder.backup, job.relpath, Path(job.relpath).suffix, collisions="suffix",
                 reserved=lambda p: str(p) in reserved,
             )
             self.jobs.set_targets(job.id, str(output), str(backup))

@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+from PIL import Image
 
 from tests.daemon.harness import (
     Daemon,
@@ -128,3 +129,32 @@ def test_sigkill_mid_batch_then_restart_publishes_each_file_exactly_once(tmp_pat
     states = counts[str(layout.hot["a"])]
     assert len(inputs) == states.get("done", 0)
     assert sum(n for s, n in states.items() if s in ("pending", "ready", "processing", "retry")) == 0
+
+
+def test_overwrite_replaces_only_the_same_sources_result_and_never_a_backup(tmp_path):
+    """collisions = "overwrite": a.jpg dropped again replaces a.jpg's result; a.png (JPEG output too) gets
+    a (1).jpg; every original keeps a backup of its own, and a face-less photo is converted at full size."""
+    config, layout = write_config(tmp_path, extra='collisions = "overwrite"\noutput_format = "JPEG"')
+    hot, out, backup = layout.hot["a"], layout.out["a"], layout.backup["a"]
+    first, second, other = face_photo(1), face_photo(2), face_photo(3, "PNG")
+    plain = plain_photo(size=(1600, 1000))  # above the preset's max_long_side (800)
+    daemon = Daemon(config).start()
+    try:
+        _drop(hot / "a.jpg", first)
+        wait_for(lambda: (backup / "a.jpg").is_file() and not (hot / "a.jpg").exists(), 60, daemon, "a.jpg")
+        earlier = (out / "a.jpg").read_bytes()
+        _drop(hot / "a.png", other)
+        wait_for(lambda: (out / "a (1).jpg").is_file() and not (hot / "a.png").exists(), 60, daemon, "a.png")
+        assert (out / "a.jpg").read_bytes() == earlier  # another source's result is never replaced
+        _drop(hot / "a.jpg", second)
+        wait_for(lambda: (backup / "a (1).jpg").is_file() and not (hot / "a.jpg").exists(), 60, daemon, "a.jpg again")
+        wait_for(lambda: (out / "a.jpg").read_bytes() != earlier, 30, daemon, "a.jpg's result replaced")
+        _drop(hot / "plain.png", plain)
+        wait_for(lambda: (out / "plain.jpg").is_file(), 60, daemon, "plain.png")
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]
+    assert (backup / "a.jpg").read_bytes() == first and (backup / "a (1).jpg").read_bytes() == second
+    assert (backup / "a.png").read_bytes() == other
+    assert sorted(p.name for p in files_under(out)) == ["a (1).jpg", "a.jpg", "plain.jpg"]
+    with Image.open(out / "plain.jpg") as converted:
+        assert (converted.format, converted.size) == ("JPEG", (1600, 1000))
