@@ -23,6 +23,8 @@ take the database lock up front (``BEGIN IMMEDIATE``) and wait up to ``busy_time
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -120,6 +122,30 @@ _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     # collisions = "overwrite" asks, per candidate name, which source a result file belongs to.
     2: lambda con: _run_script(con, "CREATE INDEX jobs_by_output ON jobs (output_path, id)"),
 }
+
+
+def claim_instance(state_dir: Path, instance: str) -> int:
+    """Hold this instance's lock file in ``state_dir`` for the life of the process; returns its descriptor.
+
+    Instances sharing a job table tell their rows apart by name, and at start each takes back its own
+    unfinished rows as crash leftovers: a second daemon under the same name would take the first one's
+    work in flight. Raises JobTableError naming the holder. The lock ends with the descriptor (or process).
+    """
+    path = state_dir / f"instance-{instance or 'default'}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        name = f"instance {instance!r}" if instance else "the default instance"
+        raise JobTableError(
+            f"another gpen-watch (pid {holder}) already runs as {name} on {state_dir}: stop it, or give "
+            "each daemon its own GPEN_WATCH_INSTANCE (one per GPU) or its own state_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 _LOCKED_HINT = (

@@ -29,7 +29,7 @@ from daemon import publish, status
 from daemon.batcher import pick_queue
 from daemon.executor import LocalExecutor, Outcome
 from daemon.faults import FailPoints
-from daemon.jobs import Job, JobStateError, JobTable
+from daemon.jobs import Job, JobStateError, JobTable, claim_instance
 from daemon.logs import configure_logging
 from daemon.notify import Notifier
 from daemon.paths import UnsafePath, is_candidate, open_no_follow, safe_join
@@ -148,6 +148,7 @@ class Service:
         self.counters = {"done": 0, "failed": 0, "faces": 0}
         self.done_times: list[float] = []
         self.jobs: JobTable | None = None
+        self.instance_lock: int | None = None
         self.executor: LocalExecutor | None = None
         self.metrics: Any = None
 
@@ -174,6 +175,8 @@ class Service:
     def startup(self) -> None:
         state = state_dir(self.settings)
         state.mkdir(parents=True, exist_ok=True)
+        # Before the job table: a refused second daemon must not take back the first one's work in flight.
+        self.instance_lock = claim_instance(state, self.settings.instance)
         self.jobs = JobTable.open(state / status.JOBS_FILE, owner=self.settings.instance)
         requeued = self.jobs.requeue_in_flight(max_attempts=self.settings.max_attempts)
         if requeued:
@@ -281,6 +284,9 @@ class Service:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+        if self.instance_lock is not None:
+            os.close(self.instance_lock)
+            self.instance_lock = None
 
     def _install_signal_handlers(self) -> None:
         def on_stop(signum: int, frame: object) -> None:

@@ -123,3 +123,21 @@ def test_an_unexpected_error_that_repeats_ends_in_failed_with_its_reason(tmp_pat
 
     sidecar = json.loads(stored.with_name(stored.name + ".error.json").read_text())
     assert "publish" == sidecar["stage"] and "unexpected failure" in sidecar["error"]
+
+
+def test_a_second_daemon_under_the_same_instance_name_is_refused(tmp_path):
+    """Two daemons with one state directory and one instance name would take each other's work in flight:
+    the second stops at once and says why, and the first goes on (two instance names: the test above)."""
+    config, layout = write_config(tmp_path)
+    first = Daemon(config).start()
+    try:
+        wait_for(lambda: "gpen-watch ready" in first.log_text(), 90, first, "ready")
+        second = Daemon(config).start()
+        assert second.wait(60) == 1
+        assert f"pid {first.proc.pid}" in second.log_text() and "GPEN_WATCH_INSTANCE" in second.log_text()
+        inputs = {("a", "one.jpg"): face_photo(1)}
+        (layout.hot["a"] / "one.jpg").write_bytes(inputs[("a", "one.jpg")])
+        wait_for(lambda: account(layout, inputs).settled == 1, 90, first, "the first daemon still works")
+        assert account(layout, inputs).published
+    finally:
+        assert 0 == first.stop()
