@@ -9,7 +9,9 @@ and prints.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,12 @@ from daemon.modelfiles import MissingModelError
 from daemon.oneshot import RANDOM_WEIGHTS_WARNING, collect_inputs, load_models
 from daemon.paths import UnsafePath, read_no_follow
 from daemon.settings import ConfigError, engine_options, preset_table, settings_from_args
+from gpen_engine import imageio
 from gpen_engine.align import template
 from gpen_engine.bench import BenchModels, format_report, run_benchmark, synthetic_sets
 from gpen_engine.precision import resolve_precision
 from gpen_engine.restorer import Restorer
-from gpen_engine.types import EngineError
+from gpen_engine.types import EngineError, InputError
 
 PORTRAITS_GPU, PORTRAITS_CPU = 64, 4
 _REPO = Path(__file__).resolve().parents[1]
@@ -45,8 +48,11 @@ def command(args: Any) -> int:
         log(f"error: unknown preset {args.preset!r} (known: {', '.join(sorted(presets))})")
         return 2
     preset = presets[args.preset]
-    if args.batch:
+    if args.batch is not None:
         preset = preset.with_(batch_size=args.batch)
+    if args.json and (problem := _unwritable(Path(args.json))):
+        log(f"error: --json {args.json}: {problem}")  # found now, not after minutes of measuring
+        return 2
     if args.random_weights:
         log(RANDOM_WEIGHTS_WARNING)
     try:
@@ -59,7 +65,7 @@ def command(args: Any) -> int:
     portraits = PORTRAITS_GPU if models.device.type == "cuda" else PORTRAITS_CPU
     try:
         sets = photo_sets(args.images, settings.extensions, max_pixels=settings.max_pixels,
-                          detector=models.detector, portraits=portraits)
+                          detector=models.detector, portraits=portraits, log=log)
     except (OSError, ValueError, EngineError) as exc:
         log(f"error: {exc}")
         return 2
@@ -71,18 +77,38 @@ def command(args: Any) -> int:
     )
     report = run_benchmark(
         bench_models, engine_options(settings, preset), sets, model_name=preset.model,
-        random_weights=bool(args.random_weights), repeat=max(1, args.repeat), baseline=bool(args.baseline),
+        random_weights=bool(args.random_weights), repeat=args.repeat, baseline=bool(args.baseline),
         io_threads=settings.io_threads, images_per_call=max(8, preset.batch_size), log=log,
     )
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        try:
+            Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        except OSError as exc:
+            log(f"error: --json {args.json}: {exc.strerror or exc}")
+            return 1
     return 0
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot take the JSON report, or None."""
+    if path.is_dir():
+        return "is a folder"
+    folder = path.parent
+    if not folder.is_dir():
+        return f"folder {folder} does not exist"
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return "not writable"
+    return None
+
+
 def photo_sets(images: str | None, extensions: list[str], *, max_pixels: int, detector: nn.Module | None = None,
-               portraits: int = 0) -> dict[str, list[bytes]]:
-    """``--images DIR``'s photos as one set, else the synthetic sets built from the sample photo."""
+               portraits: int = 0, log: Callable[[str], object] = print) -> dict[str, list[bytes]]:
+    """``--images DIR``'s photos as one set, else the synthetic sets built from the sample photo.
+
+    Files that are not complete images are left out with a note: counted in, they would make the
+    images per second look faster than any real photo goes.
+    """
     if images:
         items, problems = collect_inputs([Path(images)], None, extensions)
         if problems:
@@ -90,11 +116,14 @@ def photo_sets(images: str | None, extensions: list[str], *, max_pixels: int, de
         data = []
         for item in items:
             try:
-                data.append(read_no_follow(item.source)[0])
-            except UnsafePath:
+                content = read_no_follow(item.source)[0]
+                imageio.check_complete(content, max_pixels=max_pixels)
+            except (OSError, UnsafePath, InputError) as exc:
+                log(f"note: left out {item.source}: {exc}")
                 continue
+            data.append(content)
         if not data:
-            raise ValueError(f"{images}: no images found")
+            raise ValueError(f"{images}: no usable images found")
         return {Path(images).name or "images": data}
     for path in SAMPLE_PHOTOS:
         if path.is_file():

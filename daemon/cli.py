@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # sub-command -> "module:function"; imported lazily so `gpen-watch --help` stays instant.
 HANDLERS = {
@@ -17,6 +17,19 @@ HANDLERS = {
     "init": "daemon.layout:command",
     "status": "daemon.status:command",
 }
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high}, got {value}")
+        return value
+    return parse
 
 
 def _common(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
@@ -51,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--preset", default="fast")
     p.add_argument("--images", metavar="DIR", help="photos to use (default: synthetic)")
-    p.add_argument("--batch", type=int, help="generator batch size (default: the preset's)")
+    p.add_argument("--batch", type=_count(1, 256), help="generator batch size, 1-256 (default: the preset's)")
     p.add_argument("--random-weights", action="store_true", help="random generator weights (speed only)")
     p.add_argument("--baseline", action="store_true", help="also run the one-face-at-a-time official way")
-    p.add_argument("--repeat", type=int, default=3, help="timed passes over the images")
+    p.add_argument("--repeat", type=_count(1, 100), default=3, help="timed passes over the images")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
 
     p = sub.add_parser("models", help="list, download or verify weight files")

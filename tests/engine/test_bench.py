@@ -136,3 +136,36 @@ class TestBenchCommand:
         assert 0 < engine["restore_busy"] <= 1 and 0 <= engine["decode_wait"] < 1
         assert engine["restore_busy"] + engine["decode_wait"] <= 1
         assert "of the time in restore calls" in printed.out
+
+    def test_bad_files_are_left_out_of_the_figures(self, tmp_path: Path, tiny_cli_config: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+        """Broken files in --images are named and left out: the figures are about the photos that decode."""
+        images = tmp_path / "photos"
+        images.mkdir()
+        Image.open(SOLVAY).convert("RGB").crop((300, 50, 900, 350)).save(images / "group.jpg", quality=92)
+        (images / "notes.jpg").write_text("not a photo")
+        (images / "empty.png").write_bytes(b"")
+        out = tmp_path / "bench.json"
+        assert main(["bench", "--config", str(tiny_cli_config), "--preset", "tiny", "--random-weights",
+                     "--repeat", "1", "--images", str(images), "--json", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert "left out" in err and "notes.jpg" in err and "empty.png" in err
+        (photos,) = json.loads(out.read_text())["sets"]
+        assert (photos["engine"]["images"], photos["engine"]["failed"]) == (1, 0)
+
+    @pytest.mark.parametrize("args", [["--batch", "0"], ["--batch", "-1"], ["--batch", "300"], ["--repeat", "0"]])
+    def test_out_of_range_counts_are_refused(self, args: list[str], tiny_cli_config: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", "--config", str(tiny_cli_config), "--preset", "tiny", "--random-weights", *args])
+        assert exit_info.value.code == 2
+        assert "must be 1 to" in capsys.readouterr().err
+
+    def test_an_unwritable_json_path_stops_before_measuring(self, tmp_path: Path, tiny_cli_config: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+        target = tmp_path / "missing-folder" / "out.json"
+        assert main(["bench", "--config", str(tiny_cli_config), "--preset", "tiny", "--random-weights",
+                     "--json", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert f"--json {target}: folder {target.parent} does not exist" in err
+        assert "measuring" not in err
