@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import pathlib
 import shutil
@@ -133,6 +134,22 @@ class TestModelsVerify:
         tiny_generator_file(env["models"] / "tiny.pth", GpenArch(64, style_dim=64, n_mlp=2, narrow=0.25))
         assert run(env, "models", "verify") == 1
         assert "tiny: CORRUPT" in capsys.readouterr().out
+
+
+    def test_a_known_checksum_catches_damage_that_still_loads(self, env, capsys) -> None:
+        """Bytes flipped inside a tensor still load strictly; with sha256 in the entry, verify says CORRUPT."""
+        path = tiny_generator_file(env["models"] / "tiny.pth")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        env["config"].write_text(env["config"].read_text() + f'sha256 = "{digest}"\n')
+        assert run(env, "models", "verify") == 0
+        assert "tiny: ok" in capsys.readouterr().out
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 64] = bytes(b ^ 0x55 for b in data[middle : middle + 64])
+        path.write_bytes(bytes(data))
+        assert run(env, "models", "verify") == 1
+        out = capsys.readouterr().out
+        assert "tiny: CORRUPT" in out and "SHA-256" in out
 
 
 class TestEnsureModels:
