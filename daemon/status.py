@@ -301,6 +301,11 @@ def _one_line(text: str | None, width: int = 160) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
+def _shown(text: str) -> str:
+    """``text`` with control characters escaped: a file name must not move the cursor or recolour a terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def render_text(report: Report) -> str:
     """The human-readable report."""
     snap = report.snapshot
@@ -343,8 +348,8 @@ def render_text(report: Report) -> str:
         lines.append("last failures:")
         for f in report.failures:
             stage = f"[{f.stage}] " if f.stage else ""
-            lines.append(f"  {_when(f.at)}  {f.folder}  {f.relpath}")
-            lines.append(f"      {stage}{_one_line(f.error)} (attempts {f.attempts})")
+            lines.append(f"  {_when(f.at)}  {_shown(f.folder)}  {_shown(f.relpath)}")
+            lines.append(f"      {stage}{_shown(_one_line(f.error))} (attempts {f.attempts})")
     return "\n".join(lines) + "\n"
 
 

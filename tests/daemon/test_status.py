@@ -180,6 +180,17 @@ class TestCommand:
         assert "[decode] image file is truncated" in out
         assert "sub/broken.jpg" in out
 
+    def test_file_names_cannot_drive_the_terminal(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A failed file whose name holds an escape sequence or a newline is shown escaped, on one line."""
+        state = tmp_path / "state"
+        with JobTable.open(state / status.JOBS_FILE) as table:
+            job = table.note_candidate("/hot/fast", "evil\x1b[2J\nname.jpg", "fast")
+            table.fail(job.id, "decode", "not an image")
+        main(["status", "--root", str(tmp_path)])
+        out = capsys.readouterr().out
+        assert "\x1b" not in out
+        assert "evil\\x1b[2J\\nname.jpg" in out
+
     def test_json_report(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """--json gives the same facts to scripts; exit status 3 says the daemon is not running."""
         make_state(tmp_path)
