@@ -343,19 +343,29 @@ class JobTable:
         """Rows waiting for the readiness gate, oldest first."""
         return self.in_state("pending", folder)
 
-    def is_unchanged_done(self, folder: str, relpath: str, size: int | None, mtime_ns: int | None) -> bool:
-        """True if this file, with this size and mtime, was already processed (done or skipped).
+    def is_unchanged_done(
+        self, folder: str, relpath: str, size: int | None, mtime_ns: int | None, *, sha256: str | None = None
+    ) -> bool:
+        """True if this file was already processed (done or skipped) as it is now.
 
-        ``after = "keep"`` leaves processed originals in place: rescans find them again, not as new work.
+        ``after = "keep"`` leaves processed originals in place: rescans find them again, not as new work. The
+        same size and mtime say so; with ``sha256``, so does content equal to the newest processed version
+        (an original that was only touched, or copied over with itself).
         """
-        if size is None or mtime_ns is None:
-            return False
-        rows = self._read(
+        if size is not None and mtime_ns is not None and self._read(
             "SELECT 1 FROM jobs WHERE folder = ? AND relpath = ? AND state IN ('done', 'skipped') "
             "AND size = ? AND mtime_ns = ? LIMIT 1",
             (folder, relpath, size, mtime_ns),
+        ):
+            return True
+        if sha256 is None:
+            return False
+        rows = self._read(
+            "SELECT sha256 FROM jobs WHERE folder = ? AND relpath = ? AND state IN ('done', 'skipped') "
+            "AND sha256 IS NOT NULL ORDER BY id DESC LIMIT 1",
+            (folder, relpath),
         )
-        return bool(rows)
+        return bool(rows) and rows[0][0] == sha256
 
     def reserved_targets(self) -> set[str]:
         """Output and backup names recorded by unfinished jobs: not free for another job's results."""

@@ -494,8 +494,10 @@ class Service:
         if verdict.state == "failed":
             self._fail(job, folder, path, "readiness", verdict.reason)
             return
-        if self.jobs.is_unchanged_done(job.folder, job.relpath, verdict.size, verdict.mtime_ns):
-            # after = "keep" leaves processed originals in place; they are not new work.
+        # after = "keep" leaves processed originals in place; they are not new work, even once touched. (With
+        # "delete" or "move" the same bytes under the same name are a new drop: the duplicates policy decides.)
+        same_content = verdict.sha256 if folder.after == "keep" else None
+        if self.jobs.is_unchanged_done(job.folder, job.relpath, verdict.size, verdict.mtime_ns, sha256=same_content):
             self.jobs.mark_skipped(job.id, "already processed (unchanged since)")
             return
         if self.settings.duplicates == "skip" and self.jobs.find_done_by_hash(job.folder, verdict.sha256):

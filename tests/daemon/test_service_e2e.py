@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import time
 
 import pytest
@@ -158,3 +159,28 @@ def test_overwrite_replaces_only_the_same_sources_result_and_never_a_backup(tmp_
     assert sorted(p.name for p in files_under(out)) == ["a (1).jpg", "a.jpg", "plain.jpg"]
     with Image.open(out / "plain.jpg") as converted:
         assert (converted.format, converted.size) == ("JPEG", (1600, 1000))
+
+
+def test_a_kept_original_that_is_only_touched_is_not_processed_again(tmp_path):
+    """after = "keep": a new mtime on the same bytes is not new work; new bytes under the name are."""
+    config, layout = write_config(tmp_path)
+    config.write_text(config.read_text().replace("stability_delay = 0.3", 'stability_delay = 0.3\nafter = "keep"'))
+    hot, out = layout.hot["a"], layout.out["a"]
+    daemon = Daemon(config).start()
+    try:
+        _drop(hot / "k.jpg", face_photo(1))
+        wait_for(lambda: (out / "k.jpg").is_file(), 60, daemon, "k.jpg published")
+        later = time.time() + 100
+        os.utime(hot / "k.jpg", (later, later))
+        wait_for(lambda: _skipped_in_table(tmp_path), 30, daemon, "the touched original seen and skipped")
+        time.sleep(2.5)  # two more rescans
+        assert sorted(p.name for p in files_under(out)) == ["k.jpg"]
+        _drop(hot / "k.jpg", face_photo(2))
+        wait_for(lambda: (out / "k (1).jpg").is_file(), 60, daemon, "changed content processed again")
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]
+
+
+def _skipped_in_table(root) -> bool:
+    with sqlite3.connect(root / "state" / "jobs.sqlite3") as con:
+        return bool(con.execute("SELECT 1 FROM jobs WHERE state = 'skipped'").fetchall())
