@@ -261,6 +261,7 @@ class Report:
     queue_depths: dict[str, int]
     failures: list[Failure]
     throughput: dict[str, float]  # files per minute over each window of THROUGHPUT_WINDOWS
+    instances: dict[str, bool] = field(default_factory=dict)  # instance name ("" = the single daemon) -> running
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -269,19 +270,18 @@ class Report:
 def gather(state: Path, *, failures: int = 10, now: float | None = None) -> Report:
     """Everything `gpen-watch status` shows, read from the state directory ``state``."""
     now = time.time() if now is None else now
-    snapshot: Snapshot | None = None
-    problem: str | None = None
-    try:
-        snapshot = read_snapshot(state / SNAPSHOT_FILE)
-    except SnapshotError as exc:
-        problem = str(exc)
+    instances, problem = _instance_snapshots(state)
+    running = {name: daemon_running(snap) for name, snap in instances.items()}
+    # The one the summary line describes: the single daemon, else a running instance, else any.
+    main = "" if "" in instances else next((n for n in sorted(instances) if running[n]), min(instances, default=None))
     table = open_read_only(state / JOBS_FILE)
     try:
         report = Report(
             state_dir=str(state),
-            running=daemon_running(snapshot),
-            snapshot=snapshot,
+            running=any(running.values()),
+            snapshot=instances.get(main) if main is not None else None,
             snapshot_problem=problem,
+            instances={name: running[name] for name in sorted(instances)},
             counts=table.counts(),
             queue_depths=table.queue_depths(now),
             failures=[Failure.of(job) for job in table.recent_failures(failures)],
@@ -290,6 +290,27 @@ def gather(state: Path, *, failures: int = 10, now: float | None = None) -> Repo
     finally:
         table.close()
     return report
+
+
+def _instance_snapshots(state: Path) -> tuple[dict[str, Snapshot], str | None]:
+    """Each daemon's snapshot in ``state``: ``status.json`` ("") and, per GPU instance N, ``status-N.json``."""
+    found: dict[str, Snapshot] = {}
+    problems = []
+    for path in sorted(state.glob("status*.json")):
+        if path.name == SNAPSHOT_FILE:
+            name = ""
+        elif path.name.startswith("status-"):
+            name = path.name.removeprefix("status-").removesuffix(".json")
+        else:
+            continue
+        try:
+            snapshot = read_snapshot(path)
+        except SnapshotError as exc:
+            problems.append(str(exc))
+            continue
+        if snapshot is not None:
+            found[name] = snapshot
+    return found, "; ".join(problems) or None
 
 
 def _when(ts: float) -> str:
@@ -317,6 +338,9 @@ def render_text(report: Report) -> str:
         lines.append(f"gpen-watch: not running (last seen {_when(snap.updated_at)}, pid {snap.pid})")
     else:
         lines.append("gpen-watch: not running (no status.json from a daemon in this state directory)")
+    if len(report.instances) > 1 or (report.instances and "" not in report.instances):
+        lines.append("instances: " + ", ".join(
+            f"{name or 'default'} {'running' if up else 'not running'}" for name, up in report.instances.items()))
     lines.append(f"state: {report.state_dir}")
     if report.snapshot_problem:
         lines.append(f"warning: {report.snapshot_problem}")

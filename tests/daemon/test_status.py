@@ -180,6 +180,20 @@ class TestCommand:
         assert "[decode] image file is truncated" in out
         assert "sub/broken.jpg" in out
 
+    def test_per_gpu_instances_are_found(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """With gpen-watch@N instances (status-N.json, no status.json), status sees them and says which run."""
+        state = make_state(tmp_path)
+        live = Snapshot.current(device="cuda:0 (Test GPU)", batch_caps={"fast": 8}, paused={})
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                               text=True)
+        dead = Snapshot(pid=int(child.stdout), started_at=1.0, updated_at=1.0, version="x", device="cuda:1")
+        status.write_snapshot(state / "status-0.json", live)
+        status.write_snapshot(state / "status-1.json", dead)
+        assert main(["status", "--root", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert "running (pid" in out and "cuda:0 (Test GPU)" in out
+        assert "instances: 0 running, 1 not running" in out
+
     def test_file_names_cannot_drive_the_terminal(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A failed file whose name holds an escape sequence or a newline is shown escaped, on one line."""
         state = tmp_path / "state"
