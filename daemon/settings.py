@@ -19,6 +19,7 @@ from pydantic_settings import (
 )
 
 from gpen_engine.options import BUILTIN_PRESETS, DecodeOptions, EncodeOptions, EngineOptions, Preset
+from gpen_engine.registry import builtin_models
 
 SYSTEM_CONFIG = Path("/etc/gpen-watch/config.toml")
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
@@ -57,12 +58,23 @@ class PresetSettings(_Strict):
     faces_required: bool | None = None
 
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str | None) -> str | None:
+        return None if value is None else _device_name(value)
+
     @field_validator("max_long_side")
     @classmethod
     def _zero_or_a_real_size(cls, value: int | None) -> int | None:
         if value is not None and 0 < value < 64:
             raise ValueError("must be 0 (keep the full size) or at least 64")
         return value
+
+
+def _device_name(value: str) -> str:
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise ValueError("must be auto, cpu, cuda or cuda:N")
 
 
 class FolderSettings(_Strict):
@@ -164,13 +176,19 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
-            return value
-        raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return _device_name(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         presets = preset_table(self)
+        # Checked here, not when models load: a reload must be refused before anything switches over.
+        known = {name for name, spec in builtin_models().items() if spec.kind == "gpen"} | {m.name for m in self.models}
+        for name, preset in sorted(presets.items()):
+            if preset.model not in known:
+                raise ValueError(
+                    f"presets.{name}.model = {preset.model!r}: unknown GPEN model (known: {', '.join(sorted(known))}; "
+                    "add your own under [[models]])"
+                )
         for i, folder in enumerate(self.folders):
             if folder.preset not in presets:
                 raise ValueError(

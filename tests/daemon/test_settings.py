@@ -31,3 +31,21 @@ def test_a_tiny_max_long_side_is_refused_by_name(tmp_path: Path, value: int) -> 
     with pytest.raises(ConfigError) as exc:
         load_settings(write(tmp_path, f"[presets.fast]\nmax_long_side = {value}\n"))
     assert f"presets.fast.max_long_side = {value}" in str(exc.value)
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    ('[presets.fast]\nmodel = "GPEN-BFR-9999"\n', "presets.fast.model = 'GPEN-BFR-9999': unknown GPEN model"),
+    ('[presets.fast]\ndevice = "gpu7"\n', "presets.fast.device = 'gpu7': must be auto, cpu, cuda or cuda:N"),
+])
+def test_a_preset_naming_an_unknown_model_or_device_is_refused_at_load(tmp_path: Path, text: str,
+                                                                      named: str) -> None:
+    """Found when the config is read, so that a reload keeps the running configuration."""
+    with pytest.raises(ConfigError) as exc:
+        load_settings(write(tmp_path, text))
+    assert named in str(exc.value)
+
+
+def test_a_users_own_model_is_known(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, '[[models]]\nname = "studio"\npath = "studio.pth"\nsize = 512\n'
+                                             '[presets.fast]\nmodel = "studio"\n'))
+    assert preset_table(settings)["fast"].model == "studio"
