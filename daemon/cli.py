@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        # SIGHUP's default action ends the process. Until the service installs its handler (after importing
+        # torch and reading the config), a reload request waits here instead; the service then unblocks it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     module_name, func_name = HANDLERS[args.command].split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     try:

@@ -16,7 +16,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,19 +181,10 @@ class Service:
         requeued = self.jobs.requeue_in_flight(max_attempts=self.settings.max_attempts)
         if requeued:
             log.warning("work in flight at the last stop is redone", jobs=requeued)
+        for key, folder in self.folders.items():  # the config may have given a folder another preset since
+            self.jobs.reassign_preset(key, folder.preset)
         self._settle_crash_loops()
-        for folder in self.folders.values():
-            # The --root layout is ours to create; configured folders only below a parent that exists,
-            # so that an unmounted share is never re-created on the local disk.
-            own_root = self.settings.root.expanduser().absolute() if not self.settings.folders and self.settings.root \
-                else None
-            wanted = [(d, own_root or d.parent) for d in (folder.path, folder.output, folder.backup, folder.failed)]
-            if folder.done is not None:
-                wanted.append((folder.done, folder.backup.parent))
-            for d, anchor in wanted:
-                with contextlib.suppress(OSError):  # reported later by the watcher/publisher
-                    if anchor.exists():
-                        d.mkdir(parents=True, exist_ok=True)
+        self._make_folders(self.folders.values())
         removed = publish.cleanup_temp_files(
             [d for f in self.folders.values() for d in (f.output, f.backup, f.failed) if d.exists()]
         )
@@ -216,6 +207,21 @@ class Service:
             device=self.device_name,
             state=str(state),
         )
+
+    def _make_folders(self, folders: Iterable[FolderSettings]) -> None:
+        """Create the folders gpen-watch may create (at start, and for folders a reload adds or moves)."""
+        for folder in folders:
+            # The --root layout is ours to create; configured folders only below a parent that exists,
+            # so that an unmounted share is never re-created on the local disk.
+            own_root = self.settings.root.expanduser().absolute() if not self.settings.folders and self.settings.root \
+                else None
+            wanted = [(d, own_root or d.parent) for d in (folder.path, folder.output, folder.backup, folder.failed)]
+            if folder.done is not None:
+                wanted.append((folder.done, folder.backup.parent))
+            for d, anchor in wanted:
+                with contextlib.suppress(OSError):  # reported later by the watcher/publisher
+                    if anchor.exists():
+                        d.mkdir(parents=True, exist_ok=True)
 
     def _settle_crash_loops(self) -> None:
         """Files that were in flight at too many crashes in a row go to failed/, so one file cannot kill us forever."""
@@ -300,26 +306,34 @@ class Service:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+        # `gpen-watch run` blocks SIGHUP while it imports and reads the config (its default action would kill
+        # the process); one that arrived meanwhile is delivered now, as a reload after start-up.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     # ----------------------------------------------------------------- models
     def _presets_in_use(self) -> dict[str, Preset]:
         names = {f.preset for f in self.folders.values()}
         return {name: self.presets[name] for name in names}
 
-    def _load_presets(self, presets: dict[str, Preset]) -> None:
-        """Build a Restorer per preset, loading each distinct set of models once, and warm each up."""
+    def _load_presets(self, presets: dict[str, Preset], settings: Settings | None = None) -> None:
+        """Build a Restorer per preset, loading each distinct set of models once, and warm each up.
+
+        ``settings`` (default: the running ones) says where models live and which device to use; the
+        restorers are added only once every preset has loaded.
+        """
         from daemon.modelfiles import ensure_models, models_of
         from gpen_engine.device import select_device
         from gpen_engine.registry import preset_models
         from gpen_engine.restorer import load_engine_models
 
-        table = models_of(self.settings)
+        settings = settings or self.settings
+        table = models_of(settings)
         # Fetch (or report) every missing file of every preset at once, not one preset per start.
-        ensure_models(self.settings, sorted({n for p in presets.values() for n in preset_models(p)}),
-                      download=self.settings.download, log=log.info)
+        ensure_models(settings, sorted({n for p in presets.values() for n in preset_models(p)}),
+                      download=settings.download, log=log.info)
         restorers: dict[str, Restorer] = {}
         for name, preset in presets.items():
-            request = preset.device if preset.device != "auto" else self.settings.device
+            request = preset.device if preset.device != "auto" else settings.device
             self.notifier.extend_timeout(300)  # model loads and downloads can outlast TimeoutStartSec
             report = select_device(request)
             self.device_name = f"{report.device} ({report.name})"
@@ -331,7 +345,7 @@ class Service:
             if spec is None or spec.arch is None:
                 raise ConfigError(f"presets.{name}.model = {preset.model!r}: unknown GPEN model")
             needed = preset_models(preset)
-            paths = ensure_models(self.settings, needed, download=self.settings.download, log=log.info)
+            paths = ensure_models(settings, needed, download=settings.download, log=log.info)
             key = (str(paths[spec.name]), str(report.device), precision, preset.detector, preset.use_parsing)
             models = self.models.get(key)
             if models is None:
@@ -827,37 +841,36 @@ class Service:
             self.notifier.status(f"reload rejected: {str(exc).splitlines()[-1]}")
             self.notifier.ready()
             return
-        old_presets = self.presets
-        self.settings, self.presets = settings, presets
         new_folders = {str(f.path.expanduser().absolute()): f for f in folders}
         in_use = {f.preset: presets[f.preset] for f in new_folders.values()}
-        changed = {n: p for n, p in in_use.items() if n not in self.restorers or old_presets.get(n) != p}
-        try:
-            self._load_presets_incremental(changed, in_use)
+        changed = {n: p for n, p in in_use.items() if n not in self.restorers or self.presets.get(n) != p}
+        try:  # before anything switches over: a reload is applied whole or not at all
+            self._load_presets(changed, settings)  # reuses loaded models whose file/device/precision did not change
         except Exception as exc:
-            log.error("reload could not load models; keeping the running presets", error=str(exc))
+            log.error("new configuration rejected: its models could not be loaded; keeping the running one",
+                      error=str(exc))
+            self.notifier.status(f"reload rejected: {str(exc).splitlines()[-1] if str(exc) else exc!r}")
+            self.notifier.ready()
+            return
+        # Restorers of presets no longer in use stay: batches claimed before the reload finish with them.
+        self.settings, self.presets = settings, presets
         for key in set(self.watchers) - set(new_folders):
             self.watchers.pop(key).stop()
             log.info("hot folder removed", folder=key)
-        self.folders = new_folders
+        moved = [f for k, f in new_folders.items() if self.folders.get(k) != f]
+        self._make_folders(moved)
         for key, folder in new_folders.items():
+            if key in self.watchers and self.folders.get(key) != folder:  # e.g. its output moved: new exclusions
+                self.watchers.pop(key).stop()
             if key not in self.watchers:
                 self._start_watcher(key, folder)
-                log.info("hot folder added", folder=key, preset=folder.preset)
+                log.info("hot folder watched", folder=key, preset=folder.preset)
+        self.folders = new_folders
         assert self.jobs is not None
         for key, folder in new_folders.items():
             self.jobs.reassign_preset(key, folder.preset)
         log.info("configuration reloaded", folders=len(new_folders), presets=sorted(in_use))
         self.notifier.ready()
-
-    def _load_presets_incremental(self, changed: dict[str, Preset], in_use: dict[str, Preset]) -> None:
-        keep = {n: r for n, r in self.restorers.items() if n in in_use and n not in changed}
-        if changed:
-            self._load_presets(changed)  # reuses loaded models whose file/device/precision did not change
-        self.restorers.update(keep)
-        for name in list(self.restorers):
-            if name not in in_use:
-                del self.restorers[name]
 
     # ----------------------------------------------------------------- status
     def _report_status(self) -> None:
