@@ -141,13 +141,8 @@ def open_file(path: Path | str, *, base: Path | None = None) -> BinaryIO:
         fd = _open_checked(str(path), flags, None, str(path))
     else:
         parts = _check_relpath(str(path) if isinstance(path, Path) else path)
-        dir_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = open_folder(base, parts[:-1])
         try:
-            for part in parts[:-1]:
-                next_fd = _open_checked(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                        dir_fd, str(path))  # fmt: skip
-                os.close(dir_fd)
-                dir_fd = next_fd
             fd = _open_checked(parts[-1], flags, dir_fd, str(path))
         finally:
             os.close(dir_fd)
@@ -161,6 +156,25 @@ def open_file(path: Path | str, *, base: Path | None = None) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_folder(base: Path, parts: Iterable[str]) -> int:
+    """A descriptor of the folder ``base/parts...``, each part opened with O_NOFOLLOW from its parent's descriptor.
+
+    Operations relative to it (``dir_fd=``) reach what is really below ``base``, even if a folder on the way is
+    swapped for a symbolic link after the path was checked. ``base`` itself may be a link (configured).
+    """
+    shown = str(Path(base).joinpath(*parts))
+    dir_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            next_fd = _open_checked(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd, shown)
+            os.close(dir_fd)
+            dir_fd = next_fd
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    return dir_fd
 
 
 def _open_checked(name: str, flags: int, dir_fd: int | None, shown: str) -> int:

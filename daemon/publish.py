@@ -37,7 +37,7 @@ from importlib import metadata
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Literal
 
-from daemon.paths import UnsafePath, safe_join
+from daemon.paths import UnsafePath, open_folder, safe_join
 
 __all__ = [
     "FailureInfo",
@@ -282,14 +282,33 @@ def write_atomic(
     return path
 
 
-def _open_source(src: Path) -> int:
-    # O_NOFOLLOW: the hot folder's file itself must not be a link to something elsewhere.
+@contextlib.contextmanager
+def _source_folder(src: Path, src_root: Path | None) -> Iterator[tuple[int | None, str]]:
+    """(folder descriptor, name) through which to reach ``src``.
+
+    With ``src_root`` (the hot folder), the folders from it down to ``src`` are opened without following
+    links, so that a subfolder swapped for a link after the job's path was checked cannot make a read,
+    move or delete land outside the hot folder. Without it: (None, the path).
+    """
+    if src_root is None:
+        yield None, str(src)
+        return
+    fd = open_folder(src_root, src.parent.relative_to(src_root).parts)
     try:
-        return os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafePath(f"{src} is a symlink") from exc
-        raise
+        yield fd, src.name
+    finally:
+        os.close(fd)
+
+
+def _open_source(src: Path, src_root: Path | None = None) -> int:
+    # O_NOFOLLOW: the hot folder's file itself must not be a link to something elsewhere.
+    with _source_folder(src, src_root) as (folder_fd, name):
+        try:
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePath(f"{src} is a symlink") from exc
+            raise
 
 
 def copy_verified(
@@ -299,13 +318,15 @@ def copy_verified(
     *,
     root: Path | None = None,
     replace: bool = True,
+    src_root: Path | None = None,
 ) -> Path:
     """Byte-exact copy of ``src`` to ``dst``, checked against the job's SHA-256, mtime kept.
 
     Raises SourceChanged (and leaves nothing under ``dst``) if the bytes read differ from
-    ``expected_sha256``: the original was rewritten after the job recorded it.
+    ``expected_sha256``: the original was rewritten after the job recorded it. ``src_root``: see
+    ``_source_folder``.
     """
-    src_fd = _open_source(src)
+    src_fd = _open_source(src, src_root)
     try:
         st = os.fstat(src_fd)
         if not stat.S_ISREG(st.st_mode):
@@ -388,34 +409,37 @@ def _free_name(dir_fd: int, name: str) -> str:
     return candidate
 
 
-def _move_into(src: Path, dst: Path, root: Path | None, *, before: Callable[[Path], None] | None = None) -> Path:
+def _move_into(src: Path, dst: Path, root: Path | None, *, before: Callable[[Path], None] | None = None,
+               src_root: Path | None = None) -> Path:
     """Move ``src`` to ``dst`` (a free name near it): rename when possible, else copy, then unlink.
 
     ``before`` is called with the chosen final path just before the original is moved there.
+    ``src_root``: see ``_source_folder``.
     """
     dir_fd = _dir_for(dst, root)
     try:
         final = _free_name(dir_fd, dst.name)
         if before is not None:
             before(dst.with_name(final))
-        try:
-            os.rename(src, final, dst_dir_fd=dir_fd)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            src_fd = _open_source(src)
+        with _source_folder(src, src_root) as (src_fd_dir, name):
             try:
-                st = os.fstat(src_fd)
-                with _temp_in(dir_fd) as temp:
-                    while chunk := os.read(src_fd, _CHUNK):
-                        _write_all(temp.fd, chunk)
-                    _commit(temp, final, replace=False, mtime_ns=st.st_mtime_ns, atime_ns=st.st_atime_ns)
-            finally:
-                os.close(src_fd)
-            # The copy is durable; only now does the original go.
-            os.unlink(src)
-        else:
-            _fsync_dir(dir_fd)
+                os.rename(name, final, src_dir_fd=src_fd_dir, dst_dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                src_fd = _open_source(src, src_root)
+                try:
+                    st = os.fstat(src_fd)
+                    with _temp_in(dir_fd) as temp:
+                        while chunk := os.read(src_fd, _CHUNK):
+                            _write_all(temp.fd, chunk)
+                        _commit(temp, final, replace=False, mtime_ns=st.st_mtime_ns, atime_ns=st.st_atime_ns)
+                finally:
+                    os.close(src_fd)
+                # The copy is durable; only now does the original go.
+                os.unlink(name, dir_fd=src_fd_dir)
+            else:
+                _fsync_dir(dir_fd)
     finally:
         os.close(dir_fd)
     _fsync_parent(src)
@@ -437,23 +461,24 @@ def dispose_source(
     after: After,
     done_path: Path | None = None,
     done_root: Path | None = None,
+    src_root: Path | None = None,
 ) -> Path | None:
     """Remove, keep or move the original. Call only once the output and the backup are durable.
 
     Idempotent for ``delete`` (an already-missing source is fine: a restart may repeat this step).
-    Returns where the original is now (None when deleted).
+    Returns where the original is now (None when deleted). ``src_root``: see ``_source_folder``.
     """
     if after == "keep":
         return src
     if after == "delete":
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(src)
+        with contextlib.suppress(FileNotFoundError), _source_folder(src, src_root) as (folder_fd, name):
+            os.unlink(name, dir_fd=folder_fd)
         _fsync_parent(src)
         return None
     if after == "move":
         if done_path is None:
             raise ValueError("after='move' needs done_path")
-        return _move_into(src, done_path, done_root)
+        return _move_into(src, done_path, done_root, src_root=src_root)
     raise ValueError(f"unknown after={after!r}")
 
 
@@ -505,6 +530,8 @@ def write_failure(
     src: Path | None,
     data: bytes | None,
     info: FailureInfo,
+    *,
+    src_root: Path | None = None,
 ) -> Path:
     """Put the original into ``failed_dir`` at its relative path with ``NAME.error.json`` beside it.
 
@@ -527,7 +554,7 @@ def write_failure(
     target = safe_join(failed_dir, str(relpath))
     try:
         if src is not None:
-            return _move_into(src, target, failed_dir, before=write_sidecar)
+            return _move_into(src, target, failed_dir, before=write_sidecar, src_root=src_root)
         assert data is not None
         return _write_new(target, data, failed_dir, before=write_sidecar)
     except BaseException:

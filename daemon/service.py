@@ -239,7 +239,7 @@ class Service:
                 if job.size is not None and (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
                     continue  # replaced since (or dropped again while we were down): new work, not this verdict
                 info = self._failure_info(job, folder, "crash", job.last_error or "the daemon died processing it")
-                publish.write_failure(folder.failed, job.relpath, source, None, info)
+                publish.write_failure(folder.failed, job.relpath, source, None, info, src_root=folder.path)
                 log.error("file failed after repeated crashes", folder=job.folder, path=job.relpath)
 
     def main_loop(self) -> None:
@@ -519,7 +519,8 @@ class Service:
             self.jobs.mark_skipped(job.id, "identical to a file processed before")
             with contextlib.suppress(OSError):
                 publish.dispose_source(
-                    path, after=folder.after, done_path=self._done_path(folder, job), done_root=folder.done
+                    path, after=folder.after, done_path=self._done_path(folder, job), done_root=folder.done,
+                    src_root=folder.path,
                 )
             log.info("duplicate skipped", folder=job.folder, path=job.relpath)
             return
@@ -580,7 +581,7 @@ class Service:
         started = time.monotonic()
         try:
             source = safe_join(folder.path, job.relpath)
-            data = open_no_follow(source)
+            data = open_no_follow(job.relpath, base=folder.path)  # no folder on the way may be a link
         except UnsafePath as exc:
             self._fail(job, folder, None, "read", f"unsafe path: {exc}")
             return None
@@ -706,12 +707,13 @@ class Service:
             # The backup first: copying it re-reads the source and checks its SHA-256, so a source deleted or
             # replaced since it was read stops here, before a result for bytes nobody wants is published.
             self.failpoints.hit("backup")
-            publish.copy_verified(item.source, backup, job.sha256, root=folder.backup)
+            publish.copy_verified(item.source, backup, job.sha256, root=folder.backup, src_root=folder.path)
             self.failpoints.hit("publish")
             publish.write_atomic(output, data, root=folder.output)
             self.failpoints.hit("dispose")
             publish.dispose_source(
-                item.source, after=folder.after, done_path=self._done_path(folder, job), done_root=folder.done
+                item.source, after=folder.after, done_path=self._done_path(folder, job), done_root=folder.done,
+                src_root=folder.path,
             )
             self.jobs.finish(job.id, len(outcome.faces))
             self._count_done(len(outcome.faces))
@@ -781,7 +783,11 @@ class Service:
         info = self._failure_info(job, folder, stage, error)
         try:
             if source is not None and os.path.lexists(source):
-                publish.write_failure(folder.failed, job.relpath, source, None, info)
+                publish.write_failure(folder.failed, job.relpath, source, None, info, src_root=folder.path)
+        except UnsafePath as exc:
+            # A folder on its way was swapped for a link since the path was checked: nothing there is touched.
+            log.warning("failed file left in place: its path now leads through a link", folder=job.folder,
+                        path=job.relpath, error=str(exc))
         except OSError as exc:
             self._retry(job, "failed-folder", exc)
             return

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon.paths import safe_join
 from daemon.publish import (
     TEMP_PATTERN,
     FailureInfo,
@@ -479,3 +480,42 @@ class TestClassifyOsError:
         """A bare TimeoutError is retried; a ValueError is not an I/O problem and is permanent."""
         assert classify_os_error(TimeoutError()) == "transient"
         assert classify_os_error(ValueError()) == "permanent"
+
+
+class TestSubfolderSwappedForALink:
+    """A job's path is checked when it is queued; by the time the original is copied, moved or deleted a
+    user may have swapped a subfolder for a link to somewhere else. Nothing outside the hot folder is touched."""
+
+    @pytest.fixture
+    def swapped(self, tmp_path: Path) -> tuple[Path, Path, Path]:
+        hot, victim = tmp_path / "in", tmp_path / "elsewhere"
+        (hot / "sub").mkdir(parents=True)
+        victim.mkdir()
+        (hot / "sub" / "photo.jpg").write_bytes(b"the user's photo")
+        (victim / "photo.jpg").write_bytes(b"someone else's file")
+        source = safe_join(hot, "sub/photo.jpg")  # checked while sub was a real folder
+        (hot / "sub").rename(hot / "sub.old")
+        (hot / "sub").symlink_to(victim)
+        return hot, source, victim / "photo.jpg"
+
+    def test_delete_and_move_refuse(self, tmp_path: Path, swapped: tuple[Path, Path, Path]) -> None:
+        hot, source, victim = swapped
+        (tmp_path / "done").mkdir()
+        with pytest.raises(UnsafePath):
+            dispose_source(source, after="delete", src_root=hot)
+        with pytest.raises(UnsafePath):
+            dispose_source(source, after="move", done_path=tmp_path / "done" / "sub" / "photo.jpg",
+                           done_root=tmp_path / "done", src_root=hot)
+        assert victim.read_bytes() == b"someone else's file"
+
+    def test_failure_and_backup_refuse(self, tmp_path: Path, swapped: tuple[Path, Path, Path]) -> None:
+        hot, source, victim = swapped
+        failed, backup = tmp_path / "failed", tmp_path / "backup"
+        failed.mkdir()
+        backup.mkdir()
+        with pytest.raises(UnsafePath):
+            write_failure(failed, "sub/photo.jpg", source, None, TestWriteFailure().info(), src_root=hot)
+        with pytest.raises(UnsafePath):
+            copy_verified(source, backup / "photo.jpg", sha(b"someone else's file"), root=backup, src_root=hot)
+        assert victim.read_bytes() == b"someone else's file"
+        assert [p for p in (*failed.rglob("*"), *backup.rglob("*")) if not p.is_dir()] == []  # no sidecar either
