@@ -142,12 +142,14 @@ class ReadinessGate:
         return Verdict(NOT_YET, what)
 
     def look(
-        self, path: Path, key: Hashable, *, available: Callable[[], str | None] | None = None
+        self, path: Path, key: Hashable, *, available: Callable[[], str | None] | None = None,
+        base: Path | None = None,
     ) -> Verdict:
         """Look at ``path`` once. Call again later while the verdict is NOT_YET.
 
         ``available`` (optional) returns why the file's folder is unavailable, or None; when the file is
-        missing and the folder is unavailable, the verdict is NOT_YET instead of GONE.
+        missing and the folder is unavailable, the verdict is NOT_YET instead of GONE. With ``base`` (the
+        hot folder ``path`` lies in), the bytes are read through folders opened without following links.
         """
         now = self._clock()
         try:
@@ -175,7 +177,7 @@ class ReadinessGate:
                 return self._end(key, Verdict(FAILED, f"empty file (0 bytes for {self.max_wait:.0f} s)"))
             return Verdict(NOT_YET, "empty file")
         if track.decode_error is None:
-            verdict = self._read_and_check(path, key, track, now, available)
+            verdict = self._read_and_check(path, key, track, now, available, base)
             if verdict is not None:
                 return verdict
         if waited_out(track.changed_at, now, self.max_wait):
@@ -195,10 +197,12 @@ class ReadinessGate:
         track: _Track,
         now: float,
         available: Callable[[], str | None] | None,
+        base: Path | None = None,
     ) -> Verdict | None:
         """READY, FAILED, GONE or NOT_YET from reading the bytes; None when they do not decode (yet)."""
         try:
-            data, st = read_no_follow(path, max_bytes=self._max_bytes)
+            relative = path if base is None else path.relative_to(base)
+            data, st = read_no_follow(relative, base=base, max_bytes=self._max_bytes)
         except (FileNotFoundError, NotADirectoryError):
             return self._vanished(key, available)
         except UnsafePath as exc:  # swapped for a link or a FIFO since the lstat above

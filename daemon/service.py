@@ -496,7 +496,7 @@ class Service:
             log.warning("file refused", folder=job.folder, path=job.relpath, reason=str(exc))
             return
         watcher = self.watchers.get(job.folder)
-        verdict = gate.look(path, job.id, available=watcher.unavailable_reason if watcher else None)
+        verdict = gate.look(path, job.id, available=watcher.unavailable_reason if watcher else None, base=folder.path)
         if verdict.state == "not_yet":
             return
         gate.forget(job.id)

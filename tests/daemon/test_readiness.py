@@ -80,6 +80,25 @@ class TestReadinessGate:
         assert verdict.sha256 == hashlib.sha256(data).hexdigest()
         assert verdict.mtime_ns == path.stat().st_mtime_ns
 
+    def test_a_subfolder_swapped_for_a_link_is_not_read_through(self, gate, clock, tmp_path):
+        """With the hot folder as base, a subfolder that became a link is refused, not read through."""
+        hot, outside = tmp_path / "in", tmp_path / "outside"
+        (hot / "sub").mkdir(parents=True)
+        outside.mkdir()
+        (hot / "sub" / "a.jpg").write_bytes(jpeg_bytes())
+        (outside / "a.jpg").write_bytes(jpeg_bytes((64, 48)))
+        path = hot / "sub" / "a.jpg"
+        assert gate.look(path, 1, base=hot).state is NOT_YET
+        (hot / "sub").rename(hot / "sub.old")
+        (hot / "sub").symlink_to(outside)
+        verdicts = []
+        for _ in range(4):
+            clock.advance(2.5)
+            verdicts.append(gate.look(path, 1, base=hot))
+        assert [v.state for v in verdicts if v.state is not NOT_YET][:1] == [FAILED]
+        assert all(v.data is None for v in verdicts)
+        assert "symbolic link" in next(v.reason for v in verdicts if v.state is FAILED)
+
     def test_file_written_slowly_is_not_ready_until_quiet(self, gate, clock, tmp_path):
         """A file growing in chunks stays NOT_YET while it changes, however long that takes, then is ready."""
         data = jpeg_bytes((320, 240))
