@@ -73,8 +73,7 @@ class Names:
     claimed: set[Path] = field(default_factory=set)
 
     def claim(self, folder: Path, stem: str, ext: str) -> Path:
-        for n in range(10_000):
-            path = folder / (f"{stem}{ext}" if n == 0 else f"{stem} ({n}){ext}")
+        for path in _numbered(folder, stem, ext):
             if path not in self.claimed and not os.path.lexists(path):
                 self.claimed.add(path)
                 return path
@@ -361,10 +360,15 @@ def _write_claimed(path: Path, data: bytes) -> Path:
         return write_new(path.parent, path.stem, path.suffix, data)
 
 
+def _numbered(folder: Path, stem: str, ext: str) -> Iterator[Path]:
+    """``stem+ext``, then ``stem (1)+ext``, ``stem (2)+ext``... in ``folder``: the names a result may take."""
+    for n in range(10_000):
+        yield folder / (f"{stem}{ext}" if n == 0 else f"{stem} ({n}){ext}")
+
+
 def write_new(folder: Path, stem: str, ext: str, data: bytes) -> Path:
     """Write ``folder/stem+ext`` atomically under a name that does not exist yet (``stem (1)ext``, ...)."""
-    for n in range(10_000):
-        path = folder / (f"{stem}{ext}" if n == 0 else f"{stem} ({n}){ext}")
+    for path in _numbered(folder, stem, ext):
         if os.path.lexists(path):
             continue
         try:

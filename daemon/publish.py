@@ -301,14 +301,18 @@ def _source_folder(src: Path, src_root: Path | None) -> Iterator[tuple[int | Non
 
 
 def _open_source(src: Path, src_root: Path | None = None) -> int:
-    # O_NOFOLLOW: the hot folder's file itself must not be a link to something elsewhere.
     with _source_folder(src, src_root) as (folder_fd, name):
-        try:
-            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafePath(f"{src} is a symlink") from exc
-            raise
+        return _open_in(folder_fd, name, src)
+
+
+def _open_in(folder_fd: int | None, name: str, shown: Path) -> int:
+    # O_NOFOLLOW: the hot folder's file itself must not be a link to something elsewhere.
+    try:
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePath(f"{shown} is a symlink") from exc
+        raise
 
 
 def copy_verified(
@@ -427,7 +431,7 @@ def _move_into(src: Path, dst: Path, root: Path | None, *, before: Callable[[Pat
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
-                src_fd = _open_source(src, src_root)
+                src_fd = _open_in(src_fd_dir, name, src)
                 try:
                     st = os.fstat(src_fd)
                     with _temp_in(dir_fd) as temp:

@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 from tests.daemon.harness import Daemon, account, face_photo, files_under, have_shared_data, wait_for, write_config
 
 pytestmark = pytest.mark.skipif(not have_shared_data(), reason="needs ../shared (detector weights, Solvay photo)")
+
+
+@contextmanager
+def _running(config: Path, env: dict[str, str] | None = None, *, ready: bool = True) -> Iterator[Daemon]:
+    """The daemon, ready (unless ``ready=False``); stopped afterwards, and it must stop cleanly."""
+    daemon = Daemon(config, env=env or {}).start()
+    try:
+        if ready:
+            wait_for(lambda: "gpen-watch ready" in daemon.log_text(), 90, daemon, "ready")
+        yield daemon
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]
 
 
 def _reloaded(daemon: Daemon, times: int = 1) -> bool:
@@ -23,9 +38,7 @@ def test_changing_a_folders_preset_with_work_queued_strands_nothing(tmp_path):
     config, layout = write_config(tmp_path)
     inputs = {("a", f"p{i}.jpg"): face_photo(i) for i in range(10)}
     # Slow batches, so that some are queued and in flight when the reload lands.
-    daemon = Daemon(config, env={"GPEN_WATCH_FAILPOINTS": "generate=sleep:0.7"}).start()
-    try:
-        wait_for(lambda: "gpen-watch ready" in daemon.log_text(), 90, daemon, "ready")
+    with _running(config, {"GPEN_WATCH_FAILPOINTS": "generate=sleep:0.7"}) as daemon:
         for (_, name), data in inputs.items():
             (layout.hot["a"] / name).write_bytes(data)
         wait_for(lambda: len(account(layout, inputs, read=False).published) >= 1, 60, daemon, "first publish")
@@ -34,16 +47,12 @@ def test_changing_a_folders_preset_with_work_queued_strands_nothing(tmp_path):
         wait_for(lambda: account(layout, inputs).settled == len(inputs), 120, daemon, "every file settled")
         acc = account(layout, inputs)
         assert acc.lost == [] and acc.failed == {} and len(acc.published) == len(inputs)
-    finally:
-        assert daemon.stop() == 0, daemon.log_text()[-3000:]
 
 
 def test_a_reload_whose_models_cannot_load_changes_nothing(tmp_path):
     """A new preset whose weights are missing: the reload is refused whole; the folder keeps its old preset."""
     config, layout = write_config(tmp_path)
-    daemon = Daemon(config).start()
-    try:
-        wait_for(lambda: "gpen-watch ready" in daemon.log_text(), 90, daemon, "ready")
+    with _running(config) as daemon:
         text = config.read_text().replace('preset = "test"', 'preset = "broken"')
         text += ('[[models]]\nname = "absent"\npath = "absent.pth"\nsize = 64\nchannel_multiplier = 1\n'
                  'narrow = 0.125\n[presets.broken]\nbase = "test"\nmodel = "absent"\n')
@@ -54,17 +63,13 @@ def test_a_reload_whose_models_cannot_load_changes_nothing(tmp_path):
         inputs = {("a", "after.jpg"): face_photo(3)}
         (layout.hot["a"] / "after.jpg").write_bytes(inputs[("a", "after.jpg")])
         wait_for(lambda: account(layout, inputs).published, 60, daemon, "published with the running preset")
-    finally:
-        assert daemon.stop() == 0, daemon.log_text()[-3000:]
 
 
 def test_a_reload_that_moves_or_adds_folders_applies_them_like_a_start(tmp_path):
     """An output moved inside the hot folder is excluded from watching at once (no result of a result), and a
     new folder's output/backup/failed folders are created as at start-up."""
     config, layout = write_config(tmp_path)
-    daemon = Daemon(config).start()
-    try:
-        wait_for(lambda: "gpen-watch ready" in daemon.log_text(), 90, daemon, "ready")
+    with _running(config) as daemon:
         results = layout.hot["a"] / "results"
         results.mkdir()
         new = {kind: tmp_path / kind / "c" for kind in ("in", "out", "backup", "failed")}
@@ -83,18 +88,13 @@ def test_a_reload_that_moves_or_adds_folders_applies_them_like_a_start(tmp_path)
                  "both published")
         time.sleep(3.0)  # several rescans: a result inside the hot folder must not become new work
         assert [p.relative_to(results).as_posix() for p in files_under(results)] == ["x.jpg"]
-    finally:
-        assert daemon.stop() == 0, daemon.log_text()[-3000:]
 
 
 def test_a_sighup_during_start_up_is_a_reload_not_death(tmp_path):
     config, _ = write_config(tmp_path)
-    daemon = Daemon(config).start()
-    try:
+    with _running(config, ready=False) as daemon:
         time.sleep(0.3)  # still importing torch and reading the config
         daemon.signal(signal.SIGHUP)
         wait_for(lambda: "gpen-watch ready" in daemon.log_text(), 90, daemon, "ready despite the early SIGHUP")
         wait_for(lambda: _reloaded(daemon), 30, daemon, "the early SIGHUP handled as a reload")
         assert daemon.running()
-    finally:
-        assert daemon.stop() == 0, daemon.log_text()[-3000:]
