@@ -83,6 +83,10 @@ def command(args: Any) -> int:
     print(f"Layout in {root}: {len(made)} folder(s) created" + ("" if made else " (all were there already)"))
 
     config = root / CONFIG_NAME
+    if config.is_symlink() and not config.exists():
+        print(f"gpen-watch init: left {config} alone: it is a link to a missing file; remove it or create "
+              "its target, then run init again.", file=sys.stderr)
+        return 1
     if config.exists():
         print(f"Kept the existing {config}: it is never overwritten (compare with the example by hand).")
     else:

@@ -263,7 +263,10 @@ def _download(settings: Settings, names: list[str], *, force: bool) -> int:
             print(f"{name}: present ({_human(path.stat().st_size)}), skipped (use --force to fetch again)")
             continue
         if not spec.urls:
-            print(missing_message(spec, path, downloads_off=False), file=sys.stderr)
+            if path.is_file():  # --force on a file only the user can supply: keep it, nothing to fetch
+                print(f"{name}: present, kept: no download address is configured for it", file=sys.stderr)
+            else:
+                print(missing_message(spec, path, downloads_off=False), file=sys.stderr)
             failed += 1
             continue
         if spec.kind == "gpen":

@@ -85,6 +85,7 @@ class Tally:
     ok: int = 0
     failed: int = 0
     faces: int = 0
+    interrupted: bool = False  # Ctrl-C: the files neither ok nor failed were not done
 
 
 def command(args: Any) -> int:
@@ -125,7 +126,12 @@ def command(args: Any) -> int:
     tally = run(items, Restorer(models, preset), options, io_threads=settings.io_threads,
                 compare=bool(args.compare), log=lambda m: tqdm.write(m, file=sys.stderr))
     tally.failed += len(problems)
-    print(f"{tally.ok} ok, {tally.failed} failed, {tally.faces} faces", file=sys.stderr)
+    summary = f"{tally.ok} ok, {tally.failed} failed, {tally.faces} faces"
+    if tally.interrupted:
+        not_done = len(items) + len(problems) - tally.ok - tally.failed
+        print(f"interrupted: {summary}, {not_done} not done", file=sys.stderr)
+        return 130
+    print(summary, file=sys.stderr)
     if random_weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     return 1 if tally.failed else 0
@@ -271,38 +277,45 @@ def run(items: list[Item], restorer: Restorer, options: EngineOptions, *, io_thr
                     tally.faces += faces
                 bar.update(1)
 
-        top_up()
-        while pending:
-            chunk: list[Decoded] = []
-            while pending and len(chunk) < per_call:
-                got = pending.popleft().result()
-                top_up()
-                if isinstance(got, str):
-                    tally.failed += 1
-                    log(f"error: {got}")
-                    bar.update(1)
-                else:
-                    chunk.append(got)
-            if not chunk:
-                continue
-            results = _restore(restorer, chunk)
-            for decoded, result in zip(chunk, results, strict=True):
-                if isinstance(result, EngineError):
-                    tally.failed += 1
-                    log(f"error: {decoded.item.source}: {result}")
-                    bar.update(1)
+        try:
+            top_up()
+            while pending:
+                chunk: list[Decoded] = []
+                while pending and len(chunk) < per_call:
+                    got = pending.popleft().result()
+                    top_up()
+                    if isinstance(got, str):
+                        tally.failed += 1
+                        log(f"error: {got}")
+                        bar.update(1)
+                    else:
+                        chunk.append(got)
+                if not chunk:
                     continue
-                try:
-                    targets = _targets(names, decoded, options, compare)
-                except (OSError, ValueError) as exc:
-                    tally.failed += 1
-                    log(f"error: {decoded.item.source}: cannot write result: {exc}")
-                    bar.update(1)
-                    continue
-                writes.append((pool.submit(_encode_write, decoded, result, options, *targets), len(result.faces)))
-            finish_writes(block=False)
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"{tally.faces / elapsed:.2f} faces/s, {tally.faces} faces")
+                results = _restore(restorer, chunk)
+                for decoded, result in zip(chunk, results, strict=True):
+                    if isinstance(result, EngineError):
+                        tally.failed += 1
+                        log(f"error: {decoded.item.source}: {result}")
+                        bar.update(1)
+                        continue
+                    try:
+                        targets = _targets(names, decoded, options, compare)
+                    except (OSError, ValueError) as exc:
+                        tally.failed += 1
+                        log(f"error: {decoded.item.source}: cannot write result: {exc}")
+                        bar.update(1)
+                        continue
+                    writes.append((pool.submit(_encode_write, decoded, result, options, *targets), len(result.faces)))
+                finish_writes(block=False)
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{tally.faces / elapsed:.2f} faces/s, {tally.faces} faces")
+        except KeyboardInterrupt:
+            # Ctrl-C: read and restore nothing more. Results already handed to the pool are still
+            # written whole (each write is atomic) and counted, so the summary says what exists.
+            tally.interrupted = True
+            for future in pending:
+                future.cancel()
         finish_writes(block=True)
     return tally
 

@@ -50,6 +50,15 @@ class TestInit:
         assert config.read_text() == 'root = "/elsewhere"\n'
         assert "never overwritten" in capsys.readouterr().out
 
+    def test_a_dangling_config_link_is_left_alone_and_named(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """init never writes through a link; a link to nothing is an error that says what to do."""
+        (tmp_path / "gpen-watch.toml").symlink_to(tmp_path / "nowhere.toml")
+        assert main(["init", str(tmp_path)]) == 1
+        assert "link to a missing file" in capsys.readouterr().err
+        assert not (tmp_path / "nowhere.toml").exists()
+
     def test_refuses_a_file_as_dir(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A DIR that is an existing file is an error, not a crash, and nothing is written."""
         target = tmp_path / "file"

@@ -233,6 +233,15 @@ class TestDownloads:
         assert run(env, "models", "download", "tiny") == 0
         assert "present" in capsys.readouterr().out
 
+    def test_force_on_a_file_without_an_address_keeps_it_and_says_why(self, env, capsys) -> None:
+        """A user's own checkpoint has no URL: --force cannot refetch it, and must not call it missing."""
+        tiny_generator_file(env["models"] / "tiny.pth")
+        env["config"].write_text(_config(env["models"]))
+        assert run(env, "models", "download", "tiny", "--force") == 1
+        err = capsys.readouterr().err
+        assert "present, kept: no download address" in err and "missing" not in err
+        assert (env["models"] / "tiny.pth").is_file()
+
     def test_unknown_name(self, env, capsys) -> None:
         """`models download` with an unknown name fails and lists the known names."""
         assert run(env, "models", "download", "GPEN-BFR-4096") == 2

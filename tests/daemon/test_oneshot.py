@@ -227,3 +227,29 @@ class TestAwkwardArguments:
         (tmp_path / "taken").write_text("a file")
         assert enhance(config, "-o", str(tmp_path / "taken"), str(tmp_path / "p.jpg")) == 2
         assert f"output folder {tmp_path / 'taken'}" in capsys.readouterr().err
+
+    def test_ctrl_c_stops_with_a_summary_and_leaves_only_whole_results(
+            self, config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            capsys: pytest.CaptureFixture[str]) -> None:
+        """Ctrl-C during the second engine call: the first call's results are written whole and counted."""
+        from gpen_engine.restorer import Restorer
+
+        folder = tmp_path / "in"
+        folder.mkdir()
+        for n in range(10):  # the tiny preset restores 8 images per engine call
+            (folder / f"p{n}.jpg").write_bytes(jpeg_crop((300, 50, 700, 350)))
+        restore, calls = Restorer.restore, []
+
+        def interrupted_second_call(self: Restorer, images: list) -> list:
+            calls.append(len(images))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return restore(self, images)
+
+        monkeypatch.setattr(Restorer, "restore", interrupted_second_call)
+        assert enhance(config, "-o", str(tmp_path / "out"), str(folder)) == 130
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.startswith("interrupted: 8 ok, 0 failed") and last.endswith(", 2 not done")
+        assert calls == [8, 2]
+        results = sorted(p.name for p in (tmp_path / "out").iterdir())
+        assert results == [f"p{n}.jpg" for n in range(8)]  # and no temporary files
