@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, JpegImagePlugin, PngImagePlugin
 
+from gpen_engine import tiff
 from gpen_engine.options import EncodeOptions
 from gpen_engine.types import DecodedImage, EngineError, ImageTooLarge, InputError, UnsupportedImage
 
@@ -66,10 +67,8 @@ _JPEG_MAX_EXIF = 65533
 # chunk (orientation reset), so a copy would carry the old orientation and be applied a second time.
 _PNG_EXIF_TEXT = frozenset({"Raw profile type exif", "Raw profile type APP1"})
 _ORIENTATION = 0x0112
-_PHOTOMETRIC = 262
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-_MAX_PAGES_CHECKED = 64
 
 # What Pillow's plugins raise for a damaged file, depending on where the damage is.
 _CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, struct.error, zlib.error)
@@ -86,10 +85,13 @@ def decode(data: bytes, *, max_pixels: int = 100_000_000) -> DecodedImage:
     Raises :class:`InputError` for anything that is not a complete, single, supported image and
     :class:`ImageTooLarge` (before decoding pixels) above ``max_pixels``.
     """
-    fmt, im = _open_checked(data, max_pixels)
+    fmt, im, layout = _open_checked(data, max_pixels)
     try:
-        _load(im, fmt)
-        rgb, alpha, high_bit, grayscale, icc, info = _pixels(im, data, fmt)
+        if layout is not None:
+            rgb, alpha, high_bit, grayscale, icc, info = _pixels_gray_extra16(im, data, layout)
+        else:
+            _load(im, fmt)
+            rgb, alpha, high_bit, grayscale, icc, info = _pixels(im, data, fmt)
         orientation = _orientation(im)
         exif = _clean_exif(im, reset_orientation=orientation != 1)
         info.update(_format_info(im, data, fmt))
@@ -119,19 +121,28 @@ def check_complete(data: bytes, *, max_pixels: int = 100_000_000) -> tuple[int, 
     Decodes every pixel (that is the only proof a file is whole) but skips the conversions and
     keeps no arrays, so the readiness gate can call it on every candidate.
     """
-    fmt, im = _open_checked(data, max_pixels)
+    fmt, im, layout = _open_checked(data, max_pixels)
     try:
-        _load(im, fmt)
-        if _needs_cv2_16bit(im, data, fmt):
-            _decode_16bit_with_cv2(data, im.size)
-        width, height = im.size
+        if layout is not None:
+            _read_gray_extra16(data, layout)
+            width, height = layout.width, layout.height  # as stored: Pillow's size is not
+        else:
+            _load(im, fmt)
+            if _needs_cv2_16bit(im, data, fmt):
+                _decode_16bit_with_cv2(data, im.size)
+            width, height = im.size
         swapped = _orientation(im) in (5, 6, 7, 8)
     finally:
         im.close()
     return (height, width) if swapped else (width, height)
 
 
-def _open_checked(data: bytes, max_pixels: int) -> tuple[str, ImageFile.ImageFile]:
+def _open_checked(data: bytes, max_pixels: int) -> tuple[str, ImageFile.ImageFile, tiff.GrayExtra16 | None]:
+    """The format and the opened (not loaded) image; for a 16-bit gray+alpha TIFF also its layout.
+
+    Pillow has no mode for 16-bit gray+alpha TIFFs, so for those the image is opened on a retagged
+    copy that reads as plain 16-bit gray: good for the size, metadata and page checks, never loaded.
+    """
     if not data:
         raise InputError("empty file (0 bytes)")
     fmt = _sniff(data)
@@ -144,14 +155,15 @@ def _open_checked(data: bytes, max_pixels: int) -> tuple[str, ImageFile.ImageFil
         _check_pixels(size, max_pixels)
     if fmt == "PNG" and len(data) >= 24 and data[12:16] == b"IHDR":
         _check_pixels(struct.unpack(">II", data[16:24]), max_pixels)
-    im = _open_with_plugin(data, fmt)
+    layout = tiff.gray_extra16(data) if fmt == "TIFF" else None
+    im = _open_with_plugin(data if layout is None else tiff.gray_view(data, layout, header=True), fmt)
     try:
         _check_pixels(im.size, max_pixels)
-        _refuse_multi_frame(im, fmt)
+        _refuse_multi_frame(im, fmt, data)
     except BaseException:
         im.close()
         raise
-    return fmt, im
+    return fmt, im, layout
 
 
 _SUPPORTED_MAGIC = (
@@ -191,8 +203,12 @@ def _open_with_plugin(data: bytes, fmt: str) -> ImageFile.ImageFile:
         im = factory(io.BytesIO(data), "")
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image too large: {exc}") from exc
-    except (SyntaxError, OSError, ValueError, EOFError, IndexError, TypeError, KeyError,
-            struct.error, zlib.error) as exc:
+    except SyntaxError as exc:
+        if fmt == "TIFF" and str(exc) == "unknown pixel mode":
+            # A complete, readable directory that names a layout Pillow has no mode for: not damage.
+            raise UnsupportedImage(f"unsupported TIFF pixel format: {tiff.layout_text(data)}") from exc
+        raise InputError(f"corrupt {fmt}: {exc}") from exc
+    except (OSError, ValueError, EOFError, IndexError, TypeError, KeyError, struct.error, zlib.error) as exc:
         raise InputError(f"corrupt {fmt}: {exc}") from exc
     if not isinstance(im, ImageFile.ImageFile):  # a factory may hand back a plain Image
         raise InputError(f"corrupt {fmt}: unreadable header")
@@ -214,7 +230,18 @@ def _check_pixels(size: tuple[int, int] | tuple[Any, ...], max_pixels: int) -> N
         )
 
 
-def _refuse_multi_frame(im: ImageFile.ImageFile, fmt: str) -> None:
+def _refuse_multi_frame(im: ImageFile.ImageFile, fmt: str, data: bytes) -> None:
+    if fmt == "TIFF" and (kinds := tiff.page_kinds(data)) is not None:
+        # Read from the directories: Pillow would set every page up, and call a preview page it has no
+        # mode for (16-bit gray+alpha, say) corrupt. Pages flagged "reduced resolution" are previews of
+        # page 0, not content we would lose.
+        if len(kinds) > tiff.MAX_PAGES:
+            raise UnsupportedImage(f"multi-page TIFF (more than {tiff.MAX_PAGES} pages) is not supported")
+        if any(not kind & 1 for kind in kinds[1:]):
+            raise UnsupportedImage(
+                f"multi-page TIFF ({len(kinds)} pages) is not supported: restoring one page would drop the others"
+            )
+        return
     try:
         frames = int(getattr(im, "n_frames", 1))  # reads every page's header in a TIFF
     except _CORRUPT as exc:
@@ -228,7 +255,7 @@ def _refuse_multi_frame(im: ImageFile.ImageFile, fmt: str) -> None:
         )
     if fmt == "TIFF":
         # Extra pages flagged "reduced resolution" are previews of page 0, not content we would lose.
-        if frames > _MAX_PAGES_CHECKED:
+        if frames > tiff.MAX_PAGES:
             raise UnsupportedImage(f"multi-page TIFF ({frames} pages) is not supported")
         try:
             for page in range(1, frames):
@@ -251,7 +278,7 @@ def _check_container_complete(data: bytes, fmt: str) -> None:
         raise InputError("truncated JPEG: the file ends before the image's end marker")
     if fmt == "PNG" and data.find(_PNG_IEND) < 0:
         raise InputError("truncated PNG: the IEND chunk is missing")
-    if fmt == "TIFF" and (problem := _tiff_incomplete(data)):
+    if fmt == "TIFF" and (problem := tiff.incomplete(data)):
         raise InputError(f"truncated TIFF: {problem}")
     if fmt == "WEBP":
         declared = struct.unpack("<I", data[4:8])[0] + 8 if len(data) >= 8 else 0
@@ -283,48 +310,6 @@ def _jpeg_has_end(data: bytes) -> bool:
             return data.find(b"\xff\xd9", pos + 2 + length) >= 0
         pos += 2 + length
     return False
-
-
-_TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
-
-
-def _tiff_incomplete(data: bytes) -> str | None:
-    """Why a classic TIFF cannot be whole (a directory, tag value or strip lies past the end), or None.
-
-    Checked before Pillow parses the file, so a half-copied TIFF is named as truncated instead of
-    surfacing as warnings about corrupt tags. BigTIFF is left to the decoder.
-    """
-    order = "<" if data[:2] == b"II" else ">"
-    if len(data) < 8 or struct.unpack(order + "H", data[2:4])[0] != 42:
-        return None if len(data) >= 8 else "header cut short"
-    size = len(data)
-    offset, seen = struct.unpack(order + "I", data[4:8])[0], set()
-    while offset and offset not in seen and len(seen) < _MAX_PAGES_CHECKED:
-        seen.add(offset)
-        if offset + 2 > size:
-            return f"directory at byte {offset} lies past the end ({size} bytes)"
-        count = struct.unpack(order + "H", data[offset : offset + 2])[0]
-        end = offset + 2 + 12 * count
-        if end + 4 > size:
-            return f"directory at byte {offset} is cut short ({size} bytes)"
-        values: dict[int, list[int]] = {}
-        for entry in range(offset + 2, end, 12):
-            tag, kind, n = struct.unpack(order + "HHI", data[entry : entry + 8])
-            length = n * _TIFF_TYPE_SIZES.get(kind, 0)
-            where = entry + 8
-            if length > 4:
-                where = struct.unpack(order + "I", data[entry + 8 : entry + 12])[0]
-                if where + length > size:
-                    return f"tag {tag} data lies past the end ({size} bytes)"
-            if tag in (273, 279, 324, 325) and kind in (3, 4):
-                code = order + str(n) + ("H" if kind == 3 else "I")
-                values[tag] = list(struct.unpack(code, data[where : where + length]))
-        for starts, counts in ((273, 279), (324, 325)):
-            for start, length in zip(values.get(starts, []), values.get(counts, []), strict=False):
-                if start + length > size:
-                    return f"image data ends at byte {start + length}, the file has {size}"
-        offset = struct.unpack(order + "I", data[end : end + 4])[0]
-    return None
 
 
 def _webp_canvas_size(data: bytes) -> tuple[int, int] | None:
@@ -378,10 +363,12 @@ def _pixels(im: ImageFile.ImageFile, data: bytes, fmt: str) -> _Pixels:
         gray16 = np.asarray(im)
         if gray16.min(initial=0) < 0 or gray16.max(initial=0) > 65535:
             raise InputError(f"unsupported {fmt} pixel format: 32-bit integer samples")
-        if fmt == "TIFF" and im.tag_v2.get(_PHOTOMETRIC) == 0:  # type: ignore[attr-defined]
+        key = im.info.get("transparency") if keyed else None
+        alpha16 = None if not isinstance(key, int) else np.where(gray16 == key, 0, 65535).astype(np.uint16)
+        if fmt == "TIFF" and im.tag_v2.get(tiff.PHOTOMETRIC) == 0:  # type: ignore[attr-defined]
             gray16 = 65535 - gray16  # "min is white": Pillow inverts 8-bit samples itself, not 16-bit ones
         high = np.ascontiguousarray(gray16.astype(np.uint16))[:, :, None]
-        return _gray_rgb(_to_8bit(high[:, :, 0])), None, high, True, icc, info
+        return _gray_rgb(_to_8bit(high[:, :, 0])), alpha16, high, True, icc, info
     if mode in ("1", "L") and not keyed:
         return _gray_rgb(np.asarray(im.convert("L"))), None, None, True, icc, info
     if mode in ("1", "L", "LA", "La"):
@@ -435,10 +422,14 @@ def _cmyk_to_rgb(
 
 
 def _needs_cv2_16bit(im: ImageFile.ImageFile, data: bytes, fmt: str) -> bool:
-    """16-bit colour (or gray+alpha) sources, which Pillow would cut to 8 bits."""
+    """16-bit colour (or gray+alpha) sources, which Pillow would cut to 8 bits.
+
+    16-bit CMYK TIFFs, which OpenCV cannot read, are left to Pillow: they become 8-bit RGB like
+    8-bit CMYK (the conversion to RGB changes every value anyway).
+    """
     if fmt == "PNG":
         return len(data) > 25 and data[24] == 16 and data[25] in (2, 4, 6)
-    if fmt == "TIFF" and not im.mode.startswith("I"):
+    if fmt == "TIFF" and im.mode in ("RGB", "RGBA"):
         bits = im.tag_v2.get(258, (8,))  # type: ignore[attr-defined]
         bits = bits if isinstance(bits, tuple) else (bits,)
         return any(int(b) == 16 for b in bits)
@@ -460,17 +451,79 @@ def _pixels_16bit_color(
     # PNG colour types 0/4 and TIFF photometric 0/1 are the gray ones.
     is_png = data[:8] == _PNG_SIGNATURE
     gray_source = data[25] in (0, 4) if is_png else int(im.tag_v2.get(262, 2)) in (0, 1)  # type: ignore[attr-defined]
+    # TIFF ExtraSamples: 0 an unspecified sample (not transparency: Pillow reads such files as RGB),
+    # 1 alpha the colour was multiplied by, 2 plain alpha. OpenCV hands back the stored samples.
+    extra = () if is_png else im.tag_v2.get(tiff.EXTRA_SAMPLES, ())  # type: ignore[attr-defined]
+    extra = extra if isinstance(extra, tuple) else (extra,)
     if array.ndim == 2:
         array = array[:, :, None]
     channels = array.shape[2]
     alpha = np.ascontiguousarray(array[:, :, 3]) if channels == 4 else None
     if channels == 2:
         alpha = np.ascontiguousarray(array[:, :, 1])
+    if extra[:1] == (0,):
+        alpha = None
     if gray_source or channels <= 2:
         high = np.ascontiguousarray(array[:, :, :1])
+    else:
+        high = np.ascontiguousarray(array[:, :, 2::-1])  # BGR -> RGB
+    if alpha is not None and extra[:1] == (1,):
+        high = _unpremultiply(high, alpha)
+    if high.shape[2] == 1:
         return _gray_rgb(_to_8bit(high[:, :, 0])), alpha, high, True
-    high = np.ascontiguousarray(array[:, :, 2::-1])  # BGR -> RGB
     return _to_8bit(high), alpha, high, False
+
+
+def _unpremultiply(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """16-bit colour stored multiplied by its alpha ("associated alpha") as plain colour; 0 where alpha is 0."""
+    weight = alpha.astype(np.uint32)[:, :, None]
+    # At most 65535 * 65535 + 32767, which still fits in 32 bits.
+    straight = (colour.astype(np.uint32) * 65535 + weight // 2) // np.maximum(weight, 1)
+    return np.where(weight > 0, np.minimum(straight, 65535), 0).astype(np.uint16)
+
+
+# ---------------------------------------------------------------- 16-bit gray+alpha TIFF
+
+
+def _read_gray_extra16(data: bytes, layout: tiff.GrayExtra16) -> np.ndarray:
+    """The stored HxWx2 samples of a 16-bit gray+extra TIFF (decoding all of them proves the file whole)."""
+    if layout.planar:
+        return np.dstack([_read_view(tiff.gray_view(data, layout, plane), layout.width, layout.height)
+                          for plane in (0, 1)])
+    rows = _read_view(tiff.gray_view(data, layout), 2 * layout.width, layout.height)
+    samples = rows.reshape(layout.height, layout.width, 2)
+    if layout.predictor == 2:
+        # Horizontal differencing restarts at each row of each strip or tile, per sample.
+        block = max(1, layout.tile_width)
+        for start in range(0, layout.width, block):
+            part = samples[:, start : start + block]
+            part[...] = np.cumsum(part, axis=1, dtype=np.uint16)  # modulo 2**16, as it was taken
+    return samples
+
+
+def _read_view(view: bytes, width: int, height: int) -> np.ndarray:
+    im = _open_with_plugin(view, "TIFF")
+    try:
+        _load(im, "TIFF")
+        if not im.mode.startswith("I;16") or im.size != (width, height):
+            raise InputError(f"corrupt TIFF: the samples read as {im.mode} {im.size[0]}x{im.size[1]}")
+        return np.asarray(im).astype(np.uint16)
+    finally:
+        im.close()
+
+
+def _pixels_gray_extra16(im: ImageFile.ImageFile, data: bytes, layout: tiff.GrayExtra16) -> _Pixels:
+    samples = _read_gray_extra16(data, layout)
+    gray = samples[:, :, :1]
+    if layout.min_is_white:
+        gray = 65535 - gray
+    alpha = np.ascontiguousarray(samples[:, :, 1]) if layout.extra in (1, 2) else None
+    high = np.ascontiguousarray(gray)
+    if alpha is not None and layout.extra == 1:
+        high = _unpremultiply(high, alpha)
+    icc = im.info.get("icc_profile") or None
+    info: dict[str, object] = {"source_mode": "LA" if alpha is not None else "I;16"}
+    return _gray_rgb(_to_8bit(high[:, :, 0])), alpha, high, True, icc, info
 
 
 # ------------------------------------------------------------------------------------- metadata
@@ -702,8 +755,7 @@ def _encode_8bit(
         params = {"lossless": lossless, "quality": 100 if lossless else options.webp_quality}
         params.update({k: v for k, v in meta.items() if k != "dpi"})
     elif fmt == "TIFF":
-        params = {"compression": _tiff_compression(image)}
-        params.update({k: v for k, v in meta.items() if k != "xmp"})
+        return _save_tiff(pil, _tiff_compression(image), meta)
     elif fmt == "BMP" and "dpi" in meta:
         params = {"dpi": meta["dpi"]}
     return _save(pil, fmt, **params)
@@ -740,6 +792,41 @@ def _png_text_info(image: DecodedImage, xmp: bytes | None) -> PngImagePlugin.Png
     return pnginfo
 
 
+# EXIF's sub-directories (Exif, GPS, Interoperability): libtiff cannot be handed them, and Pillow then
+# fails the whole save.
+_EXIF_POINTERS = (0x8769, 0x8825, 0xA005)
+
+
+def _save_tiff(pil: Image.Image, compression: str, meta: dict[str, Any]) -> bytes:
+    meta = _tiff_metadata(meta, compression)
+    try:
+        return _save(pil, "TIFF", compression=compression, **meta)
+    except (RuntimeError, ValueError, TypeError, struct.error):
+        if "exif" not in meta:
+            raise
+        # libtiff refused a value the source's EXIF carried (a resolution unit out of range, a tag of a
+        # type it defines otherwise): a restored photo beats a failure, as for a JPEG's EXIF limit.
+        return _save(pil, "TIFF", compression=compression, **{k: v for k, v in meta.items() if k != "exif"})
+
+
+def _tiff_metadata(meta: dict[str, Any], compression: str) -> dict[str, Any]:
+    """``meta`` as Pillow's TIFF writer takes it: without XMP, and for a compressed TIFF (which goes
+    through libtiff) with EXIF's main tags only, since a camera's EXIF sub-directory fails the save."""
+    meta = {k: v for k, v in meta.items() if k != "xmp"}
+    if compression == "raw" or not meta.get("exif"):
+        return meta
+    try:
+        exif = Image.Exif()
+        exif.load(meta["exif"])
+        if any(tag in exif for tag in _EXIF_POINTERS):
+            for tag in _EXIF_POINTERS:
+                exif.pop(tag, None)
+            meta["exif"] = exif.tobytes()
+    except (OSError, ValueError, TypeError, SyntaxError, KeyError, struct.error):
+        del meta["exif"]
+    return meta
+
+
 def _tiff_compression(image: DecodedImage) -> str:
     source = image.info.get("tiff_compression")
     lossless = ("raw", "tiff_lzw", "tiff_deflate", "tiff_adobe_deflate", "packbits")
@@ -755,19 +842,41 @@ def _encode_16bit(
         pixels = samples if alpha is None else np.dstack([samples, alpha])
         text = image.info.get("png_text") if options.keep_metadata else None
         return _write_png16(pixels, meta, text)
-    if gray and alpha is None:
-        meta = _metadata(image, options, "GRAY")
-        meta.pop("xmp", None)
-        gray16 = Image.fromarray(np.ascontiguousarray(samples[:, :, 0]))
-        return _save(gray16, "TIFF", compression=_tiff_compression(image), **meta)
-    # Pillow has no 16-bit colour mode: OpenCV writes these TIFFs, without EXIF/ICC.
-    if gray:
-        samples = np.repeat(samples, 3, axis=2)
-    bgr = samples[:, :, ::-1] if alpha is None else np.dstack([samples[:, :, ::-1], alpha])
-    ok, encoded = cv2.imencode(".tiff", np.ascontiguousarray(bgr))
-    if not ok:
-        raise InputError("could not encode the 16-bit TIFF")
-    return encoded.tobytes()
+    meta = _metadata(image, options, "GRAY" if gray else "RGB")
+    pixels = samples if alpha is None else np.dstack([samples, alpha])
+    return _write_tiff16(pixels, _tiff_compression(image), meta)
+
+
+def _write_tiff16(pixels: np.ndarray, compression: str, meta: dict[str, Any]) -> bytes:
+    """A 16-bit TIFF (gray, gray+alpha, RGB or RGBA; alpha tagged as such) with its metadata.
+
+    Pillow writes 16 bits only for one sample per pixel, so it is handed each row's samples as one
+    gray row that many times as wide, and the directory is retagged for what they are. With LZW or
+    deflate the rows are stored as differences (predictor 2), which compresses photos much better;
+    it is worked out here because libtiff would take differences across neighbouring samples.
+    """
+    height, width, channels = pixels.shape
+    predictor = compression in ("tiff_lzw", "tiff_deflate", "tiff_adobe_deflate")
+    rows = pixels
+    if predictor:
+        rows = pixels.copy()
+        rows[:, 1:] -= pixels[:, :-1]  # uint16 arithmetic wraps modulo 2**16, as the predictor requires
+    flat = Image.fromarray(np.ascontiguousarray(rows.reshape(height, width * channels)))
+    encoded = _save_tiff(flat, compression, meta)
+    if channels == 1 and not predictor:
+        return encoded
+    changes: dict[int, tuple[int, tuple[int, ...]] | None] = {
+        256: (tiff.LONG, (width,)),
+        258: (tiff.SHORT, (16,) * channels),
+        tiff.PHOTOMETRIC: (tiff.SHORT, (1 if channels <= 2 else 2,)),
+        277: (tiff.SHORT, (channels,)),
+        tiff.SAMPLE_FORMAT: None, 280: None, 281: None,
+    }
+    if channels in (2, 4):
+        changes[tiff.EXTRA_SAMPLES] = (tiff.SHORT, (2,))  # unassociated alpha
+    if predictor:
+        changes[tiff.PREDICTOR] = (tiff.SHORT, (2,))
+    return tiff.with_tags(encoded, changes)
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:

@@ -16,7 +16,7 @@ from PIL import Image, ImageCms, ImageFile, ImageOps, PngImagePlugin
 
 from gpen_engine.imageio import check_complete, decode, encode, extension_for, resize_long_side
 from gpen_engine.options import EncodeOptions
-from gpen_engine.types import EngineError, ImageTooLarge, InputError
+from gpen_engine.types import EngineError, ImageTooLarge, InputError, UnsupportedImage
 
 FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
 LOSSLESS = ("PNG", "TIFF", "BMP")
@@ -46,13 +46,14 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-def _png16(samples: np.ndarray, colour_type: int, exif: bytes | None = None) -> bytes:
+def _png16(samples: np.ndarray, colour_type: int, exif: bytes | None = None, trns: bytes | None = None) -> bytes:
     """A 16-bit PNG assembled by hand (Pillow cannot write 16-bit colour; OpenCV cannot write gray+alpha)."""
     height, width = samples.shape[:2]
     rows = samples.astype(">u2").reshape(height, -1).view(np.uint8)
     raw = np.hstack([np.zeros((height, 1), np.uint8), rows]).tobytes()
     ihdr = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
     extra = _png_chunk(b"eXIf", exif[6:]) if exif else b""
+    extra += _png_chunk(b"tRNS", trns) if trns else b""
     return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + extra
             + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b""))
 
@@ -70,6 +71,57 @@ def _set_tiff_tag(data: bytes, tag: int, value: int, page: int = 0) -> bytes:
             out[entry + 8 : entry + 10] = struct.pack("<H", value)
             return bytes(out)
     raise KeyError(tag)
+
+
+def _tiff16(
+    samples: np.ndarray, photometric: int, extra: tuple[int, ...] = (), *, deflate: bool = False,
+    planar: bool = False, tags: dict[int, int] | None = None,
+) -> bytes:
+    """A little-endian 16-bit TIFF written by hand (Pillow writes 16 bits for one sample per pixel only).
+
+    ``deflate`` stores rows as horizontal differences (predictor 2), zlib-compressed, as Photoshop does;
+    ``planar`` stores each sample in a plane of its own; ``tags`` adds SHORT tags (orientation, ...).
+    """
+    height, width, count = samples.shape
+    strips = []
+    for plane in [samples[:, :, i : i + 1] for i in range(count)] if planar else [samples]:
+        rows = plane.astype(np.uint16)
+        if deflate:
+            rows[:, 1:] -= plane[:, :-1].astype(np.uint16)  # wraps modulo 2**16, as the predictor does
+        strips.append(zlib.compress(rows.astype("<u2").tobytes()) if deflate else rows.astype("<u2").tobytes())
+    offsets = list(np.cumsum([8] + [len(s) for s in strips[:-1]]))
+    entries = {256: (4, [width]), 257: (4, [height]), 258: (3, [16] * count), 259: (3, [8 if deflate else 1]),
+               262: (3, [photometric]), 273: (4, offsets), 277: (3, [count]), 278: (4, [height]),
+               279: (4, [len(s) for s in strips]), 284: (3, [2 if planar else 1])}
+    entries.update({tag: (3, [value]) for tag, value in (tags or {}).items()})
+    if deflate:
+        entries[317] = (3, [2])
+    if extra:
+        entries[338] = (3, list(extra))
+    body, directory = b"".join(strips), b""
+    for tag, (kind, values) in sorted(entries.items()):
+        payload = struct.pack(f"<{len(values)}{'H' if kind == 3 else 'I'}", *values)
+        if len(payload) > 4:
+            body += b"\0" * (len(body) % 2)
+            directory += struct.pack("<HHII", tag, kind, len(values), 8 + len(body))
+            body += payload
+        else:
+            directory += struct.pack("<HHI", tag, kind, len(values)) + payload.ljust(4, b"\0")
+    body += b"\0" * (len(body) % 2)
+    return (b"II*\0" + struct.pack("<I", 8 + len(body)) + body + struct.pack("<H", len(entries)) + directory
+            + bytes(4))
+
+
+def _tiff_tag(data: bytes, tag: int) -> tuple[int, ...]:
+    """The SHORT or LONG values of ``tag`` in the first directory of a little-endian TIFF (() if absent)."""
+    start = struct.unpack("<I", data[4:8])[0]
+    for entry in range(start + 2, start + 2 + 12 * struct.unpack("<H", data[start : start + 2])[0], 12):
+        found, kind, count, where = struct.unpack("<HHII", data[entry : entry + 12])
+        if found == tag:
+            code = f"<{count}{'H' if kind == 3 else 'I'}"
+            size = struct.calcsize(code)
+            return struct.unpack(code, data[entry + 8 : entry + 8 + size] if size <= 4 else data[where : where + size])
+    return ()
 
 
 def _srgb_icc() -> bytes:
@@ -363,6 +415,94 @@ class TestModes:
             shown = 65535 - shown
         assert (shown[0, 0], shown[3, 0]) == (0, 65535)
 
+    def test_16bit_gray_png_colour_key_becomes_alpha(self) -> None:
+        """A 16-bit gray PNG whose transparency is one gray value (tRNS) keeps those pixels transparent."""
+        gray16 = np.full((6, 5, 1), 1000, np.uint16)
+        gray16[:3] = 54321
+        image = decode(_png16(gray16, colour_type=0, trns=struct.pack(">H", 54321)))
+        assert image.alpha is not None
+        assert (int(image.alpha[0, 0]), int(image.alpha[5, 0])) == (0, 65535)
+        data, _ = encode(image, image.rgb, options=EncodeOptions())
+        back = decode(data)
+        assert (data[25], back.grayscale) == (4, True)  # 16-bit gray + alpha
+        np.testing.assert_array_equal(gray16, back.high_bit)
+        assert (int(back.alpha[0, 0]), int(back.alpha[5, 0])) == (0, 65535)
+
+    @pytest.mark.parametrize("channels", [2, 4])
+    def test_16bit_tiff_with_alpha_says_the_extra_sample_is_alpha(self, channels: int) -> None:
+        """A 16-bit TIFF written with alpha tags its last sample as (unassociated) alpha: ExtraSamples = 2."""
+        samples = np.random.default_rng(6).integers(0, 65536, (9, 7, channels), dtype=np.uint16)
+        if channels == 4:
+            image = decode(cv2.imencode(".tiff", samples[:, :, [2, 1, 0, 3]])[1].tobytes())
+        else:
+            image = decode(_png16(samples, colour_type=4))
+        data, written = encode(image, image.rgb, options=EncodeOptions(format="TIFF"))
+        assert (written, _tiff_tag(data, 277), _tiff_tag(data, 338)) == ("TIFF", (channels,), (2,))
+
+    @pytest.mark.parametrize("deflate", [False, True])
+    def test_premultiplied_16bit_tiff_is_not_darkened(self, deflate: bool) -> None:
+        """16-bit RGBA with associated alpha is un-premultiplied, and written as unassociated alpha."""
+        rgb16 = np.random.default_rng(7).integers(0, 65536, (8, 6, 3), dtype=np.uint16)
+        alpha16 = np.full((8, 6), 32768, np.uint16)
+        alpha16[:, 0] = 65535
+        premultiplied = (rgb16.astype(np.uint64) * alpha16[:, :, None] // 65535).astype(np.uint16)
+        image = decode(_tiff16(np.dstack([premultiplied, alpha16]), 2, (1,), deflate=deflate))
+        assert np.abs(image.high_bit.astype(int) - rgb16.astype(int)).max() <= 2
+        np.testing.assert_array_equal(alpha16, image.alpha)
+        data, _ = encode(image, image.rgb, options=EncodeOptions())
+        assert _open(data).tag_v2.get(338) == (2,)
+        back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(image.high_bit, back[:, :, 2::-1])
+        np.testing.assert_array_equal(alpha16, back[:, :, 3])
+
+    def test_16bit_tiff_unspecified_extra_sample_is_not_alpha(self) -> None:
+        """A 16-bit RGB TIFF's 4th sample marked "unspecified" (ExtraSamples = 0) is ignored, as Pillow does."""
+        samples = np.random.default_rng(8).integers(0, 65536, (4, 5, 4), dtype=np.uint16)
+        image = decode(_tiff16(samples, 2, (0,)))
+        assert image.alpha is None and image.mode == "RGB"
+        np.testing.assert_array_equal(samples[:, :, :3], image.high_bit)
+
+    def test_16bit_cmyk_tiff_decodes_like_8bit_cmyk(self) -> None:
+        """A 16-bit CMYK TIFF of pure red (C=0, M=Y=100%) becomes red RGB instead of being refused."""
+        cmyk = np.zeros((6, 8, 4), np.uint16)
+        cmyk[:, :, 1:3] = 65535
+        data = _tiff16(cmyk, 5)
+        image = decode(data)
+        assert (image.mode, image.grayscale, check_complete(data)) == ("CMYK", False, (8, 6))
+        red, green, blue = image.rgb.reshape(-1, 3).mean(axis=0)
+        assert red > 200 and green < 60 and blue < 60
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert (back.format, back.mode) == ("TIFF", "RGB")
+
+    @pytest.mark.parametrize(("deflate", "planar"), [(False, False), (True, False), (False, True), (True, True)])
+    def test_16bit_gray_alpha_tiff_round_trips_exactly(self, deflate: bool, planar: bool) -> None:
+        """16-bit gray+alpha TIFFs (interleaved or planar, with or without a predictor) stay 16-bit gray+alpha."""
+        gray_alpha = np.random.default_rng(9).integers(0, 65536, (11, 13, 2), dtype=np.uint16)
+        data = _tiff16(gray_alpha, 1, (2,), deflate=deflate, planar=planar)
+        image = decode(data)
+        assert (image.grayscale, image.mode, check_complete(data)) == (True, "LA", (13, 11))
+        np.testing.assert_array_equal(gray_alpha[:, :, :1], image.high_bit)
+        np.testing.assert_array_equal(gray_alpha[:, :, 1], image.alpha)
+        written, _ = encode(image, image.rgb, options=EncodeOptions())
+        back = decode(written)
+        assert back.grayscale
+        np.testing.assert_array_equal(gray_alpha[:, :, :1], back.high_bit)
+        np.testing.assert_array_equal(gray_alpha[:, :, 1], back.alpha)
+        for cut in range(8, len(data), max(1, len(data) // 15)):
+            with pytest.raises(InputError):
+                check_complete(data[:cut])
+
+    def test_16bit_gray_alpha_tiff_follows_orientation_and_premultiplication(self) -> None:
+        """Orientation 6 turns gray and alpha together; associated alpha is divided out of the gray."""
+        gray = np.tile(np.arange(0, 60000, 10000, dtype=np.uint16), (4, 1))
+        alpha = np.full((4, 6), 32768, np.uint16)
+        stored = (gray.astype(np.uint64) * alpha // 65535).astype(np.uint16)
+        data = _tiff16(np.dstack([stored, alpha]), 1, (1,), deflate=True, tags={274: 6})
+        image = decode(data)
+        assert (image.size, check_complete(data)) == ((4, 6), (4, 6))
+        assert np.abs(image.high_bit[:, :, 0].astype(int) - np.rot90(gray, k=-1).astype(int)).max() <= 2
+        np.testing.assert_array_equal(np.rot90(alpha, k=-1), image.alpha)
+
 
 class TestMetadata:
     @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
@@ -432,6 +572,30 @@ class TestMetadata:
         for fmt in ("TIFF", "JPEG", "PNG"):
             assert _open(encode(image, image.rgb, options=EncodeOptions(format=fmt))[0]).size == (64, 48)
 
+    @pytest.mark.parametrize("bits", [8, 16])
+    def test_camera_exif_does_not_fail_a_compressed_tiff(self, bits: int) -> None:
+        """EXIF with an Exif sub-directory (every camera's) written as LZW TIFF: libtiff cannot take the
+        sub-directory, so the main EXIF tags are kept and the photo is written instead of failing."""
+        exif = Image.Exif()
+        exif[0x010F] = "Camera maker"
+        exif.get_ifd(0x8769)[0x9003] = "2001:02:03 04:05:06"  # DateTimeOriginal
+        if bits == 8:
+            image = decode(_save(Image.fromarray(_photo()), "JPEG", exif=exif))
+        else:
+            image = decode(_png16(np.full((6, 5, 3), 30000, np.uint16), colour_type=2, exif=exif.tobytes()))
+        data, written = encode(image, image.rgb, options=EncodeOptions(format="TIFF"))
+        back = _open(data)
+        assert (written, back.info["compression"], back.getexif().get(0x010F)) == ("TIFF", "tiff_lzw", "Camera maker")
+
+    @pytest.mark.parametrize("bits", [8, 16])
+    def test_exif_value_libtiff_refuses_is_left_out_of_a_compressed_tiff(self, bits: int) -> None:
+        """A TIFF whose resolution unit is out of range decodes, so its result is written (without that EXIF)."""
+        pixels = Image.fromarray(_photo()) if bits == 8 else Image.fromarray(np.full((6, 5), 30000, np.uint16))
+        data = _set_tiff_tag(_save(pixels, "TIFF", compression="tiff_lzw", dpi=(300, 300)), 296, 3329)
+        image = decode(data)
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert (back.format, back.size) == ("TIFF", pixels.size)
+
     def test_exif_too_large_for_jpeg_is_left_out_of_a_jpeg(self) -> None:
         """A PNG whose EXIF exceeds a JPEG segment still becomes a JPEG (without EXIF) when JPEG is asked for."""
         exif = Image.Exif()
@@ -493,6 +657,14 @@ class TestBadInput:
         with pytest.raises(InputError, match=message):
             decode(data)
 
+    def test_tiff_pixel_layout_pillow_cannot_read_is_unsupported_not_corrupt(self) -> None:
+        """A well-formed TIFF in a pixel layout no decoder here reads (16-bit CMYK + alpha) says so."""
+        data = _tiff16(np.zeros((4, 4, 5), np.uint16), 5, (2,))
+        with pytest.raises(UnsupportedImage, match="unsupported TIFF pixel format"):
+            decode(data)
+        with pytest.raises(UnsupportedImage, match="unsupported TIFF pixel format"):
+            check_complete(data)
+
     def test_png_decompression_bomb_is_refused_from_the_header(self) -> None:
         """A tiny PNG claiming 50000x50000 raises ImageTooLarge without decoding pixels."""
         ihdr = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0)
@@ -541,6 +713,24 @@ class TestBadInput:
         data = _save(main, "TIFF", save_all=True, append_images=[thumb])
         assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 2
         assert decode(data).size == (64, 48)
+
+    def test_16bit_gray_alpha_tiff_with_a_preview_page_is_accepted(self) -> None:
+        """A preview page (NewSubfileType=1) in a layout Pillow cannot read does not make the file "corrupt"."""
+        gray_alpha = np.random.default_rng(10).integers(0, 65536, (8, 8, 2), dtype=np.uint16)
+        page = _tiff16(gray_alpha, 1, (2,))
+        preview = bytearray(_tiff16(gray_alpha[::2, ::2], 1, (2,), tags={254: 1}))
+        start = struct.unpack("<I", preview[4:8])[0]
+        entries = struct.unpack("<H", preview[start : start + 2])[0]
+        for entry in range(start + 2, start + 2 + 12 * entries, 12):  # move the preview's offsets behind page 0
+            tag, kind, count, value = struct.unpack("<HHII", preview[entry : entry + 12])
+            if tag == 273 or (count * (2 if kind == 3 else 4) > 4):
+                preview[entry + 8 : entry + 12] = struct.pack("<I", value + len(page))
+        two_pages = page[:-4] + struct.pack("<I", len(page) + start) + bytes(preview)
+        assert decode(two_pages).size == (8, 8)
+        pages = bytearray(two_pages)
+        pages[len(page) + start + 2 : len(page) + start + 14] = struct.pack("<HHII", 254, 4, 1, 0)  # now a page
+        with pytest.raises(UnsupportedImage, match="multi-page TIFF"):
+            decode(bytes(pages))
 
 
 class TestHelpers:

@@ -1,0 +1,263 @@
+"""Classic TIFF structure, read and written by hand where Pillow cannot help.
+
+Pillow has no mode for 16-bit gray+alpha and writes 16 bits only for one sample per pixel, so the
+engine reads such files through copies whose directory (tag list) is rewritten to plain 16-bit
+gray, and writes multi-sample 16-bit TIFFs as wide gray rows whose directory is then retagged. It
+also checks, before any decoder runs, that a file's directories and strips lie inside it, so a
+half-copied TIFF reads as truncated. BigTIFF is left to Pillow throughout.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from gpen_engine.types import InputError
+
+ORIENTATION = 0x0112
+PHOTOMETRIC = 262
+MAX_PAGES = 64  # directories followed before a file is taken as a many-page one
+
+
+TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+
+
+def incomplete(data: bytes) -> str | None:
+    """Why a classic TIFF cannot be whole (a directory, tag value or strip lies past the end), or None.
+
+    Checked before Pillow parses the file, so a half-copied TIFF is named as truncated instead of
+    surfacing as warnings about corrupt tags. BigTIFF is left to the decoder.
+    """
+    order = "<" if data[:2] == b"II" else ">"
+    if len(data) < 8 or struct.unpack(order + "H", data[2:4])[0] != 42:
+        return None if len(data) >= 8 else "header cut short"
+    size = len(data)
+    offset, seen = struct.unpack(order + "I", data[4:8])[0], set()
+    while offset and offset not in seen and len(seen) < MAX_PAGES:
+        seen.add(offset)
+        if offset + 2 > size:
+            return f"directory at byte {offset} lies past the end ({size} bytes)"
+        count = struct.unpack(order + "H", data[offset : offset + 2])[0]
+        end = offset + 2 + 12 * count
+        if end + 4 > size:
+            return f"directory at byte {offset} is cut short ({size} bytes)"
+        values: dict[int, list[int]] = {}
+        for entry in range(offset + 2, end, 12):
+            tag, kind, n = struct.unpack(order + "HHI", data[entry : entry + 8])
+            length = n * TYPE_SIZES.get(kind, 0)
+            where = entry + 8
+            if length > 4:
+                where = struct.unpack(order + "I", data[entry + 8 : entry + 12])[0]
+                if where + length > size:
+                    return f"tag {tag} data lies past the end ({size} bytes)"
+            if tag in (273, 279, 324, 325) and kind in (3, 4):
+                code = order + str(n) + ("H" if kind == 3 else "I")
+                values[tag] = list(struct.unpack(code, data[where : where + length]))
+        for starts, counts in ((273, 279), (324, 325)):
+            for start, length in zip(values.get(starts, []), values.get(counts, []), strict=False):
+                if start + length > size:
+                    return f"image data ends at byte {start + length}, the file has {size}"
+        offset = struct.unpack(order + "I", data[end : end + 4])[0]
+    return None
+
+
+@dataclass(frozen=True)
+class GrayExtra16:
+    """Where the samples of a 16-bit gray TIFF with one extra sample (gray+alpha) lie.
+
+    Pillow has no mode for these, so they are read through copies retagged as plain 16-bit gray
+    (:func:`gray_view`): each plane of a planar file, or the rows of an interleaved one as gray
+    rows twice as wide.
+    """
+
+    width: int
+    height: int
+    planar: bool
+    tiled: bool
+    tile_width: int  # the image width for a file in strips
+    predictor: int
+    extra: int  # ExtraSamples: 0 unspecified, 1 associated (premultiplied) alpha, 2 plain alpha
+    min_is_white: bool
+
+
+EXTRA_SAMPLES = 338
+SAMPLE_FORMAT = 339
+PREDICTOR = 317
+SHORT, LONG = 3, 4
+Entries = dict[int, tuple[int, int, bytes]]  # tag -> (type, count, 4-byte value field)
+
+
+def directory(data: bytes, offset: int | None = None) -> tuple[str, int, Entries, int] | None:
+    """Byte order, offset, entries and next page's offset of a classic TIFF's directory at ``offset``
+    (the first one by default); None if it cannot be read."""
+    if len(data) < 8 or data[:2] not in (b"II", b"MM"):
+        return None
+    order = "<" if data[:2] == b"II" else ">"
+    if struct.unpack(order + "H", data[2:4])[0] != 42:
+        return None  # BigTIFF
+    if offset is None:
+        offset = struct.unpack(order + "I", data[4:8])[0]
+    if offset + 2 > len(data):
+        return None
+    count = struct.unpack(order + "H", data[offset : offset + 2])[0]
+    end = offset + 2 + 12 * count
+    if end + 4 > len(data):
+        return None
+    entries: Entries = {}
+    for entry in range(offset + 2, end, 12):
+        tag, kind, n = struct.unpack(order + "HHI", data[entry : entry + 8])
+        entries.setdefault(tag, (kind, n, data[entry + 8 : entry + 12]))
+    return order, offset, entries, struct.unpack(order + "I", data[end : end + 4])[0]
+
+
+def page_kinds(data: bytes) -> list[int] | None:
+    """NewSubfileType of each page of a classic TIFF (at most one more than we check); None if unreadable."""
+    kinds: list[int] = []
+    offset: int | None = None
+    seen: set[int] = set()
+    while (parsed := directory(data, offset)) is not None:
+        order, offset, entries, following = parsed
+        seen.add(offset)
+        kinds.append((ints(data, order, entries, 254) or (0,))[0])
+        if not following or following in seen or len(kinds) > MAX_PAGES:
+            return kinds  # a page that leads back to an earlier one ends the file, as Pillow reads it
+        offset = following
+    return None
+
+
+def ints(data: bytes, order: str, entries: Entries, tag: int) -> tuple[int, ...]:
+    """The BYTE, SHORT or LONG values of ``tag``; () when absent or unreadable."""
+    if tag not in entries:
+        return ()
+    kind, count, field = entries[tag]
+    code = {1: "B", 3: "H", 4: "I"}.get(kind)
+    if code is None:
+        return ()
+    size = struct.calcsize(code) * count
+    if size <= 4:
+        raw = field[:size]
+    else:
+        where = struct.unpack(order + "I", field)[0]
+        raw = data[where : where + size]
+    return struct.unpack(f"{order}{count}{code}", raw) if len(raw) == size else ()
+
+
+def gray_extra16(data: bytes) -> GrayExtra16 | None:
+    """The layout of a 16-bit unsigned gray TIFF with one extra sample (Pillow cannot open these), else None."""
+    parsed = directory(data)
+    if parsed is None:
+        return None
+    order, _, entries, _ = parsed
+
+    def first(tag: int, default: int) -> int:
+        values = ints(data, order, entries, tag)
+        return values[0] if values else default
+
+    bits = ints(data, order, entries, 258)
+    sample_format = ints(data, order, entries, SAMPLE_FORMAT) or (1,)
+    extra = ints(data, order, entries, EXTRA_SAMPLES)
+    if (first(277, 1), len(extra), set(bits), set(sample_format)) != (2, 1, {16}, {1}):
+        return None
+    photometric = first(PHOTOMETRIC, -1)
+    if photometric not in (0, 1):
+        return None
+    width = first(256, 0)
+    return GrayExtra16(
+        width=width,
+        height=first(257, 0),
+        planar=first(284, 1) == 2,
+        tiled=322 in entries,
+        tile_width=first(322, width),
+        predictor=first(PREDICTOR, 1),
+        extra=extra[0],
+        min_is_white=photometric == 0,
+    )
+
+
+def gray_view(data: bytes, layout: GrayExtra16, plane: int | None = None, *, header: bool = False) -> bytes:
+    """``data`` retagged so that Pillow reads it as plain 16-bit gray.
+
+    ``header``: for the size and metadata only (the pixels would not read right), orientation kept.
+    Otherwise the orientation is left out (Pillow would turn the pixels; decode turns them itself):
+    ``plane`` n of a planar file, or (``plane`` None) the interleaved rows of every pixel's samples
+    as gray rows twice as wide, without the predictor, which :func:`_read_gray_extra16` undoes per sample.
+    """
+    # "Min is white" is tagged away (the caller inverts): Pillow has no big-endian mode for it.
+    changes: dict[int, tuple[int, tuple[int, ...]] | None] = {
+        258: (SHORT, (16,)), PHOTOMETRIC: (SHORT, (1,)), 277: (SHORT, (1,)),
+        EXTRA_SAMPLES: None, SAMPLE_FORMAT: None, 280: None, 281: None,
+    }
+    if not header:
+        changes[ORIENTATION] = None
+    if layout.planar:
+        parsed = directory(data)
+        assert parsed is not None  # gray_extra16 read it
+        order, _, entries, _ = parsed
+        changes[284] = (SHORT, (1,))
+        for tag in (273, 279, 324, 325):  # strip or tile offsets and byte counts: the first half is plane 0
+            values = ints(data, order, entries, tag)
+            if tag in entries and (not values or len(values) % 2):
+                raise InputError("corrupt TIFF: the strips do not divide into 2 planes")
+            if values:
+                half = len(values) // 2
+                changes[tag] = (LONG, values[(plane or 0) * half : ((plane or 0) + 1) * half])
+    elif not header:
+        changes[256] = (LONG, (2 * layout.width,))
+        if layout.tiled:
+            changes[322] = (LONG, (2 * layout.tile_width,))
+        if layout.predictor == 2:
+            changes[PREDICTOR] = None
+    return with_tags(data, changes)
+
+
+def with_tags(data: bytes, changes: dict[int, tuple[int, tuple[int, ...]] | None]) -> bytes:
+    """``data`` (a classic TIFF) with its first directory's tags changed: (type, values), or None to drop.
+
+    The new directory (after any values too long to sit in it) is appended and the header pointed at
+    it. The old directory stays behind unused, so every offset in the file stays valid, and the
+    following pages stay linked.
+    """
+    parsed = directory(data)
+    if parsed is None:
+        raise InputError("corrupt TIFF: the image directory cannot be read")
+    order, offset, entries, following = parsed
+    next_page = struct.pack(order + "I", following)
+    fields = {tag: struct.pack(order + "HHI", tag, kind, n) + value for tag, (kind, n, value) in entries.items()}
+    tail = bytearray(len(data) % 2)  # values and directories start on a word boundary
+    for tag, change in changes.items():
+        if change is None:
+            fields.pop(tag, None)
+            continue
+        kind, values = change
+        payload = struct.pack(f"{order}{len(values)}{'H' if kind == SHORT else 'I'}", *values)
+        if len(payload) > 4:
+            tail += bytes((len(data) + len(tail)) % 2)
+            value = struct.pack(order + "I", len(data) + len(tail))
+            tail += payload
+        else:
+            value = payload.ljust(4, b"\0")
+        fields[tag] = struct.pack(order + "HHI", tag, kind, len(values)) + value
+    tail += bytes((len(data) + len(tail)) % 2)
+    new_offset = len(data) + len(tail)
+    tail += struct.pack(order + "H", len(fields)) + b"".join(fields[tag] for tag in sorted(fields)) + next_page
+    return b"".join((data[:4], struct.pack(order + "I", new_offset), memoryview(data)[8:], tail))
+
+
+PHOTOMETRIC_NAMES = {0: "gray", 1: "gray", 2: "RGB", 3: "palette", 4: "mask", 5: "CMYK", 6: "YCbCr", 8: "CIELab",
+                      9: "ICCLab", 10: "ITULab", 32844: "LogL", 32845: "LogLuv", 34892: "linear raw"}
+
+
+def layout_text(data: bytes) -> str:
+    """E.g. "CMYK with 1 extra sample, 5 samples of 16 bits" for a message."""
+    parsed = directory(data)
+    if parsed is None:
+        return "not one Pillow can read"
+    order, _, entries, _ = parsed
+    photometric = ints(data, order, entries, PHOTOMETRIC)
+    name = PHOTOMETRIC_NAMES.get(photometric[0], f"photometric {photometric[0]}") if photometric else "unknown"
+    samples = (ints(data, order, entries, 277) or (1,))[0]
+    bits = sorted(set(ints(data, order, entries, 258) or (1,)))
+    kind = {2: "signed ", 3: "floating-point "}.get((ints(data, order, entries, SAMPLE_FORMAT) or (1,))[0], "")
+    extra = len(ints(data, order, entries, EXTRA_SAMPLES))
+    extra_text = f" with {extra} extra sample{'s' * (extra != 1)}" if extra else ""
+    return f"{name}{extra_text}, {samples} {kind}samples of {'/'.join(map(str, bits))} bits"
