@@ -472,7 +472,9 @@ class JobTable:
         with self._tx() as con:
             self._change(
                 con, job_id, ("ready", "processing", "retry"),
-                "state = 'pending', sha256 = NULL, last_error = ?, next_attempt_at = NULL", (reason,),
+                "state = 'pending', sha256 = NULL, last_error = ?, next_attempt_at = NULL, "
+                # New bytes are a new file: names chosen for the old ones may hold its published backup.
+                "output_path = NULL, backup_path = NULL", (reason,),
             )  # fmt: skip
 
     def reassign_preset(self, folder: str, preset: str) -> int:

@@ -270,6 +270,17 @@ def mount_of(path: Path | str, mountinfo: str | None = None) -> Mount | None:
     return best
 
 
+def unmounted(current: Mount, expected: Mount) -> bool:
+    """True if ``current`` lies below ``expected`` in the tree of mounts: the expected mount was removed.
+
+    An unmounted share leaves its empty mount point behind, so a folder that still exists can have lost
+    its share. A deeper mount (the share mounted on top of an empty folder) is not a loss.
+    """
+    cur = current.mount_point.rstrip("/")
+    exp = expected.mount_point.rstrip("/")
+    return cur != exp and (exp.startswith(cur + "/") or cur == "")
+
+
 def filesystem_type(path: Path | str, mountinfo: str | None = None) -> str:
     """The filesystem type of the mount holding ``path`` ("ext4", "nfs4", "fuse.sshfs", ...), or "unknown"."""
     mount = mount_of(path, mountinfo)

@@ -323,12 +323,13 @@ def copy_verified(
     root: Path | None = None,
     replace: bool = True,
     src_root: Path | None = None,
-) -> Path:
+) -> os.stat_result:
     """Byte-exact copy of ``src`` to ``dst``, checked against the job's SHA-256, mtime kept.
 
     Raises SourceChanged (and leaves nothing under ``dst``) if the bytes read differ from
     ``expected_sha256``: the original was rewritten after the job recorded it. ``src_root``: see
-    ``_source_folder``.
+    ``_source_folder``. Returns the source's status as it was copied, which ``dispose_source``
+    (``expect=``) uses to tell that file from one put under its name since.
     """
     src_fd = _open_source(src, src_root)
     try:
@@ -351,7 +352,21 @@ def copy_verified(
             os.close(dir_fd)
     finally:
         os.close(src_fd)
-    return dst
+    return st
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns)
+
+
+def _check_still(src: Path, src_root: Path | None, expect: os.stat_result | None) -> None:
+    """Raise SourceChanged if the name no longer holds the file whose bytes were backed up."""
+    if expect is None:
+        return
+    with _source_folder(src, src_root) as (folder_fd, name):
+        now = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    if not _same_file(now, expect):
+        raise SourceChanged(f"{src} was replaced after its backup was made; the new file is left for the next scan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,6 +481,7 @@ def dispose_source(
     done_path: Path | None = None,
     done_root: Path | None = None,
     src_root: Path | None = None,
+    expect: os.stat_result | None = None,
 ) -> Path | None:
     """Remove, keep or move the original. Call only once the output and the backup are durable.
 
@@ -474,6 +490,9 @@ def dispose_source(
     """
     if after == "keep":
         return src
+    if after in ("delete", "move"):
+        with contextlib.suppress(FileNotFoundError):
+            _check_still(src, src_root, expect)
     if after == "delete":
         with contextlib.suppress(FileNotFoundError), _source_folder(src, src_root) as (folder_fd, name):
             os.unlink(name, dir_fd=folder_fd)
@@ -556,6 +575,30 @@ def write_failure(
         write_atomic(sidecars[-1], payload, root=failed_dir)
 
     target = safe_join(failed_dir, str(relpath))
+    target = target.with_name(_fit_name(target.name, len(_SIDECAR) + len(" (99)")))
+    return _write_failure(failed_dir, target, src, data, write_sidecar, sidecars, src_root)
+
+
+_SIDECAR = ".error.json"
+_NAME_MAX = 255
+
+
+def _fit_name(name: str, room: int) -> str:
+    """``name``, shortened (with a hash of the full name) so that ``room`` more bytes still fit in NAME_MAX."""
+    raw = os.fsencode(name)
+    if len(raw) + room <= _NAME_MAX:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if not stem:
+        stem, dot, ext = name, "", ""
+    tag = "~" + hashlib.sha256(raw).hexdigest()[:8]
+    keep = _NAME_MAX - room - len(os.fsencode(tag + dot + ext))
+    short = os.fsencode(stem)[: max(keep, 1)].decode("utf-8", "ignore")
+    return short + tag + dot + ext
+
+
+def _write_failure(failed_dir: Path, target: Path, src: Path | None, data: bytes | None,
+                   write_sidecar: Callable[[Path], None], sidecars: list[Path], src_root: Path | None) -> Path:
     try:
         if src is not None:
             return _move_into(src, target, failed_dir, before=write_sidecar, src_root=src_root)

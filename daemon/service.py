@@ -32,7 +32,7 @@ from daemon.faults import FailPoints
 from daemon.jobs import Job, JobStateError, JobTable, claim_instance
 from daemon.logs import configure_logging
 from daemon.notify import Notifier
-from daemon.paths import UnsafePath, is_candidate, open_no_follow, safe_join
+from daemon.paths import Mount, UnsafePath, is_candidate, mount_of, open_no_follow, safe_join, unmounted
 from daemon.readiness import ReadinessGate
 from daemon.settings import (
     ConfigError,
@@ -131,6 +131,11 @@ class Service:
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
         self.paused: dict[str, str] = {}
+        # The mount each output/backup/failed/done folder was on when it was set up (see _check_mounted).
+        self.share_mounts: dict[Path, Mount] = {}
+        # Choosing a free name in failed/, writing the sidecar and moving the original there is one step: folders
+        # sharing a failed/ folder must not pick the same name (the move would replace the first original).
+        self.failed_lock = threading.Lock()
         self.candidates: queue.SimpleQueue[tuple[str, list[str]]] = queue.SimpleQueue()
         self.refused: queue.SimpleQueue[tuple[str, str, str]] = queue.SimpleQueue()
         self.prepared: queue.Queue[Batch | None] = queue.Queue(maxsize=1)
@@ -185,6 +190,7 @@ class Service:
             self.jobs.reassign_preset(key, folder.preset)
         self._settle_crash_loops()
         self._make_folders(self.folders.values())
+        self._note_mounts(self.folders.values())
         removed = publish.cleanup_temp_files(
             [d for f in self.folders.values() for d in (f.output, f.backup, f.failed) if d.exists()]
         )
@@ -222,6 +228,25 @@ class Service:
                 with contextlib.suppress(OSError):  # reported later by the watcher/publisher
                     if anchor.exists():
                         d.mkdir(parents=True, exist_ok=True)
+
+    def _note_mounts(self, folders: Iterable[FolderSettings]) -> None:
+        for folder in folders:
+            for d in (folder.output, folder.backup, folder.failed, folder.done):
+                if d is not None and d.is_dir() and (mount := mount_of(d)) is not None:
+                    self.share_mounts[d] = mount
+
+    def _check_mounted(self, *roots: Path | None) -> None:
+        """Raise ShareUnavailable (retried later) for a root whose share was unmounted since it was set up.
+
+        An unmounted share leaves its empty mount point behind: the folder still exists, and results
+        written there would land on the local disk, hidden once the share is mounted again.
+        """
+        for root in roots:
+            expected = self.share_mounts.get(root) if root is not None else None
+            current = mount_of(root) if expected is not None else None
+            if expected is not None and current is not None and unmounted(current, expected):
+                raise publish.ShareUnavailable(
+                    root, f"the share it was on ({expected.mount_point}) is no longer mounted")
 
     def _settle_crash_loops(self) -> None:
         """Files that were in flight at too many crashes in a row go to failed/, so one file cannot kill us forever."""
@@ -704,17 +729,22 @@ class Service:
             data, ext = self._encode(item, outcome, opts)
             encode_ms = (time.monotonic() - started) * 1000
             output, backup = self._targets(job, folder, ext)
+            self._check_mounted(folder.backup, folder.output, folder.done if folder.after == "move" else None)
             # The backup first: copying it re-reads the source and checks its SHA-256, so a source deleted or
             # replaced since it was read stops here, before a result for bytes nobody wants is published.
             self.failpoints.hit("backup")
-            publish.copy_verified(item.source, backup, job.sha256, root=folder.backup, src_root=folder.path)
+            copied = publish.copy_verified(item.source, backup, job.sha256, root=folder.backup, src_root=folder.path)
             self.failpoints.hit("publish")
             publish.write_atomic(output, data, root=folder.output)
             self.failpoints.hit("dispose")
-            publish.dispose_source(
-                item.source, after=folder.after, done_path=self._done_path(folder, job), done_root=folder.done,
-                src_root=folder.path,
-            )
+            try:
+                publish.dispose_source(
+                    item.source, after=folder.after, done_path=self._done_path(folder, job), done_root=folder.done,
+                    src_root=folder.path, expect=copied,
+                )
+            except publish.SourceChanged as exc:
+                # Result and backup of the bytes we read are published; the new file is a new drop.
+                log.warning("source replaced while it was published; the new file is processed next", error=str(exc))
             self.jobs.finish(job.id, len(outcome.faces))
             self._count_done(len(outcome.faces))
             times = outcome.times.as_dict() | {"decode": round(item.decode_ms, 2), "encode": round(encode_ms, 2)}
@@ -783,13 +813,21 @@ class Service:
         info = self._failure_info(job, folder, stage, error)
         try:
             if source is not None and os.path.lexists(source):
-                publish.write_failure(folder.failed, job.relpath, source, None, info, src_root=folder.path)
+                self._check_mounted(folder.failed)
+                with self.failed_lock:
+                    publish.write_failure(folder.failed, job.relpath, source, None, info, src_root=folder.path)
         except UnsafePath as exc:
             # A folder on its way was swapped for a link since the path was checked: nothing there is touched.
             log.warning("failed file left in place: its path now leads through a link", folder=job.folder,
                         path=job.relpath, error=str(exc))
         except OSError as exc:
-            self._retry(job, "failed-folder", exc)
+            # The failed folder refused (gone, full, read-only, a name it cannot hold): the original stays where it
+            # is and is tried again later. Not through _retry, whose give-up path calls _fail again.
+            delay = min(self.settings.retry_backoff * 2 ** max(0, job.attempts - 1), self.settings.retry_backoff_max)
+            if job.state == "processing":
+                self.jobs.retry_later(job.id, f"failed-folder: {exc}", delay)
+            log.warning("failed file could not be moved to the failed folder; will retry", folder=job.folder,
+                        path=job.relpath, stage=stage, error=error, failed_folder_error=str(exc))
             return
         self.jobs.fail(job.id, stage, error)
         self.counters["failed"] += 1
@@ -865,6 +903,7 @@ class Service:
             log.info("hot folder removed", folder=key)
         moved = [f for k, f in new_folders.items() if self.folders.get(k) != f]
         self._make_folders(moved)
+        self._note_mounts(moved)
         for key, folder in new_folders.items():
             if key in self.watchers and self.folders.get(key) != folder:  # e.g. its output moved: new exclusions
                 self.watchers.pop(key).stop()

@@ -41,6 +41,7 @@ from daemon.paths import (
     needs_polling,
     normalize_extensions,
     read_mountinfo,
+    unmounted,
 )
 from daemon.settings import FolderSettings
 
@@ -252,7 +253,7 @@ class FolderWatcher:
             return f"{self.root}: permission denied"
         expected = self._mount
         current = mount_of(self.root, self._mountinfo()) if mount is None else mount
-        if expected is not None and current is not None and _shallower(current, expected):
+        if expected is not None and current is not None and unmounted(current, expected):
             return (
                 f"{self.root} was on the mount at {expected.mount_point} ({expected.fstype}), "
                 f"which is gone (now on {current.mount_point}): the share seems unmounted"
@@ -562,16 +563,6 @@ class FolderWatcher:
         except Exception as exc:
             _log.exception("watcher callback failed for %s", self.root)
             self._problem(f"callback {getattr(callback, '__name__', callback)!r} failed: {exc!r}")
-
-
-def _shallower(current: Mount, expected: Mount) -> bool:
-    """True if ``current`` lies below ``expected`` in the tree of mounts: the expected mount was removed.
-
-    A deeper mount (the share mounted on top of an empty folder) is not a loss.
-    """
-    cur = current.mount_point.rstrip("/")
-    exp = expected.mount_point.rstrip("/")
-    return cur != exp and (exp.startswith(cur + "/") or cur == "")
 
 
 def _storable(relpath: str) -> bool:

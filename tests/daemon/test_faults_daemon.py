@@ -298,3 +298,70 @@ def test_crash_verdict_does_not_fall_on_a_new_file_of_the_same_name(tmp_path):
         assert third.stop() == 0
     assert (layout.backup["a"] / "same.jpg").read_bytes() == newer
     assert sorted(p.name for p in files_under(layout.failed["a"])) == ["same.jpg", "same.jpg.error.json"]
+
+
+def test_unmounted_output_share_is_not_written_on_the_local_disk(tmp_path):
+    """An unmounted share leaves its empty mount point behind: results wait for the share instead of landing
+    on the local disk (hidden once the share is back), and the original stays in the hot folder."""
+    if not _can_mount():
+        pytest.skip("needs root and mount")
+    config, layout = write_config(tmp_path)
+    share = layout.out["a"]
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(share)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    daemon = Daemon(config).start()
+    try:
+        wait_ready(daemon)
+        drop(layout.hot["a"] / "one.jpg", small_face_photo(1))
+        wait_for(lambda: (share / "one.jpg").exists(), 60, daemon, "the first result on the share")
+        subprocess.run(["umount", "-l", str(share)], check=True)
+        drop(layout.hot["a"] / "two.jpg", small_face_photo(2))
+        wait_for(lambda: "is no longer mounted" in daemon.log_text(), 60, daemon, "a retry naming the lost share")
+        assert files_under(share) == []  # the local mount point
+        assert (layout.hot["a"] / "two.jpg").exists()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(share)], check=True)
+        wait_for(lambda: (share / "two.jpg").exists() and not (layout.hot["a"] / "two.jpg").exists(), 60, daemon,
+                 "the result published once the share is back")
+    finally:
+        assert daemon.stop() == 0
+        subprocess.run(["umount", "-l", str(share)], check=False)
+
+
+def test_a_source_replaced_after_its_backup_is_processed_not_deleted(tmp_path):
+    """A re-export under the same name while the first version is being published is a new drop: it is neither
+    deleted unprocessed nor lost; both versions end with a result and a byte-exact backup."""
+    config, layout = write_config(tmp_path)
+    first, second = small_face_photo(1), small_face_photo(7)
+    daemon = Daemon(config, env={"GPEN_WATCH_FAILPOINTS": "publish=sleep:4*1"}).start()
+    try:
+        wait_ready(daemon)
+        drop(layout.hot["a"] / "IMG_1.jpg", first)
+        wait_for(lambda: any(layout.backup["a"].iterdir()), 60, daemon, "the first backup")
+        drop(layout.hot["a"] / "IMG_1.jpg", second)  # while the result is held back by the failpoint
+        wait_for(lambda: len(files_under(layout.backup["a"])) == 2 and not files_under(layout.hot["a"]), 60,
+                 daemon, "the second version published too")
+        backups = sorted(p.read_bytes() for p in files_under(layout.backup["a"]))
+        assert backups == sorted([first, second])
+        assert len(files_under(layout.out["a"])) == 2
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_failed_file_whose_sidecar_name_is_too_long_still_lands_in_failed(tmp_path):
+    """NAME.error.json over 255 bytes: the file is stored under a shortened name with its sidecar, not left
+    forever in the hot folder with nothing logged."""
+    config, layout = write_config(tmp_path, extra="max_attempts = 2")
+    name = "x" * 242 + ".jpg"  # 246 bytes: NAME.error.json would be 257
+    junk = os.urandom(5000)
+    (layout.hot["a"] / name).write_bytes(junk)
+    daemon = Daemon(config).start()
+    try:
+        wait_ready(daemon)
+        wait_for(lambda: len(files_under(layout.failed["a"])) == 2, 60, daemon, "the file and its sidecar")
+        stored = [p for p in files_under(layout.failed["a"]) if not p.name.endswith(".error.json")]
+        assert [p.read_bytes() for p in stored] == [junk]
+        assert (stored[0].parent / (stored[0].name + ".error.json")).exists()
+        assert not (layout.hot["a"] / name).exists()
+    finally:
+        assert daemon.stop() == 0

@@ -102,13 +102,15 @@ class TestStateMachine:
         assert (failure.relpath, failure.error_stage) == ("bad.jpg", "readiness")
         assert "600 s" in failure.last_error
 
-    def test_requeue_pending_clears_hash(self, table):
-        """A source that changed after it was queued goes back through the gate; its old hash is dropped."""
+    def test_requeue_pending_clears_hash_and_names(self, table):
+        """A source that changed after it was queued goes back through the gate as a new file: its old hash is
+        dropped, and so are the names chosen for the old bytes, which may already hold their published backup."""
         job = ready_job(table, "a.jpg")
         table.claim("fast", 1)
+        table.set_targets(job.id, "/out/a.jpg", "/backup/a.jpg")
         table.requeue_pending(job.id, "source changed after it was queued")
         row = table.get(job.id)
-        assert (row.state, row.sha256) == ("pending", None)
+        assert (row.state, row.sha256, row.output_path, row.backup_path) == ("pending", None, None, None)
 
 
 class TestQueue:

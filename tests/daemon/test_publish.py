@@ -146,7 +146,8 @@ class TestCopyVerified:
         src.write_bytes(data)
         os.utime(src, ns=(1_500_000_000_000_000_000, 1_500_000_000_987_654_321))
         (tmp_path / "backup").mkdir()
-        dst = copy_verified(src, tmp_path / "backup" / "d" / "photo.jpg", sha(data), root=tmp_path / "backup")
+        dst = tmp_path / "backup" / "d" / "photo.jpg"
+        copy_verified(src, dst, sha(data), root=tmp_path / "backup")
         assert data == dst.read_bytes()
         assert dst.stat().st_mtime_ns == 1_500_000_000_987_654_321
         assert src.exists()
