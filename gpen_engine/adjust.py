@@ -215,7 +215,8 @@ def soften_small(
 ) -> torch.Tensor:
     """The official rule for tiny faces: a 3x3 binomial blur ([1, 2, 1] / 4 each way) after restoration.
 
-    Faces whose size in the source image (``Face.size``, px) is below ``min_size`` are blurred;
+    Faces whose smaller box side in the source image (``Face.min_side``, px; GPEN's ``min(fh, fw)``)
+    is below ``min_size`` are blurred;
     the generator's detail would be aliased noise once such a face is shrunk back into the photo.
     """
     sizes = torch.as_tensor(face_sizes, dtype=torch.float32).flatten()

@@ -636,6 +636,8 @@ def encode(image: DecodedImage, rgb: np.ndarray, *, options: EncodeOptions) -> t
     if alpha is not None and not keep_alpha:
         rgb = _over_white(rgb, alpha)
     samples = _luma(rgb)[:, :, None] if grayscale else rgb
+    if image.grayscale and not grayscale:  # a gray photo stays gray in a format without a gray mode
+        samples = np.repeat(_luma(rgb)[:, :, None], 3, axis=2)
     if high is not None and fmt in ("PNG", "TIFF"):
         if high.shape[2] != samples.shape[2]:
             high = _luma16(high) if samples.shape[2] == 1 else np.repeat(high, 3, axis=2)

@@ -18,6 +18,11 @@ from .align import footprint, image_window, union_window, warp_back
 
 Window = tuple[int, int, int, int]
 
+# Masks closer than this count as equal, so the earlier face keeps the pixel: where two faces' masks
+# are both ~1, float noise of the bilinear warp (grid_sample on a GPU) must not pick the winner pixel
+# by pixel (salt-and-pepper between the two restorations).
+_MASK_TIE = 1e-5
+
 
 def face_windows(matrices: np.ndarray, size: int, image_hw: tuple[int, int]) -> list[Window]:
     """Image window (x0, y0, x1, y1) each face's crop can change."""
@@ -70,7 +75,7 @@ def composite(
         warped = warp_back(torch.cat([crop.float() * 255.0, mask.float()]), matrix, win)
         sub = (slice(y0 - oy, y1 - oy), slice(x0 - ox, x1 - ox))
         new_mask = warped[3].clamp(0.0, 1.0)
-        wins = new_mask > full_mask[sub]
+        wins = new_mask > full_mask[sub] + _MASK_TIE
         full_mask[sub] = torch.where(wins, new_mask, full_mask[sub])
         full_face[(slice(None), *sub)] = torch.where(wins, warped[:3], full_face[(slice(None), *sub)])
     m = (full_mask * float(strength)).unsqueeze(-1)

@@ -366,7 +366,7 @@ class Restorer:
             masks, skin = masks.float(), skin.float()
         else:
             masks = self._rect.expand(len(part), -1, -1, -1)
-        out = adjust.soften_small(out, [works[i].faces[k].size for i, k in part])
+        out = adjust.soften_small(out, [works[i].faces[k].min_side for i, k in part])
         # ``x`` (the generator's input, after denoise) is the "original" the knobs compare with.
         if p.detail > 0:
             out = adjust.restore_detail(out, x, p.detail)

@@ -45,6 +45,12 @@ class Face:
         x1, y1, x2, y2 = self.box
         return float(max(x2 - x1, y2 - y1))
 
+    @property
+    def min_side(self) -> float:
+        """The box's smaller side (px): GPEN's small-face rule reads this (``min(fh, fw) < 100``)."""
+        x1, y1, x2, y2 = self.box
+        return float(min(x2 - x1, y2 - y1))
+
 
 @dataclass
 class StageTimes:

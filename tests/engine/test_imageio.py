@@ -367,6 +367,15 @@ class TestModes:
         if fmt != "JPEG":
             np.testing.assert_array_equal(gray, np.asarray(back))
 
+    def test_a_gray_photo_written_as_webp_stays_gray(self) -> None:
+        """WebP has no gray mode: a gray photo is written as RGB, but with the restored faces' colour taken out."""
+        image = decode(_save(Image.fromarray(_photo()[:, :, 0]), "PNG"))
+        restored = image.rgb.copy()
+        restored[8:24, 8:24] = (200, 120, 90)  # GPEN paints colour into faces of gray photos
+        back = np.asarray(_open(encode(image, restored, options=EncodeOptions(format="WEBP"))[0]).convert("RGB"))
+        spread = back.max(axis=2).astype(int) - back.min(axis=2)
+        assert spread.max() <= 4  # lossy chroma only
+
     def test_cmyk_jpeg_decodes_to_plausible_rgb(self) -> None:
         """A CMYK JPEG of pure red (C=0, M=Y=100%) becomes red RGB."""
         image = decode(_save(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG", quality=95))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from gpen_engine import align
 from gpen_engine.align import face_matrices, footprint, template
 from gpen_engine.masks import rectangle_mask
 from gpen_engine.paste import clusters, face_windows, paste_faces
@@ -80,6 +82,24 @@ class TestPaste:
         out = paste_faces(image, torch.cat([_flat((1, 0, 0)), _flat((0, 1, 0))]), mask,
                           np.stack([_shift(10, 10), _shift(20, 20)]))
         np.testing.assert_array_equal(out[40, 40], [128, 0, 0])
+
+    @pytest.mark.parametrize("backend", ["opencv", "torch"])
+    def test_float_noise_does_not_pick_the_winner(self, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Two rotated faces whose masks are both ~1 in their overlap: the earlier face keeps all of it.
+
+        The warp's rounding (grid_sample, the GPU path) leaves one mask at 1.0 and the other at
+        0.99999994 at scattered pixels; those must not switch faces (salt-and-pepper between them).
+        """
+        monkeypatch.setattr(align, "_backend", lambda t, b: backend)
+        size = 512
+        pts = [(template(512) - 256) * 0.5 @ np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]).T + c
+               for a, c in ((0.0, (300, 300)), (0.2, (360, 320)))]
+        mats = face_matrices(np.stack(pts), size)
+        crops = torch.stack([torch.full((3, size, size), 0.4), torch.full((3, size, size), 0.44)])
+        masks = rectangle_mask(size).expand(2, -1, -1, -1)
+        out = paste_faces(np.full((700, 700, 3), 128, np.uint8), crops, masks, mats)
+        core = out[250:400, 300:400, 0]  # inside both faces' full-mask areas
+        assert (core == 102).all(), np.unique(core, return_counts=True)
 
     def test_strength_scales_the_mask(self) -> None:
         """Strength 0.5 moves each pixel half as far towards the face; 0 returns the input bytes."""

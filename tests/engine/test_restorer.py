@@ -116,6 +116,24 @@ class TestRestorer:
         assert max(gen.sizes) == 5 and sum(gen.sizes) == 33
         assert len(gen.sizes) == 7  # ceil(33 / 5): batches span image boundaries
 
+    def test_small_face_rule_reads_the_smaller_box_side(
+        self, detector: nn.Module, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """GPEN blurs a restored face when ``min(fh, fw) < 100``: a face 90 px wide and 120 px tall is small."""
+        from gpen_engine import adjust
+
+        seen: list[float] = []
+        real = adjust.soften_small
+
+        def spy(restored: torch.Tensor, sizes, min_size: float = adjust.SMALL_FACE_PX) -> torch.Tensor:
+            seen.extend(float(s) for s in sizes)
+            return real(restored, sizes, min_size)
+
+        monkeypatch.setattr(adjust, "soften_small", spy)
+        result = _ok(Restorer(_models(FakeGenerator(), detector), PLAIN).restore([images[2]])[0])
+        expected = sorted(min(f.box[2] - f.box[0], f.box[3] - f.box[1]) for f in result.faces)
+        assert sorted(seen) == pytest.approx(expected)
+
     def test_size_kept_background_untouched(self, detector: nn.Module, images: list[np.ndarray]) -> None:
         """Every result has its input's size; pixels away from all faces keep their bytes; faces change."""
         torch.manual_seed(0)
