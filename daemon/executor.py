@@ -42,5 +42,5 @@ class LocalExecutor:
         return self.restorers[preset].restore(list(images))
 
     def batch_cap(self, preset: str) -> int:
-        restorer = self.restorers[preset]
-        return int(getattr(restorer, "batch_cap", restorer.preset.batch_size))
+        """Faces per generator call now: the preset's batch size, lowered while out-of-memory errors last."""
+        return self.restorers[preset].cap.current

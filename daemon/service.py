@@ -389,14 +389,16 @@ class Service:
             self._warm_up(restorer)
             restorers[name] = restorer
         self.restorers.update(restorers)
+        # Model sets no restorer uses any more (a preset moved to another file, device or precision) hold
+        # device memory for nothing: drop them (a batch in flight keeps its own restorer, and so its models).
+        used = {id(r.models) for r in self.restorers.values()}
+        self.models = {k: m for k, m in self.models.items() if id(m) in used}
 
     def _warm_up(self, restorer: Restorer) -> None:
         """One real pass through detection and the generator, so READY means the device really computes."""
         started = time.monotonic()
-        restorer.restore([np.full((256, 256, 3), 127, np.uint8)])
-        warm = getattr(restorer, "warm_up", None)
-        if callable(warm):
-            warm()
+        restorer.restore([np.full((256, 256, 3), 127, np.uint8)])  # detection (a blank image has no face)
+        restorer.warm_up()  # the generator and parsing model, which found no face to run on above
         log.info("warm-up done", preset=restorer.preset.name, ms=round((time.monotonic() - started) * 1000, 1))
 
     # ----------------------------------------------------------------- watching

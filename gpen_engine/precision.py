@@ -32,7 +32,8 @@ def resolve_precision(device: str | torch.device, precision: Precision) -> Preci
     dev = torch.device(device)
     if dev.type == "cpu":
         return "fp32" if precision == "fp16" else precision
-    if dev.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+    # Not is_bf16_supported(): by default it also says yes for emulated bf16 (any GPU), and asks the current device.
+    if dev.type == "cuda" and precision == "bf16" and torch.cuda.get_device_capability(dev) < (8, 0):
         return "fp16"
     return precision
 

@@ -171,13 +171,14 @@ class _Clock:
     """Wall time per stage; waits for the device at each reading so GPU work lands in its stage."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.cuda = device.type == "cuda"
         self.t = time.perf_counter()
 
     def lap(self) -> float:
         """Milliseconds since the previous lap."""
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)  # not the thread's current device (cuda:0)
         now = time.perf_counter()
         ms, self.t = (now - self.t) * 1000.0, now
         return ms
@@ -192,6 +193,15 @@ class Restorer:
         self.cap = BatchCap(preset.batch_size, grow_after=grow_after)
         self._rect = rectangle_mask(models.face_size, models.device)[0]
         self._use_parser = preset.use_parsing and models.parser is not None
+
+    def warm_up(self) -> None:
+        """Run the generator (and the parsing model) once on a blank face: first-use costs and failures come now."""
+        size = self.models.face_size
+        with torch.inference_mode():
+            out = self._run_generator(torch.zeros((1, 3, size, size), device=self.models.device))
+            if self.models.parser is not None and self._use_parser:
+                with self._parser_autocast():
+                    parse_masks(self.models.parser, out)
 
     def prepare(self, image: np.ndarray) -> WorkingImage:
         """``prepare_image`` with this restorer's preset (thread-safe)."""
@@ -249,11 +259,13 @@ class Restorer:
                 confidence=p.det_confidence, min_face_size=p.min_face_size, max_faces=p.max_faces,
                 search=[w.search for w in works])
         except Exception as exc:
-            if not is_out_of_memory(exc) or len(works) == 1:
-                if is_out_of_memory(exc):
-                    works[0].error = DeviceOutOfMemory("face detection does not fit in device memory")
-                    return
+            if not is_out_of_memory(exc):
                 raise
+            found = None  # leave the except block first: its traceback holds the failed batch's tensors
+        if found is None:
+            if len(works) == 1:
+                works[0].error = DeviceOutOfMemory("face detection does not fit in device memory")
+                return
             for w in works:  # too many images at once: one at a time
                 self._detect([w])
             return
@@ -291,8 +303,8 @@ class Restorer:
                     x = x[part_ok]
                 if not part:
                     continue
-                try:
-                    restored = self._run_generator(x)
+                try:  # the parsing model and the knobs run at the generator's batch size: split them alike
+                    out, masks = self._finish(works, part, x, self._run_generator(x))
                 except Exception as exc:
                     if not is_out_of_memory(exc):
                         raise
@@ -309,7 +321,6 @@ class Restorer:
                         pending.appendleft((part[:half], x[:half]))
                     continue
                 self.cap.succeeded()
-                out, masks = self._finish(works, part, x, restored)
                 for j, (i, k) in enumerate(part):
                     works[i].crops[k] = out[j]
                     works[i].masks[k] = masks[j]

@@ -285,6 +285,21 @@ class TestPrecision:
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert not any(p.requires_grad for p in model.parameters()) and not model.training
 
+    def test_bf16_becomes_fp16_on_gpus_without_bf16_units(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Turing and Volta (compute capability 7.x) only emulate bf16: such a GPU runs fp16 instead, judged by the
+        target device, not by whichever GPU is current."""
+        asked: list[object] = []
+
+        def capability(device: object = None) -> tuple[int, int]:
+            asked.append(device)
+            return {1: (7, 5), 2: (9, 0)}[torch.device(device).index]
+
+        monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+        assert resolve_precision("cuda:1", "bf16") == "fp16"
+        assert resolve_precision("cuda:2", "bf16") == "bf16"
+        assert resolve_precision("cuda:1", "fp16") == "fp16"
+        assert [torch.device(d) for d in asked] == [torch.device("cuda:1"), torch.device("cuda:2")]
+
     def test_unknown_precision_is_rejected(self) -> None:
         """A typo in the precision is an error, not a silent fp32."""
         with pytest.raises(ValueError, match="precision"):

@@ -106,6 +106,16 @@ class TestBatchCap:
         assert not is_out_of_memory(ValueError("out of memory"))
 
 
+def test_stage_clock_waits_for_the_models_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With models on cuda:1, timing must wait for cuda:1, not the current device (which would also wake cuda:0)."""
+    from gpen_engine.restorer import _Clock
+
+    waited: list[object] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    _Clock(torch.device("cuda:1")).lap()
+    assert waited == [torch.device("cuda:1")]
+
+
 class TestRestorer:
     def test_batches_faces_across_images(self, detector: nn.Module, images: list[np.ndarray]) -> None:
         """Faces of all images share generator batches of at most batch_size, none left out."""
@@ -155,6 +165,37 @@ class TestRestorer:
         assert gen.sizes[:3] == [8, 4, 2]  # the first batch is halved until it fits
         assert restorer.cap.current == 2
         assert len(gen.inputs) == 33  # every face went through exactly once
+
+    def test_parser_oom_splits_like_the_generator(self, detector: nn.Module, images: list[np.ndarray]) -> None:
+        """The parsing model runs at the generator's batch size: its out-of-memory splits the batch too, instead of
+        failing the whole call (which the daemon would retry at the same size for ever)."""
+
+        class SmallParser(nn.Module):
+            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                if x.shape[0] > 2:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+                logits = torch.zeros((x.shape[0], 19, *x.shape[2:]))
+                logits[:, 1] = 1  # all skin
+                return logits, x
+
+        preset = PLAIN.with_(batch_size=8, use_parsing=True)
+        restorer = Restorer(_models(FakeGenerator(), detector, SmallParser()), preset, grow_after=1000)
+        results = restorer.restore(images)
+        assert [len(_ok(r).faces) for r in results] == [12, 17, 4]
+        assert restorer.cap.current == 2
+
+    def test_warm_up_runs_the_generator_and_parser(self, detector: nn.Module) -> None:
+        """READY must mean the device has run the generator: warm-up passes one blank face through it."""
+        calls: list[int] = []
+
+        class Parser(nn.Module):
+            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                calls.append(x.shape[0])
+                return torch.zeros((x.shape[0], 19, *x.shape[2:])), x
+
+        gen = FakeGenerator()
+        Restorer(_models(gen, detector, Parser()), PLAIN.with_(use_parsing=True)).warm_up()
+        assert (gen.sizes, calls) == ([1], [1])
 
     def test_cap_grows_back(self, detector: nn.Module, images: list[np.ndarray]) -> None:
         """After clean batches at the lowered cap, batch sizes grow again towards the preset's."""
