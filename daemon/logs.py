@@ -74,6 +74,13 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
+def _unfold_multiline(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Console only: a value of several lines (a config or start-up error) is shown as lines, not as a repr."""
+    for key in [k for k, v in event.items() if k != "event" and isinstance(v, str) and "\n" in v]:
+        event["event"] = f"{event['event']}\n  {key}: " + event.pop(key).replace("\n", "\n    ")
+    return event
+
+
 def configure_logging(fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """Route structlog and stdlib logging to ``stream`` (default: stdout) in the chosen format.
 
@@ -92,7 +99,7 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info", stream: Text
         ]
         formatter_cls = _PriorityFormatter
     else:
-        renderer = [structlog.dev.ConsoleRenderer(colors=_is_terminal(stream))]
+        renderer = [_unfold_multiline, structlog.dev.ConsoleRenderer(colors=_is_terminal(stream))]
         formatter_cls = structlog.stdlib.ProcessorFormatter
 
     handler = _Handler(stream)

@@ -184,6 +184,11 @@ def collect_inputs(
     own folder is always marked ``.restored``, so that a later run does not take it for an input.
     """
     exts = normalize_extensions(extensions)
+    # An -o inside a folder being walked: its results would be inputs to the next run on that folder.
+    out = output.resolve() if output is not None else None
+    mark = out is not None and any(
+        p.is_dir() and (out == p.resolve() or p.resolve() in out.parents) for p in paths
+    )
     items: list[Item] = []
     problems: list[str] = []
     seen: set[Path] = set()
@@ -196,16 +201,16 @@ def collect_inputs(
         if stat.S_ISDIR(st.st_mode):
             for rel in _walk(path, exts, output, problems):
                 source = path / rel
-                _add(items, seen, _item(source, source, (output / rel).parent if output else source.parent))
+                _add(items, seen, _item(source, source, (output / rel).parent if output else source.parent, mark))
         elif stat.S_ISREG(st.st_mode):
-            _add(items, seen, _item(Path(os.path.realpath(path)), path, output or path.parent))
+            _add(items, seen, _item(Path(os.path.realpath(path)), path, output or path.parent, mark))
         else:
             problems.append(f"{path}: not a regular file or folder")
     return items, problems
 
 
-def _item(source: Path, named: Path, target_dir: Path) -> Item:
-    beside = _same_folder(target_dir, named.parent)
+def _item(source: Path, named: Path, target_dir: Path, mark: bool = False) -> Item:
+    beside = mark or _same_folder(target_dir, named.parent)
     return Item(source, target_dir, named.stem + ".restored" if beside else named.stem)
 
 

@@ -15,6 +15,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -194,6 +195,7 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"folders.{i}.preset = {folder.preset!r}: unknown preset (known: {', '.join(sorted(presets))})"
                 )
+        _folders_apart(self.folders)
         return self
 
     @classmethod
@@ -212,6 +214,35 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+def _folders_apart(folders: list[FolderSettings]) -> None:
+    """Refuse folders that feed each other: a photo must reach exactly one hot folder, and a result none."""
+    def norm(path: Path) -> Path:
+        return Path(os.path.abspath(path.expanduser()))
+
+    def under(path: Path, folder: Path) -> bool:
+        return path == folder or folder in path.parents
+
+    hot = [norm(f.path) for f in folders]
+    for i, folder in enumerate(folders):
+        for j in range(i):
+            if hot[i] == hot[j]:
+                raise ValueError(f"folders.{i}.path = '{folder.path}': also folders.{j}.path (one entry per folder)")
+        for j in range(len(folders)):
+            if hot[i] != hot[j] and folders[j].recursive and under(hot[i], hot[j]):
+                raise ValueError(f"folders.{i}.path = '{folder.path}': inside the hot folder folders.{j}.path "
+                                 "(its photos would be taken by both)")
+        targets = [("output", folder.output), ("backup", folder.backup), ("failed", folder.failed)]
+        if folder.done is not None:
+            targets.append(("done", folder.done))
+        for key, target in targets:
+            for j, other in enumerate(hot):
+                # Inside its own hot folder is fine (its watcher skips it); the hot folder itself is not.
+                if (j == i and norm(target) == other) or (j != i and under(norm(target), other)):
+                    where = "its own hot folder" if j == i else f"inside the hot folder folders.{j}.path"
+                    raise ValueError(f"folders.{i}.{key} = '{target}': {where} "
+                                     "(its files would be taken for new photos)")
+
+
 def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
     """The config file to read: --config, then $GPEN_WATCH_CONFIG, then /etc/gpen-watch/config.toml if present."""
     if explicit:
@@ -225,13 +256,19 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     """Read and validate the configuration; raise ConfigError with a readable message."""
     toml_file = config_path(path)
     if toml_file is not None and not toml_file.is_file():
-        raise ConfigError(f"config file {toml_file} does not exist")
+        what = "is a folder, not a file" if toml_file.is_dir() else "does not exist"
+        raise ConfigError(f"config file {toml_file} {what}")
     # A subclass per file keeps the file choice out of global state.
     bound = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": toml_file}})
     try:
         return bound(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, toml_file)) from None
+    except SettingsError as exc:  # an environment variable that is not JSON where a list or table is needed
+        raise ConfigError(
+            f"invalid environment variable: {exc} ({exc.__cause__}); lists and tables are written as JSON, "
+            """e.g. GPEN_WATCH_EXTENSIONS='[".jpg", ".png"]'"""
+        ) from None
     except (OSError, ValueError) as exc:  # unreadable file, TOML syntax error
         raise ConfigError(f"cannot read config {toml_file}: {exc}") from None
 
@@ -240,29 +277,60 @@ def format_validation_error(exc: ValidationError, source: Path | None) -> str:
     where = f" in {source}" if source else ""
     lines = [f"invalid configuration{where}:"]
     for err in exc.errors():
-        name = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        name = ".".join(str(part) for part in err["loc"])
         message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            lines.append(f"  {name}: required setting is missing")
+        origin = _env_origin(err["loc"])
+        if not name:  # a check across settings: its message names them
+            lines.append(f"  {message}")
+        elif err["type"] == "missing":
+            lines.append(f"  {name}: required setting is missing{origin}")
         elif "input" in err and not isinstance(err["input"], dict | list):
-            lines.append(f"  {name} = {err['input']!r}: {message}")
+            lines.append(f"  {name} = {err['input']!r}: {message}{origin}")
         else:
-            lines.append(f"  {name}: {message}")
+            lines.append(f"  {name}: {message}{origin}")
     return "\n".join(lines)
 
 
+def _env_origin(loc: tuple[int | str, ...]) -> str:
+    """' (from $GPEN_WATCH_...)' when an environment variable set the setting at ``loc`` or a table holding it."""
+    env = sorted(key.upper() for key in os.environ)
+    for end in range(len(loc), 0, -1):
+        var = "GPEN_WATCH_" + "__".join(str(part).upper() for part in loc[:end])
+        named = [key for key in env if key == var or key.startswith(var + "__")]
+        if named:
+            return f" (from ${', $'.join(named)})"
+    return ""
+
+
 def preset_table(settings: Settings) -> dict[str, Preset]:
-    """Built-in presets with the config's changes applied, plus the config's own presets."""
+    """Built-in presets with the config's changes applied, plus the config's own presets.
+
+    A ``base`` may name any preset, built-in or the config's own, wherever the file defines it.
+    """
     table = dict(BUILTIN_PRESETS)
-    for name, custom in settings.presets.items():
+    done: dict[str, Preset] = {}
+
+    def build(name: str, chain: tuple[str, ...]) -> Preset:
+        if name in done:
+            return done[name]
+        custom = settings.presets.get(name)
+        if custom is None:
+            if name in table:
+                return table[name]
+            raise ValueError(f"presets.{chain[-1]}.base = {name!r}: unknown preset")
+        if name in chain:
+            raise ValueError(f"presets.{name}.base: the bases go round in a circle ({' -> '.join((*chain, name))})")
         base_name = custom.base or (name if name in table else "fast")
-        if base_name not in table:
-            raise ValueError(f"presets.{name}.base = {base_name!r}: unknown preset")
+        base = table[name] if base_name == name and name in table else build(base_name, (*chain, name))
         changes = {k: v for k, v in custom.model_dump(exclude={"base"}).items() if v is not None}
         if changes.get("max_long_side") == 0:
             changes["max_long_side"] = None  # the engine's "no cap"
-        table[name] = table[base_name].with_(name=name, **changes)
-    return table
+        done[name] = base.with_(name=name, **changes)
+        return done[name]
+
+    for name in settings.presets:
+        build(name, ())
+    return {**table, **done}
 
 
 def hot_folders(settings: Settings) -> list[FolderSettings]:

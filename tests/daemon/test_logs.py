@@ -127,6 +127,15 @@ class TestConsole:
         assert "\x1b[" not in text
         assert not text.startswith("<")
 
+    def test_console_shows_a_multi_line_error_as_lines(self) -> None:
+        """A config error of several lines is printed as indented lines on a terminal, not as one escaped repr."""
+        error = "invalid configuration in /etc/gpen-watch/config.toml:\n  presets.fast.strenght = 20: unknown"
+        stream = io.StringIO()
+        configure_logging("console", "info", stream)
+        get_logger().error("cannot start", error=error)
+        text = stream.getvalue()
+        assert "\\n" not in text and "\n      presets.fast.strenght = 20: unknown" in text
+
     def test_console_renders_exceptions(self) -> None:
         """A logged exception shows its traceback in console output too."""
         stream = io.StringIO()

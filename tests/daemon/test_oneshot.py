@@ -189,6 +189,17 @@ class TestAwkwardArguments:
             assert "1 ok, 0 failed" in capsys.readouterr().err
         assert {p.name for p in folder.iterdir()} == {"p.jpg", "p.restored.jpg", "p.restored (1).jpg"}
 
+    def test_an_output_folder_inside_the_input_is_not_restored_by_the_next_run(
+            self, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """-o under the input folder marks results .restored, so a later run on the folder skips them."""
+        folder = tmp_path / "in"
+        folder.mkdir()
+        (folder / "p.jpg").write_bytes(jpeg_crop((300, 50, 700, 350)))
+        assert enhance(config, "-o", str(folder / "out"), str(folder)) == 0
+        assert enhance(config, str(folder)) == 0
+        assert capsys.readouterr().err.count("1 ok, 0 failed") == 2  # not "2 ok" the second time
+        assert sorted(p.name for p in (folder / "out").iterdir()) == ["p.restored.jpg"]
+
     def test_one_file_spelled_two_ways_is_restored_once(self, config: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
         (tmp_path / "d").mkdir()

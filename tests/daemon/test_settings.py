@@ -49,3 +49,46 @@ def test_a_users_own_model_is_known(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, '[[models]]\nname = "studio"\npath = "studio.pth"\nsize = 512\n'
                                              '[presets.fast]\nmodel = "studio"\n'))
     assert preset_table(settings)["fast"].model == "studio"
+
+
+def _folder(path: Path, out: Path, **extra: str) -> str:
+    lines = ["[[folders]]", f'path = "{path}"', f'output = "{out}"', f'backup = "{out}-b"', f'failed = "{out}-f"']
+    return "\n".join(lines + [f"{k} = {v}" for k, v in extra.items()]) + "\n"
+
+
+@pytest.mark.parametrize(("folders", "named"), [
+    (lambda t: _folder(t / "in", t / "out") + _folder(t / "in", t / "out2"), "folders.1.path"),
+    (lambda t: _folder(t / "in", t / "out") + _folder(t / "in" / "sub", t / "out2"), "folders.1.path"),
+    (lambda t: _folder(t / "in", t / "in"), "folders.0.output"),
+    (lambda t: _folder(t / "a", t / "b" / "x") + _folder(t / "b", t / "out2"), "folders.0.output"),
+])
+def test_folders_that_feed_each_other_are_refused(tmp_path: Path, folders, named: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(write(tmp_path, folders(tmp_path)))
+    assert named in str(exc.value)
+
+
+def test_an_output_inside_its_own_hot_folder_is_allowed(tmp_path: Path) -> None:
+    load_settings(write(tmp_path, _folder(tmp_path / "in", tmp_path / "in" / "results")))
+
+
+def test_a_base_may_be_defined_later_in_the_file(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, '[presets.portrait]\nbase = "studio"\nstrength = 60\n'
+                                             '[presets.studio]\nbase = "quality"\nsharpen = 10\n'))
+    portrait = preset_table(settings)["portrait"]
+    assert (portrait.model, portrait.sharpen, portrait.strength) == ("GPEN-BFR-1024", 10, 60)
+
+
+def test_an_environment_value_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPEN_WATCH_MAX_ATTEMPTS", "abc")
+    with pytest.raises(ConfigError, match=r"\(from \$GPEN_WATCH_MAX_ATTEMPTS\)"):
+        load_settings(write(tmp_path, ""))
+    monkeypatch.setenv("GPEN_WATCH_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("GPEN_WATCH_EXTENSIONS", ".jpg")
+    with pytest.raises(ConfigError, match="invalid environment variable"):
+        load_settings(write(tmp_path, ""))
+
+
+def test_bases_that_go_round_in_a_circle_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"circle \(a -> b -> a\)"):
+        load_settings(write(tmp_path, '[presets.a]\nbase = "b"\n[presets.b]\nbase = "a"\n'))
