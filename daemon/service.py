@@ -486,8 +486,13 @@ class Service:
                     st = os.lstat(safe_join(folder.path, relpath))
                 except (OSError, UnsafePath):
                     continue  # gone again already, or refused: the next scan settles it
-                # Size and mtime let the table recognise an original that after = "keep" left in place.
-                self.jobs.note_candidate(key, relpath, folder.preset, size=st.st_size, mtime_ns=st.st_mtime_ns)
+                # Size and mtime let the table recognise an original that after = "keep" left in place. With
+                # "delete" or "move" a processed original is gone: a file there now was dropped again (cp -p, or
+                # moved back from failed/ to retry it), even with the same size and mtime.
+                if folder.after == "keep":
+                    self.jobs.note_candidate(key, relpath, folder.preset, size=st.st_size, mtime_ns=st.st_mtime_ns)
+                else:
+                    self.jobs.note_candidate(key, relpath, folder.preset)
         while True:
             try:
                 key, relpath, reason = self.refused.get_nowait()
@@ -537,8 +542,8 @@ class Service:
             return
         # after = "keep" leaves processed originals in place; they are not new work, even once touched. (With
         # "delete" or "move" the same bytes under the same name are a new drop: the duplicates policy decides.)
-        same_content = verdict.sha256 if folder.after == "keep" else None
-        if self.jobs.is_unchanged_done(job.folder, job.relpath, verdict.size, verdict.mtime_ns, sha256=same_content):
+        if folder.after == "keep" and self.jobs.is_unchanged_done(
+                job.folder, job.relpath, verdict.size, verdict.mtime_ns, sha256=verdict.sha256):
             self.jobs.mark_skipped(job.id, "already processed (unchanged since)")
             return
         if self.settings.duplicates == "skip" and self.jobs.find_done_by_hash(job.folder, verdict.sha256):

@@ -184,3 +184,24 @@ def test_a_kept_original_that_is_only_touched_is_not_processed_again(tmp_path):
 def _skipped_in_table(root) -> bool:
     with sqlite3.connect(root / "state" / "jobs.sqlite3") as con:
         return bool(con.execute("SELECT 1 FROM jobs WHERE state = 'skipped'").fetchall())
+
+
+def test_an_original_dropped_again_with_its_old_mtime_is_processed_again(tmp_path):
+    """after = "delete": a processed file copied in again with `cp -p` (same bytes, size and mtime), or a failed
+    one moved back from failed/ to retry it, is a new drop, not something to ignore silently."""
+    config, layout = write_config(tmp_path)
+    hot, out, failed = layout.hot["a"], layout.out["a"], layout.failed["a"]
+    daemon = Daemon(config).start()
+    try:
+        photo, junk = face_photo(1), b"not an image at all"
+        for name, data in (("p.jpg", photo), ("t.jpg", junk)):
+            _drop(hot / name, data)
+            os.utime(hot / name, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+        wait_for(lambda: (out / "p.jpg").is_file() and (failed / "t.jpg").is_file(), 60, daemon, "first round")
+        _drop(hot / "p.jpg", photo)
+        os.utime(hot / "p.jpg", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+        os.rename(failed / "t.jpg", hot / "t.jpg")
+        wait_for(lambda: (out / "p (1).jpg").is_file() and (failed / "t.jpg").is_file()
+                 and not any(hot.iterdir()), 60, daemon, "both processed again")
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]
