@@ -201,7 +201,8 @@ def read_no_follow(
         size = os.fstat(f.fileno()).st_size
         if max_bytes is not None and size > max_bytes:
             raise UnsafePath(f"{path}: {size} bytes is more than the limit of {max_bytes}")
-        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        # read(n) allocates n bytes up front: ask for what the file holds (plus one, to see it grow), not the limit.
+        data = f.read() if max_bytes is None else f.read(min(size, max_bytes) + 1)
         if max_bytes is not None and len(data) > max_bytes:
             raise UnsafePath(f"{path}: more than the limit of {max_bytes} bytes")
         return data, os.fstat(f.fileno())

@@ -25,7 +25,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.paths import UnsafePath, read_no_follow
+from daemon.paths import UnsafePath, open_file, read_no_follow
 from gpen_engine.types import ImageTooLarge, InputError, UnsupportedImage
 
 __all__ = ["FAILED", "GONE", "NOT_YET", "READY", "ReadinessGate", "State", "Verdict"]
@@ -202,6 +202,12 @@ class ReadinessGate:
         """READY, FAILED, GONE or NOT_YET from reading the bytes; None when they do not decode (yet)."""
         try:
             relative = path if base is None else path.relative_to(base)
+            hole = first_hole(relative, base=base)
+            if hole is not None:
+                # Windows and SMB copies, and download managers, set the final size first and fill it in: a
+                # stalled one leaves a quiet file whose unwritten tail several formats would decode as black.
+                track.decode_error = f"nothing written yet at byte {hole} (the writer set the size first)"
+                return None
             data, st = read_no_follow(relative, base=base, max_bytes=self._max_bytes)
         except (FileNotFoundError, NotADirectoryError):
             return self._vanished(key, available)
@@ -230,3 +236,17 @@ class ReadinessGate:
                 data=data if self._keep_data else None,
             ),
         )
+
+
+def first_hole(path: Path, *, base: Path | None = None) -> int | None:
+    """Where the first unwritten range (hole) before the end of a file starts, or None if there is none.
+
+    None also where the filesystem cannot tell (it then reports the whole file as written).
+    """
+    with open_file(path, base=base) as f:
+        fd = f.fileno()
+        try:
+            hole = os.lseek(fd, 0, os.SEEK_HOLE)
+        except OSError:
+            return None
+        return hole if hole < os.fstat(fd).st_size else None

@@ -29,7 +29,7 @@ from daemon import publish, status
 from daemon.batcher import pick_queue
 from daemon.executor import LocalExecutor, Outcome
 from daemon.faults import FailPoints
-from daemon.jobs import Job, JobStateError, JobTable, claim_instance
+from daemon.jobs import Job, JobStateError, JobTable, JobTableError, claim_instance
 from daemon.logs import configure_logging
 from daemon.notify import Notifier
 from daemon.paths import Mount, UnsafePath, is_candidate, mount_of, open_no_follow, safe_join, unmounted
@@ -442,7 +442,11 @@ class Service:
             max_wait=self.settings.max_ready_wait,
             check_decodes=lambda data: imageio.check_complete(data, max_pixels=self.settings.max_pixels),
         )
+        # No accepted image is bigger than max_pixels at 16 bits x 4 channels, plus room for metadata: a larger
+        # file is refused before it is read into memory (twice: here and on the read pool).
+        max_bytes = self.settings.max_pixels * 8 + (64 << 20)
         gates: dict[str, ReadinessGate] = {}
+        crashed: set[int] = set()
         while not self.stop_event.is_set():
             self.heartbeats.beat("gate")
             try:
@@ -450,6 +454,7 @@ class Service:
                 for job in self.jobs.pending():
                     if self.stop_event.is_set():
                         break
+                    self.heartbeats.beat("gate")  # one pass over a big drop reads and decodes every quiet file
                     folder = self.folders.get(job.folder)
                     if folder is None or job.folder in self.paused:
                         continue
@@ -459,12 +464,22 @@ class Service:
                             stability_delay=folder.stability_delay,
                             max_wait=gate.max_wait,
                             check_decodes=gate.check_decodes,
+                            max_bytes=max_bytes,
                         ),
                     )
+                    # A reload may have changed either; the files being tracked keep their quiet time so far.
+                    g.stability_delay, g.max_wait = folder.stability_delay, self.settings.max_ready_wait
                     try:
                         self._gate_one(g, folder, job)
                     except JobStateError:  # another instance sharing this table settled it first
                         g.forget(job.id)
+                    except JobTableError:
+                        raise
+                    except Exception:  # one file must not stop the gate for every other one; looked at again
+                        if job.id not in crashed:
+                            crashed.add(job.id)
+                            log.exception("readiness check crashed; trying again", folder=job.folder,
+                                          path=job.relpath)
             except Exception:
                 log.exception("gate pass failed; retrying")
             self.stop_event.wait(0.2)
@@ -904,6 +919,10 @@ class Service:
             self.notifier.ready()
             return
         # Restorers of presets no longer in use stay: batches claimed before the reload finish with them.
+        def watching(s: Settings) -> tuple[object, ...]:  # what every watcher was built with
+            return (tuple(s.extensions), s.poll_interval, s.rescan_interval, state_dir(s))
+
+        rewatch_all = watching(settings) != watching(self.settings)
         self.settings, self.presets = settings, presets
         for key in set(self.watchers) - set(new_folders):
             self.watchers.pop(key).stop()
@@ -912,7 +931,8 @@ class Service:
         self._make_folders(moved)
         self._note_mounts(moved)
         for key, folder in new_folders.items():
-            if key in self.watchers and self.folders.get(key) != folder:  # e.g. its output moved: new exclusions
+            # e.g. its output moved (new exclusions), or the extensions or scan intervals changed
+            if key in self.watchers and (rewatch_all or self.folders.get(key) != folder):
                 self.watchers.pop(key).stop()
             if key not in self.watchers:
                 self._start_watcher(key, folder)

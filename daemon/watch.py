@@ -183,6 +183,7 @@ class FolderWatcher:
         self._paused: str | None = None
         self._started = False
         self._snapshot: Snapshot = {}
+        self._event_root = ""
         self._next_scan = 0.0
         self._next_full = 0.0
         self._next_health = 0.0
@@ -351,8 +352,11 @@ class FolderWatcher:
         if self._mode != "events":
             return
         source = self._source_factory()
+        # inotify watches a link itself, not its target (watchdog adds IN_DONT_FOLLOW): a hot folder configured
+        # through a symbolic link is watched at its real path, and events are mapped back (``_relative``).
+        self._event_root = os.path.realpath(self.root)
         try:
-            source.start(self.root, self.folder.recursive, self._emit)
+            source.start(Path(self._event_root), self.folder.recursive, self._emit)
         except OSError as exc:
             # e.g. the inotify watch limit (fs.inotify.max_user_watches): polling still finds everything.
             self._problem(f"cannot watch for events ({exc}); polling every {self._poll_interval:g} s instead")
@@ -521,10 +525,10 @@ class FolderWatcher:
         return True
 
     def _relative(self, path: str) -> str | None:
-        root = str(self.root)
-        if not path.startswith(root + os.sep):
-            return None
-        return path[len(root) + 1 :].replace(os.sep, "/")
+        for root in (str(self.root), self._event_root):
+            if root and path.startswith(root + os.sep):
+                return path[len(root) + 1 :].replace(os.sep, "/")
+        return None
 
     def _excluded_rel(self, rel: str) -> bool:
         path = self.root / rel

@@ -132,6 +132,13 @@ class TestNoFollowReads:
             read_no_follow(tmp_path / "big.jpg", max_bytes=10)
 
 
+    def test_a_generous_limit_costs_nothing_for_a_small_file(self, tmp_path: Path) -> None:
+        """The limit guards memory; it must not itself be allocated for every small file read."""
+        (tmp_path / "a.jpg").write_bytes(b"tiny")
+        data, _ = read_no_follow(tmp_path / "a.jpg", max_bytes=1 << 44)  # 16 TiB
+        assert data == b"tiny"
+
+
 class TestMounts:
     def test_longest_prefix_wins(self):
         """The mount holding a path is the one with the longest matching mount point."""

@@ -114,6 +114,32 @@ class TestReadinessGate:
         clock.advance(2.0)
         assert gate.look(path, "k").state is READY
 
+    def test_a_file_sized_first_and_still_being_filled_is_not_ready(self, gate, clock, tmp_path):
+        """A writer that sets the final size first (Windows/SMB copies) and stalls leaves a hole: a BMP read then
+        decodes with a black tail, so it must wait for the bytes, and be ready once they are written."""
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(1).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(buf, "BMP")
+        data = buf.getvalue()
+        path = tmp_path / "scan.bmp"
+        with open(path, "wb") as f:
+            f.truncate(len(data))
+            f.write(data[: len(data) * 4 // 10])
+        with open(path, "rb") as f:
+            if os.lseek(f.fileno(), 0, os.SEEK_HOLE) >= len(data):
+                pytest.skip("this filesystem does not report holes")
+        for _ in range(4):
+            clock.advance(2.5)
+            assert gate.look(path, 1).state is NOT_YET
+        with open(path, "r+b") as f:
+            f.seek(len(data) * 4 // 10)
+            f.write(data[len(data) * 4 // 10 :])
+        touch_mtime(path, path.stat().st_mtime_ns + 1_000_000_000)
+        clock.advance(2.5)
+        assert gate.look(path, 1).state is NOT_YET  # it changed: quiet again first
+        clock.advance(2.5)
+        verdict = gate.look(path, 1)
+        assert verdict.state is READY and verdict.data == data
+
     def test_truncated_jpeg_waits_then_fails(self, gate, clock, tmp_path):
         """A truncated JPEG is NOT_YET (it may still be copying) and FAILED with the reason after max_wait."""
         path = tmp_path / "cut.jpg"

@@ -98,3 +98,24 @@ def test_a_sighup_during_start_up_is_a_reload_not_death(tmp_path):
         wait_for(lambda: "gpen-watch ready" in daemon.log_text(), 90, daemon, "ready despite the early SIGHUP")
         wait_for(lambda: _reloaded(daemon), 30, daemon, "the early SIGHUP handled as a reload")
         assert daemon.running()
+
+
+def test_a_reload_that_adds_an_extension_or_slows_the_gate_applies_to_running_folders(tmp_path):
+    """Settings every watcher and gate was built with (extensions, stability_delay) take effect on reload, not only
+    after a restart, as "configuration reloaded" says."""
+    config, layout = write_config(tmp_path, extra='extensions = [".jpg"]')
+    with _running(config) as daemon:
+        (layout.hot["a"] / "first.jpg").write_bytes(face_photo(0))  # the folder's watcher and gate are at work
+        wait_for(lambda: (layout.out["a"] / "first.jpg").exists(), 60, daemon, "the first JPEG published")
+        config.write_text(config.read_text().replace('extensions = [".jpg"]', 'extensions = [".jpg", ".png"]'))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: _reloaded(daemon), 60, daemon, "first reload handled")
+        (layout.hot["a"] / "p.png").write_bytes(face_photo(1, "PNG"))
+        wait_for(lambda: (layout.out["a"] / "p.png").exists(), 30, daemon, "the PNG published")
+        config.write_text(config.read_text().replace("stability_delay = 0.3", "stability_delay = 6"))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: _reloaded(daemon, 2), 60, daemon, "second reload handled")
+        started = time.monotonic()
+        (layout.hot["a"] / "late.jpg").write_bytes(face_photo(2))
+        wait_for(lambda: (layout.out["a"] / "late.jpg").exists(), 60, daemon, "the last JPEG published")
+        assert time.monotonic() - started >= 6  # the new, longer quiet time was waited for

@@ -1,6 +1,7 @@
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -390,6 +391,22 @@ class TestRealWatching:
         finally:
             watcher.stop()
         assert not watcher.alive()
+
+    def test_inotify_events_through_a_linked_hot_folder(self, hot, tmp_path):
+        """A hot folder configured as a link to the real folder gets events too (inotify watches the link itself
+        unless told its target), not only the slow full rescans."""
+        link = tmp_path / "hot-link"
+        link.symlink_to(hot)
+        rec = Recorder()
+        watcher = make_watcher(link, rec, rescan_interval=3600.0, watch="events")
+        watcher.start()
+        try:
+            rec.wait_for(lambda: watcher.mode == "events")
+            time.sleep(0.3)  # the first full pass is over
+            (hot / "late.jpg").write_bytes(b"l")
+            rec.wait_for(lambda: "late.jpg" in rec.candidates)
+        finally:
+            watcher.stop()
 
     @pytest.mark.parametrize("mode", ["events", "poll"])
     def test_folder_vanishing_and_returning(self, hot, mode):
