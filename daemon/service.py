@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import hashlib
 import os
 import queue
@@ -54,6 +55,8 @@ log = structlog.get_logger("gpen_watch.service")
 
 # How long a stage may go without a heartbeat before the systemd watchdog pings stop.
 STALL_FACTOR = 1.0
+# How long a reload (loading and warming up new models) may take before the watchdog pings stop.
+RELOAD_LIMIT = 600.0
 
 
 def command(args: argparse.Namespace) -> int:
@@ -66,6 +69,8 @@ def command(args: argparse.Namespace) -> int:
         log.error("configuration invalid", error=str(exc))
         return 2
     configure_logging(settings.log_format, settings.log_level)
+    # systemd's watchdog ends a stuck daemon with SIGABRT: leave every thread's stack in the journal.
+    faulthandler.enable(all_threads=True)
     service = Service(settings, folders, reload_source=lambda: _reload_settings(args))
     return service.serve()
 
@@ -73,6 +78,26 @@ def command(args: argparse.Namespace) -> int:
 def _reload_settings(args: argparse.Namespace) -> tuple[Settings, list[FolderSettings]]:
     settings = settings_from_args(args)
     return settings, hot_folders(settings)
+
+
+def _one_line(exc: BaseException, width: int = 300) -> str:
+    """An exception's whole message on one line (its first line alone may only say "config invalid:")."""
+    text = " ".join(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).split()) or repr(exc)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+class StartupCancelled(Exception):
+    """SIGTERM/SIGINT arrived while models were loading."""
+
+
+def _load_identity(settings: Settings, preset: Preset) -> tuple[object, ...]:
+    """Everything that decides which models a preset loads and where: a change means loading again."""
+    from daemon.modelfiles import models_of
+    from gpen_engine.registry import preset_models
+
+    table = models_of(settings)
+    return (preset, str(settings.models_dir.expanduser().absolute()), settings.device,
+            tuple(repr(table.get(n)) for n in preset_models(preset)))
 
 
 @dataclass
@@ -140,6 +165,7 @@ class Service:
         self.refused: queue.SimpleQueue[tuple[str, str, str]] = queue.SimpleQueue()
         self.prepared: queue.Queue[Batch | None] = queue.Queue(maxsize=1)
         self.restorers: dict[str, Restorer] = {}
+        self.loaded_as: dict[str, tuple[object, ...]] = {}
         self.models: dict[tuple[object, ...], Any] = {}
         self.watchers: dict[str, FolderWatcher] = {}
         self.threads: list[threading.Thread] = []
@@ -162,6 +188,11 @@ class Service:
         self._install_signal_handlers()
         try:
             self.startup()
+        except StartupCancelled:
+            log.info("stopped during start-up")
+            self.notifier.stopping()
+            self._close()
+            return 0
         except Exception as exc:  # a start-up failure is fatal and must say why
             from daemon.jobs import JobTableError
             from daemon.modelfiles import MissingModelError
@@ -183,6 +214,8 @@ class Service:
         # Before the job table: a refused second daemon must not take back the first one's work in flight.
         self.instance_lock = claim_instance(state, self.settings.instance)
         self.jobs = JobTable.open(state / status.JOBS_FILE, owner=self.settings.instance)
+        self.device_name = "none yet (starting: loading models)"
+        self._write_snapshot({}, {})  # `gpen-watch status` sees a starting daemon, not the last one's pid
         requeued = self.jobs.requeue_in_flight(max_attempts=self.settings.max_attempts)
         if requeued:
             log.warning("work in flight at the last stop is redone", jobs=requeued)
@@ -197,6 +230,8 @@ class Service:
         if removed:
             log.info("removed temporary files left by an earlier crash", files=removed)
         self._load_presets(self._presets_in_use())
+        if self.stop_event.is_set():
+            raise StartupCancelled("stop requested during start-up")
         self.executor = LocalExecutor(self.restorers, self.failpoints)
         self._start_metrics()
         for key, folder in self.folders.items():
@@ -267,23 +302,37 @@ class Service:
                 publish.write_failure(folder.failed, job.relpath, source, None, info, src_root=folder.path)
                 log.error("file failed after repeated crashes", folder=job.folder, path=job.relpath)
 
+    def _feed_watchdog(self, interval: float | None, log_stale: bool) -> None:
+        if interval is None:
+            return
+        max_age = max(2 * interval * STALL_FACTOR, 1.0)
+        stale = self.heartbeats.stale(max_age)
+        stale += [f"watch:{k}" for k, w in list(self.watchers.items()) if time.monotonic() - w.last_beat > max_age]
+        if not stale:
+            self.notifier.watchdog()
+        elif log_stale:
+            log.error("a stage stopped making progress; withholding watchdog pings", stages=stale)
+
     def main_loop(self) -> None:
         interval = self.notifier.watchdog_interval()
         next_status = 0.0
+        tick = min(0.25, interval / 2) if interval is not None else 0.25
         while not self.stop_event.is_set():
-            self.stop_event.wait(0.25)
+            self.stop_event.wait(tick)
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
-                self._reload()
+                # Loading new models may outlast WatchdogSec: the main thread keeps feeding the watchdog
+                # (while the working stages stay alive) and the reload runs beside it.
+                # A reload that never ends (a wedged warm-up) stops the pings after RELOAD_LIMIT.
+                worker = threading.Thread(target=self._reload, name="reload", daemon=True)
+                worker.start()
+                give_up = time.monotonic() + RELOAD_LIMIT
+                while worker.is_alive() and not self.stop_event.is_set():
+                    worker.join(tick)
+                    if time.monotonic() < give_up:
+                        self._feed_watchdog(interval, log_stale=False)
             now = time.monotonic()
-            if interval is not None:
-                max_age = max(2 * interval * STALL_FACTOR, 1.0)
-                stale = self.heartbeats.stale(max_age)
-                stale += [f"watch:{k}" for k, w in self.watchers.items() if time.monotonic() - w.last_beat > max_age]
-                if not stale:
-                    self.notifier.watchdog()
-                elif now >= next_status:
-                    log.error("a stage stopped making progress; withholding watchdog pings", stages=stale)
+            self._feed_watchdog(interval, log_stale=now >= next_status)
             if now >= next_status:
                 next_status = now + 2.0
                 self._report_status()
@@ -357,7 +406,10 @@ class Service:
         ensure_models(settings, sorted({n for p in presets.values() for n in preset_models(p)}),
                       download=settings.download, log=log.info)
         restorers: dict[str, Restorer] = {}
+        identities: dict[str, tuple[object, ...]] = {}
         for name, preset in presets.items():
+            if self.stop_event.is_set():  # SIGTERM during a long start-up or reload: stop now
+                raise StartupCancelled("stop requested while loading models")
             request = preset.device if preset.device != "auto" else settings.device
             self.notifier.extend_timeout(300)  # model loads and downloads can outlast TimeoutStartSec
             report = select_device(request)
@@ -375,6 +427,7 @@ class Service:
             models = self.models.get(key)
             if models is None:
                 log.info("loading models", preset=name, model=spec.name, precision=precision)
+                self.failpoints.hit("load")
                 models = load_engine_models(
                     generator_path=paths[spec.name],
                     arch=spec.arch,
@@ -385,10 +438,14 @@ class Service:
                     precision=precision,
                 )
                 self.models[key] = models
+            if self.stop_event.is_set():
+                raise StartupCancelled("stop requested while loading models")
             restorer = Restorer(models, preset)
             self._warm_up(restorer)
             restorers[name] = restorer
+            identities[name] = _load_identity(settings, preset)
         self.restorers.update(restorers)
+        self.loaded_as.update(identities)
         # Model sets no restorer uses any more (a preset moved to another file, device or precision) hold
         # device memory for nothing: drop them (a batch in flight keeps its own restorer, and so its models).
         used = {id(r.models) for r in self.restorers.values()}
@@ -688,8 +745,8 @@ class Service:
                 if self.stop_event.is_set():
                     return
                 continue
-            if batch is None:
-                return
+            if batch is None or self.stop_event.is_set():
+                return  # a prepared batch not started yet: _close hands its rows back (ready, no crash counted)
             structlog.contextvars.bind_contextvars(batch_id=batch.batch_id, preset=batch.preset)
             try:
                 self._run_batch(batch)
@@ -704,7 +761,9 @@ class Service:
         try:
             outcomes = self.executor.run(batch.preset, [p.working for p in batch.items])
         except Exception as exc:  # the whole batch failed (device error, OOM after every retry)
-            log.error("batch failed; its files are retried", error=str(exc), files=len(batch.items))
+            expected = isinstance(exc, EngineError) or is_out_of_memory(exc)
+            log.error("batch failed; its files are retried", error=str(exc), files=len(batch.items),
+                      exc_info=not expected)
             for item in batch.items:
                 self._retry(item.job, "generate", exc)
             return
@@ -904,18 +963,21 @@ class Service:
             presets = preset_table(settings)
         except ConfigError as exc:
             log.error("new configuration rejected; keeping the running one", error=str(exc))
-            self.notifier.status(f"reload rejected: {str(exc).splitlines()[-1]}")
+            self.notifier.status(f"reload rejected: {_one_line(exc)}")
             self.notifier.ready()
             return
         new_folders = {str(f.path.expanduser().absolute()): f for f in folders}
         in_use = {f.preset: presets[f.preset] for f in new_folders.values()}
-        changed = {n: p for n, p in in_use.items() if n not in self.restorers or self.presets.get(n) != p}
+        changed = {n: p for n, p in in_use.items()
+                   if n not in self.restorers or self.loaded_as.get(n) != _load_identity(settings, p)}
         try:  # before anything switches over: a reload is applied whole or not at all
             self._load_presets(changed, settings)  # reuses loaded models whose file/device/precision did not change
+        except StartupCancelled:
+            return  # stopping
         except Exception as exc:
             log.error("new configuration rejected: its models could not be loaded; keeping the running one",
                       error=str(exc))
-            self.notifier.status(f"reload rejected: {str(exc).splitlines()[-1] if str(exc) else exc!r}")
+            self.notifier.status(f"reload rejected: {_one_line(exc)}")
             self.notifier.ready()
             return
         # Restorers of presets no longer in use stay: batches claimed before the reload finish with them.
@@ -959,9 +1021,14 @@ class Service:
         if self.metrics is not None:
             for name, cap in caps.items():
                 self.metrics.set_batch_cap(name, cap)
-        paused = f", paused: {len(self.paused)}" if self.paused else ""
+        try:
+            retrying = sum(c.get("retry", 0) for c in self.jobs.counts().values())
+        except Exception:
+            retrying = 0
+        paused = f", paused: {'; '.join(f'{k} ({r})' for k, r in self.paused.items())}" if self.paused else ""
+        waiting = f", waiting to retry {retrying}" if retrying else ""
         line = (
-            f"queued {queued}, done {self.counters['done']}, failed {self.counters['failed']}, "
+            f"queued {queued}{waiting}, done {self.counters['done']}, failed {self.counters['failed']}, "
             f"{per_min} img/min on {self.device_name}, batch caps {caps}{paused}"
         )
         self.notifier.status(line)

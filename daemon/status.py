@@ -50,6 +50,7 @@ JOBS_FILE = "jobs.sqlite3"
 SNAPSHOT_FILE = "status.json"
 # StateDirectory=gpen-watch of the shipped unit: where an operator's shell finds a system service's state.
 SYSTEM_STATE_DIR = Path("/var/lib/gpen-watch")
+STALE_AFTER = 30.0  # seconds without a new status.json from a live daemon
 THROUGHPUT_WINDOWS = {"1m": 60.0, "5m": 300.0, "15m": 900.0}
 
 EXIT_RUNNING, EXIT_STOPPED, EXIT_NO_STATE = 0, 3, 4
@@ -334,6 +335,9 @@ def render_text(report: Report) -> str:
     if report.running and snap is not None:
         since = _when(snap.started_at)
         lines.append(f"gpen-watch: running (pid {snap.pid}, since {since}, version {snap.version})")
+        age = time.time() - snap.updated_at
+        if age > STALE_AFTER:  # the daemon rewrites it every 2 s: its main loop is stuck or it is still starting
+            lines.append(f"warning: the daemon has not updated its status for {age:.0f} s (still starting, or hung)")
     elif snap is not None:
         lines.append(f"gpen-watch: not running (last seen {_when(snap.updated_at)}, pid {snap.pid})")
     else:

@@ -160,7 +160,9 @@ class Daemon:
 
     def start(self) -> Daemon:
         self.log_path = self.config.with_name(f"daemon-{time.monotonic_ns()}.log")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        # The code of this checkout, even where another checkout is installed in the environment (editable).
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **self.env}
         env.pop("NOTIFY_SOCKET", None) if "NOTIFY_SOCKET" not in self.env else None
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(

@@ -166,3 +166,56 @@ def test_without_systemd_python_notify_socket_gives_one_clear_error(tmp_path, no
         assert 1 == sum("systemd-python" in line for line in text.splitlines())
     finally:
         assert 0 == daemon.stop()
+
+
+def _switch_to_a_new_model(config: Path, models: Path, filename: str) -> None:
+    """Point preset ``test`` at a new [[models]] entry ``tiny2`` whose file is ``filename``."""
+    from tests.daemon.harness import TINY_ARCH
+
+    text = config.read_text().replace('model = "tiny"', 'model = "tiny2"', 1)
+    text += '\n[[models]]\nname = "tiny2"\n' + f'path = "{filename}"\n'
+    text += "".join(f"{k} = {v}\n" for k, v in TINY_ARCH.items())
+    config.write_text(text)
+
+
+@needs_systemd_python
+def test_a_reload_that_loads_models_slowly_keeps_the_watchdog_fed(tmp_path, notify):
+    """systemd's watchdog stays armed during a reload: loading new models must not starve the pings."""
+    import shutil
+
+    config, layout = write_config(tmp_path)
+    daemon = _start(config, notify, GPEN_WATCH_FAILPOINTS="load=sleep:4")
+    try:
+        notify.wait_for("READY", "1", timeout=120)
+        shutil.copyfile(tmp_path / "models" / "tiny-gpen.pth", tmp_path / "models" / "tiny2.pth")
+        _switch_to_a_new_model(config, tmp_path / "models", "tiny2.pth")
+        hup_at = time.monotonic()
+        daemon.signal(signal.SIGHUP)
+        reload_at = notify.wait_for("RELOADING", "1", after=hup_at)
+        ready_at = notify.wait_for("READY", "1", after=reload_at, timeout=60)
+        assert ready_at - reload_at > 3.5, "the slow load did not happen"
+        pings = [at for at, f in notify.messages if "WATCHDOG" in f and reload_at - 0.5 <= at <= ready_at + 0.5]
+        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        assert pings and max(gaps) < 0.9, f"watchdog gap of {max(gaps):.1f} s during the reload (WatchdogSec=1)"
+        assert daemon.running()
+    finally:
+        assert 0 == daemon.stop()
+
+
+@needs_systemd_python
+def test_a_reload_that_changes_a_models_file_is_checked_and_status_says_why(tmp_path, notify):
+    """A [[models]] path that changes (here to a missing file) is loaded again, not silently ignored."""
+    config, layout = write_config(tmp_path)
+    daemon = _start(config, notify)
+    try:
+        notify.wait_for("READY", "1", timeout=120)
+        config.write_text(config.read_text().replace('path = "tiny-gpen.pth"', 'path = "missing.pth"'))
+        hup_at = time.monotonic()
+        daemon.signal(signal.SIGHUP)
+        notify.wait_for("READY", "1", after=hup_at + 0.01)
+        rejected = [f["STATUS"] for f in notify.since(hup_at, "STATUS") if "reload rejected" in f["STATUS"]]
+        assert rejected, daemon.log_text()[-2000:]
+        assert "missing weight file missing.pth" in rejected[0]
+        assert "configuration reloaded" not in daemon.log_text()
+    finally:
+        assert 0 == daemon.stop()
