@@ -359,14 +359,27 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns)
 
 
-def _check_still(src: Path, src_root: Path | None, expect: os.stat_result | None) -> None:
+def _check_still(src: Path, src_root: Path | None, expect: os.stat_result | None,
+                 sha256: str | None = None) -> None:
     """Raise SourceChanged if the name no longer holds the file whose bytes were backed up."""
     if expect is None:
         return
     with _source_folder(src, src_root) as (folder_fd, name):
         now = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
-    if not _same_file(now, expect):
-        raise SourceChanged(f"{src} was replaced after its backup was made; the new file is left for the next scan")
+    if _same_file(now, expect):
+        return
+    # Network and FUSE filesystems may report another inode or time for the same file: the bytes decide.
+    if sha256 is not None and stat.S_ISREG(now.st_mode) and now.st_size == expect.st_size:
+        fd = _open_source(src, src_root)
+        try:
+            digest = hashlib.sha256()
+            while chunk := os.read(fd, _CHUNK):
+                digest.update(chunk)
+        finally:
+            os.close(fd)
+        if digest.hexdigest() == sha256.lower():
+            return
+    raise SourceChanged(f"{src} was replaced after its backup was made; the new file is left for the next scan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,13 +432,31 @@ def plan_output_name(
 # the original: backup done, now remove / keep / move it
 
 
-def _free_name(dir_fd: int, name: str) -> str:
+def _free_name(dir_fd: int, name: str, taken: set[str] | None = None) -> str:
     candidate = name
     n = 0
-    while _lexists(candidate, dir_fd):
+    while _lexists(candidate, dir_fd) or (taken is not None and candidate in taken):
         n += 1
         candidate = _suffixed(name, n)
     return candidate
+
+
+def _claim_name(dir_fd: int, dst: Path, before: Callable[[Path], None] | None) -> str:
+    """A free name near ``dst``, claimed by ``before`` when given.
+
+    ``before`` raises FileExistsError when another process (an instance sharing the folder) claimed
+    that name between our look and its write: the next free name is tried.
+    """
+    taken: set[str] = set()
+    while True:
+        final = _free_name(dir_fd, dst.name, taken)
+        if before is None:
+            return final
+        try:
+            before(dst.with_name(final))
+            return final
+        except FileExistsError:
+            taken.add(final)
 
 
 def _move_into(src: Path, dst: Path, root: Path | None, *, before: Callable[[Path], None] | None = None,
@@ -437,9 +468,7 @@ def _move_into(src: Path, dst: Path, root: Path | None, *, before: Callable[[Pat
     """
     dir_fd = _dir_for(dst, root)
     try:
-        final = _free_name(dir_fd, dst.name)
-        if before is not None:
-            before(dst.with_name(final))
+        final = _claim_name(dir_fd, dst, before)
         with _source_folder(src, src_root) as (src_fd_dir, name):
             try:
                 os.rename(name, final, src_dir_fd=src_fd_dir, dst_dir_fd=dir_fd)
@@ -482,6 +511,7 @@ def dispose_source(
     done_root: Path | None = None,
     src_root: Path | None = None,
     expect: os.stat_result | None = None,
+    sha256: str | None = None,
 ) -> Path | None:
     """Remove, keep or move the original. Call only once the output and the backup are durable.
 
@@ -492,7 +522,7 @@ def dispose_source(
         return src
     if after in ("delete", "move"):
         with contextlib.suppress(FileNotFoundError):
-            _check_still(src, src_root, expect)
+            _check_still(src, src_root, expect, sha256)
     if after == "delete":
         with contextlib.suppress(FileNotFoundError), _source_folder(src, src_root) as (folder_fd, name):
             os.unlink(name, dir_fd=folder_fd)
@@ -571,8 +601,16 @@ def write_failure(
     sidecars: list[Path] = []
 
     def write_sidecar(stored: Path) -> None:
-        sidecars.append(stored.with_name(stored.name + ".error.json"))
-        write_atomic(sidecars[-1], payload, root=failed_dir)
+        # The sidecar claims the name: instances sharing a failed/ folder never write a sidecar over another's,
+        # so neither moves its original over the other's.
+        sidecar = stored.with_name(stored.name + _SIDECAR)
+        try:
+            write_atomic(sidecar, payload, root=failed_dir, replace=False)
+        except FileExistsError:
+            if not _left_by_earlier_attempt(sidecar, info):
+                raise
+            write_atomic(sidecar, payload, root=failed_dir)  # ours, from an attempt that died before the move
+        sidecars.append(sidecar)
 
     target = safe_join(failed_dir, str(relpath))
     target = target.with_name(_fit_name(target.name, len(_SIDECAR) + len(" (99)")))
@@ -581,6 +619,17 @@ def write_failure(
 
 _SIDECAR = ".error.json"
 _NAME_MAX = 255
+
+
+def _left_by_earlier_attempt(sidecar: Path, info: FailureInfo) -> bool:
+    """Whether ``sidecar`` (whose original is missing) was written for this same file by an attempt that died."""
+    try:
+        with open(sidecar, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
+            earlier = json.loads(fh.read(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(earlier, dict) and all(
+        earlier.get(k) == v for k, v in (("folder", info.folder), ("relpath", info.relpath), ("sha256", info.sha256)))
 
 
 def _fit_name(name: str, room: int) -> str:
@@ -615,8 +664,7 @@ def _write_new(dst: Path, data: bytes, root: Path, *, before: Callable[[Path], N
     """Write ``data`` under a free name near ``dst``; ``before`` is called with that name first."""
     dir_fd = _dir_for(dst, root)
     try:
-        name = _free_name(dir_fd, dst.name)
-        before(dst.with_name(name))
+        name = _claim_name(dir_fd, dst, before)
         with _temp_in(dir_fd) as temp:
             _write_all(temp.fd, data)
             _commit(temp, name, replace=False, mtime_ns=None, atime_ns=None)

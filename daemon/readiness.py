@@ -76,6 +76,7 @@ class _Track:
     sig: Signature | None  # None while the file cannot even be stat'ed
     changed_at: float
     decode_error: str | None = None  # why these exact bytes did not decode (not re-read on every look)
+    hole: bool = False  # decode_error is only "unwritten ranges": the bytes themselves were not checked
 
 
 class ReadinessGate:
@@ -181,6 +182,13 @@ class ReadinessGate:
             if verdict is not None:
                 return verdict
         if waited_out(track.changed_at, now, self.max_wait):
+            if track.hole:
+                # Quiet for max_wait with its holes: a sparse file (cp --sparse, rsync -S, ZFS compression store
+                # long zero runs as holes), not a stalled writer. Judge its bytes like any other file's.
+                track.hole, track.decode_error = False, None
+                verdict = self._read_and_check(path, key, track, now, available, base, holes_ok=True)
+                if verdict is not None:
+                    return verdict
             return self._end(
                 key,
                 Verdict(
@@ -198,12 +206,14 @@ class ReadinessGate:
         now: float,
         available: Callable[[], str | None] | None,
         base: Path | None = None,
+        holes_ok: bool = False,
     ) -> Verdict | None:
         """READY, FAILED, GONE or NOT_YET from reading the bytes; None when they do not decode (yet)."""
         try:
             relative = path if base is None else path.relative_to(base)
-            hole = first_hole(relative, base=base)
+            hole = None if holes_ok else first_hole(relative, base=base)
             if hole is not None:
+                track.hole = True
                 # Windows and SMB copies, and download managers, set the final size first and fill it in: a
                 # stalled one leaves a quiet file whose unwritten tail several formats would decode as black.
                 track.decode_error = f"nothing written yet at byte {hole} (the writer set the size first)"

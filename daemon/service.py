@@ -175,6 +175,7 @@ class Service:
         self.in_flight_lock = threading.Lock()
         self.names_lock = threading.Lock()
         self.waiting_since: dict[str, float] = {}
+        self.fail_later: dict[int, float] = {}  # job id -> when the gate may look again (failed/ refused it)
         self.device_name = "?"
         self.counters = {"done": 0, "failed": 0, "faces": 0}
         self.done_times: list[float] = []
@@ -499,9 +500,10 @@ class Service:
             max_wait=self.settings.max_ready_wait,
             check_decodes=lambda data: imageio.check_complete(data, max_pixels=self.settings.max_pixels),
         )
-        # No accepted image is bigger than max_pixels at 16 bits x 4 channels, plus room for metadata: a larger
-        # file is refused before it is read into memory (twice: here and on the read pool).
-        max_bytes = self.settings.max_pixels * 8 + (64 << 20)
+        # A memory guard: a larger file is refused before it is read into memory (twice: here and on the read
+        # pool). Pixels take at most max_pixels x 16 bits x 4 channels, but layered TIFFs from retouchers carry
+        # layer data (dropped on output) well beyond that, so the guard is never below 4 GiB.
+        max_bytes = max(self.settings.max_pixels * 8 + (64 << 20), 4 << 30)
         gates: dict[str, ReadinessGate] = {}
         crashed: set[int] = set()
         while not self.stop_event.is_set():
@@ -514,6 +516,8 @@ class Service:
                     self.heartbeats.beat("gate")  # one pass over a big drop reads and decodes every quiet file
                     folder = self.folders.get(job.folder)
                     if folder is None or job.folder in self.paused:
+                        continue
+                    if self.fail_later.get(job.id, 0.0) > time.monotonic():
                         continue
                     g = gates.setdefault(
                         job.folder,
@@ -821,7 +825,7 @@ class Service:
             try:
                 publish.dispose_source(
                     item.source, after=folder.after, done_path=self._done_path(folder, job), done_root=folder.done,
-                    src_root=folder.path, expect=copied,
+                    src_root=folder.path, expect=copied, sha256=job.sha256,
                 )
             except publish.SourceChanged as exc:
                 # Result and backup of the bytes we read are published; the new file is a new drop.
@@ -907,6 +911,8 @@ class Service:
             delay = min(self.settings.retry_backoff * 2 ** max(0, job.attempts - 1), self.settings.retry_backoff_max)
             if job.state == "processing":
                 self.jobs.retry_later(job.id, f"failed-folder: {exc}", delay)
+            else:  # a gate or watch verdict: the gate must not try again on its next pass (5 times a second)
+                self.fail_later[job.id] = time.monotonic() + self.settings.retry_backoff_max
             log.warning("failed file could not be moved to the failed folder; will retry", folder=job.folder,
                         path=job.relpath, stage=stage, error=error, failed_folder_error=str(exc))
             return

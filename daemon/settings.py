@@ -237,7 +237,9 @@ def _folders_apart(folders: list[FolderSettings]) -> None:
         for key, target in targets:
             for j, other in enumerate(hot):
                 # Inside its own hot folder is fine (its watcher skips it); the hot folder itself is not.
-                if (j == i and norm(target) == other) or (j != i and under(norm(target), other)):
+                # A folder that does not watch its subfolders only takes files put straight into it.
+                inside = under(norm(target), other) if folders[j].recursive else norm(target) == other
+                if (j == i and norm(target) == other) or (j != i and inside):
                     where = "its own hot folder" if j == i else f"inside the hot folder folders.{j}.path"
                     raise ValueError(f"folders.{i}.{key} = '{target}': {where} "
                                      "(its files would be taken for new photos)")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -279,6 +281,24 @@ class TestDisposeSource:
         assert not c.exists()
 
 
+    def test_a_replaced_original_is_left_and_the_same_bytes_reported_oddly_are_not(self, tmp_path: Path) -> None:
+        """The original is disposed of only if it is still the file that was backed up: a new file under the name is
+        left (SourceChanged); the same bytes under another inode or time (as NFS and FUSE may report) are not."""
+        src, other = tmp_path / "a.jpg", tmp_path / "b.jpg"
+        src.write_bytes(b"first version")
+        backed_up = os.stat(src)
+        src.unlink()
+        src.write_bytes(b"second versio")  # same size, new file
+        with pytest.raises(SourceChanged):
+            dispose_source(src, after="delete", expect=backed_up, sha256=sha(b"first version"))
+        assert src.read_bytes() == b"second versio"
+        other.write_bytes(b"first version")
+        src.unlink()
+        other.rename(src)  # the same bytes, but another inode
+        assert dispose_source(src, after="delete", expect=backed_up, sha256=sha(b"first version")) is None
+        assert not src.exists()
+
+
 class TestWriteFailure:
     def info(self) -> FailureInfo:
         return FailureInfo(stage="decode", error="cannot identify image file", attempts=3, preset="fast",
@@ -520,3 +540,48 @@ class TestSubfolderSwappedForALink:
             copy_verified(source, backup / "photo.jpg", sha(b"someone else's file"), root=backup, src_root=hot)
         assert victim.read_bytes() == b"someone else's file"
         assert [p for p in (*failed.rglob("*"), *backup.rglob("*")) if not p.is_dir()] == []  # no sidecar either
+
+
+def _fail_into_shared_folder(root: Path, tag: str, barrier: Any, rounds: int) -> None:
+    hot = root / f"hot-{tag}"
+    hot.mkdir()
+    for r in range(rounds):
+        (hot / "IMG_0001.jpg").write_bytes(f"{tag}-{r}".encode())
+        barrier.wait()
+        info = FailureInfo(stage="decode", error="bad", attempts=1, preset="fast", folder=str(hot),
+                           relpath="IMG_0001.jpg", sha256=None)
+        write_failure(root / "failed" / f"r{r}", "IMG_0001.jpg", hot / "IMG_0001.jpg", None, info, src_root=hot)
+
+
+def test_instances_sharing_a_failed_folder_never_replace_each_others_originals(tmp_path: Path) -> None:
+    """Two processes (instances for two GPUs) failing a file of the same name into one failed/ at the same moment:
+    both originals and both sidecars are kept, under different names."""
+    rounds = 40
+    for r in range(rounds):
+        (tmp_path / "failed" / f"r{r}").mkdir(parents=True)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    workers = [ctx.Process(target=_fail_into_shared_folder, args=(tmp_path, t, barrier, rounds)) for t in "AB"]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    for r in range(rounds):
+        stored = {p.name: p.read_bytes() for p in (tmp_path / "failed" / f"r{r}").iterdir()}
+        originals = sorted(v for k, v in stored.items() if not k.endswith(".error.json"))
+        assert originals == [f"A-{r}".encode(), f"B-{r}".encode()], stored
+        assert sum(k.endswith(".error.json") for k in stored) == 2
+
+
+def test_a_sidecar_left_by_a_crashed_attempt_is_taken_over_not_orphaned(tmp_path: Path) -> None:
+    """A crash between writing the sidecar and moving the original: the retry uses that name again."""
+    hot, failed = tmp_path / "hot", tmp_path / "failed"
+    hot.mkdir()
+    failed.mkdir()
+    (hot / "x.jpg").write_bytes(b"junk")
+    info = FailureInfo(stage="decode", error="bad", attempts=1, preset="fast", folder=str(hot), relpath="x.jpg",
+                       sha256=sha(b"junk"))
+    (failed / "x.jpg.error.json").write_text(json.dumps(info.as_json()))  # what the crashed attempt left
+    assert write_failure(failed, "x.jpg", hot / "x.jpg", None, info, src_root=hot) == failed / "x.jpg"
+    assert sorted(p.name for p in failed.iterdir()) == ["x.jpg", "x.jpg.error.json"]

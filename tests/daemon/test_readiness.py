@@ -140,6 +140,30 @@ class TestReadinessGate:
         verdict = gate.look(path, 1)
         assert verdict.state is READY and verdict.data == data
 
+    def test_a_complete_sparse_file_is_ready_after_max_wait(self, gate, clock, tmp_path):
+        """Holes that stay for max_wait are a sparse copy (cp --sparse, rsync -S, ZFS), not a stalled writer: the
+        bytes are then judged like any file's, and a good image is published late rather than failed."""
+        image = np.zeros((400, 400, 3), np.uint8)
+        image[-20:] = 200  # BMP rows run bottom-up: the file starts with these; the black rest becomes a hole
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, "BMP")
+        data = buf.getvalue()
+        path = tmp_path / "scan.bmp"
+        with open(path, "wb") as f:
+            f.truncate(len(data))
+            f.write(data[: 400 * 3 * 20 + 54 + 4096])
+        with open(path, "rb") as f:
+            if os.lseek(f.fileno(), 0, os.SEEK_HOLE) >= len(data):
+                pytest.skip("this filesystem does not report holes")
+        assert path.read_bytes() == data
+        clock.advance(2.5)
+        gate.look(path, 1)
+        clock.advance(2.5)
+        assert gate.look(path, 1).state is NOT_YET
+        clock.advance(600)
+        verdict = gate.look(path, 1)
+        assert verdict.state is READY and verdict.data == data
+
     def test_truncated_jpeg_waits_then_fails(self, gate, clock, tmp_path):
         """A truncated JPEG is NOT_YET (it may still be copying) and FAILED with the reason after max_wait."""
         path = tmp_path / "cut.jpg"

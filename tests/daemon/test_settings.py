@@ -68,6 +68,13 @@ def test_folders_that_feed_each_other_are_refused(tmp_path: Path, folders, named
     assert named in str(exc.value)
 
 
+def test_folders_below_a_hot_folder_that_does_not_recurse_are_free(tmp_path: Path) -> None:
+    """A non-recursive hot folder takes only files put straight into it: another folder's output may sit below it."""
+    top = tmp_path / "photos"
+    load_settings(write(tmp_path, _folder(top, top / "restored" / "top", recursive="false")
+                        + _folder(top / "portraits", top / "restored" / "portraits")))
+
+
 def test_an_output_inside_its_own_hot_folder_is_allowed(tmp_path: Path) -> None:
     load_settings(write(tmp_path, _folder(tmp_path / "in", tmp_path / "in" / "results")))
 
