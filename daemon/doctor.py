@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from daemon.downloads import redact_url
 from daemon.modelfiles import file_state, models_of, needed_models, resolve_path
 from daemon.settings import ConfigError, Settings, preset_table, settings_from_args
 from gpen_engine.device import CudaProbe, DeviceReport, select_device
@@ -158,10 +159,10 @@ def _models_section(f: Findings, settings: Settings) -> None:
             if settings.download and spec.urls:
                 f.warnings.append(
                     f"{spec.name} is not downloaded yet; it will be fetched on first start from "
-                    f"{spec.urls[0]} (or now: `gpen-watch models download {spec.name}`)"
+                    f"{redact_url(spec.urls[0])} (or now: `gpen-watch models download {spec.name}`)"
                 )
             else:
-                where = spec.urls[0] if spec.urls else (spec.source or "its publisher")
+                where = redact_url(spec.urls[0]) if spec.urls else (spec.source or "its publisher")
                 why = "downloads are off" if not settings.download else "no download address is known"
                 f.problems.append(f"{spec.name} is missing and {why}: put the file at {path} (from {where})")
 

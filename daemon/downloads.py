@@ -38,6 +38,17 @@ class _Dropped(Exception):
     """The transfer stopped early; what arrived stays in the .part file for the next attempt."""
 
 
+def redact_url(url: str) -> str:
+    """``url`` for messages and logs: scheme, host and path, without a user, password or query (a token)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "(an address that is not a valid URL)"
+    netloc = "***@" + parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
+    hidden = "?***" if parts.query or parts.fragment else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + hidden
+
+
 def part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
@@ -196,7 +207,7 @@ def sha256_of(path: Path) -> str:
 def _message(dest: Path, url: str, reason: str) -> str:
     return (
         f"could not download {dest.name}: {reason}\n"
-        f"  it comes from: {url}\n"
+        f"  it comes from: {redact_url(url)}\n"
         f"  it must go to: {dest}\n"
         f"  download it by hand and put it there, or check the network and proxy settings and retry"
     )

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from daemon.downloads import DownloadError, download, part_path, sha256_of
+from daemon.downloads import DownloadError, download, part_path, redact_url, sha256_of
 from daemon.settings import ConfigError, Settings, hot_folders, preset_table, settings_from_args
 from gpen_engine.checkpoint import load_into, verify_generator_file
 from gpen_engine.gpen import GpenArch
@@ -147,7 +147,7 @@ def fetch(spec: ModelSpec, path: Path, *, log: Log, progress: bool, skip_if_pres
     """Download ``spec`` to ``path`` from its first URL that works, verified by a strict load."""
     errors: list[str] = []
     for url in spec.urls:
-        log(f"downloading {spec.name} from {url} to {path}")
+        log(f"downloading {spec.name} from {redact_url(url)} to {path}")
         try:
             result = download(
                 url, path, progress=progress, expected_sha256=spec.sha256,
@@ -168,7 +168,7 @@ def fetch(spec: ModelSpec, path: Path, *, log: Log, progress: bool, skip_if_pres
 def missing_message(spec: ModelSpec, path: Path, *, downloads_off: bool) -> str:
     lines = [f"missing weight file {path.name} (model {spec.name})", f"  it must go to: {path}"]
     for url in spec.urls:
-        lines.append(f"  it comes from: {url}")
+        lines.append(f"  it comes from: {redact_url(url)}")
     if spec.source:
         lines.append(f"  get it by hand from: {spec.source}, saved as {path.name}")
     if not spec.urls and not spec.source:

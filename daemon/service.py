@@ -57,6 +57,8 @@ log = structlog.get_logger("gpen_watch.service")
 STALL_FACTOR = 1.0
 # How long a reload (loading and warming up new models) may take before the watchdog pings stop.
 RELOAD_LIMIT = 600.0
+# How often the job table's old history is pruned (besides at start-up).
+PRUNE_EVERY = 24 * 3600.0
 
 
 def command(args: argparse.Namespace) -> int:
@@ -196,9 +198,10 @@ class Service:
             return 0
         except Exception as exc:  # a start-up failure is fatal and must say why
             from daemon.jobs import JobTableError
+            from daemon.metrics import MetricsError
             from daemon.modelfiles import MissingModelError
 
-            expected = isinstance(exc, ConfigError | EngineError | MissingModelError | JobTableError)
+            expected = isinstance(exc, ConfigError | EngineError | MissingModelError | JobTableError | MetricsError)
             log.error("start-up failed", error=str(exc), exc_info=not expected)
             self.notifier.status(f"start-up failed: {exc}")
             self._close()
@@ -223,18 +226,19 @@ class Service:
         for key, folder in self.folders.items():  # the config may have given a folder another preset since
             self.jobs.reassign_preset(key, folder.preset)
         self._settle_crash_loops()
+        self._prune_history()
         self._make_folders(self.folders.values())
         self._note_mounts(self.folders.values())
         removed = publish.cleanup_temp_files(
-            [d for f in self.folders.values() for d in (f.output, f.backup, f.failed) if d.exists()]
+            [d for f in self.folders.values() for d in (f.output, f.backup, f.failed, f.done) if d and d.exists()]
         )
         if removed:
             log.info("removed temporary files left by an earlier crash", files=removed)
+        self._start_metrics()  # before the models: a port in use is reported at once, not minutes later
         self._load_presets(self._presets_in_use())
         if self.stop_event.is_set():
             raise StartupCancelled("stop requested during start-up")
         self.executor = LocalExecutor(self.restorers, self.failpoints)
-        self._start_metrics()
         for key, folder in self.folders.items():
             self._start_watcher(key, folder)
         for name, target in (("gate", self._gate_loop), ("prep", self._prep_loop), ("device", self._device_loop)):
@@ -314,9 +318,21 @@ class Service:
         elif log_stale:
             log.error("a stage stopped making progress; withholding watchdog pings", stages=stale)
 
+    def _prune_history(self) -> None:
+        """Forget finished jobs older than ``history_days`` (the newest row of each file stays)."""
+        assert self.jobs is not None
+        try:
+            pruned = self.jobs.prune_finished(self.settings.history_days * 86400.0)
+        except JobTableError as exc:  # tried again tomorrow; nothing depends on it
+            log.warning("old job history not pruned", error=str(exc))
+            return
+        if pruned:
+            log.info("pruned old job history", rows=pruned, older_than_days=self.settings.history_days)
+
     def main_loop(self) -> None:
         interval = self.notifier.watchdog_interval()
         next_status = 0.0
+        next_prune = time.monotonic() + PRUNE_EVERY  # start-up has just pruned
         tick = min(0.25, interval / 2) if interval is not None else 0.25
         while not self.stop_event.is_set():
             self.stop_event.wait(tick)
@@ -337,6 +353,9 @@ class Service:
             if now >= next_status:
                 next_status = now + 2.0
                 self._report_status()
+            if now >= next_prune:
+                next_prune = now + PRUNE_EVERY
+                self._prune_history()
 
     def shutdown(self) -> None:
         self.notifier.stopping()

@@ -6,6 +6,7 @@ config/gpen-watch.toml documents every setting; keep the two in step.
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +24,9 @@ from gpen_engine.options import BUILTIN_PRESETS, DecodeOptions, EncodeOptions, E
 from gpen_engine.registry import builtin_models
 
 SYSTEM_CONFIG = Path("/etc/gpen-watch/config.toml")
+ENV_PREFIX = "GPEN_WATCH_"
+# GPEN_WATCH_* variables that are not settings: the config file's path, and fault injection (daemon/faults.py).
+OWN_VARIABLES = frozenset({"GPEN_WATCH_CONFIG", "GPEN_WATCH_FAILPOINTS"})
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -126,7 +130,7 @@ class Settings(BaseSettings):
     """Everything gpen-watch reads at start-up (and again on SIGHUP)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="GPEN_WATCH_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
@@ -155,6 +159,8 @@ class Settings(BaseSettings):
     max_attempts: Annotated[int, Field(ge=1)] = 5
     retry_backoff: Annotated[float, Field(gt=0)] = 5.0
     retry_backoff_max: Annotated[float, Field(gt=0)] = 300.0
+    # Days the job table keeps finished rows (pruned at start and once a day); each file's newest row stays.
+    history_days: Annotated[float, Field(gt=0)] = 90.0
 
     duplicates: Literal["process", "skip"] = "process"
     collisions: Literal["suffix", "overwrite"] = "suffix"
@@ -260,6 +266,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     if toml_file is not None and not toml_file.is_file():
         what = "is a folder, not a file" if toml_file.is_dir() else "does not exist"
         raise ConfigError(f"config file {toml_file} {what}")
+    _refuse_unknown_variables()
     # A subclass per file keeps the file choice out of global state.
     bound = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": toml_file}})
     try:
@@ -273,6 +280,25 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         ) from None
     except (OSError, ValueError) as exc:  # unreadable file, TOML syntax error
         raise ConfigError(f"cannot read config {toml_file}: {exc}") from None
+
+
+def _refuse_unknown_variables() -> None:
+    """A misspelt GPEN_WATCH_* variable is refused, as an unknown key in the file is, not silently ignored."""
+    known = {name.upper() for name in Settings.model_fields}
+    lines = []
+    for var in sorted(os.environ):
+        name = var.upper().removeprefix(ENV_PREFIX)
+        top, nested = name.partition("__")[::2]
+        if name == var.upper() or var.upper() in OWN_VARIABLES or top in known:
+            continue
+        close = difflib.get_close_matches(top, known, n=1)
+        if close:
+            hint = f"did you mean ${ENV_PREFIX}{close[0]}{'__' if nested else ''}{nested}?"
+        else:
+            hint = f"{ENV_PREFIX} + a setting's name in upper case"
+        lines.append(f"  ${var}: not a setting ({hint})")
+    if lines:
+        raise ConfigError("\n".join(["invalid configuration:", *lines]))
 
 
 def format_validation_error(exc: ValidationError, source: Path | None) -> str:

@@ -204,7 +204,10 @@ class FolderWatcher:
 
     @property
     def last_beat(self) -> float:
-        """When the watcher loop last made progress (the clock's time), for the service's watchdog."""
+        """When the watcher loop last made progress (the clock's time), for the service's watchdog.
+
+        Beaten at each step and at each folder and entry a scan reads.
+        """
         return self._beat
 
     def start(self) -> None:
@@ -433,6 +436,8 @@ class FolderWatcher:
         stack = [start]
         while stack:
             rel = stack.pop()
+            # A full walk of a large tree on a slow share is progress, not a hang (see last_beat).
+            self._beat = self._clock()
             try:
                 it = os.scandir(os.path.join(self.root, rel) if rel else self.root)
             except (FileNotFoundError, NotADirectoryError) as exc:
@@ -446,6 +451,7 @@ class FolderWatcher:
                 continue
             with it:
                 for entry in it:
+                    self._beat = self._clock()
                     self._visit(entry, rel, found, refused, stack, seen_dirs, excluded_ids)
         self._report_refused(refused, prune_under=start if prune else None)
         return found

@@ -165,6 +165,18 @@ class TestDownload:
         assert len(behaviour.requests) == 1
         assert not dest.exists()
 
+    def test_messages_hide_credentials_and_tokens_in_the_address(self, serve, tmp_path: Path) -> None:
+        """A token in the query or a user and password in the address never reach an error message (the journal);
+        the host and path still say where the file comes from."""
+        url = serve(Behaviour(status=404))
+        base = url.removeprefix("http://")
+        for secret_url in (url + "?token=s3cret&x=1", f"http://me:s3cret@{base}"):
+            with pytest.raises(DownloadError) as info:
+                _get(secret_url, tmp_path / "GPEN-BFR-512.pth")
+            message = str(info.value)
+            assert "s3cret" not in message and "token" not in message
+            assert base in message
+
     def test_offline_message(self, tmp_path: Path) -> None:
         """With nothing listening, the error says which file, where it must go and where it comes from."""
         import socket

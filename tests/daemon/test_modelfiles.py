@@ -223,6 +223,20 @@ class TestDownloads:
             ensure_models(settings, ["tiny"], download=True, log=lambda m: None, progress=False)
         assert not (env["models"] / "tiny.pth").exists()
 
+    def test_logs_and_messages_hide_tokens_in_the_address(self, env, file_server) -> None:
+        """A token in a configured URL's query reaches neither the download log line nor a missing-file message."""
+        root, base = file_server
+        tiny_generator_file(root / "tiny.pth")
+        env["config"].write_text(_config(env["models"], url=f"{base}/tiny.pth?token=s3cret"))
+        settings = load_settings(env["config"])
+        with pytest.raises(MissingModelError) as info:
+            ensure_models(settings, ["tiny"], download=False, log=lambda m: None)
+        assert "s3cret" not in str(info.value) and f"{base}/tiny.pth" in str(info.value)
+        logged: list[str] = []
+        ensure_models(settings, ["tiny"], download=True, log=logged.append, progress=False)
+        assert logged and not [line for line in logged if "s3cret" in line]
+        assert f"{base}/tiny.pth" in logged[0]
+
     def test_models_download_command(self, env, file_server, capsys) -> None:
         """`models download tiny` fetches the named file; a second run skips it as present."""
         root, base = file_server

@@ -205,3 +205,43 @@ def test_an_original_dropped_again_with_its_old_mtime_is_processed_again(tmp_pat
                  and not any(hot.iterdir()), 60, daemon, "both processed again")
     finally:
         assert daemon.stop() == 0, daemon.log_text()[-3000:]
+
+
+def test_start_up_removes_temporary_files_a_crash_left_in_every_folder_it_writes(tmp_path):
+    """A crash mid-copy leaves a temporary file in output/, backup/, failed/ or (a cross-device move) done/;
+    the next start removes them all."""
+    from daemon.publish import host_tag
+    from tests.daemon.test_publish import dead_pid
+
+    config, layout = write_config(tmp_path)
+    config.write_text(config.read_text().replace("stability_delay = 0.3", 'stability_delay = 0.3\nafter = "move"'))
+    done = layout.backup["a"].parent / "done" / "a"
+    dirs = [layout.out["a"], layout.backup["a"], layout.failed["a"], done]
+    leftovers = [d / f".gpen-watch.{host_tag()}.{dead_pid()}.0123abcd.tmp" for d in dirs]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a copy")
+    daemon = Daemon(config).start()
+    try:
+        wait_for(lambda: "gpen-watch ready" in daemon.log_text(), 90, daemon, "ready")
+        assert [] == [str(p) for p in leftovers if p.exists()]
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]
+
+
+def test_start_up_prunes_old_job_history(tmp_path):
+    """Finished rows older than history_days go at start-up; each file's newest row stays."""
+    from tests.daemon.test_service import aged_history
+
+    config, layout = write_config(tmp_path, extra="history_days = 30")
+    table = tmp_path / "state" / "jobs.sqlite3"
+    table.parent.mkdir()
+    old, latest = aged_history(table, str(layout.hot["a"]), days=31)
+    daemon = Daemon(config).start()
+    try:
+        wait_for(lambda: "gpen-watch ready" in daemon.log_text(), 90, daemon, "ready")
+        with sqlite3.connect(table) as con:
+            assert [(latest,)] == con.execute("SELECT id FROM jobs ORDER BY id").fetchall()
+        con.close()
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]

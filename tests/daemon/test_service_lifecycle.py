@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 
 import pytest
@@ -141,3 +142,23 @@ def test_a_second_daemon_under_the_same_instance_name_is_refused(tmp_path):
         assert account(layout, inputs).published
     finally:
         assert 0 == first.stop()
+
+
+def test_a_metrics_port_in_use_stops_start_up_before_the_models_load(tmp_path):
+    """A taken metrics port is a configuration problem: one clear error line, before minutes of model loading,
+    not a crash with a traceback after them."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config, _ = write_config(tmp_path, extra=f"[metrics]\nenabled = true\nport = {port}\n")
+        daemon = Daemon(config).start()
+        try:
+            assert 1 == daemon.wait(60), daemon.log_text()[-3000:]
+        finally:
+            if daemon.running():
+                daemon.kill()
+    failed = [e for e in daemon.log_lines() if e.get("event") == "start-up failed"]
+    assert 1 == len(failed) and f"127.0.0.1:{port}" in str(failed[0]["error"]), daemon.log_text()[-3000:]
+    assert "Traceback" not in daemon.log_text()
+    assert 0 == _count(daemon, "loading models")

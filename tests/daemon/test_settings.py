@@ -99,3 +99,18 @@ def test_an_environment_value_is_named_as_such(tmp_path: Path, monkeypatch: pyte
 def test_bases_that_go_round_in_a_circle_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"circle \(a -> b -> a\)"):
         load_settings(write(tmp_path, '[presets.a]\nbase = "b"\n[presets.b]\nbase = "a"\n'))
+
+
+def test_a_misspelt_environment_variable_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPEN_WATCH_MAX_ATEMPTS=3 is refused with the likely name, as a misspelt key in the file is, instead of
+    being ignored; the variables the code reads itself are not settings and are left alone."""
+    monkeypatch.setenv("GPEN_WATCH_CONFIG", str(write(tmp_path, "")))
+    monkeypatch.setenv("GPEN_WATCH_FAILPOINTS", "")
+    monkeypatch.setenv("GPEN_WATCH_MAX_ATTEMPTS", "3")
+    assert 3 == load_settings(None).max_attempts
+    monkeypatch.setenv("GPEN_WATCH_MAX_ATEMPTS", "4")
+    monkeypatch.setenv("GPEN_WATCH_METRIC__ENABLED", "true")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(None)
+    assert "$GPEN_WATCH_MAX_ATEMPTS: not a setting (did you mean $GPEN_WATCH_MAX_ATTEMPTS?)" in str(exc.value)
+    assert "did you mean $GPEN_WATCH_METRICS__ENABLED?" in str(exc.value)

@@ -1,7 +1,6 @@
 import os
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -280,6 +279,27 @@ class TestModes:
         assert rec.batches == [["missed.jpg"]]
         assert any("restarting" in p for p in rec.problems)
 
+    def test_a_long_walk_keeps_the_heartbeat_fresh(self, hot, monkeypatch):
+        """A full scan of a large tree on a slow share beats per folder and file read, so the service's watchdog
+        does not take it for a hang."""
+        for i in range(5):
+            (hot / f"d{i}").mkdir()
+            (hot / f"d{i}" / "a.jpg").write_bytes(b"a")
+        clock = FakeClock()
+        watcher = make_watcher(hot, Recorder(), clock=clock, mountinfo=local_mountinfo, watch="poll")
+        lags = []
+        scandir = os.scandir
+
+        def slow_scandir(path):  # each folder takes 10 s to list
+            lags.append(clock.now - watcher.last_beat)
+            clock.now += 10
+            return scandir(path)
+
+        monkeypatch.setattr("daemon.watch.os.scandir", slow_scandir)
+        watcher.step()
+        assert 6 == len(lags)
+        assert 0 == max(lags)
+
     def test_inotify_failure_falls_back_to_polling(self, hot):
         """When events cannot be set up (e.g. the inotify watch limit), the folder is polled instead."""
         import errno
@@ -397,12 +417,13 @@ class TestRealWatching:
         unless told its target), not only the slow full rescans."""
         link = tmp_path / "hot-link"
         link.symlink_to(hot)
+        (hot / "early.jpg").write_bytes(b"e")
         rec = Recorder()
         watcher = make_watcher(link, rec, rescan_interval=3600.0, watch="events")
         watcher.start()
         try:
-            rec.wait_for(lambda: watcher.mode == "events")
-            time.sleep(0.3)  # the first full pass is over
+            rec.wait_for(lambda: "early.jpg" in rec.candidates)  # the first full pass is over
+            assert watcher.mode == "events"
             (hot / "late.jpg").write_bytes(b"l")
             rec.wait_for(lambda: "late.jpg" in rec.candidates)
         finally:
