@@ -361,7 +361,7 @@ class Service:
         self.notifier.stopping()
         log.info("stopping: no new files are taken; finishing the batch in flight")
         self.stop_event.set()
-        for watcher in self.watchers.values():
+        for watcher in list(self.watchers.values()):  # a reload thread may still be changing them
             with contextlib.suppress(Exception):
                 watcher.stop()
         # Unblock the device thread if it waits for a batch.
