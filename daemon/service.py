@@ -927,7 +927,7 @@ class Service:
         except OSError as exc:
             # The failed folder refused (gone, full, read-only, a name it cannot hold): the original stays where it
             # is and is tried again later. Not through _retry, whose give-up path calls _fail again.
-            delay = min(self.settings.retry_backoff * 2 ** max(0, job.attempts - 1), self.settings.retry_backoff_max)
+            delay = self._backoff(job)
             if job.state == "processing":
                 self.jobs.retry_later(job.id, f"failed-folder: {exc}", delay)
             else:  # a gate or watch verdict: the gate must not try again on its next pass (5 times a second)
@@ -948,6 +948,10 @@ class Service:
             folder=job.folder, relpath=job.relpath, sha256=job.sha256,
         )
 
+    def _backoff(self, job: Job) -> float:
+        """Seconds before the next try: doubling per attempt, up to retry_backoff_max."""
+        return min(self.settings.retry_backoff * 2 ** max(0, job.attempts - 1), self.settings.retry_backoff_max)
+
     def _retry(self, job: Job, stage: str, exc: BaseException, *, side: str = "source") -> None:
         """Transient trouble (share gone, disk full, OOM, locked file): try again later, never drop the file."""
         assert self.jobs is not None
@@ -962,7 +966,7 @@ class Service:
             if folder is not None:
                 self._fail(job, folder, safe_join(folder.path, job.relpath), stage, str(exc))
                 return
-        delay = min(self.settings.retry_backoff * 2 ** max(0, job.attempts - 1), self.settings.retry_backoff_max)
+        delay = self._backoff(job)
         self.jobs.retry_later(job.id, f"{stage}: {exc}", delay)
         log.warning("will retry", folder=job.folder, path=job.relpath, stage=stage, error=str(exc),
                     retry_in_s=round(delay, 1))
