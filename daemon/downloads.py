@@ -7,6 +7,7 @@ passes the checksum and the caller's ``verify`` (a strict load) is fsynced and r
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -47,6 +48,23 @@ def redact_url(url: str) -> str:
     netloc = "***@" + parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
     hidden = "?***" if parts.query or parts.fragment else ""
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + hidden
+
+
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """``url`` without its ``user:password@``, and the HTTP Basic ``Authorization`` value they make (or None).
+
+    urllib would take ``user:password@host`` for a host name. Private mirrors are often addressed that way,
+    so the credentials become a header instead; the caller sends it with the first request only, so that a
+    redirect (a mirror handing off to a CDN or a signed storage URL) never carries the password elsewhere.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    token = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    bare = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return bare, "Basic " + base64.b64encode(token).decode("ascii")
 
 
 def part_path(dest: Path) -> Path:
@@ -118,7 +136,10 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool) -> bool:
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    request = urllib.request.Request(url, headers=headers)
+    address, authorization = split_credentials(url)
+    request = urllib.request.Request(address, headers=headers)
+    if authorization:
+        request.add_unredirected_header("Authorization", authorization)
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -130,13 +151,17 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool) -> bool:
                 return True
             part.unlink(missing_ok=True)
             raise _Dropped(f"HTTP 416 for a partial of {offset} bytes") from None
+        if exc.code == 401:
+            given = "the user and password in the address were refused" if authorization else (
+                "the server wants a user and password: give them in the address, https://USER:PASSWORD@host/...")
+            raise DownloadError(f"HTTP 401 {exc.reason} ({given})") from None
         if exc.code in _FATAL_STATUS:
             raise DownloadError(f"HTTP {exc.code} {exc.reason}") from None
         raise _Dropped(f"HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, socket.gaierror):  # offline or no DNS: retrying at once will not help
-            host = urllib.parse.urlsplit(url).hostname
+            host = urllib.parse.urlsplit(address).hostname
             raise DownloadError(f"cannot resolve {host} (no network or DNS here?): {reason}") from None
         raise _Dropped(str(reason)) from None
 

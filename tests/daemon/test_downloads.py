@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import os
@@ -26,6 +27,9 @@ class Behaviour:
     always_drop: bool = False
     status: int = 200
     requests: list[str | None] = field(default_factory=list)
+    password: str | None = None  # answer 401 unless the request carries Basic me:<password>
+    redirect_to: str | None = None  # answer 302 to this address
+    authorizations: list[str | None] = field(default_factory=list)  # each request's Authorization header
 
 
 def _handler(payload: bytes, behaviour: Behaviour) -> type[http.server.BaseHTTPRequestHandler]:
@@ -33,6 +37,18 @@ def _handler(payload: bytes, behaviour: Behaviour) -> type[http.server.BaseHTTPR
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
             range_header = self.headers.get("Range")
             behaviour.requests.append(range_header)
+            behaviour.authorizations.append(self.headers.get("Authorization"))
+            if behaviour.password is not None:
+                expected = "Basic " + base64.b64encode(f"me:{behaviour.password}".encode()).decode()
+                if self.headers.get("Authorization") != expected:
+                    self.send_error(401)
+                    return
+            if behaviour.redirect_to:
+                self.send_response(302)
+                self.send_header("Location", behaviour.redirect_to)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if behaviour.status != 200:
                 self.send_error(behaviour.status)
                 return
@@ -176,6 +192,41 @@ class TestDownload:
             message = str(info.value)
             assert "s3cret" not in message and "token" not in message
             assert base in message
+
+    def test_user_and_password_in_the_address_log_in(self, serve, tmp_path: Path) -> None:
+        """A private mirror addressed as http://user:password@host/... gets them as HTTP Basic credentials
+        (percent-escapes decoded), and the file downloads."""
+        behaviour = Behaviour(password="p@ss:w/rd")
+        base = serve(behaviour).removeprefix("http://")
+        dest = tmp_path / "GPEN-BFR-512.pth"
+        _get(f"http://me:p%40ss%3Aw%2Frd@{base}", dest)
+        assert dest.read_bytes() == PAYLOAD
+
+    def test_wrong_or_missing_password_fails_at_once_and_says_so(self, serve, tmp_path: Path) -> None:
+        """A 401 is not retried; the message says whether credentials were missing or refused."""
+        behaviour = Behaviour(password="right")
+        url = serve(behaviour)
+        base = url.removeprefix("http://")
+        dest = tmp_path / "GPEN-BFR-512.pth"
+        with pytest.raises(DownloadError, match="wants a user and password"):
+            _get(url, dest)
+        with pytest.raises(DownloadError, match="refused") as info:
+            _get(f"http://me:n0tright@{base}", dest)
+        assert "n0tright" not in str(info.value)
+        assert 2 == len(behaviour.requests)
+        assert not dest.exists()
+
+    def test_password_is_not_sent_on_to_where_a_redirect_points(self, serve, tmp_path: Path) -> None:
+        """A mirror that redirects (to a CDN, a signed storage address) hands the download on, but the password
+        given for the mirror never reaches the other server."""
+        storage = Behaviour()
+        mirror = Behaviour(redirect_to=serve(storage))
+        base = serve(mirror).removeprefix("http://")
+        dest = tmp_path / "GPEN-BFR-512.pth"
+        _get(f"http://me:s3cret@{base}", dest)
+        assert dest.read_bytes() == PAYLOAD
+        assert mirror.authorizations[0] is not None
+        assert [None] == storage.authorizations
 
     def test_offline_message(self, tmp_path: Path) -> None:
         """With nothing listening, the error says which file, where it must go and where it comes from."""
