@@ -88,7 +88,7 @@ def decode(data: bytes, *, max_pixels: int = 100_000_000) -> DecodedImage:
     fmt, im, layout = _open_checked(data, max_pixels)
     try:
         if layout is not None:
-            rgb, alpha, high_bit, grayscale, icc, info = _pixels_gray_extra16(im, data, layout)
+            rgb, alpha, high_bit, grayscale, icc, info = _pixels_samples16(im, data, layout)
         else:
             _load(im, fmt)
             rgb, alpha, high_bit, grayscale, icc, info = _pixels(im, data, fmt)
@@ -124,7 +124,7 @@ def check_complete(data: bytes, *, max_pixels: int = 100_000_000) -> tuple[int, 
     fmt, im, layout = _open_checked(data, max_pixels)
     try:
         if layout is not None:
-            _read_gray_extra16(data, layout)
+            _read_samples16(data, layout)
             width, height = layout.width, layout.height  # as stored: Pillow's size is not
         else:
             _load(im, fmt)
@@ -137,10 +137,10 @@ def check_complete(data: bytes, *, max_pixels: int = 100_000_000) -> tuple[int, 
     return (height, width) if swapped else (width, height)
 
 
-def _open_checked(data: bytes, max_pixels: int) -> tuple[str, ImageFile.ImageFile, tiff.GrayExtra16 | None]:
-    """The format and the opened (not loaded) image; for a 16-bit gray+alpha TIFF also its layout.
+def _open_checked(data: bytes, max_pixels: int) -> tuple[str, ImageFile.ImageFile, tiff.Samples16 | None]:
+    """The format and the opened (not loaded) image; for a TIFF the engine reads itself also its layout.
 
-    Pillow has no mode for 16-bit gray+alpha TIFFs, so for those the image is opened on a retagged
+    Those (16-bit gray+alpha, 16-bit planar RGB(A): :class:`tiff.Samples16`) are opened on a retagged
     copy that reads as plain 16-bit gray: good for the size, metadata and page checks, never loaded.
     """
     if not data:
@@ -155,7 +155,7 @@ def _open_checked(data: bytes, max_pixels: int) -> tuple[str, ImageFile.ImageFil
         _check_pixels(size, max_pixels)
     if fmt == "PNG" and len(data) >= 24 and data[12:16] == b"IHDR":
         _check_pixels(struct.unpack(">II", data[16:24]), max_pixels)
-    layout = tiff.gray_extra16(data) if fmt == "TIFF" else None
+    layout = tiff.samples16(data) if fmt == "TIFF" else None
     im = _open_with_plugin(data if layout is None else tiff.gray_view(data, layout, header=True), fmt)
     try:
         _check_pixels(im.size, max_pixels)
@@ -437,6 +437,10 @@ def _needs_cv2_16bit(im: ImageFile.ImageFile, data: bytes, fmt: str) -> bool:
 
 
 def _decode_16bit_with_cv2(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    if tiff.planar(data):
+        # OpenCV reads a planar TIFF's first plane as if it held every sample: wrong pixels, no error.
+        # The planar layouts the engine reads itself (tiff.samples16) never come here.
+        raise UnsupportedImage(f"unsupported TIFF pixel format: {tiff.layout_text(data)}")
     # IMREAD_UNCHANGED keeps the bit depth and alpha and does not apply EXIF orientation (we do).
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None or array.dtype != np.uint16 or array.shape[1::-1] != tuple(size):
@@ -482,16 +486,16 @@ def _unpremultiply(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.where(weight > 0, np.minimum(straight, 65535), 0).astype(np.uint16)
 
 
-# ---------------------------------------------------------------- 16-bit gray+alpha TIFF
+# ------------------------------------------------ 16-bit gray+alpha and planar RGB(A) TIFF
 
 
-def _read_gray_extra16(data: bytes, layout: tiff.GrayExtra16) -> np.ndarray:
-    """The stored HxWx2 samples of a 16-bit gray+extra TIFF (decoding all of them proves the file whole)."""
+def _read_samples16(data: bytes, layout: tiff.Samples16) -> np.ndarray:
+    """The stored HxWxN samples of a :class:`tiff.Samples16` TIFF (decoding all of them proves the file whole)."""
     if layout.planar:
         return np.dstack([_read_view(tiff.gray_view(data, layout, plane), layout.width, layout.height)
-                          for plane in (0, 1)])
-    rows = _read_view(tiff.gray_view(data, layout), 2 * layout.width, layout.height)
-    samples = rows.reshape(layout.height, layout.width, 2)
+                          for plane in range(layout.samples)])
+    rows = _read_view(tiff.gray_view(data, layout), layout.samples * layout.width, layout.height)
+    samples = rows.reshape(layout.height, layout.width, layout.samples)
     if layout.predictor == 2:
         # Horizontal differencing restarts at each row of each strip or tile, per sample.
         block = max(1, layout.tile_width)
@@ -512,16 +516,19 @@ def _read_view(view: bytes, width: int, height: int) -> np.ndarray:
         im.close()
 
 
-def _pixels_gray_extra16(im: ImageFile.ImageFile, data: bytes, layout: tiff.GrayExtra16) -> _Pixels:
-    samples = _read_gray_extra16(data, layout)
-    gray = samples[:, :, :1]
+def _pixels_samples16(im: ImageFile.ImageFile, data: bytes, layout: tiff.Samples16) -> _Pixels:
+    samples = _read_samples16(data, layout)
+    colours = 3 if layout.rgb else 1
+    colour = samples[:, :, :colours]
     if layout.min_is_white:
-        gray = 65535 - gray
-    alpha = np.ascontiguousarray(samples[:, :, 1]) if layout.extra in (1, 2) else None
-    high = np.ascontiguousarray(gray)
+        colour = 65535 - colour
+    alpha = np.ascontiguousarray(samples[:, :, colours]) if layout.extra in (1, 2) else None
+    high = np.ascontiguousarray(colour)
     if alpha is not None and layout.extra == 1:
         high = _unpremultiply(high, alpha)
     icc = im.info.get("icc_profile") or None
+    if layout.rgb:
+        return _to_8bit(high), alpha, high, False, icc, {"source_mode": "RGBA" if alpha is not None else "RGB"}
     info: dict[str, object] = {"source_mode": "LA" if alpha is not None else "I;16"}
     return _gray_rgb(_to_8bit(high[:, :, 0])), alpha, high, True, icc, info
 

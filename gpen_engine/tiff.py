@@ -1,7 +1,8 @@
 """Classic TIFF structure, read and written by hand where Pillow cannot help.
 
-Pillow has no mode for 16-bit gray+alpha and writes 16 bits only for one sample per pixel, so the
-engine reads such files through copies whose directory (tag list) is rewritten to plain 16-bit
+Pillow has no mode for 16-bit gray+alpha and writes 16 bits only for one sample per pixel, and
+OpenCV reads a 16-bit RGB(A) file stored plane by plane as if its first plane held every sample, so
+the engine reads such files through copies whose directory (tag list) is rewritten to plain 16-bit
 gray, and writes multi-sample 16-bit TIFFs as wide gray rows whose directory is then retagged. It
 also checks, before any decoder runs, that a file's directories and strips lie inside it, so a
 half-copied TIFF reads as truncated. BigTIFF is left to Pillow throughout.
@@ -62,21 +63,25 @@ def incomplete(data: bytes) -> str | None:
 
 
 @dataclass(frozen=True)
-class GrayExtra16:
-    """Where the samples of a 16-bit gray TIFF with one extra sample (gray+alpha) lie.
+class Samples16:
+    """Where the samples of a 16-bit TIFF that the engine reads itself, as plain 16-bit gray, lie.
 
-    Pillow has no mode for these, so they are read through copies retagged as plain 16-bit gray
-    (:func:`gray_view`): each plane of a planar file, or the rows of an interleaved one as gray
-    rows twice as wide.
+    These are gray with one extra sample (gray+alpha), for which Pillow has no mode, and RGB or RGBA
+    stored plane by plane ("planar", PlanarConfiguration 2), which OpenCV misreads (it takes the
+    first plane for every sample) and Pillow cuts to 8 bits. They are read through copies retagged
+    as plain 16-bit gray (:func:`gray_view`): each plane of a planar file, or the rows of an
+    interleaved gray+alpha one as gray rows twice as wide.
     """
 
     width: int
     height: int
+    samples: int  # per pixel: 2 for gray+extra, 3 or 4 for RGB(A)
+    rgb: bool
     planar: bool
     tiled: bool
     tile_width: int  # the image width for a file in strips
     predictor: int
-    extra: int  # ExtraSamples: 0 unspecified, 1 associated (premultiplied) alpha, 2 plain alpha
+    extra: int | None  # ExtraSamples: 0 unspecified, 1 associated (premultiplied) alpha, 2 plain alpha
     min_is_white: bool
 
 
@@ -142,8 +147,21 @@ def ints(data: bytes, order: str, entries: Entries, tag: int) -> tuple[int, ...]
     return struct.unpack(f"{order}{count}{code}", raw) if len(raw) == size else ()
 
 
-def gray_extra16(data: bytes) -> GrayExtra16 | None:
-    """The layout of a 16-bit unsigned gray TIFF with one extra sample (Pillow cannot open these), else None."""
+def planar(data: bytes) -> bool:
+    """True when a classic TIFF's first page stores each sample in a plane of its own (PlanarConfiguration 2)."""
+    parsed = directory(data)
+    if parsed is None:
+        return False
+    order, _, entries, _ = parsed
+    return ints(data, order, entries, 284)[:1] == (2,)
+
+
+def samples16(data: bytes) -> Samples16 | None:
+    """The layout of a 16-bit unsigned TIFF that Pillow and OpenCV cannot read right, else None.
+
+    That is gray with one extra sample (interleaved or planar) and planar RGB with none or one
+    (alpha). Interleaved 16-bit RGB(A), which OpenCV reads, is left to it.
+    """
     parsed = directory(data)
     if parsed is None:
         return None
@@ -153,34 +171,38 @@ def gray_extra16(data: bytes) -> GrayExtra16 | None:
         values = ints(data, order, entries, tag)
         return values[0] if values else default
 
+    samples, photometric, in_planes = first(277, 1), first(PHOTOMETRIC, -1), first(284, 1) == 2
     bits = ints(data, order, entries, 258)
-    sample_format = ints(data, order, entries, SAMPLE_FORMAT) or (1,)
     extra = ints(data, order, entries, EXTRA_SAMPLES)
-    if (first(277, 1), len(extra), set(bits), set(sample_format)) != (2, 1, {16}, {1}):
+    if set(bits) != {16} or set(ints(data, order, entries, SAMPLE_FORMAT) or (1,)) != {1}:
         return None
-    photometric = first(PHOTOMETRIC, -1)
-    if photometric not in (0, 1):
+    gray = photometric in (0, 1) and samples == 2 and len(extra) == 1
+    rgb = photometric == 2 and in_planes and samples in (3, 4) and len(extra) == samples - 3
+    if not (gray or rgb):
         return None
     width = first(256, 0)
-    return GrayExtra16(
+    return Samples16(
         width=width,
         height=first(257, 0),
-        planar=first(284, 1) == 2,
+        samples=samples,
+        rgb=rgb,
+        planar=in_planes,
         tiled=322 in entries,
         tile_width=first(322, width),
         predictor=first(PREDICTOR, 1),
-        extra=extra[0],
+        extra=extra[0] if extra else None,
         min_is_white=photometric == 0,
     )
 
 
-def gray_view(data: bytes, layout: GrayExtra16, plane: int | None = None, *, header: bool = False) -> bytes:
+def gray_view(data: bytes, layout: Samples16, plane: int | None = None, *, header: bool = False) -> bytes:
     """``data`` retagged so that Pillow reads it as plain 16-bit gray.
 
     ``header``: for the size and metadata only (the pixels would not read right), orientation kept.
     Otherwise the orientation is left out (Pillow would turn the pixels; decode turns them itself):
     ``plane`` n of a planar file, or (``plane`` None) the interleaved rows of every pixel's samples
-    as gray rows twice as wide, without the predictor, which :func:`_read_gray_extra16` undoes per sample.
+    as gray rows that many times as wide, without the predictor, which :func:`_read_samples16` undoes
+    per sample.
     """
     # "Min is white" is tagged away (the caller inverts): Pillow has no big-endian mode for it.
     changes: dict[int, tuple[int, tuple[int, ...]] | None] = {
@@ -191,20 +213,21 @@ def gray_view(data: bytes, layout: GrayExtra16, plane: int | None = None, *, hea
         changes[ORIENTATION] = None
     if layout.planar:
         parsed = directory(data)
-        assert parsed is not None  # gray_extra16 read it
+        assert parsed is not None  # samples16 read it
         order, _, entries, _ = parsed
         changes[284] = (SHORT, (1,))
-        for tag in (273, 279, 324, 325):  # strip or tile offsets and byte counts: the first half is plane 0
+        planes = layout.samples
+        for tag in (273, 279, 324, 325):  # strip or tile offsets and byte counts, plane after plane
             values = ints(data, order, entries, tag)
-            if tag in entries and (not values or len(values) % 2):
-                raise InputError("corrupt TIFF: the strips do not divide into 2 planes")
+            if tag in entries and (not values or len(values) % planes):
+                raise InputError(f"corrupt TIFF: the strips do not divide into {planes} planes")
             if values:
-                half = len(values) // 2
-                changes[tag] = (LONG, values[(plane or 0) * half : ((plane or 0) + 1) * half])
+                part = len(values) // planes
+                changes[tag] = (LONG, values[(plane or 0) * part : ((plane or 0) + 1) * part])
     elif not header:
-        changes[256] = (LONG, (2 * layout.width,))
+        changes[256] = (LONG, (layout.samples * layout.width,))
         if layout.tiled:
-            changes[322] = (LONG, (2 * layout.tile_width,))
+            changes[322] = (LONG, (layout.samples * layout.tile_width,))
         if layout.predictor == 2:
             changes[PREDICTOR] = None
     return with_tags(data, changes)
@@ -248,7 +271,7 @@ PHOTOMETRIC_NAMES = {0: "gray", 1: "gray", 2: "RGB", 3: "palette", 4: "mask", 5:
 
 
 def layout_text(data: bytes) -> str:
-    """E.g. "CMYK with 1 extra sample, 5 samples of 16 bits" for a message."""
+    """E.g. "CMYK with 1 extra sample, 5 samples of 16 bits" (", stored in planes") for a message."""
     parsed = directory(data)
     if parsed is None:
         return "not one Pillow can read"
@@ -260,4 +283,5 @@ def layout_text(data: bytes) -> str:
     kind = {2: "signed ", 3: "floating-point "}.get((ints(data, order, entries, SAMPLE_FORMAT) or (1,))[0], "")
     extra = len(ints(data, order, entries, EXTRA_SAMPLES))
     extra_text = f" with {extra} extra sample{'s' * (extra != 1)}" if extra else ""
-    return f"{name}{extra_text}, {samples} {kind}samples of {'/'.join(map(str, bits))} bits"
+    stored = ", stored in planes" if planar(data) else ""
+    return f"{name}{extra_text}, {samples} {kind}samples of {'/'.join(map(str, bits))} bits{stored}"

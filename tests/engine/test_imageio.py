@@ -73,28 +73,41 @@ def _set_tiff_tag(data: bytes, tag: int, value: int, page: int = 0) -> bytes:
     raise KeyError(tag)
 
 
+def _lzw(rows: np.ndarray) -> bytes:
+    """16-bit samples (HxWxC) LZW-compressed as one TIFF strip, by Pillow's libtiff (as 16-bit gray)."""
+    data = _save(Image.fromarray(np.ascontiguousarray(rows.reshape(rows.shape[0], -1))), "TIFF", compression="tiff_lzw")
+    (offset,), (length,) = _tiff_tag(data, 273), _tiff_tag(data, 279)
+    return data[offset : offset + length]
+
+
 def _tiff16(
     samples: np.ndarray, photometric: int, extra: tuple[int, ...] = (), *, deflate: bool = False,
-    planar: bool = False, tags: dict[int, int] | None = None,
+    lzw: bool = False, planar: bool = False, strip_rows: int | None = None, tags: dict[int, int] | None = None,
 ) -> bytes:
     """A little-endian 16-bit TIFF written by hand (Pillow writes 16 bits for one sample per pixel only).
 
-    ``deflate`` stores rows as horizontal differences (predictor 2), zlib-compressed, as Photoshop does;
-    ``planar`` stores each sample in a plane of its own; ``tags`` adds SHORT tags (orientation, ...).
+    ``deflate`` or ``lzw`` store rows as horizontal differences (predictor 2), zlib- or LZW-compressed,
+    as Photoshop does; ``planar`` stores each sample in a plane of its own; ``strip_rows`` cuts each
+    plane into strips of that many rows; ``tags`` adds SHORT tags (orientation, ...).
     """
     height, width, count = samples.shape
+    strip_rows = strip_rows or height
     strips = []
     for plane in [samples[:, :, i : i + 1] for i in range(count)] if planar else [samples]:
-        rows = plane.astype(np.uint16)
-        if deflate:
-            rows[:, 1:] -= plane[:, :-1].astype(np.uint16)  # wraps modulo 2**16, as the predictor does
-        strips.append(zlib.compress(rows.astype("<u2").tobytes()) if deflate else rows.astype("<u2").tobytes())
+        for top in range(0, height, strip_rows):
+            part = plane[top : top + strip_rows]
+            rows = part.astype(np.uint16)
+            if deflate or lzw:
+                rows[:, 1:] -= part[:, :-1].astype(np.uint16)  # wraps modulo 2**16, as the predictor does
+            raw = rows.astype("<u2").tobytes()
+            strips.append(zlib.compress(raw) if deflate else _lzw(rows) if lzw else raw)
     offsets = list(np.cumsum([8] + [len(s) for s in strips[:-1]]))
-    entries = {256: (4, [width]), 257: (4, [height]), 258: (3, [16] * count), 259: (3, [8 if deflate else 1]),
-               262: (3, [photometric]), 273: (4, offsets), 277: (3, [count]), 278: (4, [height]),
-               279: (4, [len(s) for s in strips]), 284: (3, [2 if planar else 1])}
+    entries = {256: (4, [width]), 257: (4, [height]), 258: (3, [16] * count),
+               259: (3, [8 if deflate else 5 if lzw else 1]), 262: (3, [photometric]), 273: (4, offsets),
+               277: (3, [count]), 278: (4, [strip_rows]), 279: (4, [len(s) for s in strips]),
+               284: (3, [2 if planar else 1])}
     entries.update({tag: (3, [value]) for tag, value in (tags or {}).items()})
-    if deflate:
+    if deflate or lzw:
         entries[317] = (3, [2])
     if extra:
         entries[338] = (3, list(extra))
@@ -448,14 +461,15 @@ class TestModes:
         data, written = encode(image, image.rgb, options=EncodeOptions(format="TIFF"))
         assert (written, _tiff_tag(data, 277), _tiff_tag(data, 338)) == ("TIFF", (channels,), (2,))
 
-    @pytest.mark.parametrize("deflate", [False, True])
-    def test_premultiplied_16bit_tiff_is_not_darkened(self, deflate: bool) -> None:
-        """16-bit RGBA with associated alpha is un-premultiplied, and written as unassociated alpha."""
+    @pytest.mark.parametrize(("deflate", "planar"), [(False, False), (True, False), (False, True), (True, True)])
+    def test_premultiplied_16bit_tiff_is_not_darkened(self, deflate: bool, planar: bool) -> None:
+        """16-bit RGBA with associated alpha (interleaved or planar) is un-premultiplied, and written as
+        unassociated alpha."""
         rgb16 = np.random.default_rng(7).integers(0, 65536, (8, 6, 3), dtype=np.uint16)
         alpha16 = np.full((8, 6), 32768, np.uint16)
         alpha16[:, 0] = 65535
         premultiplied = (rgb16.astype(np.uint64) * alpha16[:, :, None] // 65535).astype(np.uint16)
-        image = decode(_tiff16(np.dstack([premultiplied, alpha16]), 2, (1,), deflate=deflate))
+        image = decode(_tiff16(np.dstack([premultiplied, alpha16]), 2, (1,), deflate=deflate, planar=planar))
         assert np.abs(image.high_bit.astype(int) - rgb16.astype(int)).max() <= 2
         np.testing.assert_array_equal(alpha16, image.alpha)
         data, _ = encode(image, image.rgb, options=EncodeOptions())
@@ -463,6 +477,37 @@ class TestModes:
         back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         np.testing.assert_array_equal(image.high_bit, back[:, :, 2::-1])
         np.testing.assert_array_equal(alpha16, back[:, :, 3])
+
+    @pytest.mark.parametrize("channels", [3, 4])
+    @pytest.mark.parametrize("compression", ["raw", "deflate", "lzw"])
+    def test_16bit_planar_rgb_tiff_keeps_its_samples(self, compression: str, channels: int) -> None:
+        """A 16-bit RGB(A) TIFF stored plane by plane (Photoshop's "per channel" order, ``tiffcp -p separate``)
+        decodes to its own 16-bit samples, passes the readiness check and is written back as 16-bit."""
+        samples = np.random.default_rng(10).integers(0, 65536, (23, 17, channels), dtype=np.uint16)
+        data = _tiff16(samples, 2, (2,) * (channels - 3), planar=True, strip_rows=5,
+                       deflate=compression == "deflate", lzw=compression == "lzw")
+        image = decode(data)
+        mode = "RGBA" if channels == 4 else "RGB"
+        assert (image.mode, image.grayscale, check_complete(data)) == (mode, False, (17, 23))
+        assert image.high_bit.dtype == np.uint16
+        np.testing.assert_array_equal(samples[:, :, :3], image.high_bit)
+        assert np.abs(image.rgb * 257.0 - samples[:, :, :3]).max() <= 128.5  # the nearest 8-bit values
+        if channels == 4:
+            np.testing.assert_array_equal(samples[:, :, 3], image.alpha)
+        else:
+            assert image.alpha is None
+        written, fmt = encode(image, image.rgb, options=EncodeOptions())
+        assert (fmt, _tiff_tag(written, 258), _tiff_tag(written, 277)) == ("TIFF", (16,) * channels, (channels,))
+        back = cv2.imdecode(np.frombuffer(written, np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(samples[:, :, [2, 1, 0, 3][:channels]], back)
+
+    def test_16bit_planar_rgb_tiff_follows_orientation(self) -> None:
+        """Orientation 6 turns every plane of a planar 16-bit RGB TIFF together."""
+        samples = np.random.default_rng(11).integers(0, 65536, (4, 6, 3), dtype=np.uint16)
+        data = _tiff16(samples, 2, planar=True, deflate=True, tags={274: 6})
+        image = decode(data)
+        assert (image.size, check_complete(data)) == ((4, 6), (4, 6))
+        np.testing.assert_array_equal(np.rot90(samples, k=-1), image.high_bit)
 
     def test_16bit_tiff_unspecified_extra_sample_is_not_alpha(self) -> None:
         """A 16-bit RGB TIFF's 4th sample marked "unspecified" (ExtraSamples = 0) is ignored, as Pillow does."""
@@ -673,6 +718,27 @@ class TestBadInput:
             decode(data)
         with pytest.raises(UnsupportedImage, match="unsupported TIFF pixel format"):
             check_complete(data)
+
+    def test_planar_16bit_tiff_opencv_would_misread_is_unsupported(self) -> None:
+        """Planar 16-bit RGB whose 4th sample is not declared (no ExtraSamples) is refused by name: OpenCV
+        would read its first plane as every sample and hand back wrong pixels without an error."""
+        data = _tiff16(np.zeros((4, 4, 4), np.uint16), 2, planar=True)
+        with pytest.raises(UnsupportedImage, match="pixel format: RGB, 4 samples of 16 bits, stored in planes"):
+            decode(data)
+        with pytest.raises(UnsupportedImage, match="stored in planes"):
+            check_complete(data)
+
+    @pytest.mark.parametrize("compression", ["raw", "deflate", "lzw"])
+    def test_truncated_16bit_planar_tiff_is_truncated(self, compression: str) -> None:
+        """A half-copied planar 16-bit RGBA TIFF reads as truncated (so the gate waits), never as unsupported."""
+        samples = np.random.default_rng(12).integers(0, 65536, (20, 16, 4), dtype=np.uint16)
+        data = _tiff16(samples, 2, (2,), planar=True, strip_rows=5,
+                       deflate=compression == "deflate", lzw=compression == "lzw")
+        for cut in sorted({1, 8, 9, len(data) - 1, *range(8, len(data), max(1, len(data) // 25))}):
+            for read in (decode, check_complete):
+                with pytest.raises(InputError, match="truncated TIFF") as caught:
+                    read(data[:cut])
+                assert not isinstance(caught.value, UnsupportedImage)
 
     def test_png_decompression_bomb_is_refused_from_the_header(self) -> None:
         """A tiny PNG claiming 50000x50000 raises ImageTooLarge without decoding pixels."""
