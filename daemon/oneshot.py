@@ -338,7 +338,7 @@ def _read_decode(item: Item, options: EngineOptions) -> Decoded | str:
         data, _ = read_no_follow(item.source)
         if not data:
             return f"{item.source}: empty file (0 bytes)"
-        image = imageio.decode(data, max_pixels=options.decode.max_pixels)
+        image = imageio.decode(data, max_pixels=options.decode.max_pixels, long_side=options.preset.max_long_side)
         return Decoded(item, image, prepare_image(image.rgb, options.preset))
     except (OSError, UnsafePath) as exc:
         return f"{item.source}: cannot read: {getattr(exc, 'strerror', None) or exc}"

@@ -727,7 +727,7 @@ class Service:
             self.jobs.retry_later(job.id, "preset no longer configured", 60)
             return None
         try:
-            image = imageio.decode(data, max_pixels=self.settings.max_pixels)
+            image = imageio.decode(data, max_pixels=self.settings.max_pixels, long_side=restorer.preset.max_long_side)
             decode_ms = (time.monotonic() - started) * 1000  # preparing counts as detection, in the engine's times
             working = restorer.prepare(image.rgb)
         except InputError as exc:
@@ -881,7 +881,10 @@ class Service:
             # working image either, which max_long_side may have scaled down.
             return item.data, Path(item.job.relpath).suffix
         # Converted to the configured format, a photo without faces still keeps its full size.
-        rgb = outcome.rgb if outcome.faces else item.image.rgb
+        rgb = outcome.rgb
+        if not outcome.faces:
+            full = "reduced_from" not in item.image.info  # else decoded at the preset's size: decode it again
+            rgb = item.image.rgb if full else imageio.decode(item.data, max_pixels=self.settings.max_pixels).rgb
         data, fmt = imageio.encode(item.image, rgb, options=opts.encode)
         ext = Path(item.job.relpath).suffix if fmt == item.image.format else imageio.extension_for(fmt)
         return data, ext

@@ -314,7 +314,7 @@ def engine_pass(
 
     def decode(data: bytes) -> tuple[object, float]:
         def work() -> tuple[imageio.DecodedImage, WorkingImage]:
-            image = imageio.decode(data, max_pixels=options.decode.max_pixels)
+            image = imageio.decode(data, max_pixels=options.decode.max_pixels, long_side=preset.max_long_side)
             return image, prepare_image(image.rgb, preset)
 
         try:

@@ -79,17 +79,26 @@ Image.init()  # register every plugin once, at import, so decode never mutates P
 # --------------------------------------------------------------------------------------- decode
 
 
-def decode(data: bytes, *, max_pixels: int = 100_000_000) -> DecodedImage:
+def decode(data: bytes, *, max_pixels: int = 100_000_000, long_side: int | None = None) -> DecodedImage:
     """Decode ``data`` completely into the engine's working form.
+
+    ``long_side``: the caller will scale the image down to this long side anyway (a preset's
+    ``max_long_side``). A JPEG then comes back already scaled down, exactly to ``capped_size`` of its
+    full size: libjpeg decodes it at the smallest of 1/2, 1/4 or 1/8 scale that is still large enough
+    (its DCT scaling, several times faster than a full decode) and the rest is an ordinary resize. Other
+    formats come back at their full size, since their alpha and 16-bit planes are kept at full size.
 
     Raises :class:`InputError` for anything that is not a complete, single, supported image and
     :class:`ImageTooLarge` (before decoding pixels) above ``max_pixels``.
     """
     fmt, im, layout = _open_checked(data, max_pixels)
+    full_size = im.size
     try:
         if layout is not None:
             rgb, alpha, high_bit, grayscale, icc, info = _pixels_samples16(im, data, layout)
         else:
+            if fmt == "JPEG" and long_side:
+                _reduce_jpeg(im, long_side)
             _load(im, fmt)
             rgb, alpha, high_bit, grayscale, icc, info = _pixels(im, data, fmt)
         orientation = _orientation(im)
@@ -97,6 +106,13 @@ def decode(data: bytes, *, max_pixels: int = 100_000_000) -> DecodedImage:
         info.update(_format_info(im, data, fmt))
     finally:
         im.close()
+    if fmt == "JPEG" and long_side:
+        # Sized from the stored image, not the reduced one: the size a full decode and resize_long_side give.
+        width, height = capped_size(*full_size, long_side)
+        if rgb.shape[:2] != (height, width):
+            rgb = _resize(rgb, width, height)
+        if (width, height) != full_size:
+            info["reduced_from"] = full_size  # as stored, before orientation
     rgb = _orient(rgb, orientation)
     alpha = None if alpha is None else _orient(alpha, orientation)
     high_bit = None if high_bit is None else _orient(high_bit, orientation)
@@ -118,8 +134,9 @@ def decode(data: bytes, *, max_pixels: int = 100_000_000) -> DecodedImage:
 def check_complete(data: bytes, *, max_pixels: int = 100_000_000) -> tuple[int, int]:
     """Return the displayed (width, height) if ``data`` decodes completely, else raise :class:`InputError`.
 
-    Decodes every pixel (that is the only proof a file is whole) but skips the conversions and
-    keeps no arrays, so the readiness gate can call it on every candidate.
+    Decodes every pixel (that is the only proof a file is whole; a JPEG at 1/8 scale, which still reads
+    every block) but skips the conversions and keeps no arrays, so the readiness gate can call it on
+    every candidate.
     """
     fmt, im, layout = _open_checked(data, max_pixels)
     try:
@@ -127,10 +144,14 @@ def check_complete(data: bytes, *, max_pixels: int = 100_000_000) -> tuple[int, 
             _read_samples16(data, layout)
             width, height = layout.width, layout.height  # as stored: Pillow's size is not
         else:
+            width, height = im.size
+            if fmt == "JPEG":
+                # Every entropy-coded block is still read at 1/8 scale, so damage shows just the same; only
+                # the inverse DCT and colour conversion, most of a full decode's time, are left out.
+                _reduce_jpeg(im, 1)
             _load(im, fmt)
             if _needs_cv2_16bit(im, data, fmt):
                 _decode_16bit_with_cv2(data, im.size)
-            width, height = im.size
         swapped = _orientation(im) in (5, 6, 7, 8)
     finally:
         im.close()
@@ -327,6 +348,16 @@ def _webp_canvas_size(data: bytes) -> tuple[int, int] | None:
         width, height = struct.unpack("<HH", data[26:30])
         return width & 0x3FFF, height & 0x3FFF
     return None
+
+
+def _reduce_jpeg(im: ImageFile.ImageFile, long_side: int) -> None:
+    """Have libjpeg decode ``im`` at 1/2, 1/4 or 1/8 scale: the smallest whose long side is still >= ``long_side``."""
+    width, height = im.size
+    for scale in (8, 4, 2):
+        if -(-max(width, height) // scale) >= long_side and scale <= min(width, height):
+            # Pillow takes the largest reduction that keeps both sides at least the size asked for: this one.
+            im.draft(im.mode, (width // scale, height // scale))
+            return
 
 
 def _load(im: ImageFile.ImageFile, fmt: str) -> None:
@@ -664,22 +695,24 @@ def extension_for(format: str) -> str:
     return _EXTENSIONS[name]
 
 
+def capped_size(width: int, height: int, max_long_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled down so the long side is at most ``max_long_side`` (None or 0: no cap)."""
+    long_side = max(height, width)
+    if not max_long_side or max_long_side <= 0 or long_side <= max_long_side:
+        return width, height
+    scale = max_long_side / long_side
+    return max(1, min(max_long_side, round(width * scale))), max(1, min(max_long_side, round(height * scale)))
+
+
 def resize_long_side(rgb: np.ndarray, max_long_side: int | None) -> np.ndarray:
     """Downsize (INTER_AREA) so the long side is at most ``max_long_side``; never upsizes.
 
     Works on any HxW or HxWxC uint8/uint16/float32 array; returns the input itself when no
     resize is needed.
     """
-    if max_long_side is None or max_long_side <= 0:
-        return rgb
     height, width = rgb.shape[:2]
-    long_side = max(height, width)
-    if long_side <= max_long_side:
-        return rgb
-    scale = max_long_side / long_side
-    new_w = max(1, min(max_long_side, round(width * scale)))
-    new_h = max(1, min(max_long_side, round(height * scale)))
-    return _resize(rgb, new_w, new_h)
+    new_w, new_h = capped_size(width, height, max_long_side)
+    return rgb if (new_w, new_h) == (width, height) else _resize(rgb, new_w, new_h)
 
 
 def _resize(array: np.ndarray, width: int, height: int) -> np.ndarray:

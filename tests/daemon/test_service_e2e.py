@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -159,6 +160,33 @@ def test_overwrite_replaces_only_the_same_sources_result_and_never_a_backup(tmp_
     assert sorted(p.name for p in files_under(out)) == ["a (1).jpg", "a.jpg", "plain.jpg"]
     with Image.open(out / "plain.jpg") as converted:
         assert (converted.format, converted.size) == ("JPEG", (1600, 1000))
+
+
+def test_a_large_jpeg_is_published_at_the_size_the_preset_gives_and_a_faceless_one_at_full_size(tmp_path):
+    """JPEGs above max_long_side (800) are decoded at a reduced scale: the restored photo still has exactly the
+    capped size, and a face-less one converted to PNG keeps its full size."""
+    config, layout = write_config(tmp_path, extra='output_format = "PNG"')
+    hot, out = layout.hot["a"], layout.out["a"]
+    with Image.open(io.BytesIO(face_photo(1, "PNG"))) as im:
+        faces = im.convert("RGB").resize((1680, 920), Image.LANCZOS)  # 4x the crop: below half of it is 840 px
+    with Image.open(io.BytesIO(plain_photo(size=(1600, 1000)))) as im:
+        plain = im.convert("RGB")
+    daemon = Daemon(config).start()
+    try:
+        _drop(hot / "faces.jpg", _jpeg(faces))
+        _drop(hot / "plain.jpg", _jpeg(plain))
+        wait_for(lambda: (out / "faces.png").is_file() and (out / "plain.png").is_file(), 60, daemon, "both")
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]
+    with Image.open(out / "faces.png") as restored, Image.open(out / "plain.png") as converted:
+        assert ("PNG", (800, 438)) == (restored.format, restored.size)  # round(920 * 800 / 1680)
+        assert ("PNG", (1600, 1000)) == (converted.format, converted.size)
+
+
+def _jpeg(pil: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    pil.save(buf, "JPEG", quality=92)
+    return buf.getvalue()
 
 
 def test_a_kept_original_that_is_only_touched_is_not_processed_again(tmp_path):

@@ -820,3 +820,53 @@ class TestHelpers:
         """Each supported format has its usual extension."""
         got = [extension_for(f) for f in ("JPEG", "png", "WEBP", "TIFF", "BMP", "MPO")]
         assert got == [".jpg", ".png", ".webp", ".tif", ".bmp", ".jpg"]
+
+
+class TestReducedJpegDecode:
+    """decode(long_side=N): a JPEG the caller scales down anyway is decoded at 1/2, 1/4 or 1/8 scale."""
+
+    @pytest.mark.parametrize(("size", "long_side"), [((1000, 600), 480), ((1000, 600), 499), ((1001, 601), 250),
+                                                     ((1000, 600), 130), ((600, 1000), 333), ((64, 40), 10)])
+    def test_same_size_and_nearly_the_same_pixels_as_a_full_decode_then_resize(self, size, long_side) -> None:
+        """The result has exactly the size a full decode plus resize_long_side gives (rounding from the stored
+        size, not the reduced one), and its pixels differ from that only as two good downscales do."""
+        data = _save(Image.fromarray(_photo(size[1], size[0])), "JPEG", quality=92)
+        reference = resize_long_side(decode(data).rgb, long_side)
+        reduced = decode(data, long_side=long_side)
+        assert reference.shape == reduced.rgb.shape
+        assert np.abs(reference.astype(int) - reduced.rgb.astype(int)).mean() < 3
+        assert tuple(reversed(size)) == reduced.info["reduced_from"][::-1]
+
+    def test_is_faster_path_really_taken(self) -> None:
+        """At a quarter of the size, libjpeg's reduced decode is what ran: the picture is blurrier at the pixel
+        level than a full decode of the same (already small) target would be... measured as: decoding with
+        long_side equal to the full size changes nothing, and a quarter size records the scale it came from."""
+        data = _save(Image.fromarray(_photo(400, 800)), "JPEG", quality=92)
+        np.testing.assert_array_equal(decode(data).rgb, decode(data, long_side=800).rgb)
+        assert "reduced_from" not in decode(data, long_side=800).info
+        assert (200, 400, 3) == decode(data, long_side=400).rgb.shape
+
+    @pytest.mark.parametrize("orientation", [6, 8])
+    def test_rotated_jpeg_is_capped_upright(self, orientation: int) -> None:
+        """EXIF rotation is applied after the reduced decode: a 1000x600 landscape tagged 6/8 comes out 300x500."""
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = _save(Image.fromarray(_photo(600, 1000)), "JPEG", exif=exif, quality=92)
+        reference = resize_long_side(decode(data).rgb, 500)
+        image = decode(data, long_side=500)
+        assert (500, 300, 3) == image.rgb.shape == reference.shape
+        assert np.abs(reference.astype(int) - image.rgb.astype(int)).mean() < 3
+
+    def test_other_formats_stay_full_size(self) -> None:
+        """PNG (whose alpha and 16-bit planes the encoder needs at full size) ignores the hint."""
+        data = _save(Image.fromarray(_photo(600, 1000)).convert("RGBA"), "PNG")
+        image = decode(data, long_side=250)
+        assert (600, 1000, 3) == image.rgb.shape and (600, 1000) == image.alpha.shape
+
+    def test_truncated_jpeg_is_still_refused_by_the_reduced_check(self) -> None:
+        """check_complete reads every block at 1/8 scale: a JPEG without its end, or with its scan data cut and
+        an end marker glued on where the entropy decoder runs dry, is refused or decoded exactly as before."""
+        data = _save(Image.fromarray(_photo(600, 1000)), "JPEG", quality=92)
+        with pytest.raises(InputError, match="truncated"):
+            check_complete(data[: len(data) // 2])
+        assert (1000, 600) == check_complete(data)
