@@ -837,10 +837,9 @@ class TestReducedJpegDecode:
         assert np.abs(reference.astype(int) - reduced.rgb.astype(int)).mean() < 3
         assert tuple(reversed(size)) == reduced.info["reduced_from"][::-1]
 
-    def test_is_faster_path_really_taken(self) -> None:
-        """At a quarter of the size, libjpeg's reduced decode is what ran: the picture is blurrier at the pixel
-        level than a full decode of the same (already small) target would be... measured as: decoding with
-        long_side equal to the full size changes nothing, and a quarter size records the scale it came from."""
+    def test_a_jpeg_within_the_cap_is_decoded_in_full(self) -> None:
+        """No reduction where none is due: a long side equal to the cap gives the full decode's very pixels, and
+        only a reduced image records the size it came from."""
         data = _save(Image.fromarray(_photo(400, 800)), "JPEG", quality=92)
         np.testing.assert_array_equal(decode(data).rgb, decode(data, long_side=800).rgb)
         assert "reduced_from" not in decode(data, long_side=800).info
