@@ -22,6 +22,7 @@ __all__ = [
     "filesystem_type",
     "is_candidate",
     "is_ignored_name",
+    "mount_below",
     "mount_of",
     "needs_polling",
     "normalize_extensions",
@@ -30,6 +31,7 @@ __all__ = [
     "parse_mountinfo",
     "read_mountinfo",
     "read_no_follow",
+    "remount_is_safe",
     "safe_join",
 ]
 
@@ -280,6 +282,41 @@ def unmounted(current: Mount, expected: Mount) -> bool:
     cur = current.mount_point.rstrip("/")
     exp = expected.mount_point.rstrip("/")
     return cur != exp and (exp.startswith(cur + "/") or cur == "")
+
+
+def mount_below(mount: Mount, mountinfo: str | None = None) -> Mount | None:
+    """The mount that ``mount`` covers: where a path on it falls through to once it is unmounted.
+
+    That is the mount holding the parent of its mount point; None for the root filesystem (nothing lies under
+    it) or when the mount table cannot be read. Recorded beside a folder's mount, for ``remount_is_safe``.
+    """
+    mp = mount.mount_point.rstrip("/")
+    if not mp:
+        return None
+    return mount_of(os.path.dirname(mp) or "/", mountinfo)
+
+
+def remount_is_safe(current: Mount, recorded: Mount, below: Mount | None) -> bool:
+    """May a folder recorded on ``recorded`` (which covered ``below``) be taken to be on ``current`` from now on?
+
+    Asked when an operator reloads (SIGHUP) after changing mounts. The danger is taking an unmounted share's empty
+    mount point for the new truth, and then writing results onto the local disk under it. The rule:
+
+    - ``current`` is not shallower than ``recorded`` (the same mount, one mounted on top of the folder, or
+      elsewhere because a link was re-pointed): a real mount holds the folder, take it;
+    - ``current`` is shallower (the recorded mount point is below it): either the share was mounted one level
+      higher, or it was unmounted and the path fell through to what lay under it. An unmount can only fall
+      through to ``below`` or, if that went too, to something shallower still. So a shallower mount is taken
+      only if it is neither ``below`` nor shallower than it: then it is a mount that was not there when the
+      folder's mount was recorded, a share re-mounted higher up (or stacked on ``below``'s mount point).
+      Without a ``below`` (unknown) nothing shallower is taken.
+
+    Mounts compare by mount point, type and source, so a fallback re-mounted meanwhile still counts as ``below``:
+    the rule errs on the side of waiting, which a restart ends (start-up records the mounts as it finds them).
+    """
+    if not unmounted(current, recorded):
+        return True
+    return below is not None and current != below and not unmounted(current, below)
 
 
 def filesystem_type(path: Path | str, mountinfo: str | None = None) -> str:

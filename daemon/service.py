@@ -33,7 +33,17 @@ from daemon.faults import FailPoints
 from daemon.jobs import Job, JobStateError, JobTable, JobTableError, claim_instance
 from daemon.logs import configure_logging
 from daemon.notify import Notifier
-from daemon.paths import Mount, UnsafePath, is_candidate, mount_of, open_no_follow, safe_join, unmounted
+from daemon.paths import (
+    Mount,
+    UnsafePath,
+    is_candidate,
+    mount_below,
+    mount_of,
+    open_no_follow,
+    remount_is_safe,
+    safe_join,
+    unmounted,
+)
 from daemon.readiness import ReadinessGate
 from daemon.settings import (
     ConfigError,
@@ -158,8 +168,10 @@ class Service:
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
         self.paused: dict[str, str] = {}
-        # The mount each output/backup/failed/done folder was on when it was set up (see _check_mounted).
+        # The mount each output/backup/failed/done folder was on when it was set up or last reloaded, and the
+        # mount that one covered (where the folder falls through to once it is unmounted): see _note_mounts.
         self.share_mounts: dict[Path, Mount] = {}
+        self.share_below: dict[Path, Mount | None] = {}
         # Choosing a free name in failed/, writing the sidecar and moving the original there is one step: folders
         # sharing a failed/ folder must not pick the same name (the move would replace the first original).
         self.failed_lock = threading.Lock()
@@ -269,11 +281,32 @@ class Service:
                     if anchor.exists():
                         d.mkdir(parents=True, exist_ok=True)
 
-    def _note_mounts(self, folders: Iterable[FolderSettings]) -> None:
+    def _note_mounts(self, folders: Iterable[FolderSettings], *, reload: bool = False) -> None:
+        """Record the mount each output/backup/failed/done folder is on now (see _check_mounted).
+
+        At start-up, and for a folder first seen on a reload, the mount is taken as found (systemd's
+        RequiresMountsFor= keeps the service from starting before its shares). On a reload an operator may have
+        changed the mounts (a share mounted one level higher, or onto a folder that had none): a folder already
+        recorded takes its mount as it is now only where ``remount_is_safe`` says that is not an unmounted share's
+        empty mount point, so results keep waiting for a lost share instead of landing on the local disk. A
+        folder that is missing now (or a mount table that cannot be read) keeps its record.
+        """
         for folder in folders:
             for d in (folder.output, folder.backup, folder.failed, folder.done):
-                if d is not None and d.is_dir() and (mount := mount_of(d)) is not None:
-                    self.share_mounts[d] = mount
+                if d is None or not d.is_dir() or (mount := mount_of(d)) is None:
+                    continue
+                recorded = self.share_mounts.get(d)
+                if recorded is None or not reload:
+                    self.share_mounts[d], self.share_below[d] = mount, mount_below(mount)
+                elif mount != recorded:
+                    if remount_is_safe(mount, recorded, self.share_below.get(d)):
+                        self.share_mounts[d], self.share_below[d] = mount, mount_below(mount)
+                        log.info("folder's mount changed; taken on reload", folder=str(d),
+                                 was=recorded.mount_point, now=mount.mount_point, fstype=mount.fstype)
+                    else:
+                        log.warning("folder's share still looks unmounted; kept waiting for it (mount it again, "
+                                    "or restart to take the folder as it is now)", folder=str(d),
+                                    expected=recorded.mount_point, now=mount.mount_point)
 
     def _check_mounted(self, *roots: Path | None) -> None:
         """Raise ShareUnavailable (retried later) for a root whose share was unmounted since it was set up.
@@ -1023,7 +1056,8 @@ class Service:
             log.info("hot folder removed", folder=key)
         moved = [f for k, f in new_folders.items() if self.folders.get(k) != f]
         self._make_folders(moved)
-        self._note_mounts(moved)
+        # Every folder, not only the moved ones: a reload is how an operator says the mounts changed.
+        self._note_mounts(new_folders.values(), reload=True)
         for key, folder in new_folders.items():
             # e.g. its output moved (new exclusions), or the extensions or scan intervals changed
             if key in self.watchers and (rewatch_all or self.folders.get(key) != folder):
@@ -1031,6 +1065,8 @@ class Service:
             if key not in self.watchers:
                 self._start_watcher(key, folder)
                 log.info("hot folder watched", folder=key, preset=folder.preset)
+            else:
+                self.watchers[key].reload_mount()  # the same rule for the hot folder's share
         self.folders = new_folders
         assert self.jobs is not None
         for key, folder in new_folders.items():

@@ -9,7 +9,8 @@ reports as idempotent: the same path is reported again and again while it exists
 
 Nothing is ever reported as deleted. A folder that disappears, or whose share is unmounted (its path now
 falls on a shallower mount than before), is paused (``on_pause``) and watched for its return (``on_resume``,
-then a full rescan); its files are never taken for deleted.
+then a full rescan); its files are never taken for deleted. A share moved one level higher looks the same,
+until the service's reload calls ``reload_mount`` and the watcher takes the new mount (``paths.remount_is_safe``).
 
 Links are never followed: a symbolic link (to a file or a folder) is reported once to ``on_refused`` and
 never read. The daemon's own folders (``excluded``) inside a hot folder are skipped.
@@ -37,10 +38,12 @@ from daemon.paths import (
     Mount,
     is_candidate,
     is_ignored_name,
+    mount_below,
     mount_of,
     needs_polling,
     normalize_extensions,
     read_mountinfo,
+    remount_is_safe,
     unmounted,
 )
 from daemon.settings import FolderSettings
@@ -180,6 +183,8 @@ class FolderWatcher:
         self._mode: Literal["events", "poll"] | None = None
         self._source: EventSource | None = None
         self._mount: Mount | None = None
+        self._below: Mount | None = None  # what _mount covers (see paths.mount_below)
+        self._remount = False  # set by reload_mount, handled on the watcher's own thread
         self._paused: str | None = None
         self._started = False
         self._snapshot: Snapshot = {}
@@ -264,6 +269,16 @@ class FolderWatcher:
             )
         return None
 
+    def reload_mount(self) -> None:
+        """Take the folder's mount as it is now, if safe (the service calls this on reload, after mounts changed).
+
+        A folder paused because its share seems unmounted resumes if the share was mounted elsewhere above it
+        (see ``paths.remount_is_safe``); one that fell through to the filesystem under the share stays paused.
+        """
+        self._remount = True
+        self._check_now = True
+        self._wake.set()
+
     def wake(self) -> None:
         """Scan now (the service calls this after a reload, for instance)."""
         self._hints.put(Hint("rescan"))
@@ -309,6 +324,17 @@ class FolderWatcher:
     def _healthy(self, now: float) -> bool:
         """Pause, resume, re-mount and dead-thread handling; False while the folder is unavailable."""
         mount = mount_of(self.root, self._mountinfo())
+        if self._remount:
+            self._remount = False
+            recorded = self._mount
+            if mount is not None and recorded is not None and unmounted(mount, recorded) and os.path.isdir(self.root):
+                if remount_is_safe(mount, recorded, self._below):
+                    self._problem(f"the folder is now on {mount.mount_point} ({mount.fstype}), no longer on "
+                                  f"{recorded.mount_point}: taken on reload; watching it afresh")
+                    self._begin(mount)  # resumes a paused folder
+                else:
+                    self._problem(f"still on {mount.mount_point}, under the share that was at "
+                                  f"{recorded.mount_point}: it still looks unmounted; waiting for it")
         reason = self.unavailable_reason(mount)
         if reason is not None:
             if self._paused is None:
@@ -331,6 +357,7 @@ class FolderWatcher:
         """First sight of the folder, or its return after a pause: choose the mode, start events, rescan."""
         was_paused = self._paused is not None
         self._mount = mount
+        self._below = mount_below(mount, self._mountinfo()) if mount is not None else None
 
         self._mode = self._choose_mode()
         self._snapshot = {}

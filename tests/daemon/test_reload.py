@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.harness import Daemon, account, face_photo, files_under, have_shared_data, wait_for, write_config
+from tests.daemon.harness import (
+    Daemon,
+    account,
+    drop,
+    face_photo,
+    files_under,
+    have_shared_data,
+    small_face_photo,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.skipif(not have_shared_data(), reason="needs ../shared (detector weights, Solvay photo)")
 
@@ -119,3 +132,110 @@ def test_a_reload_that_adds_an_extension_or_slows_the_gate_applies_to_running_fo
         (layout.hot["a"] / "late.jpg").write_bytes(face_photo(2))
         wait_for(lambda: (layout.out["a"] / "late.jpg").exists(), 60, daemon, "the last JPEG published")
         assert time.monotonic() - started >= 6  # the new, longer quiet time was waited for
+
+
+# ----------------------------------------------------------------- mounts changed, then SIGHUP
+# Real mounts (a tmpfs stands for the share): root only. The share is unmounted lazily (umount -l), as a
+# stuck NFS share would be, so the daemon's open folders do not block it.
+
+
+def _mount_tmpfs(path: Path) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def _umount(*paths: Path) -> None:
+    for path in paths:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def _count(daemon: Daemon, text: str) -> int:
+    return daemon.log_text().count(text)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_reload_takes_an_output_share_mounted_one_level_higher_but_not_an_unmounted_one(tmp_path):
+    """An unmounted share's empty mount point is not taken for the folder on SIGHUP (results keep waiting, the
+    local disk stays empty); the same share mounted one level higher is, and the waiting result is published."""
+    config, layout = write_config(tmp_path)
+    share = layout.out["a"]
+    if not _mount_tmpfs(share):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with _running(config) as daemon:
+            drop(layout.hot["a"] / "one.jpg", small_face_photo(1))
+            wait_for(lambda: (share / "one.jpg").exists(), 60, daemon, "the first result on the share")
+            _umount(share)
+            drop(layout.hot["a"] / "two.jpg", small_face_photo(2))
+            wait_for(lambda: "is no longer mounted" in daemon.log_text(), 60, daemon, "a retry naming the lost share")
+            daemon.signal(signal.SIGHUP)
+            wait_for(lambda: _reloaded(daemon), 60, daemon, "the reload with the share unmounted")
+            assert "still looks unmounted" in daemon.log_text()
+            retries = _count(daemon, "is no longer mounted")
+            wait_for(lambda: _count(daemon, "is no longer mounted") > retries, 30, daemon, "still retried after it")
+            assert files_under(share) == []  # the local mount point
+            assert (layout.hot["a"] / "two.jpg").exists()
+
+            assert _mount_tmpfs(share.parent)  # the administrator mounts the share one level higher
+            share.mkdir()
+            retries = _count(daemon, "is no longer mounted")
+            wait_for(lambda: _count(daemon, "is no longer mounted") > retries, 30, daemon, "waiting until SIGHUP")
+            daemon.signal(signal.SIGHUP)
+            wait_for(lambda: _reloaded(daemon, 2), 60, daemon, "the reload with the share one level higher")
+            wait_for(lambda: (share / "two.jpg").exists() and not (layout.hot["a"] / "two.jpg").exists(), 60,
+                     daemon, "the waiting result published on the share")
+            assert "taken on reload" in daemon.log_text()
+    finally:
+        _umount(share.parent, share)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_share_mounted_on_an_output_then_sighup_is_guarded_against_its_unmount(tmp_path):
+    """A share mounted onto a plain output folder after start is recorded on SIGHUP: once it is unmounted, results
+    wait for it instead of landing on the local disk under its mount point."""
+    config, layout = write_config(tmp_path)
+    share = layout.out["a"]
+    try:
+        with _running(config) as daemon:
+            if not _mount_tmpfs(share):
+                pytest.skip("cannot mount a tmpfs here")
+            daemon.signal(signal.SIGHUP)
+            wait_for(lambda: _reloaded(daemon), 60, daemon, "the reload with the new share")
+            assert "taken on reload" in daemon.log_text()
+            drop(layout.hot["a"] / "one.jpg", small_face_photo(1))
+            wait_for(lambda: (share / "one.jpg").exists(), 60, daemon, "the first result on the share")
+            _umount(share)
+            drop(layout.hot["a"] / "two.jpg", small_face_photo(2))
+            wait_for(lambda: "is no longer mounted" in daemon.log_text(), 30, daemon, "a retry naming the lost share")
+            assert files_under(share) == []
+            assert (layout.hot["a"] / "two.jpg").exists()
+    finally:
+        _umount(share)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_reload_resumes_a_hot_folder_whose_share_was_mounted_one_level_higher(tmp_path):
+    """The hot folder's watcher pauses when its share seems unmounted; SIGHUP after the share was mounted one level
+    higher resumes it, and the file waiting there is processed."""
+    config, layout = write_config(tmp_path)
+    hot = layout.hot["a"]
+    if not _mount_tmpfs(hot):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with _running(config) as daemon:
+            drop(hot / "one.jpg", small_face_photo(1))
+            wait_for(lambda: (layout.out["a"] / "one.jpg").exists(), 60, daemon, "the first result")
+            _umount(hot)
+            assert _mount_tmpfs(hot.parent)
+            drop(hot / "two.jpg", small_face_photo(2))
+            wait_for(lambda: "hot folder paused" in daemon.log_text(), 30, daemon, "the folder paused")
+            time.sleep(2)
+            assert not (layout.out["a"] / "two.jpg").exists()  # without a reload it stays paused
+            daemon.signal(signal.SIGHUP)
+            wait_for(lambda: _reloaded(daemon), 60, daemon, "the reload")
+            wait_for(lambda: (layout.out["a"] / "two.jpg").exists(), 60, daemon, "the waiting file processed")
+            assert "hot folder resumed" in daemon.log_text()
+    finally:
+        _umount(hot.parent, hot)

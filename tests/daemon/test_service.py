@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon import service
+from daemon import paths, publish, service
 from daemon.jobs import JobStateError, JobTable
-from daemon.settings import hot_folders, load_settings
+from daemon.paths import Mount, mount_below, remount_is_safe
+from daemon.settings import FolderSettings, hot_folders, load_settings
+from daemon.watch import FolderWatcher
 
 
 def aged_history(table_path: Path, folder: str, days: float) -> tuple[int, int]:
@@ -57,3 +60,129 @@ class TestHistory:
             svc.publish_pool.shutdown()
             svc.read_pool.shutdown()
             svc.jobs.close()
+
+
+# ----------------------------------------------------------------- mounts re-recorded on reload (SIGHUP)
+# A fake mount table (no root needed); tests/daemon/test_reload.py does the same with real tmpfs mounts.
+ROOT_FS = "1 0 8:1 / / rw - ext4 /dev/sda rw\n"
+
+
+def tmpfs_at(path: Path, ident: int = 40) -> str:
+    return f"{ident} 1 0:{ident} / {os.path.realpath(path)} rw - tmpfs share{ident} rw\n"
+
+
+class TestRemountRule:
+    """paths.remount_is_safe: which mount a reload may take for a folder recorded on another one."""
+
+    srv = Mount("/srv", "ext4", "/dev/sdb")
+    share = Mount("/srv/share/out", "nfs4", "nas:/out")
+
+    @pytest.mark.parametrize(("current", "safe"), [
+        (Mount("/srv/share", "nfs4", "nas:/"), True),  # the share mounted one level higher
+        (Mount("/srv", "nfs4", "nas:/"), True),  # ... or stacked on the disk under it
+        (Mount("/srv/share/out/deeper", "nfs4", "nas:/x"), True),  # something mounted deeper: a real mount
+        (Mount("/mnt/other", "nfs4", "nas:/y"), True),  # elsewhere (a link re-pointed): a real mount
+        (Mount("/srv", "ext4", "/dev/sdb"), False),  # unmounted: fell through to the disk under it
+        (Mount("/", "ext4", "/dev/sda"), False),  # that disk unmounted too: shallower still
+    ])
+    def test_a_shallower_mount_is_taken_only_if_it_is_not_what_lay_under_the_share(self, current, safe):
+        assert remount_is_safe(current, self.share, self.srv) is safe
+
+    def test_without_knowing_what_lay_under_it_nothing_shallower_is_taken(self):
+        assert not remount_is_safe(Mount("/srv/share", "nfs4", "nas:/"), self.share, None)
+
+    def test_what_a_mount_covers(self):
+        table = ROOT_FS + "2 1 8:2 / /srv rw - ext4 /dev/sdb rw\n" + "3 2 0:3 / /srv/share/out rw - nfs4 nas:/out rw\n"
+        assert mount_below(self.share, table) == self.srv
+        assert mount_below(self.srv, table) == Mount("/", "ext4", "/dev/sda")
+        assert mount_below(Mount("/", "ext4", "/dev/sda"), table) is None
+
+
+class TestMountsOnReload:
+    """The service's record of each output folder's mount: kept from start-up, re-taken on reload where safe."""
+
+    @pytest.fixture
+    def table(self, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+        table = {"text": ROOT_FS}
+        monkeypatch.setattr(paths, "read_mountinfo", lambda: table["text"])
+        return table
+
+    @pytest.fixture
+    def svc(self, tmp_path: Path):
+        config = tmp_path / "gpen-watch.toml"
+        config.write_text(f'root = "{tmp_path}"\n')
+        settings = load_settings(config)
+        folders = hot_folders(settings)[:1]
+        svc = service.Service(settings, folders)
+        svc._make_folders(folders)
+        yield svc
+        svc.publish_pool.shutdown()
+        svc.read_pool.shutdown()
+
+    @staticmethod
+    def output(svc: service.Service) -> Path:
+        return next(iter(svc.folders.values())).output
+
+    def test_a_share_moved_one_level_higher_is_taken_on_reload(self, svc, table) -> None:
+        out = self.output(svc)
+        table["text"] = ROOT_FS + tmpfs_at(out)
+        svc._note_mounts(svc.folders.values())  # start-up
+        table["text"] = ROOT_FS + tmpfs_at(out.parent, 41)  # the share now mounted one level higher
+        with pytest.raises(publish.ShareUnavailable, match="no longer mounted"):
+            svc._check_mounted(out)  # until the operator reloads
+        svc._note_mounts(svc.folders.values(), reload=True)
+        svc._check_mounted(out)
+        assert svc.share_mounts[out].mount_point == os.path.realpath(out.parent)
+
+    def test_an_unmounted_share_is_not_taken_on_reload(self, svc, table) -> None:
+        out = self.output(svc)
+        table["text"] = ROOT_FS + tmpfs_at(out)
+        svc._note_mounts(svc.folders.values())
+        table["text"] = ROOT_FS  # unmounted: the folder is the empty mount point on the local disk
+        svc._note_mounts(svc.folders.values(), reload=True)
+        with pytest.raises(publish.ShareUnavailable, match="no longer mounted"):
+            svc._check_mounted(out)
+        table["text"] = ROOT_FS + tmpfs_at(out, 42)  # mounted again where it was
+        svc._check_mounted(out)
+
+    def test_a_share_mounted_after_start_is_guarded_once_reloaded(self, svc, table) -> None:
+        out = self.output(svc)
+        svc._note_mounts(svc.folders.values())  # on the local disk at start-up
+        table["text"] = ROOT_FS + tmpfs_at(out)
+        svc._note_mounts(svc.folders.values(), reload=True)
+        table["text"] = ROOT_FS
+        with pytest.raises(publish.ShareUnavailable, match="no longer mounted"):
+            svc._check_mounted(out)
+
+
+class TestHotFolderMountOnReload:
+    """What the service's reload asks of each running watcher (FolderWatcher.reload_mount), with a fake table."""
+
+    def make(self, hot: Path, table: dict[str, str], events: list[str]) -> FolderWatcher:
+        folder = FolderSettings(path=hot, output=hot.parent / "out", backup=hot.parent / "backup",
+                                failed=hot.parent / "failed", watch="poll")
+        return FolderWatcher(
+            folder, extensions=[".jpg"], poll_interval=0.01, rescan_interval=30.0, excluded=[],
+            on_candidates=lambda found: None, on_pause=lambda why: events.append("pause"),
+            on_resume=lambda: events.append("resume"), on_problem=lambda message: None,
+            mountinfo=lambda: table["text"],
+        )
+
+    def test_a_paused_folder_resumes_on_reload_only_if_its_share_moved_up(self, tmp_path: Path) -> None:
+        hot = tmp_path / "share" / "in"
+        hot.mkdir(parents=True)
+        table, events = {"text": ROOT_FS + tmpfs_at(hot)}, []
+        watcher = self.make(hot, table, events)
+        watcher.step()
+        table["text"] = ROOT_FS  # unmounted
+        watcher.step()
+        watcher.reload_mount()
+        watcher.step()
+        assert events == ["pause"]  # the empty mount point is not taken
+        table["text"] = ROOT_FS + tmpfs_at(hot.parent, 41)  # mounted one level higher
+        watcher.step()
+        assert events == ["pause"]  # until a reload
+        watcher.reload_mount()
+        watcher.step()
+        assert events == ["pause", "resume"]
+        assert watcher.unavailable_reason() is None
