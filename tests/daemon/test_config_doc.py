@@ -90,3 +90,15 @@ class TestConfigDocumentation:
         assert set(raw["folders"][0]) == set(FolderSettings.model_fields)
         assert set(raw["presets"]["portrait"]) == set(PresetSettings.model_fields)
         assert set(raw["models"][0]) == set(ModelEntry.model_fields)
+
+
+def test_the_gpu_check_presets_load_and_measure_what_they_say() -> None:
+    """tools/gpu-check.sh runs `bench` with tools/gpu-bench.toml on a lent GPU, where a config error would waste the
+    lease: its presets load, use the detector whose weights are at hand, and gpu-512 is GPEN-BFR-512 in fp16 with
+    every knob off."""
+    presets = preset_table(load_settings(CONFIG.parents[1] / "tools" / "gpu-bench.toml"))
+    plain, fast = presets["gpu-512"], presets["gpu-fast"]
+    assert ("GPEN-BFR-512", "fp16", 32) == (plain.model, plain.precision, plain.batch_size)
+    assert (100, 0, 0, False, 0) == (plain.strength, plain.denoise, plain.sharpen, plain.skin_protection, plain.detail)
+    assert {"mobile0.25"} == {plain.detector, fast.detector} and not (plain.use_parsing or fast.use_parsing)
+    assert presets["fast"].with_(name="gpu-fast", detector="mobile0.25", use_parsing=False) == fast
