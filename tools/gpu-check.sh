@@ -5,8 +5,11 @@
 #      sweep over batch sizes, then end to end with the one-face-at-a-time baseline, for GPEN-BFR-512 fp16 with
 #      the knobs off (gpu-512) and for the fast preset's knobs (gpu-fast); see tools/gpu-bench.toml.
 # Figures go to $OUT (text and JSON). The device image has PyTorch but not all of our pure-Python dependencies;
-# on the development machine (which reaches PyPI) fetch them first, then carry .whl:
-#   pip download --no-deps -d .whl facexlib==0.3.0 filterpy pydantic-settings python-dotenv structlog watchdog
+# on the development machine (which reaches PyPI) fetch them first for the device's Python (3.12), then carry .whl
+# (3 MB):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+#       facexlib==0.3.0 filterpy pydantic pydantic-core pydantic-settings python-dotenv structlog watchdog \
+#       annotated-types typing-inspection
 #   run: bash tools/gpu-check.sh   carry: [".whl"]   timeout_s: 560 (the steps below stop by 520 s)
 # The real detector and the sample photo come from ../shared (or ./shared, or $SHARED).
 set -u
