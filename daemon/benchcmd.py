@@ -17,15 +17,17 @@ from typing import Any
 
 from torch import nn
 
-from daemon.modelfiles import MissingModelError
+from daemon.modelfiles import MissingModelError, models_of, resolve_path
 from daemon.oneshot import RANDOM_WEIGHTS_WARNING, collect_inputs, load_models
 from daemon.paths import UnsafePath, read_no_follow
-from daemon.settings import ConfigError, engine_options, preset_table, settings_from_args
+from daemon.settings import ConfigError, Settings, engine_options, preset_table, settings_from_args
 from gpen_engine import imageio
 from gpen_engine.align import template
 from gpen_engine.bench import BenchModels, format_report, run_benchmark, synthetic_sets
+from gpen_engine.options import Preset
 from gpen_engine.precision import resolve_precision
-from gpen_engine.restorer import Restorer
+from gpen_engine.registry import parser_spec
+from gpen_engine.restorer import EngineModels, Restorer
 from gpen_engine.types import EngineError, InputError
 
 PORTRAITS_GPU, PORTRAITS_CPU = 64, 4
@@ -57,7 +59,7 @@ def command(args: Any) -> int:
         log(RANDOM_WEIGHTS_WARNING)
     try:
         models = load_models(settings, preset, device=args.device, random_weights=bool(args.random_weights),
-                             log=log)
+                             random_parser=bool(args.random_weights), log=log)
     except (MissingModelError, EngineError) as exc:
         log(f"error: {exc}")
         return 2
@@ -73,7 +75,7 @@ def command(args: Any) -> int:
     bench_models = BenchModels(
         detector=models.detector, generator=models.generator, device=models.device,
         precision=resolve_precision(models.device, preset.precision), size=models.face_size,
-        template=template(models.face_size), restore=restorer.restore,
+        template=template(models.face_size), restore=restorer.restore, mask=_mask_kind(models, preset, settings),
     )
     report = run_benchmark(
         bench_models, engine_options(settings, preset), sets, model_name=preset.model,
@@ -88,6 +90,15 @@ def command(args: Any) -> int:
             log(f"error: --json {args.json}: {exc.strerror or exc}")
             return 1
     return 0
+
+
+def _mask_kind(models: EngineModels, preset: Preset, settings: Settings) -> str:
+    """Which paste mask the engine's figures include, for the report."""
+    if models.parser is None or not preset.use_parsing:
+        return "rectangle"
+    # load_models (asked for random_parser) gives a random-weight parser exactly when the file is missing.
+    present = resolve_path(settings, parser_spec(models_of(settings))).is_file()
+    return "parsing" if present else "parsing, random weights"
 
 
 def _unwritable(path: Path) -> str | None:

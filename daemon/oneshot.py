@@ -138,8 +138,13 @@ def command(args: Any) -> int:
 
 
 def load_models(settings: Settings, preset: Preset, *, device: str | None, random_weights: bool,
+                random_parser: bool = False,
                 log: Callable[[str], object] = lambda m: print(m, file=sys.stderr)) -> EngineModels:
-    """The preset's generator, detector and (when asked for and present) parser, on the chosen device."""
+    """The preset's generator, detector and (when asked for and present) parser, on the chosen device.
+
+    ``random_parser``: a preset that asks for parsing without the parser's weights gets a random-weight parser
+    (``bench``: so that the figures include the parser's cost), not the rectangle mask.
+    """
     table = models_of(settings)
     if preset.model not in table or table[preset.model].arch is None:
         raise MissingModelError(f"preset {preset.name}: unknown generator model {preset.model!r}")
@@ -153,7 +158,10 @@ def load_models(settings: Settings, preset: Preset, *, device: str | None, rando
             parser_path = ensure_models(settings, [parser_spec(table).name], download=settings.download,
                                         log=log)[parser_spec(table).name]
         except MissingModelError as exc:
-            log(f"note: no face-parsing weights, using the rectangle mask ({exc})")
+            if random_parser:
+                log("note: no face-parsing weights; timing a parser with RANDOM weights (its masks are meaningless)")
+            else:
+                log(f"note: no face-parsing weights, using the rectangle mask ({exc})")
     request = device or (preset.device if preset.device != "auto" else settings.device)
     report = select_device(request)
     log(f"device: {report.name} ({report.reason})")
@@ -166,6 +174,7 @@ def load_models(settings: Settings, preset: Preset, *, device: str | None, rando
         device=report.device,
         precision=preset.precision,
         random_generator=random_weights,
+        random_parser=random_parser and preset.use_parsing and parser_path is None,
     )
 
 

@@ -563,6 +563,7 @@ class BenchReport:
     sets: list[SetReport]
     repeat: int
     torch_threads: int
+    mask: str = "rectangle"  # the engine's paste mask (the baseline always uses the rectangle)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -603,6 +604,7 @@ class BenchModels:
     size: int  # the generator's face size
     template: np.ndarray  # the 5-point crop template at that size
     restore: Callable[[list[WorkingImage]], list[RestoredImage | EngineError]]
+    mask: str = "rectangle"  # the engine's paste mask: "rectangle", "parsing" or "parsing, random weights"
 
 
 def run_benchmark(
@@ -665,7 +667,7 @@ def run_benchmark(
         device=str(device), precision=models.precision, model=model_name, random_weights=random_weights,
         batch_size=options.preset.batch_size, matmul=peak, gflops_per_face=flops / 1e9, sweep=sweep,
         best_batch=best.batch, best_fraction=best.fraction, sets=reports, repeat=repeat,
-        torch_threads=torch.get_num_threads() if device.type == "cpu" else os.cpu_count() or 1,
+        torch_threads=torch.get_num_threads() if device.type == "cpu" else os.cpu_count() or 1, mask=models.mask,
     )
 
 
@@ -684,7 +686,8 @@ def format_report(report: BenchReport) -> str:
         lines.append("!! RANDOM GENERATOR WEIGHTS: speed figures only, the images are not restorations !!")
     m = report.matmul
     lines.append(f"device {report.device}, {report.precision}, model {report.model}, preset batch "
-                 f"{report.batch_size}, torch threads {report.torch_threads}, best of {report.repeat}")
+                 f"{report.batch_size}, torch threads {report.torch_threads}, best of {report.repeat}, "
+                 f"paste mask: {report.mask}")
     start, end = report.load_average
     if start is not None and end is not None:
         lines.append(f"load average {start:.2f} at the start, {end:.2f} at the end (other work on this machine "

@@ -69,12 +69,17 @@ def rectangle_mask(size: int, device: torch.device | str = "cpu") -> Tensor:
     return _resize(gaussian_blur(m), size).clamp_(0.0, 1.0)
 
 
-def load_parser(path: str | Path, device: torch.device | str) -> nn.Module:
-    """Build facexlib's ParseNet (512 px, 19 classes) and load its weights from ``path``."""
+def create_parser() -> nn.Module:
+    """facexlib's ParseNet (512 px, 19 classes) with random weights: to be loaded, or to time (``bench``)."""
     from facexlib.parsing.parsenet import ParseNet
 
-    model = load_into(ParseNet(in_size=MASK_SIZE, out_size=MASK_SIZE, parsing_ch=19), path, name="ParseNet")
-    return model.to(device).eval()
+    return ParseNet(in_size=MASK_SIZE, out_size=MASK_SIZE, parsing_ch=19)
+
+
+def load_parser(path: str | Path | None, device: torch.device | str) -> nn.Module:
+    """ParseNet with its weights from ``path`` (None: random weights, for speed figures only)."""
+    model = create_parser() if path is None else load_into(create_parser(), path, name="ParseNet")
+    return model.to(device).eval().requires_grad_(False)
 
 
 @torch.inference_mode()

@@ -64,10 +64,13 @@ def load_engine_models(
     device: torch.device | str,
     precision: Precision,
     random_generator: bool = False,
+    random_parser: bool = False,
 ) -> EngineModels:
     """Load the generator (``arch``: a ``GpenArch`` or a variant name), detector and optional parser.
 
-    ``random_generator`` builds the architecture with random weights (tests and benchmarks only).
+    ``random_generator`` builds the architecture with random weights (tests and benchmarks only);
+    ``random_parser`` does the same for the parsing model when no ``parser_path`` is given (benchmarks
+    only: its masks are meaningless, its cost is the real one).
     """
     device = torch.device(device)
     if isinstance(arch, str):
@@ -84,7 +87,7 @@ def load_engine_models(
         module = load_generator(generator_path, arch)
     generator = prepare_generator(module, device, precision)
     detector = load_detector(detector_path, detector_name, device)
-    parser = load_parser(parser_path, device) if parser_path is not None else None
+    parser = load_parser(parser_path, device) if parser_path is not None or random_parser else None
     # Record what actually runs (fp16 asked for on a CPU runs as fp32).
     return EngineModels(generator, arch.size, detector, parser, device, resolve_precision(device, precision))
 

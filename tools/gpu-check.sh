@@ -3,7 +3,8 @@
 #   1. the GPU tests (tests/engine/test_gpu.py);
 #   2. `bench` on the synthetic sets (64 single portraits, the Solvay photo, a 24-megapixel photo): the generator
 #      sweep over batch sizes, then end to end with the one-face-at-a-time baseline, for GPEN-BFR-512 fp16 with
-#      the knobs off (gpu-512) and for the fast preset's knobs (gpu-fast); see tools/gpu-bench.toml.
+#      the knobs off (gpu-512) and for the fast preset as shipped, parser included (gpu-fast); see
+#      tools/gpu-bench.toml.
 # Figures go to $OUT (text and JSON). The device image has PyTorch but not all of our pure-Python dependencies;
 # on the development machine (which reaches PyPI) fetch them first for the device's Python (3.12), then carry .whl
 # (3 MB):

@@ -94,11 +94,11 @@ class TestConfigDocumentation:
 
 def test_the_gpu_check_presets_load_and_measure_what_they_say() -> None:
     """tools/gpu-check.sh runs `bench` with tools/gpu-bench.toml on a lent GPU, where a config error would waste the
-    lease: its presets load, use the detector whose weights are at hand, and gpu-512 is GPEN-BFR-512 in fp16 with
-    every knob off."""
+    lease: its presets load, use the detector whose weights are at hand, gpu-512 is GPEN-BFR-512 in fp16 with every
+    knob off and gpu-fast the fast preset with that detector."""
     presets = preset_table(load_settings(CONFIG.parents[1] / "tools" / "gpu-bench.toml"))
     plain, fast = presets["gpu-512"], presets["gpu-fast"]
     assert ("GPEN-BFR-512", "fp16", 32) == (plain.model, plain.precision, plain.batch_size)
     assert (100, 0, 0, False, 0) == (plain.strength, plain.denoise, plain.sharpen, plain.skin_protection, plain.detail)
-    assert {"mobile0.25"} == {plain.detector, fast.detector} and not (plain.use_parsing or fast.use_parsing)
-    assert presets["fast"].with_(name="gpu-fast", detector="mobile0.25", use_parsing=False) == fast
+    assert {"mobile0.25"} == {plain.detector, fast.detector} and not plain.use_parsing
+    assert presets["fast"].with_(name="gpu-fast", detector="mobile0.25") == fast

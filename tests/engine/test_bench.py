@@ -10,7 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from daemon.benchcmd import _mask_kind
 from daemon.cli import main
+from daemon.oneshot import load_models
+from daemon.settings import load_settings, preset_table
 from gpen_engine import bench, imageio
 from gpen_engine.align import template
 from gpen_engine.detect import detect_faces, load_detector
@@ -136,6 +139,19 @@ class TestBenchCommand:
         assert 0 < engine["restore_busy"] <= 1 and 0 <= engine["decode_wait"] < 1
         assert engine["restore_busy"] + engine["decode_wait"] <= 1
         assert "of the time in restore calls" in printed.out
+        assert "paste mask: rectangle" in printed.out and "rectangle" == report["mask"]
+
+    def test_a_preset_that_parses_is_timed_with_a_parser_even_without_its_weights(
+            self, tiny_cli_config: Path) -> None:
+        """bench --random-weights on a preset with use_parsing and no parser file times a random-weight parser (and
+        says so), so the figures include the parser's cost; enhance keeps the rectangle mask in that case."""
+        settings = load_settings(tiny_cli_config)
+        preset = preset_table(settings)["tiny"].with_(use_parsing=True)
+        timed = load_models(settings, preset, device="cpu", random_weights=True, random_parser=True, log=print)
+        assert "ParseNet" == type(timed.parser).__name__
+        assert "parsing, random weights" == _mask_kind(timed, preset, settings)
+        plain = load_models(settings, preset, device="cpu", random_weights=True, log=print)
+        assert plain.parser is None and "rectangle" == _mask_kind(plain, preset, settings)
 
     def test_bad_files_are_left_out_of_the_figures(self, tmp_path: Path, tiny_cli_config: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
