@@ -151,7 +151,7 @@ def check_complete(data: bytes, *, max_pixels: int = 100_000_000) -> tuple[int, 
                 _reduce_jpeg(im, 1)
             _load(im, fmt)
             if _needs_cv2_16bit(im, data, fmt):
-                _decode_16bit_with_cv2(data, im.size)
+                _decode_16bit_with_cv2(im, data)
         swapped = _orientation(im) in (5, 6, 7, 8)
     finally:
         im.close()
@@ -467,14 +467,15 @@ def _needs_cv2_16bit(im: ImageFile.ImageFile, data: bytes, fmt: str) -> bool:
     return False
 
 
-def _decode_16bit_with_cv2(data: bytes, size: tuple[int, int]) -> np.ndarray:
-    if tiff.planar(data):
-        # OpenCV reads a planar TIFF's first plane as if it held every sample: wrong pixels, no error.
-        # The planar layouts the engine reads itself (tiff.samples16) never come here.
-        raise UnsupportedImage(f"unsupported TIFF pixel format: {tiff.layout_text(data)}")
+def _decode_16bit_with_cv2(im: ImageFile.ImageFile, data: bytes) -> np.ndarray:
+    if getattr(im, "tag_v2", {}).get(284) == 2:  # PlanarConfiguration, as Pillow read it (BigTIFF too)
+        # OpenCV reads a planar TIFF's first plane as if it held every sample: wrong pixels, no error. The planar
+        # classic TIFFs the engine reads itself (tiff.samples16) never come here; other layouts and BigTIFFs do.
+        layout = tiff.layout_text(data) if tiff.directory(data) else "16-bit samples stored in planes, in a BigTIFF"
+        raise UnsupportedImage(f"unsupported TIFF pixel format: {layout}")
     # IMREAD_UNCHANGED keeps the bit depth and alpha and does not apply EXIF orientation (we do).
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if array is None or array.dtype != np.uint16 or array.shape[1::-1] != tuple(size):
+    if array is None or array.dtype != np.uint16 or array.shape[1::-1] != tuple(im.size):
         raise InputError("corrupt 16-bit image: the pixel data could not be decoded")
     return array
 
@@ -482,7 +483,7 @@ def _decode_16bit_with_cv2(data: bytes, size: tuple[int, int]) -> np.ndarray:
 def _pixels_16bit_color(
     im: ImageFile.ImageFile, data: bytes
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, bool]:
-    array = _decode_16bit_with_cv2(data, im.size)
+    array = _decode_16bit_with_cv2(im, data)
     # PNG colour types 0/4 and TIFF photometric 0/1 are the gray ones.
     is_png = data[:8] == _PNG_SIGNATURE
     gray_source = data[25] in (0, 4) if is_png else int(im.tag_v2.get(262, 2)) in (0, 1)  # type: ignore[attr-defined]

@@ -125,6 +125,37 @@ def _tiff16(
             + bytes(4))
 
 
+def _bigtiff16_planar(samples: np.ndarray) -> bytes:
+    """An uncompressed little-endian BigTIFF of HxWx3 uint16 RGB stored plane by plane, one strip per plane."""
+    height, width, planes = samples.shape
+    plane_bytes = [np.ascontiguousarray(samples[:, :, i]).astype("<u2").tobytes() for i in range(planes)]
+    entries = 10
+    ifd_end = 16 + 8 + 20 * entries + 8
+    offsets_at, counts_at = ifd_end, ifd_end + 8 * planes
+    data_at = counts_at + 8 * planes
+    strip_offsets = [data_at + i * len(plane_bytes[0]) for i in range(planes)]
+
+    def entry(tag: int, kind: int, count: int, value: bytes) -> bytes:
+        return struct.pack("<HHQ", tag, kind, count) + value.ljust(8, b"\0")
+
+    short, long8 = 3, 16
+    ifd = struct.pack("<Q", entries) + b"".join([
+        entry(256, short, 1, struct.pack("<H", width)),
+        entry(257, short, 1, struct.pack("<H", height)),
+        entry(258, short, planes, struct.pack(f"<{planes}H", *([16] * planes))),
+        entry(259, short, 1, struct.pack("<H", 1)),
+        entry(262, short, 1, struct.pack("<H", 2)),
+        entry(273, long8, planes, struct.pack("<Q", offsets_at)),
+        entry(277, short, 1, struct.pack("<H", planes)),
+        entry(278, short, 1, struct.pack("<H", height)),
+        entry(279, long8, planes, struct.pack("<Q", counts_at)),
+        entry(284, short, 1, struct.pack("<H", 2)),
+    ]) + struct.pack("<Q", 0)
+    header = b"II" + struct.pack("<HHHQ", 43, 8, 0, 16)
+    tables = struct.pack(f"<{planes}Q", *strip_offsets) + struct.pack(f"<{planes}Q", *map(len, plane_bytes))
+    return header + ifd + tables + b"".join(plane_bytes)
+
+
 def _tiff_tag(data: bytes, tag: int) -> tuple[int, ...]:
     """The SHORT or LONG values of ``tag`` in the first directory of a little-endian TIFF (() if absent)."""
     start = struct.unpack("<I", data[4:8])[0]
@@ -727,6 +758,16 @@ class TestBadInput:
             decode(data)
         with pytest.raises(UnsupportedImage, match="stored in planes"):
             check_complete(data)
+
+    def test_planar_16bit_bigtiff_is_unsupported_not_scrambled(self) -> None:
+        """A BigTIFF (whose directory the engine does not read itself) with 16-bit RGB in planes is refused by
+        name, not handed to OpenCV, which would scramble it without an error."""
+        data = _bigtiff16_planar(np.random.default_rng(3).integers(0, 65536, (6, 5, 3), dtype=np.uint16))
+        with Image.open(io.BytesIO(data)) as im:  # a file Pillow reads as what it is meant to be
+            assert ((5, 6), 2) == (im.size, im.tag_v2.get(284))
+        for read in (decode, check_complete):
+            with pytest.raises(UnsupportedImage, match="stored in planes, in a BigTIFF"):
+                read(data)
 
     @pytest.mark.parametrize("compression", ["raw", "deflate", "lzw"])
     def test_truncated_16bit_planar_tiff_is_truncated(self, compression: str) -> None:
