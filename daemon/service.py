@@ -512,7 +512,7 @@ class Service:
         log.info("warm-up done", preset=restorer.preset.name, ms=round((time.monotonic() - started) * 1000, 1))
 
     # ----------------------------------------------------------------- watching
-    def _start_watcher(self, key: str, folder: FolderSettings) -> None:
+    def _start_watcher(self, key: str, folder: FolderSettings, *, replacing: FolderWatcher | None = None) -> None:
         def on_candidates(relpaths: list[str]) -> None:
             self.candidates.put((key, relpaths))
 
@@ -541,6 +541,8 @@ class Service:
             on_resume=on_resume,
             on_refused=on_refused,
         )
+        if replacing is not None:
+            watcher.take_over(replacing)
         watcher.start()
         self.watchers[key] = watcher
 
@@ -1060,10 +1062,13 @@ class Service:
         self._note_mounts(new_folders.values(), reload=True)
         for key, folder in new_folders.items():
             # e.g. its output moved (new exclusions), or the extensions or scan intervals changed
+            replaced = None
             if key in self.watchers and (rewatch_all or self.folders.get(key) != folder):
-                self.watchers.pop(key).stop()
+                replaced = self.watchers.pop(key)
+                replaced.stop()
+                self.paused.pop(key, None)  # the old watcher's pause; the new one pauses again if it must
             if key not in self.watchers:
-                self._start_watcher(key, folder)
+                self._start_watcher(key, folder, replacing=replaced)
                 log.info("hot folder watched", folder=key, preset=folder.preset)
             else:
                 self.watchers[key].reload_mount()  # the same rule for the hot folder's share

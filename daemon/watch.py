@@ -279,6 +279,16 @@ class FolderWatcher:
         self._check_now = True
         self._wake.set()
 
+    def take_over(self, old: FolderWatcher) -> None:
+        """Continue from ``old``, the watcher this one replaces on a reload (call before ``start``).
+
+        The folder's recorded mount carries over, and the reload's remount rule applies to it: a share that is
+        still gone keeps the folder paused, instead of its empty mount point being taken for the folder.
+        """
+        if old.root == self.root:
+            self._mount, self._below = old._mount, old._below
+            self._remount = True
+
     def wake(self) -> None:
         """Scan now (the service calls this after a reload, for instance)."""
         self._hints.put(Hint("rescan"))

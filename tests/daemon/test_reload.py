@@ -239,3 +239,29 @@ def test_a_reload_resumes_a_hot_folder_whose_share_was_mounted_one_level_higher(
             assert "hot folder resumed" in daemon.log_text()
     finally:
         _umount(hot.parent, hot)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_reload_that_rebuilds_a_paused_folders_watcher_resumes_it_once_its_share_is_back(tmp_path):
+    """A hot folder paused because its share went away, edited (new preset) and reloaded while the share is still
+    gone: it stays paused (its empty mount point is not taken for the share), and resumes when the share is back."""
+    config, layout = write_config(tmp_path)
+    hot = layout.hot["a"]
+    if not _mount_tmpfs(hot):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with _running(config) as daemon:
+            drop(hot / "one.jpg", small_face_photo(1))
+            wait_for(lambda: (layout.out["a"] / "one.jpg").exists(), 60, daemon, "first result")
+            _umount(hot)
+            wait_for(lambda: _count(daemon, "hot folder paused") == 1, 30, daemon, "paused")
+            config.write_text(config.read_text().replace('preset = "test"', 'preset = "test2"'))
+            daemon.signal(signal.SIGHUP)
+            wait_for(lambda: _reloaded(daemon), 60, daemon, "reload")
+            wait_for(lambda: _count(daemon, "hot folder paused") == 2, 30, daemon, "paused again by the new watcher")
+            assert _mount_tmpfs(hot)  # the share is back where it was
+            drop(hot / "two.jpg", small_face_photo(2))
+            wait_for(lambda: (layout.out["a"] / "two.jpg").exists(), 60, daemon, "two.jpg after the share returned")
+            assert _count(daemon, "hot folder resumed") >= 1
+    finally:
+        _umount(hot)
