@@ -40,12 +40,20 @@ class _Dropped(Exception):
 
 
 def redact_url(url: str) -> str:
-    """``url`` for messages and logs: scheme, host and path, without a user, password or query (a token)."""
+    """``url`` for messages and logs: scheme, host and path, without a user, password or query (a token).
+
+    Everything before the last ``@`` after the scheme is hidden, not only what urlsplit calls the user and
+    password: a password with an unescaped ``/``, ``?`` or ``#`` would otherwise show (in part) as host or path.
+    An ``@`` in a path or query hides more than it needs to, never less.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        url = f"{scheme}://***@{rest.rpartition('@')[2]}"
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return "(an address that is not a valid URL)"
-    netloc = "***@" + parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
+    netloc = parts.netloc
     hidden = "?***" if parts.query or parts.fragment else ""
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + hidden
 
@@ -54,17 +62,51 @@ def split_credentials(url: str) -> tuple[str, str | None]:
     """``url`` without its ``user:password@``, and the HTTP Basic ``Authorization`` value they make (or None).
 
     urllib would take ``user:password@host`` for a host name. Private mirrors are often addressed that way,
-    so the credentials become a header instead; the caller sends it with the first request only, so that a
-    redirect (a mirror handing off to a CDN or a signed storage URL) never carries the password elsewhere.
+    so the credentials become a header instead, which redirects carry only within the same host (see
+    ``_LoginStaysHome``): a mirror handing off to a CDN or a signed storage URL never gets the password.
     """
     parts = urllib.parse.urlsplit(url)
     if "@" not in parts.netloc:
+        if "@" in url.partition("://")[2] and not _port_is_numeric(parts):  # "user:pa/ss@host": host "user"
+            raise DownloadError(
+                "the user or password in the address holds a / ? or #: write those percent-escaped (%2F, %3F, %23)")
         return url, None
     userinfo, _, host = parts.netloc.rpartition("@")
     user, _, password = userinfo.partition(":")
     token = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
     bare = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
     return bare, "Basic " + base64.b64encode(token).decode("ascii")
+
+
+def _port_is_numeric(parts: urllib.parse.SplitResult) -> bool:
+    try:
+        parts.port  # noqa: B018 - reading it is the check
+    except ValueError:
+        return False
+    return True
+
+
+class _LoginStaysHome(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, sending a login on only while they stay on its host and port (or go from http to https
+    there): a mirror that forces https or moves a file keeps working, a CDN elsewhere never sees the password."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and not _same_site(req.full_url, new.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+def _same_site(old: str, new: str) -> bool:
+    a, b = urllib.parse.urlsplit(old), urllib.parse.urlsplit(new)
+    if a.hostname is None or a.hostname != b.hostname:
+        return False
+    ports = {"http": 80, "https": 443}
+    here, there = (a.scheme, a.port or ports.get(a.scheme)), (b.scheme, b.port or ports.get(b.scheme))
+    return here == there or (here, there) == (("http", 80), ("https", 443))
+
+
+_OPENER = urllib.request.build_opener(_LoginStaysHome)
 
 
 def part_path(dest: Path) -> Path:
@@ -137,11 +179,11 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool) -> bool:
     if offset:
         headers["Range"] = f"bytes={offset}-"
     address, authorization = split_credentials(url)
-    request = urllib.request.Request(address, headers=headers)
     if authorization:
-        request.add_unredirected_header("Authorization", authorization)
+        headers["Authorization"] = authorization
+    request = urllib.request.Request(address, headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = _OPENER.open(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and offset:
@@ -154,6 +196,9 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool) -> bool:
         if exc.code == 401:
             given = "the user and password in the address were refused" if authorization else (
                 "the server wants a user and password: give them in the address, https://USER:PASSWORD@host/...")
+            if authorization and not _same_site(address, exc.geturl()):
+                given = (f"asked for by {urllib.parse.urlsplit(exc.geturl()).hostname}, where a redirect led: "
+                         "the login in the address is sent to its own host only")
             raise DownloadError(f"HTTP 401 {exc.reason} ({given})") from None
         if exc.code in _FATAL_STATUS:
             raise DownloadError(f"HTTP {exc.code} {exc.reason}") from None

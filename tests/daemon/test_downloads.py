@@ -7,13 +7,14 @@ import hashlib
 import http.server
 import os
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from daemon.downloads import DownloadError, download, part_path
+from daemon.downloads import DownloadError, download, part_path, redact_url
 
 PAYLOAD = os.urandom(300_000)
 
@@ -43,7 +44,8 @@ def _handler(payload: bytes, behaviour: Behaviour) -> type[http.server.BaseHTTPR
                 if self.headers.get("Authorization") != expected:
                     self.send_error(401)
                     return
-            if behaviour.redirect_to:
+            target = urllib.parse.urlsplit(behaviour.redirect_to or "")
+            if behaviour.redirect_to and (target.path, target.port) != (self.path, self.server.server_address[1]):
                 self.send_response(302)
                 self.send_header("Location", behaviour.redirect_to)
                 self.send_header("Content-Length", "0")
@@ -227,6 +229,28 @@ class TestDownload:
         assert dest.read_bytes() == PAYLOAD
         assert mirror.authorizations[0] is not None
         assert [None] == storage.authorizations
+
+    def test_a_redirect_on_the_same_host_keeps_the_login(self, serve, tmp_path: Path) -> None:
+        """A mirror that moves a file (or forces https) on its own host still gets the login after the redirect."""
+        behaviour = Behaviour(password="s3cret")
+        url = serve(behaviour)
+        behaviour.redirect_to = url.replace("GPEN-BFR-512.pth", "moved/GPEN-BFR-512.pth")
+        dest = tmp_path / "GPEN-BFR-512.pth"
+        _get(f"http://me:s3cret@{url.removeprefix('http://')}", dest)
+        assert dest.read_bytes() == PAYLOAD
+        assert 2 == len(behaviour.authorizations) and None not in behaviour.authorizations
+
+    @pytest.mark.parametrize("password", ["pa/ss0rd", "pa?ss0rd", "pa#ss0rd"])
+    def test_an_unescaped_slash_or_hash_in_the_password_is_refused_and_never_shown(
+            self, serve, tmp_path: Path, password: str) -> None:
+        """urlsplit would take "me:pa/ss0rd@host" for host "me": the error says to percent-escape, and no part of
+        the password reaches the message (or the log line that names the address)."""
+        base = serve(Behaviour()).removeprefix("http://")
+        url = f"http://me:{password}@{base}"
+        with pytest.raises(DownloadError, match="percent-escaped") as info:
+            _get(url, tmp_path / "GPEN-BFR-512.pth")
+        assert "ss0rd" not in str(info.value) and "ss0rd" not in redact_url(url)
+        assert base.partition("/")[0] in redact_url(url)
 
     def test_offline_message(self, tmp_path: Path) -> None:
         """With nothing listening, the error says which file, where it must go and where it comes from."""
