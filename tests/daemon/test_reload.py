@@ -15,6 +15,7 @@ import pytest
 
 from tests.daemon.harness import (
     Daemon,
+    Layout,
     account,
     drop,
     face_photo,
@@ -215,10 +216,9 @@ def test_a_share_mounted_on_an_output_then_sighup_is_guarded_against_its_unmount
         _umount(share)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-def test_a_reload_resumes_a_hot_folder_whose_share_was_mounted_one_level_higher(tmp_path):
-    """The hot folder's watcher pauses when its share seems unmounted; SIGHUP after the share was mounted one level
-    higher resumes it, and the file waiting there is processed."""
+@contextmanager
+def _hot_share_lost(tmp_path: Path) -> Iterator[tuple[Path, Layout, Daemon]]:
+    """A running daemon whose hot folder "a" is a share (a tmpfs) that gave one result, then was unmounted."""
     config, layout = write_config(tmp_path)
     hot = layout.hot["a"]
     if not _mount_tmpfs(hot):
@@ -228,40 +228,40 @@ def test_a_reload_resumes_a_hot_folder_whose_share_was_mounted_one_level_higher(
             drop(hot / "one.jpg", small_face_photo(1))
             wait_for(lambda: (layout.out["a"] / "one.jpg").exists(), 60, daemon, "the first result")
             _umount(hot)
-            assert _mount_tmpfs(hot.parent)
-            drop(hot / "two.jpg", small_face_photo(2))
-            wait_for(lambda: "hot folder paused" in daemon.log_text(), 30, daemon, "the folder paused")
-            time.sleep(2)
-            assert not (layout.out["a"] / "two.jpg").exists()  # without a reload it stays paused
-            daemon.signal(signal.SIGHUP)
-            wait_for(lambda: _reloaded(daemon), 60, daemon, "the reload")
-            wait_for(lambda: (layout.out["a"] / "two.jpg").exists(), 60, daemon, "the waiting file processed")
-            assert "hot folder resumed" in daemon.log_text()
+            yield config, layout, daemon
     finally:
         _umount(hot.parent, hot)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_reload_resumes_a_hot_folder_whose_share_was_mounted_one_level_higher(tmp_path):
+    """The hot folder's watcher pauses when its share seems unmounted; SIGHUP after the share was mounted one level
+    higher resumes it, and the file waiting there is processed."""
+    with _hot_share_lost(tmp_path) as (_, layout, daemon):
+        hot = layout.hot["a"]
+        assert _mount_tmpfs(hot.parent)
+        drop(hot / "two.jpg", small_face_photo(2))
+        wait_for(lambda: "hot folder paused" in daemon.log_text(), 30, daemon, "the folder paused")
+        time.sleep(2)
+        assert not (layout.out["a"] / "two.jpg").exists()  # without a reload it stays paused
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: _reloaded(daemon), 60, daemon, "the reload")
+        wait_for(lambda: (layout.out["a"] / "two.jpg").exists(), 60, daemon, "the waiting file processed")
+        assert "hot folder resumed" in daemon.log_text()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_a_reload_that_rebuilds_a_paused_folders_watcher_resumes_it_once_its_share_is_back(tmp_path):
     """A hot folder paused because its share went away, edited (new preset) and reloaded while the share is still
     gone: it stays paused (its empty mount point is not taken for the share), and resumes when the share is back."""
-    config, layout = write_config(tmp_path)
-    hot = layout.hot["a"]
-    if not _mount_tmpfs(hot):
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        with _running(config) as daemon:
-            drop(hot / "one.jpg", small_face_photo(1))
-            wait_for(lambda: (layout.out["a"] / "one.jpg").exists(), 60, daemon, "first result")
-            _umount(hot)
-            wait_for(lambda: _count(daemon, "hot folder paused") == 1, 30, daemon, "paused")
-            config.write_text(config.read_text().replace('preset = "test"', 'preset = "test2"'))
-            daemon.signal(signal.SIGHUP)
-            wait_for(lambda: _reloaded(daemon), 60, daemon, "reload")
-            wait_for(lambda: _count(daemon, "hot folder paused") == 2, 30, daemon, "paused again by the new watcher")
-            assert _mount_tmpfs(hot)  # the share is back where it was
-            drop(hot / "two.jpg", small_face_photo(2))
-            wait_for(lambda: (layout.out["a"] / "two.jpg").exists(), 60, daemon, "two.jpg after the share returned")
-            assert _count(daemon, "hot folder resumed") >= 1
-    finally:
-        _umount(hot)
+    with _hot_share_lost(tmp_path) as (config, layout, daemon):
+        hot = layout.hot["a"]
+        wait_for(lambda: _count(daemon, "hot folder paused") == 1, 30, daemon, "paused")
+        config.write_text(config.read_text().replace('preset = "test"', 'preset = "test2"'))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: _reloaded(daemon), 60, daemon, "reload")
+        wait_for(lambda: _count(daemon, "hot folder paused") == 2, 30, daemon, "paused again by the new watcher")
+        assert _mount_tmpfs(hot)  # the share is back where it was
+        drop(hot / "two.jpg", small_face_photo(2))
+        wait_for(lambda: (layout.out["a"] / "two.jpg").exists(), 60, daemon, "two.jpg after the share returned")
+        assert _count(daemon, "hot folder resumed") >= 1
