@@ -156,40 +156,49 @@ def _count(daemon: Daemon, text: str) -> int:
     return daemon.log_text().count(text)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-def test_a_reload_takes_an_output_share_mounted_one_level_higher_but_not_an_unmounted_one(tmp_path):
-    """An unmounted share's empty mount point is not taken for the folder on SIGHUP (results keep waiting, the
-    local disk stays empty); the same share mounted one level higher is, and the waiting result is published."""
+@contextmanager
+def _share_lost(tmp_path: Path, folder: str) -> Iterator[tuple[Path, Layout, Daemon]]:
+    """A running daemon whose ``folder`` "a" ("hot" or "out") is a share (a tmpfs) that took part in one result and
+    was then unmounted."""
     config, layout = write_config(tmp_path)
-    share = layout.out["a"]
+    share = getattr(layout, folder)["a"]
     if not _mount_tmpfs(share):
         pytest.skip("cannot mount a tmpfs here")
     try:
         with _running(config) as daemon:
             drop(layout.hot["a"] / "one.jpg", small_face_photo(1))
-            wait_for(lambda: (share / "one.jpg").exists(), 60, daemon, "the first result on the share")
+            wait_for(lambda: (layout.out["a"] / "one.jpg").exists(), 60, daemon, "the first result")
             _umount(share)
-            drop(layout.hot["a"] / "two.jpg", small_face_photo(2))
-            wait_for(lambda: "is no longer mounted" in daemon.log_text(), 60, daemon, "a retry naming the lost share")
-            daemon.signal(signal.SIGHUP)
-            wait_for(lambda: _reloaded(daemon), 60, daemon, "the reload with the share unmounted")
-            assert "still looks unmounted" in daemon.log_text()
-            retries = _count(daemon, "is no longer mounted")
-            wait_for(lambda: _count(daemon, "is no longer mounted") > retries, 30, daemon, "still retried after it")
-            assert files_under(share) == []  # the local mount point
-            assert (layout.hot["a"] / "two.jpg").exists()
-
-            assert _mount_tmpfs(share.parent)  # the administrator mounts the share one level higher
-            share.mkdir()
-            retries = _count(daemon, "is no longer mounted")
-            wait_for(lambda: _count(daemon, "is no longer mounted") > retries, 30, daemon, "waiting until SIGHUP")
-            daemon.signal(signal.SIGHUP)
-            wait_for(lambda: _reloaded(daemon, 2), 60, daemon, "the reload with the share one level higher")
-            wait_for(lambda: (share / "two.jpg").exists() and not (layout.hot["a"] / "two.jpg").exists(), 60,
-                     daemon, "the waiting result published on the share")
-            assert "taken on reload" in daemon.log_text()
+            yield config, layout, daemon
     finally:
         _umount(share.parent, share)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_reload_takes_an_output_share_mounted_one_level_higher_but_not_an_unmounted_one(tmp_path):
+    """An unmounted share's empty mount point is not taken for the folder on SIGHUP (results keep waiting, the
+    local disk stays empty); the same share mounted one level higher is, and the waiting result is published."""
+    with _share_lost(tmp_path, "out") as (_, layout, daemon):
+        share = layout.out["a"]
+        drop(layout.hot["a"] / "two.jpg", small_face_photo(2))
+        wait_for(lambda: "is no longer mounted" in daemon.log_text(), 60, daemon, "a retry naming the lost share")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: _reloaded(daemon), 60, daemon, "the reload with the share unmounted")
+        assert "still looks unmounted" in daemon.log_text()
+        retries = _count(daemon, "is no longer mounted")
+        wait_for(lambda: _count(daemon, "is no longer mounted") > retries, 30, daemon, "still retried after it")
+        assert files_under(share) == []  # the local mount point
+        assert (layout.hot["a"] / "two.jpg").exists()
+
+        assert _mount_tmpfs(share.parent)  # the administrator mounts the share one level higher
+        share.mkdir()
+        retries = _count(daemon, "is no longer mounted")
+        wait_for(lambda: _count(daemon, "is no longer mounted") > retries, 30, daemon, "waiting until SIGHUP")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: _reloaded(daemon, 2), 60, daemon, "the reload with the share one level higher")
+        wait_for(lambda: (share / "two.jpg").exists() and not (layout.hot["a"] / "two.jpg").exists(), 60,
+                 daemon, "the waiting result published on the share")
+        assert "taken on reload" in daemon.log_text()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
@@ -216,28 +225,11 @@ def test_a_share_mounted_on_an_output_then_sighup_is_guarded_against_its_unmount
         _umount(share)
 
 
-@contextmanager
-def _hot_share_lost(tmp_path: Path) -> Iterator[tuple[Path, Layout, Daemon]]:
-    """A running daemon whose hot folder "a" is a share (a tmpfs) that gave one result, then was unmounted."""
-    config, layout = write_config(tmp_path)
-    hot = layout.hot["a"]
-    if not _mount_tmpfs(hot):
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        with _running(config) as daemon:
-            drop(hot / "one.jpg", small_face_photo(1))
-            wait_for(lambda: (layout.out["a"] / "one.jpg").exists(), 60, daemon, "the first result")
-            _umount(hot)
-            yield config, layout, daemon
-    finally:
-        _umount(hot.parent, hot)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_a_reload_resumes_a_hot_folder_whose_share_was_mounted_one_level_higher(tmp_path):
     """The hot folder's watcher pauses when its share seems unmounted; SIGHUP after the share was mounted one level
     higher resumes it, and the file waiting there is processed."""
-    with _hot_share_lost(tmp_path) as (_, layout, daemon):
+    with _share_lost(tmp_path, "hot") as (_, layout, daemon):
         hot = layout.hot["a"]
         assert _mount_tmpfs(hot.parent)
         drop(hot / "two.jpg", small_face_photo(2))
@@ -254,7 +246,7 @@ def test_a_reload_resumes_a_hot_folder_whose_share_was_mounted_one_level_higher(
 def test_a_reload_that_rebuilds_a_paused_folders_watcher_resumes_it_once_its_share_is_back(tmp_path):
     """A hot folder paused because its share went away, edited (new preset) and reloaded while the share is still
     gone: it stays paused (its empty mount point is not taken for the share), and resumes when the share is back."""
-    with _hot_share_lost(tmp_path) as (config, layout, daemon):
+    with _share_lost(tmp_path, "hot") as (config, layout, daemon):
         hot = layout.hot["a"]
         wait_for(lambda: _count(daemon, "hot folder paused") == 1, 30, daemon, "paused")
         config.write_text(config.read_text().replace('preset = "test"', 'preset = "test2"'))
