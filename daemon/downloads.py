@@ -53,9 +53,8 @@ def redact_url(url: str) -> str:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return "(an address that is not a valid URL)"
-    netloc = parts.netloc
     hidden = "?***" if parts.query or parts.fragment else ""
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + hidden
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")) + hidden
 
 
 def split_credentials(url: str) -> tuple[str, str | None]:
@@ -104,9 +103,6 @@ def _same_site(old: str, new: str) -> bool:
     ports = {"http": 80, "https": 443}
     here, there = (a.scheme, a.port or ports.get(a.scheme)), (b.scheme, b.port or ports.get(b.scheme))
     return here == there or (here, there) == (("http", 80), ("https", 443))
-
-
-_OPENER = urllib.request.build_opener(_LoginStaysHome)
 
 
 def part_path(dest: Path) -> Path:
@@ -183,7 +179,7 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool) -> bool:
         headers["Authorization"] = authorization
     request = urllib.request.Request(address, headers=headers)
     try:
-        response = _OPENER.open(request, timeout=timeout)
+        response = urllib.request.build_opener(_LoginStaysHome).open(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and offset:
