@@ -205,8 +205,13 @@ def upsample_conv(x: Tensor, weight: Tensor, blur: Blur, *, phases: Tensor | Non
     """
     if _gpu_formulation(x):
         phases = upsample_phases(weight, blur.kernel) if phases is None else phases
-        return depth_to_space(F.conv2d(x, phases, padding=1))
+        return depth_to_space(upsample_conv_phase_major(x, phases))
     return blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2))
+
+
+def upsample_conv_phase_major(x: Tensor, phases: Tensor) -> Tensor:
+    """``upsample_conv`` on CUDA before ``depth_to_space``: (N, 4 * out, H, W), for a caller that interleaves."""
+    return F.conv2d(x, phases, padding=1)
 
 
 def depth_to_space(x: Tensor) -> Tensor:
@@ -218,9 +223,20 @@ def depth_to_space(x: Tensor) -> Tensor:
     C adjacent values and the result stays channels-last.
     """
     n, c4, h, w = x.shape
-    c = c4 // 4
-    phases = x.permute(0, 2, 3, 1).reshape(n, h, w, 2, 2, c)  # a view of a channels-last x
-    return phases.permute(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+    out = torch.empty((n, c4 // 4, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    cells_of(out).copy_(phases_of(x))
+    return out
+
+
+def phases_of(x: Tensor) -> Tensor:
+    """View of a phase-major (N, 4C, H, W) tensor as (N, H, row phase, W, column phase, C)."""
+    n, c4, h, w = x.shape
+    return x.permute(0, 2, 3, 1).unflatten(3, (2, 2, c4 // 4)).permute(0, 1, 3, 2, 4, 5)
+
+
+def cells_of(x: Tensor) -> Tensor:
+    """View of an (N, C, 2H, 2W) tensor as (N, H, row phase, W, column phase, C): where ``phases_of`` lands."""
+    return x.permute(0, 2, 3, 1).unflatten(1, (x.shape[2] // 2, 2)).unflatten(3, (x.shape[3] // 2, 2))
 
 
 def space_to_depth(x: Tensor) -> Tensor:
@@ -274,17 +290,34 @@ class ModulatedConv2d(nn.Module):
         s = self.modulation(style).float() * self.scale  # (N, in), float32 whatever x's dtype
         if self.kernel_size == 1 and not self.upsample:
             return self._pointwise(x, s)
-        weight = self.weight[0].to(x.dtype)
-        x = x * s.to(x.dtype)[:, :, None, None]
-        if self.upsample:
-            phases = self._phases(x.dtype) if _gpu_formulation(x) else None
-            out = upsample_conv(x, weight, self.blur, phases=phases)
-        else:
-            out = F.conv2d(x, weight, padding=self.kernel_size // 2)
+        out = self._shared_conv(x, s)
         if self.demodulate:
             demod = self.demodulation(s).to(out.dtype)[:, :, None, None]
             out = out.mul_(demod) if _writes_in_place(out, demod) else out * demod
         return out
+
+    def undemodulated(self, x: Tensor, style: Tensor) -> tuple[Tensor, Tensor | None, bool]:
+        """``forward`` without its last step, for a caller that folds the per-channel scale into its own pass.
+
+        Returns the shared conv's output, the demodulation factors (N, out) or None, and whether the output
+        is still phase-major (N, 4 * out, H, W): an upsampling layer in the CUDA formulation leaves the
+        interleaving (``phases_of`` -> ``cells_of``) to that same pass.
+        """
+        s = self.modulation(style).float() * self.scale
+        demod = self.demodulation(s) if self.demodulate else None
+        if self.upsample and _gpu_formulation(x):
+            x = x * s.to(x.dtype)[:, :, None, None]
+            return upsample_conv_phase_major(x, self._phases(x.dtype)), demod, True
+        return self._shared_conv(x, s), demod, False
+
+    def _shared_conv(self, x: Tensor, s: Tensor) -> Tensor:
+        """``conv(x * s, W)`` (upsampling if asked): the one convolution every sample shares."""
+        weight = self.weight[0].to(x.dtype)
+        x = x * s.to(x.dtype)[:, :, None, None]
+        if self.upsample:
+            phases = self._phases(x.dtype) if _gpu_formulation(x) else None
+            return upsample_conv(x, weight, self.blur, phases=phases)
+        return F.conv2d(x, weight, padding=self.kernel_size // 2)
 
     def _phases(self, dtype: torch.dtype) -> Tensor:
         """``upsample_phases`` of this layer's weight and blur, made in float32 once and kept."""
@@ -319,19 +352,14 @@ class NoiseInjection(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor, feature: Tensor) -> Tensor:
-        weight = self.weight.to(x.dtype)
-        if not _writes_in_place(x, weight, feature):
-            return torch.cat((x, weight * feature.to(x.dtype)), dim=1)
-        n, c, h, w = x.shape
-        out = torch.empty((n, c + feature.shape[1], h, w), dtype=x.dtype, device=x.device,
-                          memory_format=_memory_format(x))
-        out[:, :c] = x
-        torch.mul(feature, weight, out=out[:, c:])
-        return out
+        return torch.cat((x, self.weight.to(x.dtype) * feature.to(x.dtype)), dim=1)
 
 
 class StyledConv(nn.Module):
-    """Modulated conv, feature injection, activation: one synthesis layer."""
+    """Modulated conv, feature injection, activation: one synthesis layer.
+
+    Without autograd the last three steps run fused (``demodulate_inject_activate``); with it, as written.
+    """
 
     def __init__(
         self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int, *,
@@ -345,9 +373,44 @@ class StyledConv(nn.Module):
         self.activate = FusedLeakyReLU(out_channel * 2)
 
     def forward(self, x: Tensor, style: Tensor, feature: Tensor) -> Tensor:
-        out = self.conv(x, style)
-        out = self.noise(out, feature)
-        return self.activate(out)
+        if not _writes_in_place(x, feature, self.noise.weight, self.activate.bias):
+            out = self.conv(x, style)
+            out = self.noise(out, feature)
+            return self.activate(out)
+        # The same three steps in one pass per half of the output (they are memory-bound; the conv is not).
+        out, demod, phase_major = self.conv.undemodulated(x, style)
+        return demodulate_inject_activate(out, demod, feature, self.noise.weight, self.activate.bias,
+                                          phase_major=phase_major)
+
+
+def demodulate_inject_activate(
+    out: Tensor, demod: Tensor | None, feature: Tensor, noise_weight: Tensor, bias: Tensor, *,
+    phase_major: bool = False,
+) -> Tensor:
+    """``fused_leaky_relu(cat(out * demod, noise_weight * feature), bias)``, written once into a new tensor.
+
+    Each half is one ``addcmul`` (the gain and bias folded in: ``g*b + x*(g*scale)``, as g > 0) straight
+    into its place in the concatenation, then one in-place leaky ReLU over both: three passes over the
+    activations instead of six (demodulate, copy in, scale the feature, add the bias, activate). A
+    ``phase_major`` ``out`` (N, 4C, H, W) is interleaved by the same ``addcmul``, which saves the copy too.
+    """
+    n, c = out.shape[:2]
+    if phase_major:
+        c //= 4
+    h, w = feature.shape[2:]
+    dtype = out.dtype
+    result = torch.empty((n, c + feature.shape[1], h, w), dtype=dtype, device=out.device,
+                         memory_format=_memory_format(out))
+    gain_bias = (bias.float() * _LRELU_GAIN).to(dtype)
+    scale = (torch.ones((n, c), device=out.device) if demod is None else demod.float()) * _LRELU_GAIN
+    if phase_major:  # channels last in every view: (N, H, row, W, column, C)
+        torch.addcmul(gain_bias[:c], phases_of(out), scale.to(dtype)[:, None, None, None, None, :],
+                      out=cells_of(result[:, :c]))
+    else:
+        torch.addcmul(gain_bias[:c, None, None], out, scale.to(dtype)[:, :, None, None], out=result[:, :c])
+    feature_scale = (noise_weight.float() * _LRELU_GAIN).to(dtype).view(1, 1, 1, 1)
+    torch.addcmul(gain_bias[c:, None, None], feature.to(dtype), feature_scale, out=result[:, c:])
+    return F.leaky_relu_(result, _LRELU_SLOPE)
 
 
 class ToRGB(nn.Module):
@@ -386,22 +449,30 @@ class ConvLayer(nn.Sequential):
     """Encoder layer: [blur, stride-2] equalized conv, fused bias + leaky ReLU.
 
     A Sequential so that the official keys (``0.kernel``, ``1.weight``, ``2.bias``) come out as is.
+    Without autograd the activation's bias and gain ride in the conv, leaving one in-place pass.
     On CUDA the blur is folded into the strided conv (one 6x6 stride-2 conv, see ``fold_blur``), run as
     a space-to-depth 3x3 conv: cuDNN's depthwise kernels on channels-last tensors took 40% of the whole
     generator's time, and it picks slow non-tensor-core kernels for 6x6 stride-2 convolutions.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        first = self[0]
-        if not (isinstance(first, Blur) and _gpu_formulation(x)):
+        conv, activate = self[-2], self[-1]
+        if not _writes_in_place(x, conv.weight, activate.bias):
             return super().forward(x)
-        conv, activate = self[1], self[2]
+        # leaky(g*conv(x, W) + g*b) = leaky(conv(x, g*W, g*b)): the bias and gain ride in the conv.
+        bias = (activate.bias.float() * _LRELU_GAIN).to(x.dtype)
+        first = self[0] if isinstance(self[0], Blur) else None
+        if first is not None and _gpu_formulation(x):
+            def folded() -> Tensor:
+                blurred = fold_blur(conv.weight.float() * (conv.scale * _LRELU_GAIN), first.kernel.float())
+                return space_to_depth_weight(blurred).to(x.dtype)
 
-        def folded() -> Tensor:
-            return space_to_depth_weight(fold_blur(conv.weight.float() * conv.scale, first.kernel.float()))
-
-        weight = derived_weight(self, f"folded {x.dtype}", lambda: folded().to(x.dtype), conv.weight, first.kernel)
-        return activate(stride2_conv_space_to_depth(x, weight, first.pad[0]))
+            weight = derived_weight(self, f"folded {x.dtype}", folded, conv.weight, first.kernel)
+            out = stride2_conv_space_to_depth(x, weight, first.pad[0], bias)
+        else:
+            weight = (conv.weight * (conv.scale * _LRELU_GAIN)).to(x.dtype)  # as cheap as EqualConv2d's own
+            out = F.conv2d(x if first is None else first(x), weight, bias, stride=conv.stride, padding=conv.padding)
+        return F.leaky_relu_(out, _LRELU_SLOPE)
 
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, *, downsample: bool = False,
                  blur_taps: Sequence[float] = BLUR_KERNEL) -> None:
@@ -430,14 +501,14 @@ def fold_blur(weight: Tensor, kernel: Tensor) -> Tensor:
     return F.conv2d(padded, kernel[None, None]).reshape(out_c, in_c, kh + th - 1, kw + tw - 1)
 
 
-def stride2_conv_space_to_depth(x: Tensor, s2d_weight: Tensor, padding: int) -> Tensor:
+def stride2_conv_space_to_depth(x: Tensor, s2d_weight: Tensor, padding: int, bias: Tensor | None = None) -> Tensor:
     """``conv2d(x, weight, stride=2, padding=padding)`` for an even-sized kernel, as a stride-1 conv.
 
     ``s2d_weight`` is ``space_to_depth_weight(weight)``. Tap (2p + a, 2q + b) of the kernel meets input
     pixel (2y + 2p + a, 2x + 2q + b): after ``space_to_depth`` that is channel (a, b, c) at (y + p, x + q),
     an ordinary conv with half the kernel size.
     """
-    return F.conv2d(space_to_depth(F.pad(x, [padding] * 4)), s2d_weight)
+    return F.conv2d(space_to_depth(F.pad(x, [padding] * 4)), s2d_weight, bias)
 
 
 def space_to_depth_weight(weight: Tensor) -> Tensor:

@@ -260,6 +260,50 @@ class TestFastFormulations:
             assert _max_error(conv(x, style), torch.cat(expected)) < 1e-4
 
 
+class TestFusedInference:
+    """Without autograd, layers fold their memory-bound steps together; they must equal the layers as written.
+
+    The folded scales are made in float32 (as for half-precision weights), hence float32 rounding here.
+    """
+
+    @pytest.mark.parametrize("cuda_formulation", [False, True])
+    @pytest.mark.parametrize("upsample", [False, True])
+    def test_styled_conv_equals_conv_then_injection_then_activation(
+            self, upsample: bool, cuda_formulation: bool, monkeypatch) -> None:
+        """Demodulation, feature injection and the biased leaky ReLU in one pass give the three steps' result."""
+        monkeypatch.setattr(stylegan2, "_gpu_formulation", lambda x: cuda_formulation)
+        torch.manual_seed(1)
+        layer = StyledConv(6, 5, 3, 8, upsample=upsample).double()
+        size = 10 if upsample else 5
+        with torch.no_grad():
+            layer.noise.weight.fill_(-0.7)  # zero in a fresh layer: it would hide the feature half
+            layer.activate.bias.normal_()
+            x = torch.randn(3, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+            style = torch.randn(3, 8, dtype=torch.float64)
+            feature = torch.randn(3, 5, size, size, dtype=torch.float64)
+            fused = layer(x, style, feature)
+            expected = layer.activate(layer.noise(layer.conv(x, style), feature))
+        assert fused.shape == (3, 10, size, size)
+        assert _max_error(fused, expected) < 1e-5
+
+    @pytest.mark.parametrize("cuda_formulation", [False, True])
+    @pytest.mark.parametrize("downsample", [False, True])
+    def test_encoder_layer_with_bias_and_gain_in_the_conv_equals_the_layers(
+            self, downsample: bool, cuda_formulation: bool, monkeypatch) -> None:
+        """Folding the activation's bias and gain into the conv changes nothing but rounding."""
+        monkeypatch.setattr(stylegan2, "_gpu_formulation", lambda x: cuda_formulation)
+        torch.manual_seed(2)
+        layer = ConvLayer(4, 6, 3, downsample=downsample).double()
+        x = torch.randn(2, 4, 12, 12, dtype=torch.float64)
+        with torch.no_grad():
+            layer[-1].bias.normal_()
+            fused = layer(x)
+            expected = x
+            for step in layer:
+                expected = step(expected)
+        assert _max_error(fused, expected) < 1e-5
+
+
 class TestPrecision:
     def test_bf16_on_cpu_stays_close_to_fp32(self, tiny) -> None:
         """The mixed-precision path runs (bf16 convs, fp32 islands), and fp32 goes in and comes out."""
