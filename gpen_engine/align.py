@@ -180,9 +180,9 @@ def warp_back(crop: Tensor, matrix: np.ndarray, window: tuple[int, int, int, int
     theta = torch.as_tensor(_theta(window_to_crop[None], (x1 - x0, y1 - y0), (s, s)), dtype=torch.float32,
                             device=crop.device)
     grid = F.affine_grid(theta, [1, c, y1 - y0, x1 - x0], align_corners=False)
-    out = F.grid_sample(crop.float().unsqueeze(0), grid, mode="bilinear", padding_mode="zeros",
-                        align_corners=False)
-    return out[0]
+    warped = F.grid_sample(crop.float().unsqueeze(0), grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)
+    return warped[0]
 
 
 __all__ = [

@@ -16,6 +16,7 @@ disturbed by other processes, and the same rule applies to both sides of every r
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import resource
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -35,15 +37,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import imageio
 from .align import similarity_transform
 from .detect import detect_faces
-from .gpen import GpenArch, create_generator
+from .gpen import FullGenerator, GpenArch, create_generator
 from .masks import rectangle_mask
 from .options import EngineOptions, Preset
 from .restorer import WorkingImage, prepare_image
-from .stylegan2 import Blur, fused_leaky_relu
+from .stylegan2 import Blur, ConvLayer, ModulatedConv2d, StyledConv, ToRGB, fused_leaky_relu
 from .types import EngineError, RestoredImage
 
 STAGES = ("decode", "detect", "align", "generate", "paste", "encode")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+_T = TypeVar("_T")
+_M = TypeVar("_M", bound=nn.Module)
 
 
 # ------------------------------------------------------------------------------------ device rate
@@ -256,7 +261,7 @@ def _peak_device_mb(device: torch.device) -> float | None:
     return None
 
 
-def _timed(fn: Callable[[], object]) -> tuple[object, float]:
+def _timed(fn: Callable[[], _T]) -> tuple[_T, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, (time.perf_counter() - t0) * 1000
@@ -312,7 +317,7 @@ def engine_pass(
     encode in the pool while the next call runs."""
     preset = options.preset
 
-    def decode(data: bytes) -> tuple[object, float]:
+    def decode(data: bytes) -> tuple[tuple[imageio.DecodedImage, WorkingImage] | EngineError, float]:
         def work() -> tuple[imageio.DecodedImage, WorkingImage]:
             image = imageio.decode(data, max_pixels=options.decode.max_pixels, long_side=preset.max_long_side)
             return image, prepare_image(image.rgb, preset)
@@ -342,10 +347,10 @@ def engine_pass(
             if isinstance(out, EngineError):
                 failed += 1
                 errors.append(str(out))
-        results = restore([out[1] for out, _ in good]) if good else []  # type: ignore[index]
+        results = restore([out[1] for out, _ in good]) if good else []
         _sync(device)
         restore_s += time.perf_counter() - t_restore
-        for ((image, working), decode_ms), result in zip(good, results, strict=True):  # type: ignore[misc]
+        for ((image, working), decode_ms), result in zip(good, results, strict=True):
             stage["decode"] += decode_ms - working.prepare_ms  # preparing is in the engine's detect time
             if isinstance(result, EngineError):
                 failed += 1
@@ -381,7 +386,7 @@ def _per_channel_fir(x: Tensor, kernel: Tensor, *, up: int = 1, pad: tuple[int, 
     return y.reshape(n, c, y.shape[2], y.shape[3])
 
 
-def _grouped_modulated_conv(conv: nn.Module, x: Tensor, style: Tensor) -> Tensor:
+def _grouped_modulated_conv(conv: ModulatedConv2d, x: Tensor, style: Tensor) -> Tensor:
     """StyleGAN2's modulated convolution as the official code computes it: a weight per sample
     (scaled by the style, demodulated), run as one grouped convolution with ``groups = batch``."""
     n, cin, h, w = x.shape
@@ -399,18 +404,25 @@ def _grouped_modulated_conv(conv: nn.Module, x: Tensor, style: Tensor) -> Tensor
     return out.reshape(n, cout, h, w)
 
 
-def _official_styled(layer: nn.Module, x: Tensor, w: Tensor, feature: Tensor) -> Tensor:
+def _official_styled(layer: StyledConv, x: Tensor, w: Tensor, feature: Tensor) -> Tensor:
     out = _grouped_modulated_conv(layer.conv, x, w)
     out = torch.cat((out, layer.noise.weight.float() * feature.float()), dim=1)
     return fused_leaky_relu(out, layer.activate.bias.float())
 
 
-def _official_to_rgb(layer: nn.Module, x: Tensor, w: Tensor, skip: Tensor | None) -> Tensor:
+def _official_to_rgb(layer: ToRGB, x: Tensor, w: Tensor, skip: Tensor | None) -> Tensor:
     out = _grouped_modulated_conv(layer.conv, x, w) + layer.bias.float()
     if skip is None:
         return out
     # StyleGAN2's skip upsampling: zero-stuff by 2, pad (2, 1), the 4-tap FIR kernel of the weight file.
     return out + _per_channel_fir(skip, layer.upsample.kernel, up=2, pad=(2, 1))
+
+
+def _expect(module: nn.Module, kind: type[_M]) -> _M:
+    """``module``, which must be a ``kind``: torch's containers hand their layers back as plain Modules."""
+    if not isinstance(module, kind):
+        raise TypeError(f"expected a GPEN {kind.__name__}, got a {type(module).__name__}")
+    return module
 
 
 @torch.inference_mode()
@@ -420,23 +432,23 @@ def official_forward(generator: nn.Module, x: Tensor) -> Tensor:
 
     Same function as ``generator(x)`` (tests check it); only the formulation, and so the speed, differs.
     """
+    gpen = _expect(generator, FullGenerator)
     h = x.float()
     features = []
-    for layer in generator.encoder():
-        for module in layer[0]:
-            is_blur = isinstance(module, Blur)
-            h = _per_channel_fir(h, module.kernel, pad=module.pad) if is_blur else module(h.float())
+    for layer in gpen.encoder():
+        for module in _expect(layer.get_submodule("0"), ConvLayer):
+            h = _per_channel_fir(h, module.kernel, pad=module.pad) if isinstance(module, Blur) else module(h.float())
         features.append(h.float())
-    z = generator.final_linear(h.flatten(1)).float()
-    synth = generator.generator
+    z = gpen.final_linear(h.flatten(1)).float()
+    synth = gpen.generator
     w = synth.style(z).float()
     features.reverse()
     out = _official_styled(synth.conv1, synth.input(x.shape[0]).float(), w, features[0])
     rgb = _official_to_rgb(synth.to_rgb1, out, w, None)
     for i, to_rgb in enumerate(synth.to_rgbs):
-        out = _official_styled(synth.convs[2 * i], out, w, features[i + 1])
-        out = _official_styled(synth.convs[2 * i + 1], out, w, features[i + 1])
-        rgb = _official_to_rgb(to_rgb, out, w, rgb)
+        out = _official_styled(_expect(synth.convs[2 * i], StyledConv), out, w, features[i + 1])
+        out = _official_styled(_expect(synth.convs[2 * i + 1], StyledConv), out, w, features[i + 1])
+        rgb = _official_to_rgb(_expect(to_rgb, ToRGB), out, w, rgb)
     return rgb
 
 
@@ -512,7 +524,7 @@ def baseline_pass(
     errors: list[str] = []
     for data in inputs:
         try:
-            (image, rgb), decode_ms = _timed(lambda d=data: _decode_working(d, options))  # type: ignore[misc]
+            (image, rgb), decode_ms = _timed(functools.partial(_decode_working, data, options))
         except EngineError as exc:
             failed += 1
             errors.append(str(exc))
@@ -520,7 +532,7 @@ def baseline_pass(
         out, n, ms = baseline_restore(
             rgb, detector=detector, generator=generator, device=device, size=size, template=template,
             preset=preset, strength=preset.strength / 100)
-        _, encode_ms = _timed(lambda i=image, o=out: imageio.encode(i, o, options=options.encode))
+        _, encode_ms = _timed(functools.partial(imageio.encode, image, out, options=options.encode))
         faces += n
         ms["decode"], ms["encode"] = decode_ms, encode_ms
         for k, v in ms.items():

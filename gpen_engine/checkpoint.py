@@ -33,11 +33,16 @@ def load_state_dict_file(path: str | os.PathLike[str], key: str | None = None) -
     """
     path = Path(path)
     obj = _torch_load(path)
-    state = _unwrap(obj, path, key)
-    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    tensors: dict[str, Tensor] = {}
+    bad = []
+    for k, v in _unwrap(obj, path, key).items():
+        if isinstance(k, str) and isinstance(v, Tensor):
+            tensors[_strip_module(k)] = v
+        else:
+            bad.append(k)
     if bad:
         raise ModelFileError(f"{path}: not a state dict (entries that are not tensors: {_first(bad)})")
-    return {_strip_module(k): v for k, v in state.items()}
+    return tensors
 
 
 def load_generator(
@@ -136,7 +141,7 @@ def _unwrap(obj: object, path: Path, key: str | None) -> Mapping[object, object]
         return obj
     for wrapper in WRAPPER_KEYS:
         if isinstance(obj.get(wrapper), Mapping):
-            return obj[wrapper]  # type: ignore[return-value]
+            return obj[wrapper]
     return obj
 
 

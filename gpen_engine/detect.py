@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -124,7 +124,7 @@ def search_copy(image: np.ndarray, long_side: int = 1000, resize_above: float | 
     these copies there and hand them to ``detect_faces`` so the device's thread does not wait
     on a full-frame resize.
     """
-    scale, dh, dw = _search_shape(*image.shape[:2], long_side, resize_above)
+    scale, dh, dw = _search_shape(image.shape[0], image.shape[1], long_side, resize_above)
     if scale == 1.0:
         return image
     return cv2.resize(image, (dw, dh), interpolation=cv2.INTER_AREA)
@@ -237,12 +237,14 @@ def detect_faces(
     if search is not None and len(search) != len(images):
         raise ValueError(f"{len(search)} search copies for {len(images)} images")
     device = next(detector.parameters()).device
-    cfg = detector.cfg
+    cfg: object = detector.cfg
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"detector.cfg must be RetinaFace's config mapping, got {type(cfg).__name__}")
     plans = []
     for i, image in enumerate(images):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an HxWx3 uint8 image, got {image.shape} {image.dtype}")
-        _, dh, dw = _search_shape(*image.shape[:2], long_side, resize_above)
+        _, dh, dw = _search_shape(image.shape[0], image.shape[1], long_side, resize_above)
         if search is not None and search[i].shape != (dh, dw, 3):
             raise ValueError(f"search copy {search[i].shape} does not match {(dh, dw, 3)} for "
                              f"an image of {image.shape} at long side {long_side}")

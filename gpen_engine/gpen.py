@@ -111,7 +111,7 @@ class StyleGenerator(nn.Module):
         if max_chunk_bytes is None:
             return levels, n
         per_face = [
-            self.to_rgbs[level].conv.weight.shape[2] * (8 << level) ** 2 * element_size
+            self.to_rgbs.get_parameter(f"{level}.conv.weight").shape[2] * (8 << level) ** 2 * element_size
             for level in range(levels)
         ]
         split = next((lv for lv in range(levels) if n * per_face[lv] > max_chunk_bytes), levels)
@@ -150,7 +150,7 @@ class FullGenerator(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[2:] != (size, size):
             raise ValueError(f"GPEN-{size} expects (N, 3, {size}, {size}) faces, got {tuple(x.shape)}")
         # Channels-last is the fast layout for oneDNN and for tensor cores; every layer keeps it.
-        compute_dtype = self.ecd0[0][0].weight.dtype
+        compute_dtype = self.ecd0.get_parameter("0.0.weight").dtype
         h = x.to(compute_dtype).contiguous(memory_format=torch.channels_last)
         features = []
         for layer in self.encoder():

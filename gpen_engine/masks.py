@@ -83,7 +83,7 @@ def load_parser(path: str | Path | None, device: torch.device | str) -> nn.Modul
     (4.3-4.7 s instead of 5.6-5.9 s on two cores), with the same labels.
     """
     model = create_parser() if path is None else load_into(create_parser(), path, name="ParseNet")
-    return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    return model.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
 @torch.inference_mode()

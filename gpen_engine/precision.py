@@ -8,6 +8,8 @@ a reciprocal square root of a sum over thousands of terms). Callers always pass 
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from torch import nn
 
@@ -18,6 +20,13 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 
 # On a GPU there is no page-fault cost to avoid; slices of the batch only bound peak memory.
 CUDA_CHUNK_BYTES = 256 << 20
+
+
+@runtime_checkable
+class _Chunked(Protocol):
+    """A generator that runs high resolutions on slices of the batch (``FullGenerator``)."""
+
+    max_chunk_bytes: int | None
 
 
 def resolve_precision(device: str | torch.device, precision: Precision) -> Precision:
@@ -53,6 +62,6 @@ def prepare_generator(
         fp32_parts = getattr(module, "fp32_submodules", None)
         for part in fp32_parts() if callable(fp32_parts) else []:
             part.float()
-    if hasattr(module, "max_chunk_bytes"):
+    if isinstance(module, _Chunked):
         module.max_chunk_bytes = CUDA_CHUNK_BYTES if dev.type == "cuda" else DEFAULT_CHUNK_BYTES
     return module.eval().requires_grad_(False)

@@ -132,7 +132,7 @@ class WorkingImage:
     rgb: np.ndarray  # the working image: the input capped at the preset's long side
     search: np.ndarray  # the smaller copy the face detector searches
     prepare_ms: float
-    sides: tuple[int, int]  # the preset's (max_long_side, detect_long_side) it was made for
+    sides: tuple[int | None, int]  # the preset's (max_long_side, detect_long_side) it was made for
 
 
 def prepare_image(image: np.ndarray, preset: Preset) -> WorkingImage:
@@ -223,7 +223,7 @@ class Restorer:
 
     # ---------------------------------------------------------------- stages
 
-    def _restore(self, images: Sequence[np.ndarray]) -> list[RestoredImage | EngineError]:
+    def _restore(self, images: Sequence[np.ndarray | WorkingImage]) -> list[RestoredImage | EngineError]:
         clock = _Clock(self.models.device)
         works: list[_Work | EngineError] = []
         for image in images:

@@ -147,6 +147,8 @@ class Blur(nn.Module):
     A depthwise convolution (true convolution, hence the flip), padded by the conv itself.
     """
 
+    kernel: Tensor
+
     def __init__(self, taps: Sequence[float], pad: tuple[int, int], upsample_factor: int = 1) -> None:
         super().__init__()
         self.register_buffer("kernel", make_blur_kernel(taps) * upsample_factor**2)
@@ -168,6 +170,8 @@ class Upsample(nn.Module):
     one ordinary grouped convolution followed by a pixel shuffle (no zero-stuffed intermediate, and
     much faster than a depthwise transposed convolution on GPUs).
     """
+
+    kernel: Tensor
 
     def __init__(self, taps: Sequence[float], factor: int = 2) -> None:
         super().__init__()
@@ -457,6 +461,9 @@ class ConvLayer(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         conv, activate = self[-2], self[-1]
+        if not isinstance(conv, EqualConv2d) or not isinstance(activate, FusedLeakyReLU):
+            layers = [type(m).__name__ for m in self]
+            raise TypeError(f"ConvLayer must end in EqualConv2d, FusedLeakyReLU, got {layers}")
         if not _writes_in_place(x, conv.weight, activate.bias):
             return super().forward(x)
         # leaky(g*conv(x, W) + g*b) = leaky(conv(x, g*W, g*b)): the bias and gain ride in the conv.

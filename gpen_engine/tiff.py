@@ -33,7 +33,8 @@ def incomplete(data: bytes) -> str | None:
     if len(data) < 8 or struct.unpack(order + "H", data[2:4])[0] != 42:
         return None if len(data) >= 8 else "header cut short"
     size = len(data)
-    offset, seen = struct.unpack(order + "I", data[4:8])[0], set()
+    offset = struct.unpack(order + "I", data[4:8])[0]
+    seen: set[int] = set()
     while offset and offset not in seen and len(seen) < MAX_PAGES:
         seen.add(offset)
         if offset + 2 > size:
