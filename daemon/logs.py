@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any, Literal, TextIO
 
@@ -74,7 +74,7 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
-def _unfold_multiline(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+def _unfold_multiline(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Console only: a value of several lines (a config or start-up error) is shown as lines, not as a repr."""
     for key in [k for k, v in event.items() if k != "event" and isinstance(v, str) and "\n" in v]:
         event["event"] = f"{event['event']}\n  {key}: " + event.pop(key).replace("\n", "\n    ")

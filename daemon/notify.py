@@ -24,7 +24,7 @@ INSTALL_HINT = (
 
 def _load_sender() -> Callable[[str], bool] | None:
     try:
-        from systemd import daemon
+        from systemd import daemon  # type: ignore[attr-defined]  # mypy takes ./systemd (unit files) for it
     except ImportError:
         return None
     return daemon.notify  # type: ignore[no-any-return]

@@ -149,6 +149,8 @@ def load_models(settings: Settings, preset: Preset, *, device: str | None, rando
     if preset.model not in table or table[preset.model].arch is None:
         raise MissingModelError(f"preset {preset.name}: unknown generator model {preset.model!r}")
     spec = table[preset.model]
+    arch = spec.arch
+    assert arch is not None  # checked above
     detector = detector_spec(preset.detector, table)
     names = [detector.name] + ([] if random_weights else [spec.name])
     paths = ensure_models(settings, names, download=settings.download, log=log)
@@ -167,7 +169,7 @@ def load_models(settings: Settings, preset: Preset, *, device: str | None, rando
     log(f"device: {report.name} ({report.reason})")
     return load_engine_models(
         generator_path=None if random_weights else paths[spec.name],
-        arch=spec.arch,
+        arch=arch,
         detector_path=paths[detector.name],
         detector_name=preset.detector,
         parser_path=parser_path,

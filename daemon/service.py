@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import structlog
@@ -316,8 +316,10 @@ class Service:
         """
         for root in roots:
             expected = self.share_mounts.get(root) if root is not None else None
-            current = mount_of(root) if expected is not None else None
-            if expected is not None and current is not None and unmounted(current, expected):
+            if root is None or expected is None:
+                continue
+            current = mount_of(root)
+            if current is not None and unmounted(current, expected):
                 raise publish.ShareUnavailable(
                     root, f"the share it was on ({expected.mount_point}) is no longer mounted")
 
@@ -672,6 +674,8 @@ class Service:
             return
         # after = "keep" leaves processed originals in place; they are not new work, even once touched. (With
         # "delete" or "move" the same bytes under the same name are a new drop: the duplicates policy decides.)
+        # A READY verdict always describes its bytes.
+        assert verdict.size is not None and verdict.mtime_ns is not None and verdict.sha256 is not None
         if folder.after == "keep" and self.jobs.is_unchanged_done(
                 job.folder, job.relpath, verdict.size, verdict.mtime_ns, sha256=verdict.sha256):
             self.jobs.mark_skipped(job.id, "already processed (unchanged since)")
@@ -872,6 +876,7 @@ class Service:
             # The backup first: copying it re-reads the source and checks its SHA-256, so a source deleted or
             # replaced since it was read stops here, before a result for bytes nobody wants is published.
             self.failpoints.hit("backup")
+            assert job.sha256 is not None  # set when the job became ready
             copied = publish.copy_verified(item.source, backup, job.sha256, root=folder.backup, src_root=folder.path)
             self.failpoints.hit("publish")
             publish.write_atomic(output, data, root=folder.output)
@@ -990,7 +995,8 @@ class Service:
         """Seconds before the next try: doubling per attempt, up to retry_backoff_max."""
         return min(self.settings.retry_backoff * 2 ** max(0, job.attempts - 1), self.settings.retry_backoff_max)
 
-    def _retry(self, job: Job, stage: str, exc: BaseException, *, side: str = "source") -> None:
+    def _retry(self, job: Job, stage: str, exc: BaseException, *,
+               side: Literal["source", "destination"] = "source") -> None:
         """Transient trouble (share gone, disk full, OOM, locked file): try again later, never drop the file."""
         assert self.jobs is not None
         if self.metrics is not None:
