@@ -152,6 +152,15 @@ class ReadinessGate:
         missing and the folder is unavailable, the verdict is NOT_YET instead of GONE. With ``base`` (the
         hot folder ``path`` lies in), the bytes are read through folders opened without following links.
         """
+        verdict = self.glance(path, key, available=available, base=base)
+        return verdict if verdict is not None else self.inspect(path, key, available=available, base=base)
+
+    def glance(
+        self, path: Path, key: Hashable, *, available: Callable[[], str | None] | None = None,
+        base: Path | None = None,
+    ) -> Verdict | None:
+        """The cheap part of ``look`` (a stat and the clocks); None when the file is quiet and its bytes are due to
+        be read and checked by ``inspect``, the slow part, which a caller may run on another thread."""
         now = self._clock()
         try:
             st = os.lstat(path)
@@ -177,24 +186,37 @@ class ReadinessGate:
             if waited_out(track.changed_at, now, self.max_wait):
                 return self._end(key, Verdict(FAILED, f"empty file (0 bytes for {self.max_wait:.0f} s)"))
             return Verdict(NOT_YET, "empty file")
+        if track.decode_error is None or (track.hole and waited_out(track.changed_at, now, self.max_wait)):
+            return None
+        return self._undecodable(key, track, now)
+
+    def inspect(
+        self, path: Path, key: Hashable, *, available: Callable[[], str | None] | None = None,
+        base: Path | None = None,
+    ) -> Verdict:
+        """Read the bytes of a file that ``glance`` found due, check that they decode, and hash them."""
+        with self._lock:
+            track = self._tracks.get(key)
+        if track is None:  # forgotten since the glance
+            return Verdict(NOT_YET, "not looked at yet")
+        now = self._clock()
         if track.decode_error is None:
             verdict = self._read_and_check(path, key, track, now, available, base)
             if verdict is not None:
                 return verdict
-        if waited_out(track.changed_at, now, self.max_wait):
-            if track.hole:
-                # Quiet for max_wait with its holes: a sparse file (cp --sparse, rsync -S, ZFS compression store
-                # long zero runs as holes), not a stalled writer. Judge its bytes like any other file's.
-                track.hole, track.decode_error = False, None
-                verdict = self._read_and_check(path, key, track, now, available, base, holes_ok=True)
-                if verdict is not None:
-                    return verdict
-            return self._end(
-                key,
-                Verdict(
-                    FAILED, f"still not a complete image after {self.max_wait:.0f} s: {track.decode_error}"
-                ),
+        if track.hole and waited_out(track.changed_at, now, self.max_wait):
+            # Quiet for max_wait with its holes: a sparse file (cp --sparse, rsync -S, ZFS compression store
+            # long zero runs as holes), not a stalled writer. Judge its bytes like any other file's.
+            track.hole, track.decode_error = False, None
+            verdict = self._read_and_check(path, key, track, now, available, base, holes_ok=True)
+            if verdict is not None:
+                return verdict
+        return self._undecodable(key, track, now)
 
+    def _undecodable(self, key: Hashable, track: _Track, now: float) -> Verdict:
+        if waited_out(track.changed_at, now, self.max_wait):
+            return self._end(
+                key, Verdict(FAILED, f"still not a complete image after {self.max_wait:.0f} s: {track.decode_error}")
             )
         return Verdict(NOT_YET, f"not a complete image yet: {track.decode_error}")
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +45,7 @@ from daemon.paths import (
     safe_join,
     unmounted,
 )
-from daemon.readiness import ReadinessGate
+from daemon.readiness import ReadinessGate, Verdict
 from daemon.settings import (
     ConfigError,
     FolderSettings,
@@ -133,15 +134,24 @@ class Batch:
 
 
 @dataclass
+class _Check:
+    """A readiness check of one file's bytes on the gate's pool."""
+
+    future: Future[None] = field(default_factory=Future)  # the pool's, once submitted
+    started: float | None = None  # monotonic; None while it waits for a thread
+
+
+@dataclass
 class Heartbeats:
     """When each stage last showed it is alive; the watchdog pings only while all are fresh."""
 
     beats: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def beat(self, name: str) -> None:
+    def beat(self, name: str, *, at: float | None = None) -> None:
+        """``name`` is alive now, or was last seen alive ``at`` (a monotonic time) by what it waits on."""
         with self.lock:
-            self.beats[name] = time.monotonic()
+            self.beats[name] = time.monotonic() if at is None else at
 
     def stale(self, max_age: float) -> list[str]:
         now = time.monotonic()
@@ -549,58 +559,6 @@ class Service:
         self.watchers[key] = watcher
 
     # ----------------------------------------------------------------- gate thread
-    def _gate_loop(self) -> None:
-        assert self.jobs is not None
-        gate = ReadinessGate(
-            stability_delay=0.0,  # per folder below
-            max_wait=self.settings.max_ready_wait,
-            check_decodes=lambda data: imageio.check_complete(data, max_pixels=self.settings.max_pixels),
-        )
-        # A memory guard: a larger file is refused before it is read into memory (twice: here and on the read
-        # pool). Pixels take at most max_pixels x 16 bits x 4 channels, but layered TIFFs from retouchers carry
-        # layer data (dropped on output) well beyond that, so the guard is never below 4 GiB.
-        max_bytes = max(self.settings.max_pixels * 8 + (64 << 20), 4 << 30)
-        gates: dict[str, ReadinessGate] = {}
-        crashed: set[int] = set()
-        while not self.stop_event.is_set():
-            self.heartbeats.beat("gate")
-            try:
-                self._take_candidates()
-                for job in self.jobs.pending():
-                    if self.stop_event.is_set():
-                        break
-                    self.heartbeats.beat("gate")  # one pass over a big drop reads and decodes every quiet file
-                    folder = self.folders.get(job.folder)
-                    if folder is None or job.folder in self.paused:
-                        continue
-                    if self.fail_later.get(job.id, 0.0) > time.monotonic():
-                        continue
-                    g = gates.setdefault(
-                        job.folder,
-                        ReadinessGate(
-                            stability_delay=folder.stability_delay,
-                            max_wait=gate.max_wait,
-                            check_decodes=gate.check_decodes,
-                            max_bytes=max_bytes,
-                        ),
-                    )
-                    # A reload may have changed either; the files being tracked keep their quiet time so far.
-                    g.stability_delay, g.max_wait = folder.stability_delay, self.settings.max_ready_wait
-                    try:
-                        self._gate_one(g, folder, job)
-                    except JobStateError:  # another instance sharing this table settled it first
-                        g.forget(job.id)
-                    except JobTableError:
-                        raise
-                    except Exception:  # one file must not stop the gate for every other one; looked at again
-                        if job.id not in crashed:
-                            crashed.add(job.id)
-                            log.exception("readiness check crashed; trying again", folder=job.folder,
-                                          path=job.relpath)
-            except Exception:
-                log.exception("gate pass failed; retrying")
-            self.stop_event.wait(0.2)
-
     def _take_candidates(self) -> None:
         assert self.jobs is not None
         while True:
@@ -651,16 +609,109 @@ class Service:
         job = self.jobs.note_candidate(key, relpath, folder.preset)
         self._fail(job, folder, path, "watch", f"refused: {reason}")
 
-    def _gate_one(self, gate: ReadinessGate, folder: FolderSettings, job: Job) -> None:
+    def _gate_loop(self) -> None:
+        """Look at every pending file a few times a second; a quiet one is read, decoded and hashed on the gate's
+        pool, so that one large PNG or TIFF does not hold up the files behind it."""
         assert self.jobs is not None
+        check_decodes = partial(imageio.check_complete, max_pixels=self.settings.max_pixels)
+        # A memory guard: a larger file is refused before it is read into memory (twice: here and on the read
+        # pool). Pixels take at most max_pixels x 16 bits x 4 channels, but layered TIFFs from retouchers carry
+        # layer data (dropped on output) well beyond that, so the guard is never below 4 GiB.
+        max_bytes = max(self.settings.max_pixels * 8 + (64 << 20), 4 << 30)
+        gates: dict[str, ReadinessGate] = {}
+        checks: dict[int, _Check] = {}  # job id -> its read-and-decode check on the pool
+        crashed: set[int] = set()
+        pool = ThreadPoolExecutor(self.settings.io_threads, thread_name_prefix="gate")
         try:
-            path = safe_join(folder.path, job.relpath)
-        except UnsafePath as exc:
-            self.jobs.fail(job.id, "readiness", f"unsafe path: {exc}")
-            log.warning("file refused", folder=job.folder, path=job.relpath, reason=str(exc))
-            return
-        watcher = self.watchers.get(job.folder)
-        verdict = gate.look(path, job.id, available=watcher.unavailable_reason if watcher else None, base=folder.path)
+            while not self.stop_event.is_set():
+                self._beat_gate(checks)
+                try:
+                    self._take_candidates()
+                    for job_id in [i for i, c in checks.items() if c.future.done()]:
+                        del checks[job_id]
+                    beat_at = time.monotonic()
+                    for job in self.jobs.pending():
+                        if self.stop_event.is_set():
+                            break
+                        if time.monotonic() - beat_at > 1.0:  # a pass over a big drop stats every file
+                            self._beat_gate(checks)
+                            beat_at = time.monotonic()
+                        folder = self.folders.get(job.folder)
+                        if job.id in checks or folder is None or job.folder in self.paused:
+                            continue
+                        if self.fail_later.get(job.id, 0.0) > time.monotonic():
+                            continue
+                        g = gates.setdefault(
+                            job.folder,
+                            ReadinessGate(
+                                stability_delay=folder.stability_delay,
+                                max_wait=self.settings.max_ready_wait,
+                                check_decodes=check_decodes,
+                                max_bytes=max_bytes,
+                                keep_data=False,  # the read pool reads the file again and compares hashes
+                            ),
+                        )
+                        # A reload may have changed either; the files being tracked keep their quiet time so far.
+                        g.stability_delay, g.max_wait = folder.stability_delay, self.settings.max_ready_wait
+                        self._gate_one(g, folder, job, pool, checks, crashed)
+                except Exception:
+                    log.exception("gate pass failed; retrying")
+                self.stop_event.wait(0.2)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _beat_gate(self, checks: dict[int, _Check]) -> None:
+        """The gate is alive while its own loop runs and no check on its pool is stuck (a hung read of a share)."""
+        started = [c.started for c in list(checks.values()) if c.started is not None and not c.future.done()]
+        self.heartbeats.beat("gate", at=min(started, default=None))
+
+    def _gate_one(self, gate: ReadinessGate, folder: FolderSettings, job: Job, pool: ThreadPoolExecutor,
+                  checks: dict[int, _Check], crashed: set[int]) -> None:
+        """One look at a pending file: settled here, or its bytes checked on ``pool`` (one check per file at a time)."""
+
+        def guarded(step: Callable[[], None]) -> None:
+            try:
+                step()
+            except JobStateError:  # another instance sharing this table settled it first
+                gate.forget(job.id)
+            except JobTableError:
+                raise
+            except Exception:  # one file must not stop the gate for every other one; looked at again
+                if job.id not in crashed:
+                    crashed.add(job.id)
+                    log.exception("readiness check crashed; trying again", folder=job.folder, path=job.relpath)
+
+        def check(path: Path, available: Callable[[], str | None] | None, entry: _Check) -> None:
+            entry.started = time.monotonic()
+            try:
+                guarded(lambda: self._settle_look(
+                    gate, folder, job, path, gate.inspect(path, job.id, available=available, base=folder.path)))
+            except JobTableError:  # the file stays pending and is looked at again
+                log.exception("readiness verdict not recorded; trying again", folder=job.folder, path=job.relpath)
+
+        def glance() -> None:
+            assert self.jobs is not None
+            try:
+                path = safe_join(folder.path, job.relpath)
+            except UnsafePath as exc:
+                self.jobs.fail(job.id, "readiness", f"unsafe path: {exc}")
+                log.warning("file refused", folder=job.folder, path=job.relpath, reason=str(exc))
+                return
+            watcher = self.watchers.get(job.folder)
+            available = watcher.unavailable_reason if watcher else None
+            verdict = gate.glance(path, job.id, available=available, base=folder.path)
+            if verdict is not None:
+                self._settle_look(gate, folder, job, path, verdict)
+                return
+            entry = _Check()
+            checks[job.id] = entry
+            entry.future = pool.submit(check, path, available, entry)
+
+        guarded(glance)
+
+    def _settle_look(self, gate: ReadinessGate, folder: FolderSettings, job: Job, path: Path, verdict: Verdict
+                     ) -> None:
+        assert self.jobs is not None
         if verdict.state == "not_yet":
             return
         gate.forget(job.id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import threading
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from daemon import paths, publish, service
 from daemon.jobs import JobStateError, JobTable
@@ -186,3 +188,72 @@ class TestHotFolderMountOnReload:
         watcher.step()
         assert events == ["pause", "resume"]
         assert watcher.unavailable_reason() is None
+
+
+# ----------------------------------------------------------------- the readiness gate's pool
+class TestGatePool:
+    """Quiet files are read, decoded and hashed on a pool: a slow one does not hold up the others."""
+
+    @pytest.fixture
+    def gate(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        config = tmp_path / "gpen-watch.toml"
+        config.write_text(f'root = "{tmp_path}"\nio_threads = 2\n'
+                          f'[[folders]]\npath = "{tmp_path / "in"}"\noutput = "{tmp_path / "out"}"\n'
+                          f'backup = "{tmp_path / "backup"}"\nfailed = "{tmp_path / "failed"}"\n'
+                          'stability_delay = 0.0\n')
+        settings = load_settings(config)
+        (tmp_path / "in").mkdir()
+        release = threading.Event()
+        real = service.imageio.check_complete
+
+        def check(data: bytes, *, max_pixels: int) -> tuple[int, int]:
+            if data.startswith(b"SLOW"):  # a huge scan: its decode takes until the test lets it finish
+                assert release.wait(20)
+                return (1, 1)
+            return real(data, max_pixels=max_pixels)
+
+        monkeypatch.setattr(service.imageio, "check_complete", check)
+        svc = service.Service(settings, hot_folders(settings))
+        svc.jobs = JobTable.open(tmp_path / "jobs.sqlite3")
+        loop = threading.Thread(target=svc._gate_loop)
+        yield svc, tmp_path / "in", release, loop
+        release.set()
+        svc.stop_event.set()
+        if loop.is_alive():
+            loop.join(20)
+        svc.publish_pool.shutdown()
+        svc.read_pool.shutdown()
+        svc.jobs.close()
+
+    @staticmethod
+    def wait_for(condition, seconds: float = 20.0) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def test_a_slow_check_does_not_hold_up_the_files_behind_it(self, gate) -> None:
+        svc, hot, release, loop = gate
+
+        (hot / "a-scan.tif").write_bytes(b"SLOW" + bytes(1000))
+        Image.new("RGB", (32, 24), (200, 120, 40)).save(hot / "b-photo.png")
+        slow = svc.jobs.note_candidate(str(hot), "a-scan.tif", "fast")
+        quick = svc.jobs.note_candidate(str(hot), "b-photo.png", "fast")
+        loop.start()
+        assert self.wait_for(lambda: svc.jobs.get(quick.id).state == "ready")
+        assert svc.jobs.get(slow.id).state == "pending"  # still being checked, not given up on
+        release.set()
+        assert self.wait_for(lambda: svc.jobs.get(slow.id).state == "ready")
+        assert svc.jobs.get(slow.id).sha256 == hashlib.sha256((hot / "a-scan.tif").read_bytes()).hexdigest()
+
+    def test_a_stuck_check_stops_the_gate_s_heartbeat(self, gate) -> None:
+        """A read that hangs (a dead share) must reach the systemd watchdog, as it did when checks ran inline."""
+        svc, hot, release, loop = gate
+        (hot / "stuck.tif").write_bytes(b"SLOW" + bytes(1000))
+        svc.jobs.note_candidate(str(hot), "stuck.tif", "fast")
+        loop.start()
+        assert self.wait_for(lambda: svc.heartbeats.stale(0.5) == ["gate"])
+        release.set()
+        assert self.wait_for(lambda: svc.heartbeats.stale(0.5) == [])
