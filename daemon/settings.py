@@ -151,7 +151,7 @@ class Settings(BaseSettings):
     download: bool = True
     device: str = "auto"
 
-    extensions: list[str] = list(DEFAULT_EXTENSIONS)
+    extensions: Annotated[list[str], Field(min_length=1)] = list(DEFAULT_EXTENSIONS)
     poll_interval: Annotated[float, Field(gt=0)] = 2.0
     rescan_interval: Annotated[float, Field(gt=0)] = 30.0
     max_ready_wait: Annotated[float, Field(gt=0)] = 600.0
@@ -249,6 +249,18 @@ def _folders_apart(folders: list[FolderSettings]) -> None:
                     where = "its own hot folder" if j == i else f"inside the hot folder folders.{j}.path"
                     raise ValueError(f"folders.{i}.{key} = '{target}': {where} "
                                      "(its files would be taken for new photos)")
+    # A result, a backup and a failed or done original must never land on one path: a backup overwritten by its
+    # result is an original lost. Folders may share a role (several hot folders writing into one output folder).
+    roles = [(i, key, norm(target)) for i, f in enumerate(folders)
+             for key, target in (("output", f.output), ("backup", f.backup), ("failed", f.failed), ("done", f.done))
+             if target is not None]
+    for n, (i, key, target) in enumerate(roles):
+        for j, other_key, other in roles[:n]:
+            if key != other_key and (under(target, other) or under(other, target)):
+                relation = "the same folder as" if target == other else "nested with"
+                raise ValueError(f"folders.{i}.{key} = '{folders[i].model_dump()[key]}': {relation} "
+                                 f"folders.{j}.{other_key} (results, backups and failed or done originals "
+                                 "would overwrite each other)")
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:

@@ -68,6 +68,32 @@ def test_folders_that_feed_each_other_are_refused(tmp_path: Path, folders, named
     assert named in str(exc.value)
 
 
+def _roles(path: Path, output: Path, backup: Path, failed: Path) -> str:
+    return f'[[folders]]\npath = "{path}"\noutput = "{output}"\nbackup = "{backup}"\nfailed = "{failed}"\n'
+
+
+@pytest.mark.parametrize(("folders", "named"), [
+    # The backup overwritten by its result: the original would be lost.
+    (lambda t: _roles(t / "in", t / "out", t / "out", t / "failed"), "folders.0.backup = "),
+    (lambda t: _roles(t / "in", t / "out", t / "out" / "originals", t / "failed"), "folders.0.backup = "),
+    (lambda t: _roles(t / "in", t / "out", t / "bk", t / "bk"), "folders.0.failed = "),
+    (lambda t: _roles(t / "a", t / "out", t / "bk", t / "failed") + _roles(t / "b", t / "bk", t / "bk2", t / "f2"),
+     "folders.1.output = "),
+    (lambda t: _roles(t / "in", t / "out", t / "bk", t / "failed") + 'after = "move"\ndone = "' + str(t / "out")
+     + '"\n', "folders.0.done = "),
+])
+def test_results_backups_and_failed_files_never_share_a_folder(tmp_path: Path, folders, named: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(write(tmp_path, folders(tmp_path)))
+    assert named in str(exc.value) and "would overwrite each other" in str(exc.value)
+
+
+def test_hot_folders_may_share_an_output_folder(tmp_path: Path) -> None:
+    shared = tmp_path / "restored"
+    load_settings(write(tmp_path, _roles(tmp_path / "a", shared, tmp_path / "bk", tmp_path / "failed")
+                        + _roles(tmp_path / "b", shared, tmp_path / "bk", tmp_path / "failed")))
+
+
 def test_folders_below_a_hot_folder_that_does_not_recurse_are_free(tmp_path: Path) -> None:
     """A non-recursive hot folder takes only files put straight into it: another folder's output may sit below it."""
     top = tmp_path / "photos"
@@ -114,3 +140,10 @@ def test_a_misspelt_environment_variable_is_refused(tmp_path: Path, monkeypatch:
         load_settings(None)
     assert "$GPEN_WATCH_MAX_ATEMPTS: not a setting (did you mean $GPEN_WATCH_MAX_ATTEMPTS?)" in str(exc.value)
     assert "did you mean $GPEN_WATCH_METRICS__ENABLED?" in str(exc.value)
+
+
+def test_an_empty_extension_list_is_refused(tmp_path: Path) -> None:
+    """With no extensions every file would be ignored, silently."""
+    with pytest.raises(ConfigError) as exc:
+        load_settings(write(tmp_path, "extensions = []\n"))
+    assert "extensions" in str(exc.value)
