@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from daemon.modelfiles import MissingModelError, ensure_models, models_of
 from daemon.paths import UnsafePath, is_candidate, normalize_extensions, read_no_follow
-from daemon.publish import write_atomic
+from daemon.publish import fit_stem, write_atomic
 from daemon.settings import ConfigError, Settings, engine_options, preset_table, settings_from_args
 from gpen_engine import imageio
 from gpen_engine.device import select_device
@@ -392,7 +392,8 @@ def _write_claimed(path: Path, data: bytes) -> Path:
 def _numbered(folder: Path, stem: str, ext: str) -> Iterator[Path]:
     """``stem+ext``, then ``stem (1)+ext``, ``stem (2)+ext``... in ``folder``: the names a result may take."""
     for n in range(10_000):
-        yield folder / (f"{stem}{ext}" if n == 0 else f"{stem} ({n}){ext}")
+        tag = "" if n == 0 else f" ({n})"
+        yield folder / f"{fit_stem(stem, len(os.fsencode(tag + ext)))}{tag}{ext}"
 
 
 def write_new(folder: Path, stem: str, ext: str, data: bytes) -> Path:

@@ -47,6 +47,7 @@ __all__ = [
     "classify_os_error",
     "cleanup_temp_files",
     "copy_verified",
+    "fit_stem",
     "dispose_source",
     "file_has_sha256",
     "is_mounted_share_available",
@@ -387,10 +388,12 @@ def _check_still(src: Path, src_root: Path | None, expect: os.stat_result | None
 
 
 def _suffixed(name: str, n: int) -> str:
+    """``name (n).ext``, its stem shortened where the suffix would not fit in a file name."""
+    tag = f" ({n})"
     stem, dot, ext = name.rpartition(".")
     if not stem:  # no extension
-        return f"{name} ({n})"
-    return f"{stem} ({n}){dot}{ext}"
+        return fit_stem(name, len(tag)) + tag
+    return f"{fit_stem(stem, len(tag) + len(os.fsencode(dot + ext)))}{tag}{dot}{ext}"
 
 
 def plan_output_name(
@@ -415,7 +418,7 @@ def plan_output_name(
         raise ShareUnavailable(out_dir)
     same_name = safe_join(out_dir, str(relpath))
     ext = "." + ext.lstrip(".") if ext else ""
-    base = (same_name.stem if ext else same_name.name) + ext
+    base = _fit_name((same_name.stem if ext else same_name.name) + ext, 0)  # a longer extension must still fit
     folder = same_name.parent
     is_reserved = reserved or (lambda _p: False)
     may_replace = replaceable or (lambda _p: True)
@@ -633,17 +636,25 @@ def _left_by_earlier_attempt(sidecar: Path, info: FailureInfo) -> bool:
 
 
 def _fit_name(name: str, room: int) -> str:
-    """``name``, shortened (with a hash of the full name) so that ``room`` more bytes still fit in NAME_MAX."""
-    raw = os.fsencode(name)
-    if len(raw) + room <= _NAME_MAX:
-        return name
+    """``name``, its stem shortened (see ``fit_stem``) so that ``room`` more bytes still fit in NAME_MAX."""
     stem, dot, ext = name.rpartition(".")
     if not stem:
         stem, dot, ext = name, "", ""
+    return fit_stem(stem, room + len(os.fsencode(dot + ext))) + dot + ext
+
+
+def fit_stem(stem: str, room: int) -> str:
+    """``stem``, shortened where needed so that ``room`` more bytes still fit in a file name (NAME_MAX).
+
+    A shortened stem ends in ``~`` and a hash of the whole stem, so two long names that share their start
+    still get different short ones.
+    """
+    raw = os.fsencode(stem)
+    if len(raw) + room <= _NAME_MAX:
+        return stem
     tag = "~" + hashlib.sha256(raw).hexdigest()[:8]
-    keep = _NAME_MAX - room - len(os.fsencode(tag + dot + ext))
-    short = os.fsencode(stem)[: max(keep, 1)].decode("utf-8", "ignore")
-    return short + tag + dot + ext
+    keep = _NAME_MAX - room - len(tag)
+    return raw[: max(keep, 1)].decode("utf-8", "ignore") + tag
 
 
 def _write_failure(failed_dir: Path, target: Path, src: Path | None, data: bytes | None,

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from daemon.cli import main
+from daemon.oneshot import Names, write_new
 from gpen_engine.detect import detect_faces, load_detector
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -264,3 +265,12 @@ class TestAwkwardArguments:
         assert calls == [8, 2]
         results = sorted(p.name for p in (tmp_path / "out").iterdir())
         assert results == [f"p{n}.jpg" for n in range(8)]  # and no temporary files
+
+
+def test_a_long_input_name_still_gets_a_result_name(tmp_path: Path) -> None:
+    """A 250-byte photo name: ".restored" would not fit, so the stem is shortened instead of the write failing."""
+    stem = "p" * 250
+    names = Names()
+    first, second = names.claim(tmp_path, stem, ".restored.jpg"), names.claim(tmp_path, stem, ".restored.jpg")
+    assert first != second and all(p.name.endswith(".restored.jpg") for p in (first, second))
+    assert write_new(tmp_path, stem, ".restored.jpg", b"ok").read_bytes() == b"ok"

@@ -207,6 +207,25 @@ class TestPlanOutputName:
             tmp_path, "p.png", ".jpg", collisions="overwrite", reserved=taken.__contains__
         )
 
+    def test_a_name_at_the_length_limit_still_gets_a_free_name(self, tmp_path: Path) -> None:
+        """A 255-byte name taken already: ' (1)' does not fit, so the stem is shortened, not the photo failed."""
+        long = "é" * 125 + "a.jpg"  # 255 bytes, multi-byte characters where it is cut
+        assert len(long.encode()) == 255
+        (tmp_path / long).write_bytes(b"first")
+        names = set()
+        for _ in range(3):
+            result = plan_output_name(tmp_path, long, ".jpg", collisions="suffix")
+            write_atomic(result, b"next", root=tmp_path)
+            names.add(result.name)
+        assert len(names) == 3 and all(n.endswith(".jpg") and len(n.encode()) <= 255 for n in names)
+        assert (tmp_path / long).read_bytes() == b"first"
+
+    def test_a_longer_extension_still_fits(self, tmp_path: Path) -> None:
+        name = "x" * 251 + ".jpg"
+        result = plan_output_name(tmp_path, name, ".webp", collisions="suffix")
+        assert result.suffix == ".webp" and len(result.name.encode()) <= 255
+        write_atomic(result, b"ok", root=tmp_path)
+
     @pytest.mark.parametrize("bad", ["../x.jpg", "a/../../x.jpg", "/etc/passwd", "", "a/\0.jpg"])
     def test_rejects_escaping_relpaths(self, tmp_path: Path, bad: str) -> None:
         """Relative paths with '..', absolute paths, empty names and NUL bytes are refused."""
