@@ -82,6 +82,17 @@ def command(args: argparse.Namespace) -> int:
         log.error("configuration invalid", error=str(exc))
         return 2
     configure_logging(settings.log_format, settings.log_level)
+    if getattr(args, "root", None) and not settings.folders and settings.root is not None:
+        # A root named on the command line is the operator's to have: create it. One from a config file is not,
+        # as it may be an unmounted share's empty mount point (then its folders wait, paused, for the share).
+        root = settings.root.expanduser().absolute()
+        if not root.exists():
+            try:
+                root.mkdir(parents=True)
+            except OSError as exc:
+                log.error("cannot create the root folder", root=str(root), error=str(exc))
+                return 1
+            log.info("created the root folder", root=str(root))
     # systemd's watchdog ends a stuck daemon with SIGABRT: leave every thread's stack in the journal.
     faulthandler.enable(all_threads=True)
     service = Service(settings, folders, reload_source=lambda: _reload_settings(args))

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from daemon import paths, publish, service
+from daemon.cli import main
 from daemon.jobs import JobStateError, JobTable
 from daemon.paths import Mount, mount_below, remount_is_safe
 from daemon.settings import FolderSettings, hot_folders, load_settings
@@ -257,3 +258,27 @@ class TestGatePool:
         assert self.wait_for(lambda: svc.heartbeats.stale(0.5) == ["gate"])
         release.set()
         assert self.wait_for(lambda: svc.heartbeats.stale(0.5) == [])
+
+
+# ----------------------------------------------------------------- the root folder
+class TestRootFolder:
+    @pytest.fixture(autouse=True)
+    def no_serving(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Up to the point where the daemon would load models and watch: the folders it creates first."""
+        monkeypatch.delenv("GPEN_WATCH_CONFIG", raising=False)
+        monkeypatch.setattr(service.Service, "serve", lambda svc: svc._make_folders(svc.folders.values()) or 0)
+
+    def test_a_root_named_on_the_command_line_is_created_with_its_layout(self, tmp_path: Path) -> None:
+        """The README's first command, on a machine where ~/gpen-watch does not exist yet."""
+        root = tmp_path / "home" / "gpen-watch"
+        assert main(["run", "--root", str(root)]) == 0
+        for kind in ("in", "out", "backup", "failed"):
+            assert (root / kind / "fast").is_dir()
+
+    def test_a_root_from_a_config_file_is_not_created(self, tmp_path: Path) -> None:
+        """It may be an unmounted share's mount point: nothing is made on the local disk in its place."""
+        root = tmp_path / "share" / "gpen-watch"
+        config = tmp_path / "gpen-watch.toml"
+        config.write_text(f'root = "{root}"\n')
+        assert main(["run", "--config", str(config)]) == 0
+        assert not root.exists()
