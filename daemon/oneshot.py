@@ -292,6 +292,8 @@ def run(items: list[Item], restorer: Restorer, options: EngineOptions, *, io_thr
                     tally.ok += 1
                     tally.faces += faces
                 bar.update(1)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{tally.faces / elapsed:.2f} faces/s, {tally.faces} faces")
 
         try:
             top_up()
@@ -324,8 +326,6 @@ def run(items: list[Item], restorer: Restorer, options: EngineOptions, *, io_thr
                         continue
                     writes.append((pool.submit(_encode_write, decoded, result, options, *targets), len(result.faces)))
                 finish_writes(block=False)
-                elapsed = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"{tally.faces / elapsed:.2f} faces/s, {tally.faces} faces")
         except KeyboardInterrupt:
             # Ctrl-C: read and restore nothing more. Results already handed to the pool are still
             # written whole (each write is atomic) and counted, so the summary says what exists.

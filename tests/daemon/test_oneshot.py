@@ -44,6 +44,7 @@ class TestEnhanceSolvay:
         err = capsys.readouterr().err
         assert status == 0
         assert "1 ok, 0 failed, 29 faces" in err
+        assert "faces/s, 29 faces]" in err.split("\r")[-1]  # the progress bar's last state agrees
         assert "RANDOM weights" in err
         assert SOLVAY.read_bytes() == src.read_bytes()
 
