@@ -104,6 +104,13 @@ def _reload_settings(args: argparse.Namespace) -> tuple[Settings, list[FolderSet
     return settings, hot_folders(settings)
 
 
+def _suffix(relpath: str, fmt: str) -> str:
+    """The result's extension: the source's own where it names the format written (``.JPG``, ``.jpeg``), else
+    the format's (a PNG named ``.jpg`` by mistake, or any photo converted by output_format, gets ``.png``)."""
+    own = Path(relpath).suffix
+    return own if imageio.keeps_suffix(own, fmt) else imageio.extension_for(fmt)
+
+
 def _one_line(exc: BaseException, width: int = 300) -> str:
     """An exception's whole message on one line (its first line alone may only say "config invalid:")."""
     text = " ".join(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).split()) or repr(exc)
@@ -981,15 +988,14 @@ class Service:
         if not outcome.faces and opts.encode.format in (None, item.image.format):
             # No face, nothing restored: publish the original bytes, not a re-encoded copy; and not the engine's
             # working image either, which max_long_side may have scaled down.
-            return item.data, Path(item.job.relpath).suffix
+            return item.data, _suffix(item.job.relpath, item.image.format)
         # Converted to the configured format, a photo without faces still keeps its full size.
         rgb = outcome.rgb
         if not outcome.faces:
             full = "reduced_from" not in item.image.info  # else decoded at the preset's size: decode it again
             rgb = item.image.rgb if full else imageio.decode(item.data, max_pixels=self.settings.max_pixels).rgb
         data, fmt = imageio.encode(item.image, rgb, options=opts.encode)
-        ext = Path(item.job.relpath).suffix if fmt == item.image.format else imageio.extension_for(fmt)
-        return data, ext
+        return data, _suffix(item.job.relpath, fmt)
 
     def _targets(self, job: Job, folder: FolderSettings, ext: str) -> tuple[Path, Path]:
         """Output and backup names, chosen once per job and recorded before anything is written."""

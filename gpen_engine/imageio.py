@@ -696,6 +696,16 @@ def extension_for(format: str) -> str:
     return _EXTENSIONS[name]
 
 
+_OTHER_SUFFIXES = {"JPEG": (".jpeg", ".jpe", ".jfif"), "TIFF": (".tiff",), "BMP": (".dib",)}
+
+
+def keeps_suffix(suffix: str, format: str) -> bool:
+    """Whether a file named ``*suffix`` may hold ``format`` as it is (``.JPEG`` for JPEG; not ``.jpg`` for PNG)."""
+    known = extension_for(format)
+    name = _FORMAT_ALIASES.get(format.upper(), format.upper())
+    return suffix.lower() in (known, *_OTHER_SUFFIXES.get(name, ()))
+
+
 def capped_size(width: int, height: int, max_long_side: int | None) -> tuple[int, int]:
     """(width, height) scaled down so the long side is at most ``max_long_side`` (None or 0: no cap)."""
     long_side = max(height, width)

@@ -282,3 +282,15 @@ class TestRootFolder:
         config.write_text(f'root = "{root}"\n')
         assert main(["run", "--config", str(config)]) == 0
         assert not root.exists()
+
+
+@pytest.mark.parametrize(("relpath", "fmt", "suffix"), [
+    ("a/p.JPG", "JPEG", ".JPG"),  # the source's own spelling of the format stays
+    ("p.jpeg", "JPEG", ".jpeg"),
+    ("scan.tiff", "TIFF", ".tiff"),
+    ("p.jpg", "PNG", ".png"),  # a PNG named .jpg by mistake, or converted by output_format
+    ("p.png", "JPEG", ".jpg"),
+])
+def test_a_result_is_named_for_the_format_it_holds(relpath: str, fmt: str, suffix: str) -> None:
+    """So that output_format and collisions = "overwrite" see one result name per source name and format."""
+    assert service._suffix(relpath, fmt) == suffix
