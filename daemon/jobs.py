@@ -426,13 +426,16 @@ class JobTable:
     # -- state changes: each one transaction -----------------------------------------------------------------
 
     def note_candidate(
-        self, folder: str, relpath: str, preset: str, *, size: int | None = None, mtime_ns: int | None = None
+        self, folder: str, relpath: str, preset: str, *, size: int | None = None, mtime_ns: int | None = None,
+        only_kept: bool = False,
     ) -> Job:
         """The row for a file the watcher reported: the active one if any, else a new ``pending`` row.
 
         With ``size`` and ``mtime_ns``, a file whose newest row is finished (done, failed or skipped) with the
-        same size and mtime is the same file seen again (``after = keep``, or a move that failed): that row is
-        returned and no new work is created. Callers check ``job.state``.
+        same size and mtime is the same file seen again (``after = keep``): that row is returned and no new work
+        is created. With ``only_kept`` (``after = delete`` or ``move``, where the same bytes again are a new drop),
+        only a done row whose original could not be removed (``finish(kept=...)``) counts. Callers check
+        ``job.state``.
         """
         with self._tx() as con:
             row = con.execute(
@@ -447,6 +450,7 @@ class JobTable:
                     job.state in ("done", "failed", "skipped")
                     and size is not None
                     and (job.size, job.mtime_ns) == (size, mtime_ns)
+                    and (not only_kept or (job.state == "done" and job.error_stage == "dispose"))
                 )
                 if seen_again:
                     return job
@@ -535,12 +539,14 @@ class JobTable:
                 con, job_id, ("processing",), "output_path = ?, backup_path = ?", (output_path, backup_path)
             )
 
-    def finish(self, job_id: int, faces: int | None) -> None:
-        """Result and backup are durable: the job is done."""
+    def finish(self, job_id: int, faces: int | None, *, kept: str | None = None) -> None:
+        """Result and backup are durable: the job is done. ``kept``: why the original is still in the hot folder
+        (it could not be deleted or moved); ``note_candidate`` then knows it when it is seen again."""
         with self._tx() as con:
             self._change(
                 con, job_id, ("processing",),
-                "state = 'done', faces = ?, last_error = NULL, error_stage = NULL", (faces,),
+                "state = 'done', faces = ?, last_error = ?, error_stage = ?",
+                (faces, kept, "dispose" if kept else None),
             )  # fmt: skip
 
     def fail(self, job_id: int, stage: str, error: str) -> None:

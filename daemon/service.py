@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import faulthandler
 import hashlib
 import os
@@ -597,10 +598,8 @@ class Service:
                 # Size and mtime let the table recognise an original that after = "keep" left in place. With
                 # "delete" or "move" a processed original is gone: a file there now was dropped again (cp -p, or
                 # moved back from failed/ to retry it), even with the same size and mtime.
-                if folder.after == "keep":
-                    self.jobs.note_candidate(key, relpath, folder.preset, size=st.st_size, mtime_ns=st.st_mtime_ns)
-                else:
-                    self.jobs.note_candidate(key, relpath, folder.preset)
+                self.jobs.note_candidate(key, relpath, folder.preset, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                         only_kept=folder.after != "keep")
         while True:
             try:
                 key, relpath, reason = self.refused.get_nowait()
@@ -950,6 +949,7 @@ class Service:
             self.failpoints.hit("publish")
             publish.write_atomic(output, data, root=folder.output)
             self.failpoints.hit("dispose")
+            kept = None
             try:
                 publish.dispose_source(
                     item.source, after=folder.after, done_path=self._done_path(folder, job), done_root=folder.done,
@@ -958,7 +958,17 @@ class Service:
             except publish.SourceChanged as exc:
                 # Result and backup of the bytes we read are published; the new file is a new drop.
                 log.warning("source replaced while it was published; the new file is processed next", error=str(exc))
-            self.jobs.finish(job.id, len(outcome.faces))
+            except OSError as exc:
+                if isinstance(exc, publish.ShareUnavailable) or exc.errno not in (errno.EROFS, errno.EACCES,
+                                                                                  errno.EPERM):
+                    raise  # passing trouble (a share away, a full disk): tried again
+                # A read-only hot folder, or one the service may not change: result and backup are safe, so the work
+                # is not redone; the original stays and is known when seen again unchanged.
+                action = "deleted" if folder.after == "delete" else "moved to the done folder"
+                kept = f"the original could not be {action}: {exc.strerror or exc}"
+                log.warning("published, but the original stays in the hot folder", reason=kept,
+                            fix="make the hot folder writable for the service user")
+            self.jobs.finish(job.id, len(outcome.faces), kept=kept)
             self._count_done(len(outcome.faces))
             times = outcome.times.as_dict() | {"decode": round(item.decode_ms, 2), "encode": round(encode_ms, 2)}
             log.info("published", output=str(output), faces=len(outcome.faces), ms=times, result="ok")

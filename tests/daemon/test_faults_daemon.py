@@ -365,3 +365,35 @@ def test_a_failed_file_whose_sidecar_name_is_too_long_still_lands_in_failed(tmp_
         assert not (layout.hot["a"] / name).exists()
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_read_only_hot_folder_is_published_once_and_its_originals_left(tmp_path):
+    """The original cannot be deleted (after = "delete"): result and backup stay published, the work is not redone
+    on every retry or rescan, and the log says why the original is still there."""
+    if not _can_mount():
+        pytest.skip("needs root to mount a read-only tmpfs")
+    config, layout = write_config(tmp_path)
+    hot = layout.hot["a"]
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(hot)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        inputs = {("a", "r0.jpg"): small_face_photo(0)}
+        (hot / "r0.jpg").write_bytes(inputs[("a", "r0.jpg")])
+        subprocess.run(["mount", "-o", "remount,ro", str(hot)], check=True)
+        daemon = Daemon(config).start()
+        try:
+            wait_ready(daemon)
+            wait_for(lambda: "the original stays in the hot folder" in daemon.log_text(), 60, daemon, "published")
+            time.sleep(4.0)  # several retry back-offs and rescans (1 s each)
+            assert sorted(p.name for p in files_under(layout.out["a"])) == ["r0.jpg"]
+            assert [p.name for p in files_under(layout.backup["a"])] == ["r0.jpg"]
+            assert (layout.backup["a"] / "r0.jpg").read_bytes() == (hot / "r0.jpg").read_bytes()
+            assert daemon.log_text().count('"event": "published"') == 1  # restored once, not once per retry
+            with JobTable.open(layout.root / "state" / "jobs.sqlite3") as table:
+                rows = [j for j in table.in_state("done") if j.relpath == "r0.jpg"]
+                assert len(rows) == 1 and "could not be deleted" in (rows[0].last_error or "")
+                assert [j for j in table.pending() + table.in_state("ready") + table.in_state("retry")] == []
+        finally:
+            assert daemon.stop() == 0
+    finally:
+        subprocess.run(["umount", "-l", str(hot)], check=False)
