@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from daemon.downloads import redact_url
-from daemon.modelfiles import file_state, models_of, needed_models, resolve_path
+from daemon.modelfiles import download_command, file_state, models_of, needed_models, resolve_path
 from daemon.settings import ConfigError, Settings, preset_table, settings_from_args
 from gpen_engine.device import CudaProbe, DeviceReport, select_device
 from gpen_engine.types import DeviceError
@@ -153,13 +153,13 @@ def _models_section(f: Findings, settings: Settings) -> None:
         if state.state == "corrupt":
             f.say(f"    {state.detail}")
             advice = f"{spec.name}: {path} is damaged or of the wrong kind: delete it and run " \
-                     f"`gpen-watch models download {spec.name}` (or copy a good file there)"
+                     f"`{download_command(settings, spec.name)}` (or copy a good file there)"
             (f.problems if users else f.warnings).append(advice)
         elif state.state in ("missing", "partial") and users:
             if settings.download and spec.urls:
                 f.warnings.append(
                     f"{spec.name} is not downloaded yet; it will be fetched on first start from "
-                    f"{redact_url(spec.urls[0])} (or now: `gpen-watch models download {spec.name}`)"
+                    f"{redact_url(spec.urls[0])} (or now: `{download_command(settings, spec.name)}`)"
                 )
             else:
                 where = redact_url(spec.urls[0]) if spec.urls else (spec.source or "its publisher")

@@ -6,6 +6,7 @@ daemon and ``enhance`` call at start-up to get a path for every file their prese
 
 from __future__ import annotations
 
+import shlex
 import sys
 import warnings
 from collections.abc import Callable, Iterable
@@ -56,6 +57,21 @@ def resolve_path(settings: Settings, spec: ModelSpec) -> Path:
     if not path.is_absolute():
         path = settings.models_dir.expanduser() / path
     return path.absolute()
+
+
+def download_command(settings: Settings, *names: str) -> str:
+    """The ``gpen-watch models download`` line that fetches into this configuration's models folder.
+
+    It names the config file and the models folder these settings came with, so that following the hint
+    from another directory, or without the --config the user gave, still finds the same files.
+    """
+    words = ["gpen-watch", "models", "download", *names]
+    toml = settings.model_config.get("toml_file")
+    if isinstance(toml, Path):  # load_settings records the one file it read
+        words += ["--config", str(toml.absolute())]
+    if settings.models_dir != Path("models"):
+        words += ["--models-dir", str(settings.models_dir.expanduser().absolute())]
+    return shlex.join(words)
 
 
 def needed_models(settings: Settings) -> dict[str, list[str]]:
@@ -132,7 +148,8 @@ def ensure_models(
             paths[name] = path
             continue
         if not download or not spec.urls:
-            problems.append(missing_message(spec, path, downloads_off=not download))
+            problems.append(missing_message(spec, path, downloads_off=not download,
+                                            command=download_command(settings, name)))
             continue
         try:
             paths[name] = fetch(spec, path, log=log, progress=progress, skip_if_present=True)
@@ -165,7 +182,8 @@ def fetch(spec: ModelSpec, path: Path, *, log: Log, progress: bool, skip_if_pres
     raise DownloadError("\n".join(errors))
 
 
-def missing_message(spec: ModelSpec, path: Path, *, downloads_off: bool) -> str:
+def missing_message(spec: ModelSpec, path: Path, *, downloads_off: bool, command: str | None = None) -> str:
+    """Why a weight file is missing and how to get it (``command``: the download line, see ``download_command``)."""
     lines = [f"missing weight file {path.name} (model {spec.name})", f"  it must go to: {path}"]
     for url in spec.urls:
         lines.append(f"  it comes from: {redact_url(url)}")
@@ -175,7 +193,7 @@ def missing_message(spec: ModelSpec, path: Path, *, downloads_off: bool) -> str:
         lines.append("  no download address is known: copy the file there by hand")
     if downloads_off and spec.urls:
         lines.append(
-            f"  downloads are off: run `gpen-watch models download {spec.name}` or copy the file there"
+            f"  downloads are off: run `{command or 'gpen-watch models download ' + spec.name}` or copy the file there"
         )
     return "\n".join(lines) + _licence_line(spec)
 
@@ -291,7 +309,7 @@ def _verify(settings: Settings) -> int:
         if state.state == "corrupt":
             bad += 1
             print(f"{spec.name}: CORRUPT: {state.detail}")
-            print(f"  fix: delete it and run `gpen-watch models download {spec.name}`")
+            print(f"  fix: delete it and run `{download_command(settings, spec.name)}`")
         else:
             print(f"{spec.name}: ok ({_human(state.size)}, loads strictly)")
     print(f"{checked} file(s) checked, {bad} bad")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import pathlib
+import shlex
 import shutil
 import threading
 from collections.abc import Iterator
@@ -14,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon.cli import main
-from daemon.modelfiles import MissingModelError, ensure_models, resolve_path
-from daemon.settings import load_settings
+from daemon.cli import build_parser, main
+from daemon.modelfiles import MissingModelError, download_command, ensure_models, models_of, resolve_path
+from daemon.settings import load_settings, settings_from_args
 from gpen_engine.gpen import GpenArch, create_generator
 from gpen_engine.registry import builtin_models
 
@@ -283,3 +284,22 @@ class TestDoctor:
             pytest.skip("this machine has a working GPU")
         assert run(env, "doctor", "--device", "cuda") == 1
         assert "device cuda does not work" in capsys.readouterr().out
+
+
+def test_the_download_hint_fetches_into_the_configured_folder_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Followed as printed, from another directory, the hint's command targets the same file as the run that gave it."""
+    config = tmp_path / "gw" / "gpen-watch.toml"
+    config.parent.mkdir()
+    config.write_text('models_dir = "weights"\n')
+    monkeypatch.chdir(config.parent)
+    settings = load_settings(config)
+    wanted = resolve_path(settings, models_of(settings)["GPEN-BFR-512"])
+    assert wanted == config.parent / "weights" / "GPEN-BFR-512.pth"
+    words = shlex.split(download_command(settings, "GPEN-BFR-512"))
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(words[1:])
+    again = settings_from_args(args)
+    assert args.names == ["GPEN-BFR-512"]
+    assert resolve_path(again, models_of(again)["GPEN-BFR-512"]) == wanted
