@@ -245,6 +245,9 @@ class Service:
             expected = isinstance(exc, ConfigError | EngineError | MissingModelError | JobTableError | MetricsError)
             log.error("start-up failed", error=str(exc), exc_info=not expected)
             self.notifier.status(f"start-up failed: {exc}")
+            if self.jobs is not None:  # the state folder exists: tell `gpen-watch status` what happened
+                self.device_name = f"none (start-up failed: {_one_line(exc)})"
+                self._write_snapshot({}, {})
             self._close()
             return 1
         try:

@@ -294,3 +294,15 @@ class TestRootFolder:
 def test_a_result_is_named_for_the_format_it_holds(relpath: str, fmt: str, suffix: str) -> None:
     """So that output_format and collisions = "overwrite" see one result name per source name and format."""
     assert service._suffix(relpath, fmt) == suffix
+
+
+def test_a_failed_start_is_what_status_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capfd: pytest.CaptureFixture[str]) -> None:
+    """Not "starting: loading models" forever: `gpen-watch status` says the last start failed, and why."""
+    monkeypatch.delenv("GPEN_WATCH_CONFIG", raising=False)
+    root = tmp_path / "gw"
+    assert main(["run", "--root", str(root), "--no-download", "--models-dir", str(tmp_path / "no-weights")]) == 1
+    capfd.readouterr()
+    main(["status", "--root", str(root)])
+    out = capfd.readouterr().out
+    assert "start-up failed: missing weight file" in out
