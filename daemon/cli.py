@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="fast", help="preset name (default: fast)")
     p.add_argument("--compare", action="store_true", help="also write a side-by-side before/after image per file")
     p.add_argument("--no-download", action="store_true", help="never download missing weight files")
-    p.add_argument("--random-weights", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--random-weights", action="store_true",
+                   help="test the pipeline without the GPEN weights: a RANDOM-weight generator (the real detector "
+                        "still finds and pastes faces; results are not restorations)")
 
     p = sub.add_parser("bench", help="measure the engine's speed")
     _common(p)
