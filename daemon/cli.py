@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, suppress=True)
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     _common(msub.add_parser("list", help="each model, whether its file is present, and its size"), suppress=True)
-    d = msub.add_parser("download", help="download missing weight files (all, or the ones named)")
+    d = msub.add_parser("download",
+                        help="download missing weight files (those the configured presets use, or the ones named)")
     _common(d, suppress=True)
     d.add_argument("names", nargs="*", metavar="NAME")
     d.add_argument("--force", action="store_true", help="download again even if present")

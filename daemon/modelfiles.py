@@ -274,7 +274,10 @@ def _download(settings: Settings, names: list[str], *, force: bool) -> int:
         print(f"unknown model(s): {', '.join(unknown)}; known: {', '.join(table)}", file=sys.stderr)
         return 2
     failed = 0
-    for name in names or list(table):
+    if not names:  # what the configured presets use; a model no preset names is fetched when named
+        names = [n for n in table if n in needed_models(settings)]
+        print(f"fetching what the configured presets use: {', '.join(names)}")
+    for name in names:
         spec = table[name]
         path = resolve_path(settings, spec)
         if path.is_file() and not force:

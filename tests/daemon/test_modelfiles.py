@@ -248,6 +248,26 @@ class TestDownloads:
         assert run(env, "models", "download", "tiny") == 0
         assert "present" in capsys.readouterr().out
 
+    def test_models_download_without_names_fetches_what_the_presets_use(self, env, file_server, capsys) -> None:
+        """Not every known model (seven files, some of 300 MB): only those the configured folders' presets name."""
+        root, base = file_server
+        tiny_generator_file(root / "tiny.pth")
+        tiny_generator_file(root / "spare.pth")
+        shutil.copy(real_detector(), env["models"] / DETECTOR)
+        hot = env["tmp"] / "hot"
+        env["config"].write_text(
+            _config(env["models"], url=f"{base}/tiny.pth")
+            + '[[models]]\nname = "spare"\npath = "spare.pth"\nsize = 64\nstyle_dim = 64\nn_mlp = 2\n'
+            + f'channel_multiplier = 1\nnarrow = 0.25\nurl = "{base}/spare.pth"\n'
+            + '[presets.low-spec]\nmodel = "tiny"\n'
+            + f'[[folders]]\npath = "{hot}"\npreset = "low-spec"\noutput = "{hot}-out"\nbackup = "{hot}-bk"\n'
+            + f'failed = "{hot}-failed"\n')
+        assert run(env, "models", "download") == 0
+        assert (env["models"] / "tiny.pth").is_file()
+        assert not (env["models"] / "spare.pth").exists()
+        assert not (env["models"] / "GPEN-BFR-512.pth").exists()
+        assert "retinaface-mobile0.25: present" in capsys.readouterr().out
+
     def test_force_on_a_file_without_an_address_keeps_it_and_says_why(self, env, capsys) -> None:
         """A user's own checkpoint has no URL: --force cannot refetch it, and must not call it missing."""
         tiny_generator_file(env["models"] / "tiny.pth")
