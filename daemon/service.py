@@ -105,11 +105,13 @@ def _reload_settings(args: argparse.Namespace) -> tuple[Settings, list[FolderSet
     return settings, hot_folders(settings)
 
 
-def _suffix(relpath: str, fmt: str) -> str:
-    """The result's extension: the source's own where it names the format written (``.JPG``, ``.jpeg``), else
-    the format's (a PNG named ``.jpg`` by mistake, or any photo converted by output_format, gets ``.png``)."""
+def _suffix(relpath: str, fmt: str, *, converted: bool) -> str:
+    """The result's extension. Written in the input's format, the result keeps the input's name, whatever its
+    extension says (content, not the name, decides). Written in ``output_format``, it takes that format's
+    extension, unless the source's own already names it (``.JPG``, ``.jpeg``): so a PNG named ``.jpg`` by
+    mistake and a real JPEG of the same name do not leave two results under one name each."""
     own = Path(relpath).suffix
-    return own if imageio.keeps_suffix(own, fmt) else imageio.extension_for(fmt)
+    return own if not converted or imageio.keeps_suffix(own, fmt) else imageio.extension_for(fmt)
 
 
 def _one_line(exc: BaseException, width: int = 300) -> str:
@@ -1001,14 +1003,14 @@ class Service:
         if not outcome.faces and opts.encode.format in (None, item.image.format):
             # No face, nothing restored: publish the original bytes, not a re-encoded copy; and not the engine's
             # working image either, which max_long_side may have scaled down.
-            return item.data, _suffix(item.job.relpath, item.image.format)
+            return item.data, _suffix(item.job.relpath, item.image.format, converted=opts.encode.format is not None)
         # Converted to the configured format, a photo without faces still keeps its full size.
         rgb = outcome.rgb
         if not outcome.faces:
             full = "reduced_from" not in item.image.info  # else decoded at the preset's size: decode it again
             rgb = item.image.rgb if full else imageio.decode(item.data, max_pixels=self.settings.max_pixels).rgb
         data, fmt = imageio.encode(item.image, rgb, options=opts.encode)
-        return data, _suffix(item.job.relpath, fmt)
+        return data, _suffix(item.job.relpath, fmt, converted=opts.encode.format is not None)
 
     def _targets(self, job: Job, folder: FolderSettings, ext: str) -> tuple[Path, Path]:
         """Output and backup names, chosen once per job and recorded before anything is written."""

@@ -284,25 +284,15 @@ class TestRootFolder:
         assert not root.exists()
 
 
-@pytest.mark.parametrize(("relpath", "fmt", "suffix"), [
-    ("a/p.JPG", "JPEG", ".JPG"),  # the source's own spelling of the format stays
-    ("p.jpeg", "JPEG", ".jpeg"),
-    ("scan.tiff", "TIFF", ".tiff"),
-    ("p.jpg", "PNG", ".png"),  # a PNG named .jpg by mistake, or converted by output_format
-    ("p.png", "JPEG", ".jpg"),
+@pytest.mark.parametrize(("relpath", "fmt", "converted", "suffix"), [
+    ("a/p.JPG", "JPEG", True, ".JPG"),  # the source's own spelling of the format stays
+    ("p.jpeg", "JPEG", True, ".jpeg"),
+    ("scan.tiff", "TIFF", True, ".tiff"),
+    ("p.jpg", "PNG", True, ".png"),  # converted by output_format = "PNG": a PNG named .jpg by mistake, too
+    ("p.png", "JPEG", True, ".jpg"),
+    ("p.jpg", "PNG", False, ".jpg"),  # written as it came (PNG bytes named .jpg): the input's name, documented
 ])
-def test_a_result_is_named_for_the_format_it_holds(relpath: str, fmt: str, suffix: str) -> None:
-    """So that output_format and collisions = "overwrite" see one result name per source name and format."""
-    assert service._suffix(relpath, fmt) == suffix
-
-
-def test_a_failed_start_is_what_status_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               capfd: pytest.CaptureFixture[str]) -> None:
-    """Not "starting: loading models" forever: `gpen-watch status` says the last start failed, and why."""
-    monkeypatch.delenv("GPEN_WATCH_CONFIG", raising=False)
-    root = tmp_path / "gw"
-    assert main(["run", "--root", str(root), "--no-download", "--models-dir", str(tmp_path / "no-weights")]) == 1
-    capfd.readouterr()
-    main(["status", "--root", str(root)])
-    out = capfd.readouterr().out
-    assert "start-up failed: missing weight file" in out
+def test_a_converted_result_is_named_for_the_format_it_holds(relpath: str, fmt: str, converted: bool,
+                                                              suffix: str) -> None:
+    """So that output_format and collisions = "overwrite" see one result name per source name."""
+    assert service._suffix(relpath, fmt, converted=converted) == suffix
