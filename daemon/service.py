@@ -613,7 +613,10 @@ class Service:
             self._refuse(key, relpath, reason)
 
     def _refuse(self, key: str, relpath: str, reason: str) -> None:
-        """A link or special file in a hot folder: never followed; a link named like an image goes to failed/."""
+        """A link or special file in a hot folder: never followed; a link named like an image goes to failed/.
+
+        Everything else refused stays where it is, and `gpen-watch status` lists it (``FolderWatcher.refused``).
+        """
         assert self.jobs is not None
         folder = self.folders.get(key)
         if folder is None or not is_candidate(relpath, self.settings.extensions):
@@ -1187,16 +1190,20 @@ class Service:
             retrying = sum(c.get("retry", 0) for c in self.jobs.counts().values())
         except Exception:
             retrying = 0
+        refused = {key: w.refused() for key, w in list(self.watchers.items())}
+        left = sum(len(entries) for entries in refused.values())
         paused = f", paused: {'; '.join(f'{k} ({r})' for k, r in self.paused.items())}" if self.paused else ""
         waiting = f", waiting to retry {retrying}" if retrying else ""
+        never = f", {left} never processed (see gpen-watch status)" if left else ""
         line = (
             f"queued {queued}{waiting}, done {self.counters['done']}, failed {self.counters['failed']}, "
-            f"{per_min} img/min on {self.device_name}, batch caps {caps}{paused}"
+            f"{per_min} img/min on {self.device_name}, batch caps {caps}{paused}{never}"
         )
         self.notifier.status(line)
-        self._write_snapshot(depths, caps)
+        self._write_snapshot(depths, caps, refused)
 
-    def _write_snapshot(self, depths: dict[str, int], caps: dict[str, int]) -> None:
+    def _write_snapshot(self, depths: dict[str, int], caps: dict[str, int],
+                        refused: dict[str, dict[str, str]] | None = None) -> None:
         try:
             name = status.SNAPSHOT_FILE if not self.settings.instance else f"status-{self.settings.instance}.json"
             status.write_snapshot(
@@ -1204,6 +1211,7 @@ class Service:
                 status.Snapshot.current(
                     device=self.device_name, batch_caps=caps, paused=dict(self.paused),
                     queue_depths=depths, counters=dict(self.counters),
+                    refused=refused,
                 ),
             )
         except OSError as exc:  # advisory only; the job table is the truth

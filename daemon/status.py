@@ -51,6 +51,8 @@ SNAPSHOT_FILE = "status.json"
 # StateDirectory=gpen-watch of the shipped unit: where an operator's shell finds a system service's state.
 SYSTEM_STATE_DIR = Path("/var/lib/gpen-watch")
 STALE_AFTER = 30.0  # seconds without a new status.json from a live daemon
+REFUSED_LISTED = 100  # per folder in status.json; the text report shows fewer
+REFUSED_SHOWN = 10
 THROUGHPUT_WINDOWS = {"1m": 60.0, "5m": 300.0, "15m": 900.0}
 
 EXIT_RUNNING, EXIT_STOPPED, EXIT_NO_STATE = 0, 3, 4
@@ -78,6 +80,10 @@ class Snapshot:
     paused: dict[str, str] = field(default_factory=dict)  # folder -> why it is paused
     queue_depths: dict[str, int] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)  # since start: done, failed, faces
+    # folder -> {relpath: why} for entries left in a hot folder that are never processed (at most REFUSED_LISTED
+    # each), and how many there are in all
+    refused: dict[str, dict[str, str]] = field(default_factory=dict)
+    refused_counts: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def current(
@@ -88,8 +94,10 @@ class Snapshot:
         paused: dict[str, str],
         queue_depths: dict[str, int] | None = None,
         counters: dict[str, int] | None = None,
+        refused: dict[str, dict[str, str]] | None = None,
     ) -> Snapshot:
         """A snapshot of this process now."""
+        refused = {folder: entries for folder, entries in (refused or {}).items() if entries}
         pid = os.getpid()
         now = time.time()
         return cls(
@@ -102,6 +110,8 @@ class Snapshot:
             paused=dict(paused),
             queue_depths=dict(queue_depths or {}),
             counters=dict(counters or {}),
+            refused={folder: dict(sorted(entries.items())[:REFUSED_LISTED]) for folder, entries in refused.items()},
+            refused_counts={folder: len(entries) for folder, entries in refused.items()},
         )
 
     @classmethod
@@ -119,6 +129,11 @@ class Snapshot:
                 paused={str(k): str(v) for k, v in data.get("paused", {}).items()},
                 queue_depths={str(k): int(v) for k, v in data.get("queue_depths", {}).items()},
                 counters={str(k): int(v) for k, v in data.get("counters", {}).items()},
+                refused={
+                    str(folder): {str(rel): str(why) for rel, why in entries.items()}
+                    for folder, entries in data.get("refused", {}).items()
+                },
+                refused_counts={str(k): int(v) for k, v in data.get("refused_counts", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SnapshotError(f"status.json is incomplete or malformed: {exc!r}") from None
@@ -355,6 +370,7 @@ def render_text(report: Report) -> str:
             lines.append(f"batch caps (faces): {caps}")
         for folder, reason in sorted(snap.paused.items()):
             lines.append(f"PAUSED {folder}: {reason}")
+        lines += _refused_lines(snap)
 
     lines.append("")
     states = [s for s in STATES if any(s in c for c in report.counts.values())]
@@ -379,6 +395,21 @@ def render_text(report: Report) -> str:
             lines.append(f"  {_when(f.at)}  {_shown(f.folder)}  {_shown(f.relpath)}")
             lines.append(f"      {stage}{_shown(_one_line(f.error))} (attempts {f.attempts})")
     return "\n".join(lines) + "\n"
+
+
+def _refused_lines(snap: Snapshot) -> list[str]:
+    """Entries the daemon will never process, so that an operator learns of them without reading the log."""
+    total = sum(snap.refused_counts.values())
+    if not total:
+        return []
+    lines = [f"left in hot folders, never processed ({total}; remove or replace them):"]
+    shown = [(folder, rel, why) for folder, entries in sorted(snap.refused.items()) for rel, why in entries.items()]
+    for folder, rel, why in shown[:REFUSED_SHOWN]:
+        lines.append(f"  {_shown(folder)}  {_shown(rel)}: {_shown(why)}")
+    if total > REFUSED_SHOWN:
+        lines.append(f"  … and {total - REFUSED_SHOWN} more (gpen-watch status --json lists up to {REFUSED_LISTED} "
+                     "per folder)")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ command

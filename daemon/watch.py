@@ -215,6 +215,14 @@ class FolderWatcher:
         """
         return self._beat
 
+    def refused(self) -> dict[str, str]:
+        """Entries in the folder that are never processed (links, special files, undecodable names), with why.
+
+        An entry removed since (a link the service moved to failed/, say) drops out at the next full scan.
+        """
+        with self._lock:
+            return dict(self._refused)
+
     def start(self) -> None:
         """Watch in a thread of its own. The first pass scans everything already in the folder."""
         if self._thread is not None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from daemon import status
 from tests.daemon.harness import (
     Daemon,
     account,
@@ -110,6 +111,8 @@ def test_bad_input_corpus_each_reaches_its_documented_outcome(tmp_path):
         for name, data in {**ok, **fail}.items():
             drop(hot / name, data)
         (hot / "link-out.jpg").symlink_to(outside)
+        os.mkfifo(hot / "pipe.jpg")  # never opened: moving it across filesystems would block on the open
+        (hot / "linked").symlink_to(tmp_path, target_is_directory=True)
         (hot / "animated.gif").write_bytes(fail["animated-gif-named.jpg"])  # not an image extension: ignored
         inputs = {("a", name): data for name, data in {**ok, **fail}.items()}
         wait_for(lambda: account(layout, inputs, read=False).settled == len(inputs), 120, daemon, "corpus settled")
@@ -145,7 +148,20 @@ def test_bad_input_corpus_each_reaches_its_documented_outcome(tmp_path):
 
         assert (hot / "animated.gif").is_file()  # not a candidate: left alone
         assert (hot / "x.jpg").is_dir()
-        assert [p for p in files_under(hot) if p.name != "animated.gif"] == []
+        left = {"animated.gif", "pipe.jpg", "linked"}
+        assert [p for p in files_under(hot) if p.name not in left] == []
+
+        # What stays in the folder and is never processed is listed by `gpen-watch status`; the link that went
+        # to failed/ is not.
+        def refused() -> dict[str, str]:
+            snap = status.read_snapshot(tmp_path / "state" / status.SNAPSHOT_FILE)
+            return snap.refused.get(str(hot), {}) if snap else {}
+
+        wait_for(lambda: refused() == {"pipe.jpg": "not a regular file",
+                                       "linked": "symbolic link: links are never followed"}, 30, daemon,
+                 "the entries left in place to be listed")
+        shown = status.render_text(status.gather(tmp_path / "state"))
+        assert "left in hot folders, never processed (2;" in shown and "pipe.jpg: not a regular file" in shown
         assert partial_outputs(layout) == [] and temp_leftovers(layout) == []
 
         # Still alive and working.

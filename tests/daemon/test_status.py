@@ -205,6 +205,27 @@ class TestCommand:
         assert "\x1b" not in out
         assert "evil\\x1b[2J\\nname.jpg" in out
 
+    def test_entries_left_in_a_hot_folder_are_listed(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """Links, FIFOs and undecodable names that stay in a hot folder are shown with why, a long list cut short;
+        --json has them too."""
+        state = make_state(tmp_path)
+        left = {f"pipe-{i:02}.jpg": "not a regular file" for i in range(12)}
+        left["bad-\udcff.jpg"] = "file name is not valid UTF-8"
+        snap = Snapshot.current(device="cpu", batch_caps={}, paused={},
+                                refused={"/hot/fast": left, "/hot/quality": {}})
+        status.write_snapshot(state / status.SNAPSHOT_FILE, snap)
+        assert status.read_snapshot(state / status.SNAPSHOT_FILE) == snap
+        main(["status", "--root", str(tmp_path)])
+        out = capsys.readouterr().out
+        assert "left in hot folders, never processed (13; remove or replace them):" in out
+        assert "/hot/fast  bad-\\udcff.jpg: file name is not valid UTF-8" in out
+        assert "pipe-08.jpg: not a regular file" in out and "pipe-09.jpg" not in out
+        assert "… and 3 more" in out
+        main(["status", "--root", str(tmp_path), "--json"])
+        data = json.loads(capsys.readouterr().out)
+        assert data["snapshot"]["refused_counts"] == {"/hot/fast": 13}
+        assert len(data["snapshot"]["refused"]["/hot/fast"]) == 13
+
     def test_json_report(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """--json gives the same facts to scripts; exit status 3 says the daemon is not running."""
         make_state(tmp_path)

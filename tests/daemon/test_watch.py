@@ -182,6 +182,25 @@ class TestScanning:
         assert make_watcher(hot, rec, sources=[]).scan() == []
         assert rec.refused == [("pipe.jpg", "not a regular file")]
 
+    def test_what_is_left_in_the_folder_is_listed_until_it_goes(self, hot, tmp_path):
+        """refused() lists every entry that will never be processed, and forgets one at the scan after it went."""
+        os.mkfifo(hot / "pipe.jpg")
+        (hot / "linkdir").symlink_to(tmp_path, target_is_directory=True)
+        os.close(os.open(os.fsencode(hot) + b"/bad-\xff.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
+        (hot / "a.jpg").write_bytes(b"a")
+        clock = FakeClock()
+        watcher = make_watcher(hot, Recorder(), sources=[], clock=clock, mountinfo=local_mountinfo)
+        watcher.step()
+        assert watcher.refused() == {
+            "pipe.jpg": "not a regular file",
+            "linkdir": "symbolic link: links are never followed",
+            "bad-\udcff.jpg": "file name is not valid UTF-8",
+        }
+        (hot / "pipe.jpg").unlink()
+        clock.now += 31  # the next full scan
+        watcher.step()
+        assert sorted(watcher.refused()) == ["bad-\udcff.jpg", "linkdir"]
+
     def test_odd_names_work(self, hot):
         """Names with spaces, Unicode, newlines and leading dashes are candidates like any other."""
         names = ["with space.jpg", "写真 é.jpg", "new\nline.jpg", "-leading-dash.jpg"]
