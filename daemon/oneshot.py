@@ -57,6 +57,7 @@ class Item:
 @dataclass
 class Decoded:
     item: Item
+    data: bytes  # the file as read: a photo without faces is written as it was
     image: DecodedImage
     working: WorkingImage
 
@@ -350,7 +351,7 @@ def _read_decode(item: Item, options: EngineOptions) -> Decoded | str:
         if not data:
             return f"{item.source}: empty file (0 bytes)"
         image = imageio.decode(data, max_pixels=options.decode.max_pixels, long_side=options.preset.max_long_side)
-        return Decoded(item, image, prepare_image(image.rgb, options.preset))
+        return Decoded(item, data, image, prepare_image(image.rgb, options.preset))
     except (OSError, UnsafePath) as exc:
         return f"{item.source}: cannot read: {getattr(exc, 'strerror', None) or exc}"
     except EngineError as exc:
@@ -370,7 +371,8 @@ def _encode_write(decoded: Decoded, result: RestoredImage, options: EngineOption
                   target: Path, compare_target: Path | None) -> tuple[Item, str | None]:
     item = decoded.item
     try:
-        data, _ = imageio.encode(decoded.image, result.rgb, options=options.encode)
+        data, _ = imageio.encode_result(decoded.data, decoded.image, result.rgb, restored=bool(result.faces),
+                                        options=options.encode, max_pixels=options.decode.max_pixels)
         _write_claimed(target, data)
         if compare_target is not None:
             side = side_by_side(decoded.working.rgb, result.rgb)

@@ -1003,16 +1003,8 @@ class Service:
             structlog.contextvars.unbind_contextvars("folder", "path")
 
     def _encode(self, item: Prepared, outcome: RestoredImage, opts: EngineOptions) -> tuple[bytes, str]:
-        if not outcome.faces and opts.encode.format in (None, item.image.format):
-            # No face, nothing restored: publish the original bytes, not a re-encoded copy; and not the engine's
-            # working image either, which max_long_side may have scaled down.
-            return item.data, _suffix(item.job.relpath, item.image.format, converted=opts.encode.format is not None)
-        # Converted to the configured format, a photo without faces still keeps its full size.
-        rgb = outcome.rgb
-        if not outcome.faces:
-            full = "reduced_from" not in item.image.info  # else decoded at the preset's size: decode it again
-            rgb = item.image.rgb if full else imageio.decode(item.data, max_pixels=self.settings.max_pixels).rgb
-        data, fmt = imageio.encode(item.image, rgb, options=opts.encode)
+        data, fmt = imageio.encode_result(item.data, item.image, outcome.rgb, restored=bool(outcome.faces),
+                                          options=opts.encode, max_pixels=self.settings.max_pixels)
         return data, _suffix(item.job.relpath, fmt, converted=opts.encode.format is not None)
 
     def _targets(self, job: Job, folder: FolderSettings, ext: str) -> tuple[Path, Path]:

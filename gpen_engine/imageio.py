@@ -688,6 +688,23 @@ def encode(image: DecodedImage, rgb: np.ndarray, *, options: EncodeOptions) -> t
     return _encode_8bit(image, samples, alpha8, fmt, options), fmt
 
 
+def encode_result(source: bytes, image: DecodedImage, rgb: np.ndarray, *, restored: bool, options: EncodeOptions,
+                  max_pixels: int) -> tuple[bytes, str]:
+    """The bytes to write for ``source`` (decoded as ``image``) and their format.
+
+    ``rgb`` is the engine's result. When nothing was restored (no face) and no other format was asked for, the
+    source's own bytes: re-encoding would only cost a generation of JPEG loss, and ``rgb`` may be a copy the
+    preset scaled down. Converted, a photo without faces is written at its full size.
+    """
+    if not restored and options.format in (None, image.format):
+        return source, image.format
+    if not restored and "reduced_from" in image.info:  # decoded at the preset's size: decode it again in full
+        rgb = decode(source, max_pixels=max_pixels).rgb
+    elif not restored:
+        rgb = image.rgb
+    return encode(image, rgb, options=options)
+
+
 def extension_for(format: str) -> str:
     """File extension (with the dot) for a Pillow format name, e.g. ``"JPEG" -> ".jpg"``."""
     name = _FORMAT_ALIASES.get(format.upper(), format.upper())

@@ -160,6 +160,26 @@ class TestFullSize:
             assert not np.array_equal(np.asarray(out), np.asarray(big))  # its faces were restored
 
 
+    def test_a_photo_without_faces_is_written_as_it_was(self, config: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+        """Nothing to restore: the result is the file's own bytes, not a re-encoded (and, above the preset's long
+        side, scaled-down) copy. Converted to another format, it keeps its full size."""
+        noise = np.random.default_rng(2).integers(0, 255, (1500, 2600, 3), np.uint8)  # above tiny's 2000 px cap
+        buf = io.BytesIO()
+        Image.fromarray(noise).save(buf, "JPEG", quality=80)
+        src = tmp_path / "in" / "landscape.jpg"
+        src.parent.mkdir()
+        src.write_bytes(buf.getvalue())
+        assert enhance(config, str(src), "-o", str(tmp_path / "out")) == 0
+        assert "0 faces" in capsys.readouterr().err
+        assert (tmp_path / "out" / "landscape.jpg").read_bytes() == buf.getvalue()
+
+        config.write_text('output_format = "PNG"\n' + config.read_text())
+        assert enhance(config, str(src), "-o", str(tmp_path / "png")) == 0
+        with Image.open(tmp_path / "png" / "landscape.png") as out:
+            assert out.size == (2600, 1500)
+
+
 class TestAwkwardArguments:
     def test_an_unreadable_folder_is_reported_not_skipped(self, config: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch,
