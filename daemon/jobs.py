@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -506,18 +506,37 @@ class JobTable:
         """Take up to ``limit`` claimable jobs of ``preset``, oldest first, into ``processing`` as one batch.
 
         Claimable: ``ready``, or ``retry`` whose time has come. Each claim counts one attempt.
+
+        Suspects (jobs that were in flight when the process died, ``crashes > 0``) run alone: one per batch, and
+        only while nothing else of this instance is in flight. So when the process dies again, the file it was
+        working on is the only one charged with the crash, and the good photos that shared the first fatal batch
+        are not failed with the one that killed it (``requeue_in_flight``). Suspects of ``preset`` come before its
+        other jobs; ``suspect_preset`` tells the caller which queue has one.
         """
         now = time.time() if now is None else now
         batch_id = uuid.uuid4().hex[:12]
+        claimable = "(state = 'ready' OR (state = 'retry' AND next_attempt_at <= ?))"
         with self._tx() as con:
-            ids = [
-                row[0]
-                for row in con.execute(
-                    "SELECT id FROM jobs WHERE preset = ? AND (state = 'ready' OR "
-                    "(state = 'retry' AND next_attempt_at <= ?)) ORDER BY id LIMIT ?",
-                    (preset, now, limit),
-                )
-            ]
+            busy = con.execute(
+                "SELECT MAX(crashes > 0), COUNT(*) FROM jobs WHERE state = 'processing' AND owner = ?",
+                (self._owner,),
+            ).fetchone()
+            if busy[0]:  # a suspect is running: nothing may share its fate
+                return []
+            suspect = con.execute(
+                f"SELECT id FROM jobs WHERE preset = ? AND crashes > 0 AND {claimable} ORDER BY id LIMIT 1",
+                (preset, now),
+            ).fetchone()
+            if suspect is not None:
+                ids = [suspect[0]] if busy[1] == 0 else []
+            else:
+                ids = [
+                    row[0]
+                    for row in con.execute(
+                        f"SELECT id FROM jobs WHERE preset = ? AND {claimable} ORDER BY id LIMIT ?",
+                        (preset, now, limit),
+                    )
+                ]
             if not ids:
                 return []
             marks = ", ".join("?" * len(ids))
@@ -528,6 +547,19 @@ class JobTable:
             )
             rows = con.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({marks}) ORDER BY id", ids)
             return [Job(*row) for row in rows.fetchall()]
+
+    def suspect_preset(self, presets: Collection[str], now: float | None = None) -> str | None:
+        """The preset of the oldest claimable suspect (see ``claim``) among ``presets``, or None."""
+        if not presets:
+            return None
+        now = time.time() if now is None else now
+        marks = ", ".join("?" * len(presets))
+        rows = self._read(
+            f"SELECT preset FROM jobs WHERE crashes > 0 AND preset IN ({marks}) AND (state = 'ready' OR "
+            "(state = 'retry' AND next_attempt_at <= ?)) ORDER BY id LIMIT 1",
+            (*presets, now),
+        )
+        return str(rows[0][0]) if rows else None
 
     def set_targets(self, job_id: int, output_path: str | None, backup_path: str | None) -> None:
         """Record where the result and the backup will be published, before publishing.
@@ -589,7 +621,8 @@ class JobTable:
         (start-up after a crash), each such row counts one crash, and a job found in flight at that many crashes
         fails instead (stage ``crash``): a file that kills the process (a decompression bomb, a driver crash)
         must not crash the daemon forever. Only crashes count, not attempts: a file retried for transient errors
-        is not given up on at its first crash. Returns how many were requeued.
+        is not given up on at its first crash. After its first crash a job runs alone (``claim``), so later
+        crashes are charged to it only. Returns how many were requeued.
 
         """
         with self._tx() as con:

@@ -796,7 +796,9 @@ class Service:
         priorities: dict[str, int] = {}
         for f in self.folders.values():
             priorities[f.preset] = max(priorities.get(f.preset, f.priority), f.priority)
-        preset = pick_queue(depths, priorities, self.waiting_since, time.monotonic())
+        # A file that was in flight when the process died runs alone before anything else (JobTable.claim).
+        preset = self.jobs.suspect_preset(list(self.restorers), time.time()) or pick_queue(
+            depths, priorities, self.waiting_since, time.monotonic())
         if preset is None:
             return None
         cap = self.restorers[preset].preset.batch_size

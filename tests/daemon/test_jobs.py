@@ -223,6 +223,45 @@ class TestCrashRecovery:
         row = table.get(job.id)
         assert (row.state, row.error_stage, row.attempts) == ("failed", "crash", 3)
 
+    def test_only_the_file_that_keeps_killing_the_daemon_fails_not_its_batch(self, table):
+        """A batch of 8 with one fatal file, and the next batch already claimed beside it: after five crashes the
+        fatal file alone has failed; the other eleven were each charged one crash, ran alone and are done."""
+        jobs = [ready_job(table, f"{i}.jpg") for i in range(12)]
+        fatal = jobs[5].id
+        in_flight = table.claim("fast", 8) + table.claim("fast", 8)  # the prep thread claims ahead of the device
+        assert len(in_flight) == 12
+        crashes = 0
+        while crashes < 10:
+            if fatal in {j.id for j in in_flight}:
+                crashes += 1
+                table.requeue_in_flight(max_attempts=5)  # the process died; this is the restart
+                in_flight = []
+            for job in in_flight:
+                table.finish(job.id, faces=1)
+            assert table.suspect_preset(["fast"]) in ("fast", None)
+            in_flight = table.claim("fast", 8) + table.claim("fast", 8)
+            if not in_flight:
+                break
+            if any(j.crashes for j in in_flight):
+                assert len(in_flight) == 1  # a suspect never shares the device, nor the prep thread's batch
+        assert crashes == 5
+        assert [j.id for j in table.in_state("failed")] == [fatal]
+        assert len(table.in_state("done")) == 11
+
+    def test_a_suspect_waits_until_nothing_else_is_in_flight(self, table):
+        """A suspect is not claimed beside work in flight, and nothing is claimed beside a running suspect."""
+        suspect, other, later = ready_job(table, "s.jpg"), ready_job(table, "o.jpg"), ready_job(table, "l.jpg")
+        table.claim("fast", 1)
+        table.requeue_in_flight(max_attempts=5)  # s.jpg was in flight: a suspect now
+        assert table.suspect_preset(["quality"]) is None and table.suspect_preset(["fast", "quality"]) == "fast"
+        table._con.execute("UPDATE jobs SET state = 'processing', owner = '' WHERE id = ?", (other.id,))
+        assert table.claim("fast", 8) == []  # o.jpg is in flight: the suspect waits
+        table.finish(other.id, faces=0)
+        assert [j.id for j in table.claim("fast", 8)] == [suspect.id]
+        assert table.claim("fast", 8) == []  # l.jpg waits while the suspect runs
+        table.finish(suspect.id, faces=0)
+        assert [j.id for j in table.claim("fast", 8)] == [later.id]
+
     def test_requeue_only_own_instance(self, tmp_path):
         """With one instance per GPU sharing a table, a restart requeues only its own jobs in flight."""
         path = tmp_path / "jobs.sqlite3"
