@@ -18,6 +18,7 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -223,7 +224,8 @@ class Service:
         self.fail_later: dict[int, float] = {}  # job id -> when the gate may look again (failed/ refused it)
         self.device_name = "?"
         self.counters = {"done": 0, "failed": 0, "faces": 0}
-        self.done_times: list[float] = []
+        self.done_times: deque[float] = deque()  # finishing times over the last minute
+        self.counters_lock = threading.Lock()  # counters and done_times: publish threads and the gate update them
         self.jobs: JobTable | None = None
         self.instance_lock: int | None = None
         self.executor: LocalExecutor | None = None
@@ -496,6 +498,7 @@ class Service:
                       download=settings.download, log=log.info)
         restorers: dict[str, Restorer] = {}
         identities: dict[str, tuple[object, ...]] = {}
+        loaded: dict[tuple[object, ...], Any] = {}  # kept only if every preset loads and warms up
         for name, preset in presets.items():
             if self.stop_event.is_set():  # SIGTERM during a long start-up or reload: stop now
                 raise StartupCancelled("stop requested while loading models")
@@ -513,7 +516,7 @@ class Service:
             needed = preset_models(preset)
             paths = ensure_models(settings, needed, download=settings.download, log=log.info)
             key = (str(paths[spec.name]), str(report.device), precision, preset.detector, preset.use_parsing)
-            models = self.models.get(key)
+            models = self.models.get(key) or loaded.get(key)
             if models is None:
                 log.info("loading models", preset=name, model=spec.name, precision=precision)
                 self.failpoints.hit("load")
@@ -526,13 +529,16 @@ class Service:
                     device=report.device,
                     precision=precision,
                 )
-                self.models[key] = models
+                # Not into self.models yet: a reload refused below (a warm-up out of memory) must not leave these
+                # on the device, taking memory from the presets that keep running.
+                loaded[key] = models
             if self.stop_event.is_set():
                 raise StartupCancelled("stop requested while loading models")
             restorer = Restorer(models, preset)
             self._warm_up(restorer)
             restorers[name] = restorer
             identities[name] = _load_identity(settings, preset)
+        self.models.update(loaded)
         self.restorers.update(restorers)
         self.loaded_as.update(identities)
         # Model sets no restorer uses any more (a preset moved to another file, device or precision) hold
@@ -1059,7 +1065,8 @@ class Service:
                         path=job.relpath, stage=stage, error=error, failed_folder_error=str(exc))
             return
         self.jobs.fail(job.id, stage, error)
-        self.counters["failed"] += 1
+        with self.counters_lock:
+            self.counters["failed"] += 1
         if self.metrics is not None:
             self.metrics.count_result("failed")
         log.warning("failed", folder=job.folder, path=job.relpath, stage=stage, error=error, result="failed")
@@ -1098,12 +1105,13 @@ class Service:
     def _count_done(self, faces: int) -> None:
         if self.metrics is not None:
             self.metrics.count_result("done")
-        self.counters["done"] += 1
-        self.counters["faces"] += faces
         now = time.monotonic()
-        self.done_times.append(now)
-        while self.done_times and now - self.done_times[0] > 60:
-            self.done_times.pop(0)
+        with self.counters_lock:
+            self.counters["done"] += 1
+            self.counters["faces"] += faces
+            self.done_times.append(now)
+            while self.done_times and now - self.done_times[0] > 60:
+                self.done_times.popleft()
 
     # ----------------------------------------------------------------- reload
     def _reload(self) -> None:
@@ -1175,7 +1183,8 @@ class Service:
             log.error("job table unreadable", error=str(exc))
             return
         queued = sum(depths.values())
-        per_min = len(self.done_times)
+        with self.counters_lock:
+            per_min, counters = len(self.done_times), dict(self.counters)
         caps = {n: (self.executor.batch_cap(n) if self.executor else 0) for n in self.restorers}
         if self.metrics is not None:
             for name, cap in caps.items():
@@ -1186,25 +1195,27 @@ class Service:
             retrying = 0
         refused = {key: w.refused() for key, w in list(self.watchers.items())}
         left = sum(len(entries) for entries in refused.values())
-        paused = f", paused: {'; '.join(f'{k} ({r})' for k, r in self.paused.items())}" if self.paused else ""
+        paused_now = dict(self.paused)  # watcher threads pause and resume folders meanwhile
+        paused = f", paused: {'; '.join(f'{k} ({r})' for k, r in paused_now.items())}" if paused_now else ""
         waiting = f", waiting to retry {retrying}" if retrying else ""
         never = f", {left} never processed (see gpen-watch status)" if left else ""
         line = (
-            f"queued {queued}{waiting}, done {self.counters['done']}, failed {self.counters['failed']}, "
+            f"queued {queued}{waiting}, done {counters['done']}, failed {counters['failed']}, "
             f"{per_min} img/min on {self.device_name}, batch caps {caps}{paused}{never}"
         )
         self.notifier.status(line)
-        self._write_snapshot(depths, caps, refused)
+        self._write_snapshot(depths, caps, refused, paused_now, counters)
 
     def _write_snapshot(self, depths: dict[str, int], caps: dict[str, int],
-                        refused: dict[str, dict[str, str]] | None = None) -> None:
+                        refused: dict[str, dict[str, str]] | None = None, paused: dict[str, str] | None = None,
+                        counters: dict[str, int] | None = None) -> None:
         try:
             name = status.SNAPSHOT_FILE if not self.settings.instance else f"status-{self.settings.instance}.json"
             status.write_snapshot(
                 state_dir(self.settings) / name,
                 status.Snapshot.current(
-                    device=self.device_name, batch_caps=caps, paused=dict(self.paused),
-                    queue_depths=depths, counters=dict(self.counters),
+                    device=self.device_name, batch_caps=caps, paused=dict(self.paused) if paused is None else paused,
+                    queue_depths=depths, counters=dict(self.counters) if counters is None else counters,
                     refused=refused,
                 ),
             )

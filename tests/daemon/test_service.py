@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -18,6 +19,7 @@ from daemon.jobs import JobStateError, JobTable
 from daemon.paths import Mount, mount_below, remount_is_safe
 from daemon.settings import FolderSettings, hot_folders, load_settings
 from daemon.watch import FolderWatcher
+from tests.daemon.harness import TINY_ARCH, have_shared_data, write_config
 
 
 def aged_history(table_path: Path, folder: str, days: float) -> tuple[int, int]:
@@ -296,3 +298,27 @@ def test_a_converted_result_is_named_for_the_format_it_holds(relpath: str, fmt: 
                                                               suffix: str) -> None:
     """So that output_format and collisions = "overwrite" see one result name per source name."""
     assert service._suffix(relpath, fmt, converted=converted) == suffix
+
+
+@pytest.mark.skipif(not have_shared_data(), reason="needs ../shared (detector weights)")
+def test_models_of_a_refused_reload_do_not_stay_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload whose new model loads but fails its warm-up (out of memory, say) is refused, and the new model
+    does not stay in memory beside the running presets' models."""
+    config, _ = write_config(tmp_path)
+    shutil.copyfile(tmp_path / "models" / "tiny-gpen.pth", tmp_path / "models" / "other.pth")
+    text = config.read_text().replace("[[models]]", '[[models]]\nname = "other"\npath = "other.pth"\n'
+                                      + "\n".join(f"{k} = {v}" for k, v in TINY_ARCH.items()) + "\n[[models]]")
+    config.write_text(text + '[presets.big]\nbase = "test"\nmodel = "other"\n')
+    settings = load_settings(config)
+    svc = service.Service(settings, hot_folders(settings))
+    svc._load_presets({"test": svc.presets["test"]})
+    running = dict(svc.models)
+
+    def warm_up(restorer: object) -> None:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(svc, "_warm_up", warm_up)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        svc._load_presets({"big": svc.presets["big"]})
+    assert svc.models == running
+    assert set(svc.restorers) == {"test"}
