@@ -40,7 +40,7 @@ ACTIVE_STATES = ("pending", "ready", "processing", "retry")
 TERMINAL_STATES = ("done", "failed", "skipped", "gone")
 STATES = ACTIVE_STATES + TERMINAL_STATES
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 
 class JobTableError(Exception):
@@ -73,6 +73,7 @@ class Job:
     updated_at: float
     next_attempt_at: float | None
     crashes: int = 0  # starts at which this job was found in flight (the process died holding it)
+    kept: str | None = None  # finished, but the original stays in the hot folder: why (it could not be removed)
 
 
 _COLUMNS = ", ".join(Job.__dataclass_fields__)
@@ -121,6 +122,12 @@ _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: lambda con: _run_script(con, "ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0"),
     # collisions = "overwrite" asks, per candidate name, which source a result file belongs to.
     2: lambda con: _run_script(con, "CREATE INDEX jobs_by_output ON jobs (output_path, id)"),
+    # A finished job whose original stays in the hot folder (done, failed or skipped): seen again unchanged, it
+    # is that job, not new work. Done rows recorded it in their error before.
+    3: lambda con: _run_script(con, (
+        "ALTER TABLE jobs ADD COLUMN kept TEXT; "
+        "UPDATE jobs SET kept = last_error WHERE state = 'done' AND error_stage = 'dispose'"
+    )),
 }
 
 
@@ -431,10 +438,11 @@ class JobTable:
     ) -> Job:
         """The row for a file the watcher reported: the active one if any, else a new ``pending`` row.
 
-        With ``size`` and ``mtime_ns``, a file whose newest row is finished (done, failed or skipped) with the
-        same size and mtime is the same file seen again (``after = keep``): that row is returned and no new work
-        is created. With ``only_kept`` (``after = delete`` or ``move``, where the same bytes again are a new drop),
-        only a done row whose original could not be removed (``finish(kept=...)``) counts. Callers check
+        With ``size`` and ``mtime_ns``, a file whose newest row is finished with the same size and mtime is the
+        same file seen again: that row is returned and no new work is created. That holds for a row whose original
+        stayed in the hot folder (``kept``: it could not be removed) and for a file that crashed the daemon; with
+        ``after = keep`` (not ``only_kept``) also for every done or skipped row. A failed original that went to
+        failed/ and is moved back, or one dropped again after ``delete``/``move``, is new work. Callers check
         ``job.state``.
         """
         with self._tx() as con:
@@ -446,11 +454,12 @@ class JobTable:
                 job = Job(*row)
                 if job.state in ACTIVE_STATES:
                     return job
+                # A file that crashed the daemon max_attempts times is taken up again only once it changes.
+                stayed = job.kept is not None or (job.state == "failed" and job.error_stage == "crash")
                 seen_again = (
-                    job.state in ("done", "failed", "skipped")
-                    and size is not None
+                    size is not None
                     and (job.size, job.mtime_ns) == (size, mtime_ns)
-                    and (not only_kept or (job.state == "done" and job.error_stage == "dispose"))
+                    and (stayed or (not only_kept and job.state in ("done", "skipped")))
                 )
                 if seen_again:
                     return job
@@ -497,10 +506,11 @@ class JobTable:
         with self._tx() as con:
             self._change(con, job_id, ACTIVE_STATES, "state = 'gone', next_attempt_at = NULL", ())
 
-    def mark_skipped(self, job_id: int, reason: str) -> None:
-        """Not processed on purpose (the duplicates policy)."""
+    def mark_skipped(self, job_id: int, reason: str, *, kept: str | None = None) -> None:
+        """Not processed on purpose (the duplicates policy). ``kept``: as for ``finish``."""
         with self._tx() as con:
-            self._change(con, job_id, ("pending", "ready"), "state = 'skipped', last_error = ?", (reason,))
+            self._change(con, job_id, ("pending", "ready"), "state = 'skipped', last_error = ?, kept = ?",
+                         (reason, kept))
 
     def claim(self, preset: str, limit: int, now: float | None = None) -> list[Job]:
         """Take up to ``limit`` claimable jobs of ``preset``, oldest first, into ``processing`` as one batch.
@@ -577,16 +587,18 @@ class JobTable:
         with self._tx() as con:
             self._change(
                 con, job_id, ("processing",),
-                "state = 'done', faces = ?, last_error = ?, error_stage = ?",
-                (faces, kept, "dispose" if kept else None),
+                "state = 'done', faces = ?, last_error = ?, error_stage = ?, kept = ?",
+                (faces, kept, "dispose" if kept else None, kept),
             )  # fmt: skip
 
-    def fail(self, job_id: int, stage: str, error: str) -> None:
-        """A permanent failure: the file goes to the failed folder (the caller moves it)."""
+    def fail(self, job_id: int, stage: str, error: str, *, kept: str | None = None) -> None:
+        """A permanent failure: the file goes to the failed folder (the caller moves it). ``kept``: why the original
+        is still in the hot folder (a copy went to failed/, but the original could not be removed)."""
         with self._tx() as con:
             self._change(
                 con, job_id, ACTIVE_STATES,
-                "state = 'failed', error_stage = ?, last_error = ?, next_attempt_at = NULL", (stage, error),
+                "state = 'failed', error_stage = ?, last_error = ?, next_attempt_at = NULL, kept = ?",
+                (stage, error, kept),
             )  # fmt: skip
 
     def retry_later(self, job_id: int, error: str, delay_s: float, stage: str | None = None) -> None:

@@ -79,6 +79,15 @@ class SourceChanged(Exception):
     """The original's bytes no longer match the SHA-256 recorded in the job row."""
 
 
+class OriginalKept(OSError):
+    """A copy of the original is durable at ``stored``, but the original could not be removed (its folder is
+    read-only, say). Carries the errno of that removal."""
+
+    def __init__(self, cause: OSError, stored: Path) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.stored = stored
+
+
 # ---------------------------------------------------------------------------------------------
 # paths
 
@@ -362,15 +371,16 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
 
 def _check_still(src: Path, src_root: Path | None, expect: os.stat_result | None,
                  sha256: str | None = None) -> None:
-    """Raise SourceChanged if the name no longer holds the file whose bytes were backed up."""
-    if expect is None:
+    """Raise SourceChanged if the name no longer holds the file whose bytes were backed up (``expect``, the
+    backup's stat of its source) or checked (``sha256`` alone)."""
+    if expect is None and sha256 is None:
         return
     with _source_folder(src, src_root) as (folder_fd, name):
         now = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
-    if _same_file(now, expect):
+    if expect is not None and _same_file(now, expect):
         return
     # Network and FUSE filesystems may report another inode or time for the same file: the bytes decide.
-    if sha256 is not None and stat.S_ISREG(now.st_mode) and now.st_size == expect.st_size:
+    if sha256 is not None and stat.S_ISREG(now.st_mode) and (expect is None or now.st_size == expect.st_size):
         fd = _open_source(src, src_root)
         try:
             digest = hashlib.sha256()
@@ -463,12 +473,15 @@ def _claim_name(dir_fd: int, dst: Path, before: Callable[[Path], None] | None) -
 
 
 def _move_into(src: Path, dst: Path, root: Path | None, *, before: Callable[[Path], None] | None = None,
-               src_root: Path | None = None) -> Path:
+               src_root: Path | None = None, copy_if_stuck: bool = False) -> Path:
     """Move ``src`` to ``dst`` (a free name near it): rename when possible, else copy, then unlink.
 
     ``before`` is called with the chosen final path just before the original is moved there.
-    ``src_root``: see ``_source_folder``.
+    ``src_root``: see ``_source_folder``. ``copy_if_stuck``: where the source's folder refuses the rename
+    (read-only, no permission), copy all the same. Raises ``OriginalKept`` when the copy is durable but the
+    original cannot be removed.
     """
+    copy_on = (errno.EXDEV, errno.EROFS, errno.EACCES, errno.EPERM) if copy_if_stuck else (errno.EXDEV,)
     dir_fd = _dir_for(dst, root)
     try:
         final = _claim_name(dir_fd, dst, before)
@@ -476,7 +489,7 @@ def _move_into(src: Path, dst: Path, root: Path | None, *, before: Callable[[Pat
             try:
                 os.rename(name, final, src_dir_fd=src_fd_dir, dst_dir_fd=dir_fd)
             except OSError as exc:
-                if exc.errno != errno.EXDEV:
+                if exc.errno not in copy_on:
                     raise
                 src_fd = _open_in(src_fd_dir, name, src)
                 try:
@@ -488,7 +501,13 @@ def _move_into(src: Path, dst: Path, root: Path | None, *, before: Callable[[Pat
                 finally:
                     os.close(src_fd)
                 # The copy is durable; only now does the original go.
-                os.unlink(name, dir_fd=src_fd_dir)
+                try:
+                    os.unlink(name, dir_fd=src_fd_dir)
+                except FileNotFoundError:
+                    pass  # removed meanwhile by someone else: the copy holds it
+                except OSError as unlink_exc:
+                    _fsync_dir(dir_fd)
+                    raise OriginalKept(unlink_exc, dst.with_name(final)) from unlink_exc
             else:
                 _fsync_dir(dir_fd)
     finally:
@@ -661,9 +680,12 @@ def _write_failure(failed_dir: Path, target: Path, src: Path | None, data: bytes
                    write_sidecar: Callable[[Path], None], sidecars: list[Path], src_root: Path | None) -> Path:
     try:
         if src is not None:
-            return _move_into(src, target, failed_dir, before=write_sidecar, src_root=src_root)
+            # A read-only hot folder cannot give the original up: failed/ gets a copy and its reason all the same.
+            return _move_into(src, target, failed_dir, before=write_sidecar, src_root=src_root, copy_if_stuck=True)
         assert data is not None
         return _write_new(target, data, failed_dir, before=write_sidecar)
+    except OriginalKept:
+        raise  # the copy and its sidecar are in failed/: they stay
     except BaseException:
         for sidecar in sidecars:  # the original did not get there: no reason without a file
             with contextlib.suppress(OSError):

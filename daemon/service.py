@@ -764,13 +764,20 @@ class Service:
             return
         if self.settings.duplicates == "skip" and self.jobs.find_done_by_hash(job.folder, verdict.sha256):
             self.jobs.mark_ready(job.id, verdict.size, verdict.mtime_ns, verdict.sha256)
-            self.jobs.mark_skipped(job.id, "identical to a file processed before")
-            with contextlib.suppress(OSError):
+            kept = None
+            try:  # only the bytes that were checked: a file saved under the name since is new work
                 publish.dispose_source(
                     path, after=folder.after, done_path=self._done_path(folder, job), done_root=folder.done,
-                    src_root=folder.path,
+                    src_root=folder.path, sha256=verdict.sha256,
                 )
-            log.info("duplicate skipped", folder=job.folder, path=job.relpath)
+            except publish.SourceChanged:
+                log.info("a duplicate was replaced before it was removed; the new file is looked at next",
+                         folder=job.folder, path=job.relpath)
+            except OSError as exc:  # passing trouble is tried again at the next scan, as a new drop
+                if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    kept = f"the duplicate could not be removed: {exc.strerror or exc}"
+            self.jobs.mark_skipped(job.id, "identical to a file processed before", kept=kept)
+            log.info("duplicate skipped", folder=job.folder, path=job.relpath, **({"kept": kept} if kept else {}))
             return
         self.jobs.mark_ready(job.id, verdict.size, verdict.mtime_ns, verdict.sha256)
         self.waiting_since.setdefault(folder.preset, time.monotonic())
@@ -1044,11 +1051,19 @@ class Service:
         """A permanent failure: the original goes to failed/ with a sidecar saying why."""
         assert self.jobs is not None
         info = self._failure_info(job, folder, stage, error)
+        kept = None
         try:
             if source is not None and os.path.lexists(source):
                 self._check_mounted(folder.failed)
                 with self.failed_lock:
                     publish.write_failure(folder.failed, job.relpath, source, None, info, src_root=folder.path)
+        except publish.OriginalKept as exc:
+            # The copy and its reason are in failed/; trying again would only add copies. Seen again unchanged,
+            # the original is known as this failure.
+            kept = f"a copy is in the failed folder ({exc.stored.name}), but the original could not be removed: " \
+                   f"{exc.strerror}"
+            log.warning("failed; the original stays in the hot folder", folder=job.folder, path=job.relpath,
+                        reason=kept, fix="make the hot folder writable for the service user")
         except UnsafePath as exc:
             # A folder on its way was swapped for a link since the path was checked: nothing there is touched.
             log.warning("failed file left in place: its path now leads through a link", folder=job.folder,
@@ -1064,7 +1079,7 @@ class Service:
             log.warning("failed file could not be moved to the failed folder; will retry", folder=job.folder,
                         path=job.relpath, stage=stage, error=error, failed_folder_error=str(exc))
             return
-        self.jobs.fail(job.id, stage, error)
+        self.jobs.fail(job.id, stage, error, kept=kept)
         with self.counters_lock:
             self.counters["failed"] += 1
         if self.metrics is not None:

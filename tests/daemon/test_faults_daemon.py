@@ -379,6 +379,7 @@ def test_a_read_only_hot_folder_is_published_once_and_its_originals_left(tmp_pat
     try:
         inputs = {("a", "r0.jpg"): small_face_photo(0)}
         (hot / "r0.jpg").write_bytes(inputs[("a", "r0.jpg")])
+        (hot / "bad.jpg").write_bytes(b"not an image at all")  # fails; failed/ is on another filesystem
         subprocess.run(["mount", "-o", "remount,ro", str(hot)], check=True)
         daemon = Daemon(config).start()
         try:
@@ -393,6 +394,11 @@ def test_a_read_only_hot_folder_is_published_once_and_its_originals_left(tmp_pat
                 rows = [j for j in table.in_state("done") if j.relpath == "r0.jpg"]
                 assert len(rows) == 1 and "could not be deleted" in (rows[0].last_error or "")
                 assert [j for j in table.pending() + table.in_state("ready") + table.in_state("retry")] == []
+                [bad] = [j for j in table.in_state("failed") if j.relpath == "bad.jpg"]
+                assert "could not be removed" in (bad.kept or "")
+            # The failed file is in failed/ once, with its reason, though its original could not leave.
+            assert sorted(p.name for p in files_under(layout.failed["a"])) == ["bad.jpg", "bad.jpg.error.json"]
+            assert (layout.failed["a"] / "bad.jpg").read_bytes() == b"not an image at all"
         finally:
             assert daemon.stop() == 0
     finally:

@@ -89,6 +89,54 @@ class TestStateMachine:
         assert table.is_unchanged_done(FOLDER, "a.jpg", 10, 123)
         assert not table.is_unchanged_done(FOLDER, "a.jpg", 10, 124)
 
+    def test_a_failed_file_moved_back_is_new_work_unless_its_original_stayed(self, table):
+        """A failed original went to failed/: moved back (mv keeps size and mtime), it is new work even with
+        after=keep. One whose original stayed in the hot folder (it could not be removed), or one that crashed the
+        daemon, is the same failure seen again, in every mode."""
+        moved = ready_job(table, "moved.jpg")
+        table.fail(moved.id, "restore", "no face found")
+        again = table.note_candidate(FOLDER, "moved.jpg", "fast", size=10, mtime_ns=123)
+        assert again.id != moved.id and again.state == "pending"
+
+        stayed = ready_job(table, "stayed.jpg")
+        table.fail(stayed.id, "decode", "not an image", kept="the original could not be removed: Read-only")
+        crashed = ready_job(table, "crashed.jpg")
+        table.claim("fast", 8)
+        table.requeue_in_flight(max_attempts=1)
+        assert table.get(crashed.id).state == "failed"
+        for only_kept in (False, True):
+            for job in (stayed, crashed):
+                seen = table.note_candidate(FOLDER, job.relpath, "fast", size=10, mtime_ns=123, only_kept=only_kept)
+                assert (seen.id, seen.state) == (job.id, "failed")
+
+    def test_a_skipped_duplicate_that_stayed_is_known_when_seen_again(self, table):
+        """A duplicate the hot folder would not let go (after=delete): the rescan finds the skipped row, not new
+        work that is read, hashed and skipped again every 30 s."""
+        dup = ready_job(table, "dup.jpg")
+        table.mark_skipped(dup.id, "identical to a file processed before", kept="could not be removed")
+        seen = table.note_candidate(FOLDER, "dup.jpg", "fast", size=10, mtime_ns=123, only_kept=True)
+        assert (seen.id, seen.state) == (dup.id, "skipped")
+
+    def test_a_version_2_table_is_migrated_keeping_what_it_knew(self, tmp_path):
+        """A table from before the `kept` column still knows its done rows whose originals stayed, and gets the
+        output-path index."""
+        path = tmp_path / "jobs.sqlite3"
+        with JobTable.open(path) as table:
+            job = ready_job(table, "ro.jpg")
+            table.claim("fast", 1)
+            table.finish(job.id, 1, kept="the original could not be deleted: Read-only file system")
+        con = sqlite3.connect(path)
+        con.execute("ALTER TABLE jobs DROP COLUMN kept")
+        con.execute("DROP INDEX jobs_by_output")  # version 2 never had it: its migration was numbered past the end
+        con.execute("PRAGMA user_version = 2")
+        con.commit()
+        con.close()
+        with JobTable.open(path) as table:
+            seen = table.note_candidate(FOLDER, "ro.jpg", "fast", size=10, mtime_ns=123, only_kept=True)
+            assert (seen.id, seen.kept) == (job.id, "the original could not be deleted: Read-only file system")
+            indexes = {row[0] for row in table._read("SELECT name FROM sqlite_master WHERE type = 'index'")}
+            assert "jobs_by_output" in indexes  # collisions = "overwrite" looks results up by it
+
     def test_gone_skipped_failed(self, table):
         """Vanished, skipped and failed files end in their own terminal states with the reason kept."""
         gone = table.note_candidate(FOLDER, "gone.jpg", "fast")

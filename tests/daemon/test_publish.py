@@ -22,6 +22,7 @@ from daemon.paths import safe_join
 from daemon.publish import (
     TEMP_PATTERN,
     FailureInfo,
+    OriginalKept,
     ShareUnavailable,
     SourceChanged,
     UnsafePath,
@@ -318,6 +319,18 @@ class TestDisposeSource:
         assert not src.exists()
 
 
+    def test_with_only_the_checked_hash_a_file_saved_since_under_the_name_is_left(self, tmp_path: Path) -> None:
+        """A skipped duplicate is removed only if the name still holds the bytes that were found identical: a
+        photo saved under its name since is left for the next scan, not deleted without a backup."""
+        src = tmp_path / "dup.jpg"
+        src.write_bytes(b"new photo")
+        with pytest.raises(SourceChanged):
+            dispose_source(src, after="delete", sha256=sha(b"the duplicate"))
+        assert src.read_bytes() == b"new photo"
+        assert dispose_source(src, after="delete", sha256=sha(b"new photo")) is None
+        assert not src.exists()
+
+
 class TestWriteFailure:
     def info(self) -> FailureInfo:
         return FailureInfo(stage="decode", error="cannot identify image file", attempts=3, preset="fast",
@@ -391,6 +404,34 @@ class TestWriteFailure:
         write_failure(failed, "p.jpg", src, None, self.info())
         assert [True] == seen
         assert (failed / "p.jpg").read_bytes() == b"junk"
+
+    def test_an_original_its_folder_will_not_give_up_is_copied_with_its_reason(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A hot folder that refuses the move and the removal (read-only, not the service's): failed/ holds a copy
+        and its sidecar all the same, OriginalKept says so, and the original is untouched."""
+        src = tmp_path / "in" / "p.jpg"
+        src.parent.mkdir()
+        src.write_bytes(b"junk")
+        failed = tmp_path / "failed"
+        failed.mkdir()
+        real_unlink = os.unlink
+
+        def rename(*args: object, **kw: object) -> None:
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        def unlink(name: str, **kw: object) -> None:
+            if name == "p.jpg":  # the original, in its folder
+                raise OSError(errno.EROFS, "Read-only file system")
+            real_unlink(name, **kw)
+
+        monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(os, "unlink", unlink)
+        with pytest.raises(OriginalKept) as info:
+            write_failure(failed, "p.jpg", src, None, self.info(), src_root=src.parent)
+        assert info.value.errno == errno.EROFS and info.value.stored == failed / "p.jpg"
+        assert (failed / "p.jpg").read_bytes() == b"junk" and src.read_bytes() == b"junk"
+        assert json.loads((failed / "p.jpg.error.json").read_text())["stage"] == "decode"
+        assert temps(failed) == []
 
     def test_source_vanished_leaves_no_orphan_sidecar(self, tmp_path: Path) -> None:
         """If the original is gone before it can be moved, no reason is left behind without a file."""
