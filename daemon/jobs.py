@@ -571,15 +571,27 @@ class JobTable:
         )
         return str(rows[0][0]) if rows else None
 
-    def set_targets(self, job_id: int, output_path: str | None, backup_path: str | None) -> None:
+    def set_targets(self, job_id: int, output_path: str | None, backup_path: str | None) -> bool:
         """Record where the result and the backup will be published, before publishing.
 
         A redo after a crash reads them back and reuses them, so a file is never published under two names.
+        Returns False, recording nothing, if another unfinished job took one of the names first: instances
+        sharing the table (one per GPU) plan names apart, and two backups under one name would leave one
+        original without its copy. The caller plans again.
         """
+        names = [n for n in (output_path, backup_path) if n is not None]
         with self._tx() as con:
+            marks = ", ".join("?" * len(names))
+            if names and con.execute(
+                f"SELECT 1 FROM jobs WHERE id != ? AND state IN {_ACTIVE_SQL} "
+                f"AND (output_path IN ({marks}) OR backup_path IN ({marks})) LIMIT 1",
+                (job_id, *names, *names),
+            ).fetchone():
+                return False
             self._change(
                 con, job_id, ("processing",), "output_path = ?, backup_path = ?", (output_path, backup_path)
             )
+            return True
 
     def finish(self, job_id: int, faces: int | None, *, kept: str | None = None) -> None:
         """Result and backup are durable: the job is done. ``kept``: why the original is still in the hot folder

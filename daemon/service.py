@@ -125,6 +125,11 @@ class StartupCancelled(Exception):
     """SIGTERM/SIGINT arrived while models were loading."""
 
 
+def _one_of(names: set[str]) -> Callable[[Path], bool]:
+    """Whether a path is one of ``names`` (paths as text)."""
+    return lambda path: str(path) in names
+
+
 def _load_identity(settings: Settings, preset: Preset) -> tuple[object, ...]:
     """Everything that decides which models a preset loads and where: a change means loading again."""
     from daemon.modelfiles import models_of
@@ -1028,21 +1033,23 @@ class Service:
         if job.output_path and job.backup_path:
             return Path(job.output_path), Path(job.backup_path)
         jobs = self.jobs
-        with self.names_lock:
-            reserved = jobs.reserved_targets()
-            output = publish.plan_output_name(
-                folder.output, job.relpath, ext, collisions=self.settings.collisions,
-                reserved=lambda p: str(p) in reserved,
-                # "overwrite" replaces this source's own earlier result, never another file's.
-                replaceable=lambda p: jobs.source_of(str(p)) == (job.folder, job.relpath),
-            )
-            # A backup may be the only copy of an earlier original: backups are never replaced.
-            backup = publish.plan_output_name(
-                folder.backup, job.relpath, Path(job.relpath).suffix, collisions="suffix",
-                reserved=lambda p: str(p) in reserved,
-            )
-            self.jobs.set_targets(job.id, str(output), str(backup))
-        return output, backup
+        with self.names_lock:  # this process's threads; set_targets settles it with other instances
+            for _ in range(100):
+                reserved = _one_of(jobs.reserved_targets())
+                output = publish.plan_output_name(
+                    folder.output, job.relpath, ext, collisions=self.settings.collisions,
+                    reserved=reserved,
+                    # "overwrite" replaces this source's own earlier result, never another file's.
+                    replaceable=lambda p: jobs.source_of(str(p)) == (job.folder, job.relpath),
+                )
+                # A backup may be the only copy of an earlier original: backups are never replaced.
+                backup = publish.plan_output_name(
+                    folder.backup, job.relpath, Path(job.relpath).suffix, collisions="suffix",
+                    reserved=reserved,
+                )
+                if jobs.set_targets(job.id, str(output), str(backup)):
+                    return output, backup
+        raise OSError(errno.EBUSY, "other instances keep taking the names planned for this file; trying again later")
 
     def _done_path(self, folder: FolderSettings, job: Job) -> Path | None:
         return safe_join(folder.done, job.relpath) if folder.after == "move" and folder.done else None

@@ -310,6 +310,23 @@ class TestCrashRecovery:
         table.finish(suspect.id, faces=0)
         assert [j.id for j in table.claim("fast", 8)] == [later.id]
 
+    def test_instances_cannot_record_the_same_names(self, tmp_path):
+        """Two instances (one per GPU) that planned the same backup name: the second to record it is told to plan
+        again, so two originals never share one backup."""
+        path = tmp_path / "jobs.sqlite3"
+        gpu0, gpu1 = JobTable.open(path, owner="0"), JobTable.open(path, owner="1")
+        a = ready_job(gpu0, "a/IMG_0001.JPG")
+        b = ready_job(gpu0, "b/IMG_0001.JPG")
+        gpu0.claim("fast", 1)
+        gpu1.claim("fast", 1)
+        assert gpu0.set_targets(a.id, "/out/a/IMG_0001.JPG", "/backup/IMG_0001.JPG")
+        assert not gpu1.set_targets(b.id, "/out/b/IMG_0001.JPG", "/backup/IMG_0001.JPG")
+        assert gpu1.get(b.id).backup_path is None
+        assert gpu1.set_targets(b.id, "/out/b/IMG_0001.JPG", "/backup/IMG_0001 (1).JPG")
+        assert gpu0.set_targets(a.id, "/out/a/IMG_0001.JPG", "/backup/IMG_0001.JPG")  # its own names again: fine
+        gpu0.close()
+        gpu1.close()
+
     def test_requeue_only_own_instance(self, tmp_path):
         """With one instance per GPU sharing a table, a restart requeues only its own jobs in flight."""
         path = tmp_path / "jobs.sqlite3"
