@@ -308,19 +308,31 @@ class Service:
         )
 
     def _make_folders(self, folders: Iterable[FolderSettings]) -> None:
-        """Create the folders gpen-watch may create (at start, and for folders a reload adds or moves)."""
+        """Create the folders gpen-watch may create, and name the missing ones it may not (at start, and for
+        folders a reload adds or moves).
+
+        The simple layout under ``root`` is gpen-watch's own: its folders are made while the root exists. Folders
+        configured one by one (``[[folders]]``) must exist, as the config file says: a missing one may be an
+        unmounted share's, and making it would put results and backups on the local disk, hidden once the share
+        is back. Files wait for it instead. A done folder is made beside a backup folder that exists.
+        """
+        own_root = self.settings.root.expanduser().absolute() if not self.settings.folders and self.settings.root \
+            else None
         for folder in folders:
-            # The --root layout is ours to create; configured folders only below a parent that exists,
-            # so that an unmounted share is never re-created on the local disk.
-            own_root = self.settings.root.expanduser().absolute() if not self.settings.folders and self.settings.root \
-                else None
-            wanted = [(d, own_root or d.parent) for d in (folder.path, folder.output, folder.backup, folder.failed)]
-            if folder.done is not None:
-                wanted.append((folder.done, folder.backup.parent))
-            for d, anchor in wanted:
-                with contextlib.suppress(OSError):  # reported later by the watcher/publisher
-                    if anchor.exists():
+            for role, d in (("path", folder.path), ("output", folder.output), ("backup", folder.backup),
+                            ("failed", folder.failed), ("done", folder.done)):
+                if d is None or d.is_dir():
+                    continue
+                mine = (own_root is not None and own_root.is_dir()) or (role == "done" and folder.backup.is_dir())
+                if mine:
+                    try:
                         d.mkdir(parents=True, exist_ok=True)
+                        log.info("folder created", folder=str(d))
+                    except OSError as exc:  # reported again by the watcher or the publisher
+                        log.warning("folder cannot be created", folder=str(d), error=exc.strerror or str(exc))
+                else:
+                    log.warning("configured folder does not exist; its files wait for it", setting=role,
+                                folder=str(d), fix="create it, or mount its share")
 
     def _note_mounts(self, folders: Iterable[FolderSettings], *, reload: bool = False) -> None:
         """Record the mount each output/backup/failed/done folder is on now (see _check_mounted).

@@ -80,8 +80,9 @@ def test_a_reload_whose_models_cannot_load_changes_nothing(tmp_path):
 
 
 def test_a_reload_that_moves_or_adds_folders_applies_them_like_a_start(tmp_path):
-    """An output moved inside the hot folder is excluded from watching at once (no result of a result), and a
-    new folder's output/backup/failed folders are created as at start-up."""
+    """An output moved inside the hot folder is excluded from watching at once (no result of a result). A new
+    folder's missing output/backup/failed folders are not made (they may be an unmounted share's): its files
+    wait, and are published once the folders are there."""
     config, layout = write_config(tmp_path)
     with _running(config) as daemon:
         results = layout.hot["a"] / "results"
@@ -98,8 +99,13 @@ def test_a_reload_that_moves_or_adds_folders_applies_them_like_a_start(tmp_path)
         wait_for(lambda: _reloaded(daemon), 60, daemon, "reloaded")
         (layout.hot["a"] / "x.jpg").write_bytes(face_photo(1))
         (new["in"] / "c0.jpg").write_bytes(face_photo(2))
-        wait_for(lambda: (results / "x.jpg").is_file() and (new["out"] / "c0.jpg").is_file(), 60, daemon,
-                 "both published")
+        wait_for(lambda: (results / "x.jpg").is_file(), 60, daemon, "published in the moved output")
+        wait_for(lambda: "configured folder does not exist" in daemon.log_text(), 10, daemon, "missing folders named")
+        assert not any(new[kind].exists() for kind in ("out", "backup", "failed"))
+        assert (new["in"] / "c0.jpg").is_file()
+        for kind in ("out", "backup", "failed"):
+            new[kind].mkdir(parents=True)
+        wait_for(lambda: (new["out"] / "c0.jpg").is_file(), 60, daemon, "published once its folders exist")
         time.sleep(3.0)  # several rescans: a result inside the hot folder must not become new work
         assert [p.relative_to(results).as_posix() for p in files_under(results)] == ["x.jpg"]
 

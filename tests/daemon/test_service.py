@@ -285,6 +285,26 @@ class TestRootFolder:
         assert main(["run", "--config", str(config)]) == 0
         assert not root.exists()
 
+    def test_configured_folders_are_never_made_under_an_empty_mount_point(self, tmp_path: Path) -> None:
+        """[[folders]] whose share is not mounted (its empty mount point is there): neither the output, backup and
+        failed folders nor the hot folder are made on the local disk; a done folder beside an existing backup
+        folder is."""
+        share, hot = tmp_path / "share", tmp_path / "in"
+        share.mkdir()
+        hot.mkdir()
+        (tmp_path / "bk").mkdir()
+        config = tmp_path / "gpen-watch.toml"
+        config.write_text(
+            f'state_dir = "{tmp_path / "state"}"\n'
+            f'[[folders]]\npath = "{share / "hot"}"\noutput = "{share / "out"}"\nbackup = "{share / "bk"}"\n'
+            f'failed = "{share / "failed"}"\n'
+            f'[[folders]]\npath = "{hot}"\noutput = "{tmp_path / "out"}"\nbackup = "{tmp_path / "bk"}"\n'
+            f'failed = "{tmp_path / "failed"}"\nafter = "move"\ndone = "{tmp_path / "done"}"\n')
+        assert main(["run", "--config", str(config)]) == 0
+        assert list(share.iterdir()) == []
+        assert not (tmp_path / "out").exists() and not (tmp_path / "failed").exists()
+        assert (tmp_path / "done").is_dir()
+
 
 @pytest.mark.parametrize(("relpath", "fmt", "converted", "suffix"), [
     ("a/p.JPG", "JPEG", True, ".JPG"),  # the source's own spelling of the format stays
