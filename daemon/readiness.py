@@ -101,7 +101,7 @@ class ReadinessGate:
         self.max_wait = max_wait
         self.check_decodes = check_decodes
         self._clock = clock
-        self._max_bytes = max_bytes
+        self.max_bytes = max_bytes
         self._keep_data = keep_data
         self._tracks: dict[Hashable, _Track] = {}
         self._lock = threading.Lock()
@@ -172,9 +172,9 @@ class ReadinessGate:
             return self._end(key, Verdict(FAILED, "symbolic link; links are never followed"))
         if not stat.S_ISREG(st.st_mode):
             return self._end(key, Verdict(FAILED, "not a regular file"))
-        if self._max_bytes is not None and st.st_size > self._max_bytes:
+        if self.max_bytes is not None and st.st_size > self.max_bytes:
             return self._end(
-                key, Verdict(FAILED, f"file is {st.st_size} bytes, more than the limit of {self._max_bytes}")
+                key, Verdict(FAILED, f"file is {st.st_size} bytes, more than the limit of {self.max_bytes}")
             )
 
         track, fresh = self._track(key, signature(st), now)
@@ -240,7 +240,7 @@ class ReadinessGate:
                 # stalled one leaves a quiet file whose unwritten tail several formats would decode as black.
                 track.decode_error = f"nothing written yet at byte {hole} (the writer set the size first)"
                 return None
-            data, st = read_no_follow(relative, base=base, max_bytes=self._max_bytes)
+            data, st = read_no_follow(relative, base=base, max_bytes=self.max_bytes)
         except (FileNotFoundError, NotADirectoryError):
             return self._vanished(key, available)
         except UnsafePath as exc:  # swapped for a link or a FIFO since the lstat above

@@ -125,6 +125,21 @@ class StartupCancelled(Exception):
     """SIGTERM/SIGINT arrived while models were loading."""
 
 
+def _gate_limits(settings: Settings) -> tuple[Callable[[bytes], object], int]:
+    """The readiness gate's decode check and memory guard for ``settings.max_pixels``.
+
+    A larger file is refused before it is read into memory. Pixels take at most max_pixels x 16 bits x 4
+    channels, but layered TIFFs from retouchers carry layer data (dropped on output) well beyond that, so the
+    guard is never below 4 GiB.
+    """
+    return (partial(imageio.check_complete, max_pixels=settings.max_pixels),
+            max(settings.max_pixels * 8 + (64 << 20), 4 << 30))
+
+
+# Settings a reload cannot change (see Service._reload).
+RESTART_ONLY = ("state_dir", "instance", "io_threads", "log_format", "log_level", "metrics")
+
+
 def _one_of(names: set[str]) -> Callable[[Path], bool]:
     """Whether a path is one of ``names`` (paths as text)."""
     return lambda path: str(path) in names
@@ -661,11 +676,6 @@ class Service:
         """Look at every pending file a few times a second; a quiet one is read, decoded and hashed on the gate's
         pool, so that one large PNG or TIFF does not hold up the files behind it."""
         assert self.jobs is not None
-        check_decodes = partial(imageio.check_complete, max_pixels=self.settings.max_pixels)
-        # A memory guard: a larger file is refused before it is read into memory (twice: here and on the read
-        # pool). Pixels take at most max_pixels x 16 bits x 4 channels, but layered TIFFs from retouchers carry
-        # layer data (dropped on output) well beyond that, so the guard is never below 4 GiB.
-        max_bytes = max(self.settings.max_pixels * 8 + (64 << 20), 4 << 30)
         gates: dict[str, ReadinessGate] = {}
         checks: dict[int, _Check] = {}  # job id -> its read-and-decode check on the pool
         crashed: set[int] = set()
@@ -678,6 +688,7 @@ class Service:
                     for job_id in [i for i, c in checks.items() if c.future.done()]:
                         del checks[job_id]
                     beat_at = time.monotonic()
+                    check_decodes, max_bytes = _gate_limits(self.settings)  # a reload may change max_pixels
                     for job in self.jobs.pending():
                         if self.stop_event.is_set():
                             break
@@ -699,8 +710,9 @@ class Service:
                                 keep_data=False,  # the read pool reads the file again and compares hashes
                             ),
                         )
-                        # A reload may have changed either; the files being tracked keep their quiet time so far.
+                        # A reload may have changed these; the files being tracked keep their quiet time so far.
                         g.stability_delay, g.max_wait = folder.stability_delay, self.settings.max_ready_wait
+                        g.check_decodes, g.max_bytes = check_decodes, max_bytes
                         self._gate_one(g, folder, job, pool, checks, crashed)
                 except Exception:
                     log.exception("gate pass failed; retrying")
@@ -1161,6 +1173,13 @@ class Service:
             self.notifier.status(f"reload rejected: {_one_line(exc)}")
             self.notifier.ready()
             return
+        # Set up once at start (the job table, thread pools, logging, the metrics endpoint): the running values stay,
+        # and the log says so, rather than a reload that reports success and half applies them.
+        later = [name for name in RESTART_ONLY if getattr(settings, name) != getattr(self.settings, name)]
+        if later:
+            settings = settings.model_copy(update={name: getattr(self.settings, name) for name in later})
+            log.warning("settings that take effect at the next restart were changed; keeping the running values",
+                        settings=later)
         new_folders = {str(f.path.expanduser().absolute()): f for f in folders}
         in_use = {f.preset: presets[f.preset] for f in new_folders.values()}
         changed = {n: p for n, p in in_use.items()

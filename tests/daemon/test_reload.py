@@ -263,3 +263,19 @@ def test_a_reload_that_rebuilds_a_paused_folders_watcher_resumes_it_once_its_sha
         drop(hot / "two.jpg", small_face_photo(2))
         wait_for(lambda: (layout.out["a"] / "two.jpg").exists(), 60, daemon, "two.jpg after the share returned")
         assert _count(daemon, "hot folder resumed") >= 1
+
+
+def test_a_reload_applies_max_pixels_everywhere_and_names_what_waits_for_a_restart(tmp_path):
+    """max_pixels raised by a reload is the gate's limit too (a photo above the old one is published), and a
+    changed setting that only a restart applies (log_level) is named in the log instead of silently kept."""
+    config, layout = write_config(tmp_path, extra="max_pixels = 1000")
+    with _running(config) as daemon:
+        raised = 'max_pixels = 100000000\nlog_level = "debug"'
+        config.write_text(config.read_text().replace("max_pixels = 1000", raised))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: _reloaded(daemon), 60, daemon, "reload handled")
+        [changed] = [e for e in daemon.log_lines() if str(e.get("event", "")).startswith("settings that take effect")]
+        assert changed["settings"] == ["log_level"]
+        inputs = {("a", "big.jpg"): face_photo(4)}
+        drop(layout.hot["a"] / "big.jpg", inputs[("a", "big.jpg")])
+        wait_for(lambda: account(layout, inputs).published, 60, daemon, "published under the new limit")
