@@ -506,6 +506,23 @@ class JobTable:
         with self._tx() as con:
             self._change(con, job_id, ACTIVE_STATES, "state = 'gone', next_attempt_at = NULL", ())
 
+    def forget_unfinished(self, folder: str, job_id: int | None = None) -> int:
+        """Drop the unfinished rows of a folder that left the configuration (only ``job_id``'s, if given, in
+        flight or not); returns how many. Their files are left as they are; a folder configured again is
+        rescanned and its files found anew."""
+        with self._tx() as con:
+            if job_id is not None:
+                cur = con.execute(f"DELETE FROM jobs WHERE id = ? AND folder = ? AND state IN {_ACTIVE_SQL}",
+                                  (job_id, folder))
+            else:
+                cur = con.execute("DELETE FROM jobs WHERE folder = ? AND state IN ('pending', 'ready', 'retry')",
+                                  (folder,))
+            return cur.rowcount
+
+    def folders_with_unfinished(self) -> set[str]:
+        """Folders that have rows not finished yet."""
+        return {str(row[0]) for row in self._read(f"SELECT DISTINCT folder FROM jobs WHERE state IN {_ACTIVE_SQL}")}
+
     def mark_skipped(self, job_id: int, reason: str, *, kept: str | None = None) -> None:
         """Not processed on purpose (the duplicates policy). ``kept``: as for ``finish``."""
         with self._tx() as con:

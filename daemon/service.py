@@ -293,6 +293,10 @@ class Service:
             log.warning("work in flight at the last stop is redone", jobs=requeued)
         for key, folder in self.folders.items():  # the config may have given a folder another preset since
             self.jobs.reassign_preset(key, folder.preset)
+        for key in self.jobs.folders_with_unfinished() - set(self.folders):  # removed from the config meanwhile
+            left = self.jobs.forget_unfinished(key)
+            log.info("folder no longer configured; files not processed yet stay in it, untouched", folder=key,
+                     files=left)
         self._settle_crash_loops()
         self._prune_history()
         self._make_folders(self.folders.values())
@@ -861,8 +865,8 @@ class Service:
         """Read and decode one claimed job's source; settle the job here if that fails."""
         assert self.jobs is not None
         folder = self.folders.get(job.folder)
-        if folder is None:  # its folder left the config on reload
-            self.jobs.retry_later(job.id, "folder no longer configured", 60)
+        if folder is None:  # its folder left the config on reload: the file stays as it is
+            self.jobs.forget_unfinished(job.folder, job.id)
             return None
         started = time.monotonic()
         try:
@@ -1202,7 +1206,8 @@ class Service:
         self.settings, self.presets = settings, presets
         for key in set(self.watchers) - set(new_folders):
             self.watchers.pop(key).stop()
-            log.info("hot folder removed", folder=key)
+            left = self.jobs.forget_unfinished(key) if self.jobs is not None else 0
+            log.info("hot folder removed; files not processed yet stay in it, untouched", folder=key, files=left)
         moved = [f for k, f in new_folders.items() if self.folders.get(k) != f]
         self._make_folders(moved)
         # Every folder, not only the moved ones: a reload is how an operator says the mounts changed.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -279,3 +281,37 @@ def test_a_reload_applies_max_pixels_everywhere_and_names_what_waits_for_a_resta
         inputs = {("a", "big.jpg"): face_photo(4)}
         drop(layout.hot["a"] / "big.jpg", inputs[("a", "big.jpg")])
         wait_for(lambda: account(layout, inputs).published, 60, daemon, "published under the new limit")
+
+
+def test_a_removed_hot_folder_leaves_its_unprocessed_files_untouched_and_uncounted(tmp_path):
+    """Files still queued when their hot folder leaves the config stay where they are, and neither the job
+    table nor `gpen-watch status` counts them as work any more (it used to show them as ready for good)."""
+    config, layout = write_config(tmp_path, folders=(("a", "test"), ("b", "test2")))
+    inputs = {("b", f"q{i}.jpg"): face_photo(i) for i in range(24)}
+    with _running(config, {"GPEN_WATCH_FAILPOINTS": "generate=sleep:1.0"}) as daemon:
+        for (_, name), data in inputs.items():
+            drop(layout.hot["b"] / name, data)
+        wait_for(lambda: len(account(layout, inputs, read=False).published) >= 1, 60, daemon, "first publish")
+        text = config.read_text()
+        config.write_text(text[: text.index(f'[[folders]]\npath = "{layout.hot["b"]}"')])
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: _reloaded(daemon), 60, daemon, "reloaded")
+        [removed] = [e for e in daemon.log_lines() if str(e.get("event", "")).startswith("hot folder removed")]
+        wait_for(lambda: not [j for s in ("pending", "ready", "retry", "processing") for j in _rows(tmp_path, s)],
+                 30, daemon, "no unfinished rows left")
+        acc = account(layout, inputs)
+        left = {f"b/{p.name}" for p in files_under(layout.hot["b"])}
+        assert acc.failed == {} and acc.duplicated == [] and acc.bad_backup == []
+        assert left and sorted(acc.lost) == sorted(left)  # not published: still in the hot folder, as they came
+        assert all((layout.hot["b"] / k[2:]).read_bytes() == inputs[("b", k[2:])] for k in left)
+        assert removed["files"] >= 1
+    report = subprocess.run([sys.executable, "-m", "daemon", "status", "--config", str(config), "--json"],
+                            capture_output=True, text=True)
+    assert json.loads(report.stdout)["queue_depths"] == {}
+
+
+def _rows(root: Path, state: str) -> list[object]:
+    from daemon.jobs import JobTable
+
+    with JobTable.open(root / "state" / "jobs.sqlite3") as table:
+        return list(table.in_state(state))
