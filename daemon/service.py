@@ -981,6 +981,7 @@ class Service:
         assert self.jobs is not None
         job, folder = item.job, item.folder
         structlog.contextvars.bind_contextvars(folder=job.folder, path=job.relpath)
+        writing = ""  # which file an OSError is about: the message of a bare errno names no folder
         try:
             if isinstance(outcome, DeviceOutOfMemory):  # fits later, with a smaller batch or a quieter GPU
                 self._retry(job, "generate", outcome)
@@ -999,11 +1000,14 @@ class Service:
             self._check_mounted(folder.backup, folder.output, folder.done if folder.after == "move" else None)
             # The backup first: copying it re-reads the source and checks its SHA-256, so a source deleted or
             # replaced since it was read stops here, before a result for bytes nobody wants is published.
+            writing = f"backup {backup}"
             self.failpoints.hit("backup")
             assert job.sha256 is not None  # set when the job became ready
             copied = publish.copy_verified(item.source, backup, job.sha256, root=folder.backup, src_root=folder.path)
+            writing = f"result {output}"
             self.failpoints.hit("publish")
             publish.write_atomic(output, data, root=folder.output)
+            writing = f"the original's {'removal' if folder.after == 'delete' else 'move'} ({item.source})"
             self.failpoints.hit("dispose")
             kept = None
             try:
@@ -1043,7 +1047,7 @@ class Service:
         except UnsafePath as exc:
             self._fail(job, folder, item.source, "publish", f"unsafe path: {exc}")
         except OSError as exc:
-            self._retry(job, "publish", exc, side="destination")
+            self._retry(job, "publish", exc, side="destination", about=writing)
         except Exception as exc:
             log.exception("publishing failed")
             self._retry(job, "publish", exc)
@@ -1133,8 +1137,10 @@ class Service:
         return min(self.settings.retry_backoff * 2 ** max(0, job.attempts - 1), self.settings.retry_backoff_max)
 
     def _retry(self, job: Job, stage: str, exc: BaseException, *,
-               side: Literal["source", "destination"] = "source") -> None:
-        """Transient trouble (share gone, disk full, OOM, locked file): try again later, never drop the file."""
+               side: Literal["source", "destination"] = "source", about: str = "") -> None:
+        """Transient trouble (share gone, disk full, OOM, locked file): try again later, never drop the file.
+
+        ``about``: the file the error is about (e.g. "backup /srv/backup/a.jpg"), named in the reason."""
         assert self.jobs is not None
         if self.metrics is not None:
             self.metrics.count_result("retry")
@@ -1142,14 +1148,15 @@ class Service:
             transient = publish.classify_os_error(exc, side=side) == "transient"
         else:  # out of memory will pass; an unexpected error gets max_attempts tries, then failed/ with its reason
             transient = isinstance(exc, DeviceOutOfMemory) or is_out_of_memory(exc)
+        error = f"{about}: {exc.strerror or exc}" if about and isinstance(exc, OSError) else str(exc)
         if not transient and job.attempts >= self.settings.max_attempts:
             folder = self.folders.get(job.folder)
             if folder is not None:
-                self._fail(job, folder, safe_join(folder.path, job.relpath), stage, str(exc))
+                self._fail(job, folder, safe_join(folder.path, job.relpath), stage, error)
                 return
         delay = self._backoff(job)
-        self.jobs.retry_later(job.id, f"{stage}: {exc}", delay)
-        log.warning("will retry", folder=job.folder, path=job.relpath, stage=stage, error=str(exc),
+        self.jobs.retry_later(job.id, f"{stage}: {error}", delay)
+        log.warning("will retry", folder=job.folder, path=job.relpath, stage=stage, error=error,
                     retry_in_s=round(delay, 1))
 
     def _count_done(self, faces: int) -> None:

@@ -126,6 +126,9 @@ def test_output_disk_full_then_space_freed(tmp_path):
             for (_, rel), data in inputs.items():
                 drop(layout.hot["a"] / rel, data)
             wait_for(lambda: os.strerror(errno.ENOSPC) in daemon.log_text(), 60, daemon, "a disk-full retry")
+            # The reason names the file it is about, so an operator knows which share is full.
+            [retry] = [e for e in daemon.log_lines() if e.get("event") == "will retry"][:1]
+            assert retry["error"].startswith(f"result {layout.out['a']}/d") and "No space left" in retry["error"]
             if filler is not None:
                 time.sleep(1.5)
                 assert [p for p in files_under(layout.out["a"]) if p != filler] == []
