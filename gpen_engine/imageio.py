@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, JpegImagePlugin, PngImagePlugin
 
+from gpen_engine import exif as exif_block
 from gpen_engine import tiff
 from gpen_engine.options import EncodeOptions
 from gpen_engine.types import DecodedImage, EngineError, ImageTooLarge, InputError, UnsupportedImage
@@ -116,6 +117,8 @@ def decode(data: bytes, *, max_pixels: int = 100_000_000, long_side: int | None 
     rgb = _orient(rgb, orientation)
     alpha = None if alpha is None else _orient(alpha, orientation)
     high_bit = None if high_bit is None else _orient(high_bit, orientation)
+    if exif is not None:
+        exif = _exif_sized(exif, (rgb.shape[1], rgb.shape[0]))  # upright: swapped for orientations 5-8
     if orientation != 1:
         info["source_orientation"] = orientation
     return DecodedImage(
@@ -593,6 +596,17 @@ def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _clean_exif(im: ImageFile.ImageFile, *, reset_orientation: bool) -> bytes | None:
+    """The source's EXIF for the restored photo: Orientation 1, no thumbnail, no tags describing the source's layout.
+
+    Edited in place wherever the source carries EXIF as a block of its own (JPEG, PNG, WebP), so tag types and
+    every offset, a maker note's included, stay as the camera wrote them.
+    """
+    block = _exif_source_block(im)
+    if block is not None and (kept := exif_block.patched(block, drop=_STRUCTURAL_TAGS)) is not None:
+        return kept
+    # Re-serialized by Pillow, which changes tag types and moves values (a maker note with offsets of its own then
+    # reads wrong): a TIFF's EXIF is the image's own directory, whose values lie among the pixel data, so it has
+    # no block to keep; other blocks come here only when they cannot be edited in place.
     try:
         exif = im.getexif()
         for tag in [t for t in exif if t in _STRUCTURAL_TAGS]:
@@ -604,6 +618,32 @@ def _clean_exif(im: ImageFile.ImageFile, *, reset_orientation: bool) -> bytes | 
         return exif.tobytes()
     except (OSError, ValueError, TypeError, SyntaxError, KeyError, struct.error):
         return None  # unreadable EXIF is dropped rather than failing a good photo
+
+
+def _exif_source_block(im: ImageFile.ImageFile) -> bytes | None:
+    block = im.info.get("exif")
+    if block is None and isinstance(text := im.info.get("Raw profile type exif"), str):
+        try:
+            block = bytes.fromhex("".join(text.split("\n")[3:]))  # how Pillow itself reads ImageMagick's profile
+        except ValueError:
+            return None
+    return block if isinstance(block, bytes) else None
+
+
+def _exif_sized(block: bytes, size: tuple[int, int]) -> bytes:
+    """``block`` with the PixelX/YDimension it has set to ``size`` (width, height): the size of the image it is for."""
+    if (sized := exif_block.patched(block, size=size)) is not None:
+        return sized
+    try:  # a size its SHORT cannot hold: re-serialized, Pillow picking types that hold the values
+        exif = Image.Exif()
+        exif.load(block)
+        sub = exif.get_ifd(exif_block.EXIF_IFD)
+        for tag, value in ((exif_block.PIXEL_X, size[0]), (exif_block.PIXEL_Y, size[1])):
+            if tag in sub:
+                sub[tag] = value
+        return exif.tobytes()
+    except (OSError, ValueError, TypeError, SyntaxError, KeyError, struct.error):
+        return block
 
 
 def _reset_xmp_orientation(xmp: bytes | str) -> bytes:
@@ -781,12 +821,12 @@ def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.clip(rgb * weight + 255.0 * (1.0 - weight) + 0.5, 0, 255).astype(np.uint8)
 
 
-def _metadata(image: DecodedImage, options: EncodeOptions, colour_space: str) -> dict[str, Any]:
+def _metadata(image: DecodedImage, options: EncodeOptions, colour_space: str, size: tuple[int, int]) -> dict[str, Any]:
     if not options.keep_metadata:
         return {}
     meta: dict[str, Any] = {}
     if image.exif:
-        meta["exif"] = image.exif
+        meta["exif"] = _exif_sized(image.exif, size)  # the result may be smaller than the source
     if image.icc_profile and _icc_colour_space(image.icc_profile) == colour_space:
         meta["icc_profile"] = image.icc_profile
     if isinstance(xmp := image.info.get("xmp"), bytes):
@@ -807,7 +847,7 @@ def _encode_8bit(
         pixels = samples[:, :, 0] if gray else samples
         mode = "L" if gray else "RGB"
     pil = Image.fromarray(np.ascontiguousarray(pixels), mode)
-    meta = _metadata(image, options, "GRAY" if gray else "RGB")
+    meta = _metadata(image, options, "GRAY" if gray else "RGB", (samples.shape[1], samples.shape[0]))
     params: dict[str, Any] = {}
     if fmt == "JPEG":
         params = {"quality": options.jpeg_quality, "progressive": bool(image.info.get("progressive"))}
@@ -908,11 +948,11 @@ def _encode_16bit(
 ) -> bytes:
     gray = samples.shape[2] == 1
     if fmt == "PNG":
-        meta = _metadata(image, options, "GRAY" if gray else "RGB")
+        meta = _metadata(image, options, "GRAY" if gray else "RGB", (samples.shape[1], samples.shape[0]))
         pixels = samples if alpha is None else np.dstack([samples, alpha])
         text = image.info.get("png_text") if options.keep_metadata else None
         return _write_png16(pixels, meta, text)
-    meta = _metadata(image, options, "GRAY" if gray else "RGB")
+    meta = _metadata(image, options, "GRAY" if gray else "RGB", (samples.shape[1], samples.shape[0]))
     pixels = samples if alpha is None else np.dstack([samples, alpha])
     return _write_tiff16(pixels, _tiff_compression(image), meta)
 

@@ -168,6 +168,59 @@ def _tiff_tag(data: bytes, tag: int) -> tuple[int, ...]:
     return ()
 
 
+def _camera_exif(order: str, orientation: int, pixel_type: int, width: int, height: int,
+                 ifd0_extra: tuple[tuple[int, int], ...] = ()) -> tuple[bytes, dict[str, int]]:
+    """An EXIF block laid out as a camera writes it, and where its changeable values lie (offsets into its TIFF part).
+
+    IFD0: Make, Orientation (SHORT), the Exif pointer and ``ifd0_extra`` (tag, SHORT value) entries, linked to an
+    IFD1 with a thumbnail. Exif sub-IFD: ExifVersion and UserComment and a MakerNote (both UNDEFINED), the maker
+    note a directory of its own whose value is found by absolute offset (as Canon's are), and PixelX/YDimension
+    (``pixel_type`` SHORT or LONG) = ``width`` x ``height``.
+    """
+    def entry(tag: int, kind: int, count: int, value: bytes) -> bytes:
+        return struct.pack(order + "HHI", tag, kind, count) + value.ljust(4, b"\0")
+
+    def long(value: int) -> bytes:
+        return struct.pack(order + "I", value)
+
+    def pixels(value: int) -> bytes:
+        return struct.pack(order + ("H" if pixel_type == 3 else "I"), value)
+
+    ifd0_count = 3 + len(ifd0_extra)
+    make_at = 8 + 2 + 12 * ifd0_count + 4
+    exif_at = make_at + 6
+    comment_at = exif_at + 2 + 12 * 5 + 4
+    comment = b"ASCII\0\0\0Grandma, restored"
+    note_at = comment_at + len(comment)
+    note_text_at = note_at + 2 + 12 + 4
+    note = struct.pack(order + "H", 1) + entry(1, 2, 8, long(note_text_at)) + long(0) + b"EOS 5D\0\0"
+    ifd1_at = note_at + len(note)
+    thumb_at = ifd1_at + 2 + 24 + 4
+    thumb = b"\xff\xd8\xff\xd9"
+    ifd0 = sorted([(0x010F, entry(0x010F, 2, 6, long(make_at))),
+                   (0x0112, entry(0x0112, 3, 1, struct.pack(order + "H", orientation))),
+                   (0x8769, entry(0x8769, 4, 1, long(exif_at))),
+                   *((tag, entry(tag, 3, 1, struct.pack(order + "H", value))) for tag, value in ifd0_extra)])
+    block = (b"II*\0" if order == "<" else b"MM\0*") + long(8)
+    block += struct.pack(order + "H", ifd0_count) + b"".join(e for _, e in ifd0) + long(ifd1_at) + b"Canon\0"
+    block += struct.pack(order + "H", 5) + b"".join([
+        entry(0x9000, 7, 4, b"0231"), entry(0x9286, 7, len(comment), long(comment_at)),
+        entry(0x927C, 7, len(note), long(note_at)),
+        entry(0xA002, pixel_type, 1, pixels(width)), entry(0xA003, pixel_type, 1, pixels(height))]) + long(0)
+    block += comment + note
+    block += struct.pack(order + "H", 2) + entry(0x0201, 4, 1, long(thumb_at)) + entry(0x0202, 4, 1, long(4))
+    block += long(0) + thumb
+    orientation_at = 8 + 2 + 12 * [tag for tag, _ in ifd0].index(0x0112) + 8
+    places = {"orientation": orientation_at, "next_ifd": make_at - 4, "pixel_x": exif_at + 2 + 12 * 3 + 8,
+              "pixel_y": exif_at + 2 + 12 * 4 + 8, "maker_note": note_at}
+    return b"Exif\0\0" + block, places
+
+
+def _exif_tiff(block: bytes) -> bytes:
+    """The TIFF structure of an EXIF block as a reader hands it back (with or without the APP1 header)."""
+    return block[6:] if block.startswith(b"Exif\0\0") else block
+
+
 def _srgb_icc() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
@@ -597,6 +650,44 @@ class TestMetadata:
         image = decode(_save(Image.fromarray(_photo()), fmt, icc_profile=icc))
         back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
         assert icc == back.info.get("icc_profile")
+
+    @pytest.mark.parametrize("order", ["<", ">"])
+    @pytest.mark.parametrize(("fmt", "pixel_type"), [("JPEG", 4), ("JPEG", 3), ("PNG", 4), ("WEBP", 3)])
+    def test_camera_exif_is_kept_byte_for_byte_with_orientation_and_size_patched(
+        self, fmt: str, pixel_type: int, order: str
+    ) -> None:
+        """A rotated photo's EXIF comes back as the camera wrote it, in either byte order: the same tag types and
+        every value at its offset (so a maker note's own absolute offsets still hold). Only Orientation (now 1) and
+        PixelX/YDimension (the upright size, in their own type) change, and the link to the old thumbnail is cut."""
+        block, at = _camera_exif(order, 6, pixel_type, 40, 20)
+        image = decode(_save(Image.fromarray(_photo(20, 40)), fmt, exif=block, lossless=True))
+        written = _exif_tiff(_open(encode(image, image.rgb, options=EncodeOptions())[0]).info["exif"])
+        code = "H" if pixel_type == 3 else "I"
+        expected = bytearray(_exif_tiff(block))
+        for place, value, kind in (("orientation", 1, "H"), ("next_ifd", 0, "I"), ("pixel_x", 20, code),
+                                   ("pixel_y", 40, code)):
+            struct.pack_into(order + kind, expected, at[place], value)
+        assert bytes(expected) == written
+
+    def test_exif_pixel_size_follows_a_downsized_result(self) -> None:
+        """When the preset shrank the photo, PixelX/YDimension say the size written, in the type they had."""
+        block, at = _camera_exif("<", 8, 3, 60, 40)
+        image = decode(_save(Image.fromarray(_photo(40, 60)), "JPEG", exif=block))
+        data, _ = encode(image, resize_long_side(image.rgb, 30), options=EncodeOptions())
+        written = _exif_tiff(_open(data).info["exif"])
+        sizes = [struct.unpack_from("<HIH", written, at[place] - 6) for place in ("pixel_x", "pixel_y")]
+        assert [(3, 1, 20), (3, 1, 30)] == sizes  # type SHORT, count 1, value
+
+    def test_source_layout_tags_leave_the_camera_exif_without_moving_it(self) -> None:
+        """IFD0 tags that describe the source's pixel layout (ImageWidth, here, as some phones write it) are
+        dropped, and every other value of the EXIF stays at its offset."""
+        block, at = _camera_exif(">", 1, 4, 64, 48, ifd0_extra=((256, 64), (257, 48)))
+        image = decode(_save(Image.fromarray(_photo()), "JPEG", exif=block))
+        written = _open(encode(image, image.rgb, options=EncodeOptions(format="PNG"))[0])
+        exif = written.getexif()
+        assert (256 in exif, 257 in exif, exif[0x010F], exif.get_ifd(0x8769)[0xA002]) == (False, False, "Canon", 64)
+        start = at["next_ifd"] + 4  # the values behind IFD0's entries
+        assert _exif_tiff(block)[start:] == _exif_tiff(written.info["exif"])[start:]
 
     def test_icc_kept_for_16bit_png(self) -> None:
         """The hand-written 16-bit PNG carries the ICC profile and DPI."""

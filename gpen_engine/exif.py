@@ -1,0 +1,99 @@
+"""EXIF blocks edited in place, byte for byte, instead of being re-serialized.
+
+A camera's EXIF is a small TIFF file whose values are found by offset, and maker notes (Canon's,
+for one) hold offsets of their own that only hold while every byte stays where the camera put it.
+Re-serializing the block with Pillow moves values and changes tag types, so the few values that
+must change when the restored photo is written (Orientation, PixelX/YDimension) are overwritten
+where they lie, and tags that must go are taken out of IFD0's entry table without moving anything
+else. When that is impossible (a value of a type or size it cannot hold), :func:`patched` says so
+and the caller re-serializes instead.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Collection
+
+HEADER = b"Exif\x00\x00"
+ORIENTATION = 0x0112
+EXIF_IFD = 0x8769
+PIXEL_X, PIXEL_Y = 0xA002, 0xA003
+_SHORT, _LONG, _IFD = 3, 4, 13
+
+
+def tiff_bytes(block: bytes) -> bytes:
+    """The TIFF structure inside an EXIF block, without the APP1 header (which some writers repeat)."""
+    while block.startswith(HEADER):
+        block = block[len(HEADER) :]
+    return block
+
+
+def patched(block: bytes, *, drop: Collection[int] = (), size: tuple[int, int] | None = None) -> bytes | None:
+    """``block`` as ``Exif\\0\\0`` + TIFF, edited in place; None if that cannot be done.
+
+    In IFD0 the tags in ``drop`` are removed (the entries after them move up within the entry table,
+    nothing else moves), Orientation is set to 1 and the link to IFD1, the thumbnail of the unrestored
+    photo, is cut. With ``size`` (width, height), PixelX/YDimension in the Exif sub-IFD are set to it.
+    Tags are never added. None when the block is not a readable TIFF structure or a value cannot be
+    set without changing its type or place (an Orientation stored as text, a width above 65535 in a
+    SHORT).
+    """
+    data = bytearray(tiff_bytes(block))
+    if len(data) < 8 or data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    order = "<" if data[:2] == b"II" else ">"
+    ifd0 = struct.unpack(order + "I", data[4:8])[0]
+    entries = _entries(data, order, ifd0)
+    if entries is None:
+        return None
+    kept = [entry for entry in entries if _tag(data, order, entry) not in drop]
+    if len(kept) != len(entries):
+        table = b"".join(bytes(data[entry : entry + 12]) for entry in kept)
+        end = ifd0 + 2 + 12 * len(entries) + 4
+        data[ifd0:end] = struct.pack(order + "H", len(kept)) + table + bytes(4 + 12 * (len(entries) - len(kept)))
+        entries = [ifd0 + 2 + 12 * i for i in range(len(kept))]
+    else:
+        data[ifd0 + 2 + 12 * len(entries) : ifd0 + 6 + 12 * len(entries)] = bytes(4)
+    if not entries:
+        return None
+    for entry in entries:
+        tag = _tag(data, order, entry)
+        if tag == ORIENTATION and not _set(data, order, entry, 1):
+            return None
+        if tag == EXIF_IFD and size is not None and not _set_size(data, order, entry, size):
+            return None
+    return HEADER + bytes(data)
+
+
+def _entries(data: bytearray, order: str, offset: int) -> list[int] | None:
+    """Where each 12-byte entry of the directory at ``offset`` starts; None if it does not fit in ``data``."""
+    if offset < 8 or offset + 2 > len(data):
+        return None
+    count = struct.unpack(order + "H", data[offset : offset + 2])[0]
+    if offset + 6 + 12 * count > len(data):
+        return None
+    return [offset + 2 + 12 * i for i in range(count)]
+
+
+def _tag(data: bytearray, order: str, entry: int) -> int:
+    return int(struct.unpack(order + "H", data[entry : entry + 2])[0])
+
+
+def _set(data: bytearray, order: str, entry: int, value: int) -> bool:
+    """Overwrite a single SHORT or LONG value held in the entry itself; False if it is not one."""
+    kind, count = struct.unpack(order + "HI", data[entry + 2 : entry + 8])
+    if count != 1 or kind not in (_SHORT, _LONG) or (kind == _SHORT and value > 0xFFFF):
+        return False
+    code = "H" if kind == _SHORT else "I"
+    data[entry + 8 : entry + 8 + struct.calcsize(code)] = struct.pack(order + code, value)
+    return True
+
+
+def _set_size(data: bytearray, order: str, pointer: int, size: tuple[int, int]) -> bool:
+    kind, count, offset = struct.unpack(order + "HII", data[pointer + 2 : pointer + 12])
+    entries = _entries(data, order, offset) if kind in (_LONG, _IFD) and count == 1 else None
+    if entries is None:
+        return False
+    values = {PIXEL_X: size[0], PIXEL_Y: size[1]}
+    tags = [(entry, _tag(data, order, entry)) for entry in entries]
+    return all(_set(data, order, entry, values[tag]) for entry, tag in tags if tag in values)
