@@ -654,7 +654,10 @@ def _reset_xmp_orientation(xmp: bytes | str) -> bytes:
 
 def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, object]:
     info: dict[str, object] = {}
-    if "dpi" in im.info:
+    # Pillow reports 1 x 1 dpi for a TIFF that has no resolution at all (its default for a missing tag): written
+    # out, that would claim a print size of several metres.
+    unknown = fmt == "TIFF" and not {282, 283} <= set(getattr(im, "tag_v2", {}))
+    if "dpi" in im.info and not unknown:
         dpi = tuple(float(v) for v in im.info["dpi"])
         if all(math.isfinite(v) and v > 0 for v in dpi):  # a 0/0 resolution tag reads as NaN
             info["dpi"] = dpi

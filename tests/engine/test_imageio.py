@@ -749,6 +749,22 @@ class TestMetadata:
             assert _open(encode(image, image.rgb, options=EncodeOptions(format=fmt))[0]).size == (64, 48)
 
     @pytest.mark.parametrize("bits", [8, 16])
+    @pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
+    def test_tiff_without_a_resolution_gets_none(self, compression: str, bits: int) -> None:
+        """A TIFF with no resolution tags is written without any (as TIFF, or as PNG when asked), not as 1 x 1 dpi,
+        while a TIFF's own resolution still comes through."""
+        pixels = Image.fromarray(_photo()) if bits == 8 else Image.fromarray(np.full((6, 5), 30000, np.uint16))
+        source = _save(pixels, "TIFF", compression=compression)
+        assert ((), ()) == (_tiff_tag(source, 282), _tiff_tag(source, 283))
+        image = decode(source)
+        tiff_out = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        png_out = _open(encode(image, image.rgb, options=EncodeOptions(format="PNG"))[0])
+        assert (False, False, None) == (282 in tiff_out.tag_v2, 283 in tiff_out.tag_v2, png_out.info.get("dpi"))
+        image = decode(_save(pixels, "TIFF", compression=compression, dpi=(600, 600)))
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert (600, 600) == tuple(round(float(v)) for v in back.info["dpi"])
+
+    @pytest.mark.parametrize("bits", [8, 16])
     def test_camera_exif_does_not_fail_a_compressed_tiff(self, bits: int) -> None:
         """EXIF with an Exif sub-directory (every camera's) written as LZW TIFF: libtiff cannot take the
         sub-directory, so the main EXIF tags are kept and the photo is written instead of failing."""
