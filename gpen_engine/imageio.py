@@ -57,7 +57,8 @@ _UNSUPPORTED_MAGIC: tuple[tuple[bytes, int, str], ...] = (
 
 # TIFF tags that describe the pixel layout of the source file; they must never be copied into the
 # metadata of a newly written image (a stale width or strip offset would corrupt it). 37724 holds
-# Photoshop's layers, which an editor would open instead of the restored pixels.
+# Photoshop's layers, which an editor would open instead of the restored pixels. XMP (700) and IPTC
+# (33723) travel apart from the EXIF, as ``info["xmp"]`` (orientation reset) and ``info["iptc"]``.
 _STRUCTURAL_TAGS = frozenset(
     {254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 277, 278, 279, 280, 281, 284, 317, 320, 322,
      323, 324, 325, 338, 339, 340, 341, 347, 530, 531, 532, 700, 33723, 34377, 34675, 37724}
@@ -68,6 +69,7 @@ _JPEG_MAX_EXIF = 65533
 # chunk (orientation reset), so a copy would carry the old orientation and be applied a second time.
 _PNG_EXIF_TEXT = frozenset({"Raw profile type exif", "Raw profile type APP1"})
 _ORIENTATION = 0x0112
+_TIFF_XMP, _TIFF_IPTC = 700, 33723
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
@@ -671,6 +673,9 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
         info["png_text"] = {k: v for k, v in text.items() if k != "XML:com.adobe.xmp" and k not in _PNG_EXIF_TEXT}
     elif fmt == "TIFF":
         info["tiff_compression"] = im.info.get("compression", "raw")
+        iptc = tiff.raw_value(data, _TIFF_IPTC) or getattr(im, "tag_v2", {}).get(_TIFF_IPTC)  # a BigTIFF: Pillow's
+        if isinstance(iptc, bytes) and iptc:
+            info["iptc"] = iptc
     elif fmt == "WEBP":
         info["webp_lossless"] = _webp_is_lossless(data)
     return info
@@ -834,6 +839,8 @@ def _metadata(image: DecodedImage, options: EncodeOptions, colour_space: str, si
         meta["icc_profile"] = image.icc_profile
     if isinstance(xmp := image.info.get("xmp"), bytes):
         meta["xmp"] = xmp
+    if isinstance(iptc := image.info.get("iptc"), bytes):
+        meta["iptc"] = iptc  # IPTC-IIM records, as a TIFF holds them
     if isinstance(dpi := image.info.get("dpi"), tuple):
         meta["dpi"] = dpi
     return meta
@@ -857,16 +864,16 @@ def _encode_8bit(
         subsampling = image.info.get("jpeg_subsampling")
         if isinstance(subsampling, int) and subsampling >= 0:
             params["subsampling"] = subsampling
-        params.update(meta)
+        params.update({k: v for k, v in meta.items() if k != "iptc"})
         if len(meta.get("exif", b"")) > _JPEG_MAX_EXIF:  # from a TIFF or PNG: a restored photo beats a failure
             del params["exif"]
     elif fmt == "PNG":
-        params = {k: v for k, v in meta.items() if k != "xmp"}
+        params = {k: v for k, v in meta.items() if k not in ("xmp", "iptc")}
         params["pnginfo"] = _png_text_info(image, meta.get("xmp"))
     elif fmt == "WEBP":
         lossless = bool(image.info.get("webp_lossless"))
         params = {"lossless": lossless, "quality": 100 if lossless else options.webp_quality}
-        params.update({k: v for k, v in meta.items() if k != "dpi"})
+        params.update({k: v for k, v in meta.items() if k not in ("dpi", "iptc")})
     elif fmt == "TIFF":
         return _save_tiff(pil, _tiff_compression(image), meta)
     elif fmt == "BMP" and "dpi" in meta:
@@ -911,32 +918,36 @@ _EXIF_POINTERS = (0x8769, 0x8825, 0xA005)
 
 
 def _save_tiff(pil: Image.Image, compression: str, meta: dict[str, Any]) -> bytes:
-    meta = _tiff_metadata(meta, compression)
     try:
-        return _save(pil, "TIFF", compression=compression, **meta)
+        return _save(pil, "TIFF", compression=compression, **_tiff_metadata(meta, compression))
     except (RuntimeError, ValueError, TypeError, struct.error):
         if "exif" not in meta:
             raise
         # libtiff refused a value the source's EXIF carried (a resolution unit out of range, a tag of a
         # type it defines otherwise): a restored photo beats a failure, as for a JPEG's EXIF limit.
-        return _save(pil, "TIFF", compression=compression, **{k: v for k, v in meta.items() if k != "exif"})
+        without_exif = {k: v for k, v in meta.items() if k != "exif"}
+        return _save(pil, "TIFF", compression=compression, **_tiff_metadata(without_exif, compression))
 
 
 def _tiff_metadata(meta: dict[str, Any], compression: str) -> dict[str, Any]:
-    """``meta`` as Pillow's TIFF writer takes it: without XMP, and for a compressed TIFF (which goes
-    through libtiff) with EXIF's main tags only, since a camera's EXIF sub-directory fails the save."""
-    meta = {k: v for k, v in meta.items() if k != "xmp"}
-    if compression == "raw" or not meta.get("exif"):
-        return meta
-    try:
-        exif = Image.Exif()
-        exif.load(meta["exif"])
-        if any(tag in exif for tag in _EXIF_POINTERS):
-            for tag in _EXIF_POINTERS:
-                exif.pop(tag, None)
-            meta["exif"] = exif.tobytes()
-    except (OSError, ValueError, TypeError, SyntaxError, KeyError, struct.error):
-        del meta["exif"]
+    """``meta`` as Pillow's TIFF writer takes it: EXIF, XMP and IPTC as the tags of one ``exif``, and for a
+    compressed TIFF (which goes through libtiff) EXIF's main tags only, since a camera's EXIF sub-directory
+    fails the save."""
+    meta = dict(meta)
+    extra = {tag: meta.pop(key) for tag, key in ((_TIFF_XMP, "xmp"), (_TIFF_IPTC, "iptc")) if key in meta}
+    exif = Image.Exif()
+    if block := meta.pop("exif", None):
+        try:
+            exif.load(block)
+            if compression != "raw":
+                for tag in _EXIF_POINTERS:
+                    exif.pop(tag, None)
+        except (OSError, ValueError, TypeError, SyntaxError, KeyError, struct.error):
+            exif = Image.Exif()
+    for tag, value in extra.items():
+        exif[tag] = value
+    if len(exif):
+        meta["exif"] = exif
     return meta
 
 

@@ -148,6 +148,23 @@ def ints(data: bytes, order: str, entries: Entries, tag: int) -> tuple[int, ...]
     return struct.unpack(f"{order}{count}{code}", raw) if len(raw) == size else ()
 
 
+def raw_value(data: bytes, tag: int) -> bytes | None:
+    """The stored bytes of ``tag`` in a classic TIFF's first directory, whatever its type; None if absent or unreadable.
+
+    For byte streams that writers declare as different types (IPTC is BYTE, UNDEFINED or, from Photoshop, LONG).
+    """
+    parsed = directory(data)
+    if parsed is None or tag not in parsed[2]:
+        return None
+    order, _, entries, _ = parsed
+    kind, count, field = entries[tag]
+    size = TYPE_SIZES.get(kind, 0) * count
+    if size <= 4:
+        return field[:size] if size else None
+    where = struct.unpack(order + "I", field)[0]
+    return data[where : where + size] if where + size <= len(data) else None
+
+
 def planar(data: bytes) -> bool:
     """True when a classic TIFF's first page stores each sample in a plane of its own (PlanarConfiguration 2)."""
     parsed = directory(data)

@@ -765,6 +765,18 @@ class TestMetadata:
         assert (600, 600) == tuple(round(float(v)) for v in back.info["dpi"])
 
     @pytest.mark.parametrize("bits", [8, 16])
+    @pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
+    def test_tiff_xmp_and_iptc_are_kept(self, compression: str, bits: int) -> None:
+        """A TIFF's XMP packet and IPTC record (captions, credits, keywords) come back in the restored TIFF."""
+        xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>'
+        iptc = b"\x1c\x02\x78" + struct.pack(">H", 17) + b"Grandma, restored"
+        pixels = Image.fromarray(_photo()) if bits == 8 else Image.fromarray(np.full((6, 5), 30000, np.uint16))
+        source = _save(pixels, "TIFF", compression=compression, tiffinfo={700: xmp, 33723: iptc, 315: "Jane"})
+        image = decode(source)
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert (xmp, iptc, "Jane") == (back.tag_v2.get(700), back.tag_v2.get(33723), back.tag_v2.get(315))
+
+    @pytest.mark.parametrize("bits", [8, 16])
     def test_camera_exif_does_not_fail_a_compressed_tiff(self, bits: int) -> None:
         """EXIF with an Exif sub-directory (every camera's) written as LZW TIFF: libtiff cannot take the
         sub-directory, so the main EXIF tags are kept and the photo is written instead of failing."""
