@@ -70,6 +70,8 @@ _JPEG_MAX_EXIF = 65533
 _PNG_EXIF_TEXT = frozenset({"Raw profile type exif", "Raw profile type APP1"})
 _ORIENTATION = 0x0112
 _TIFF_XMP, _TIFF_IPTC = 700, 33723
+_IRB_IPTC = 0x0404  # the IPTC record among the Photoshop resources of a JPEG's APP13 segment
+_APP13_PHOTOSHOP = b"Photoshop 3.0\x00"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
@@ -668,6 +670,11 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
     if fmt == "JPEG":
         info["jpeg_subsampling"] = JpegImagePlugin.get_sampling(im)
         info["progressive"] = bool(im.info.get("progressive") or im.info.get("progression"))
+        if isinstance(comment := im.info.get("comment"), bytes) and comment:
+            info["jpeg_comment"] = comment
+        resources = im.info.get("photoshop")
+        if isinstance(resources, dict) and isinstance(iptc := resources.get(_IRB_IPTC), bytes) and iptc:
+            info["iptc"] = iptc
     elif fmt == "PNG":
         text = getattr(im, "text", {}) or {}
         info["png_text"] = {k: v for k, v in text.items() if k != "XML:com.adobe.xmp" and k not in _PNG_EXIF_TEXT}
@@ -867,6 +874,10 @@ def _encode_8bit(
         params.update({k: v for k, v in meta.items() if k != "iptc"})
         if len(meta.get("exif", b"")) > _JPEG_MAX_EXIF:  # from a TIFF or PNG: a restored photo beats a failure
             del params["exif"]
+        if options.keep_metadata and isinstance(comment := image.info.get("jpeg_comment"), bytes):
+            params["comment"] = comment
+        encoded = _save(pil, fmt, **params)
+        return _with_app13(encoded, meta["iptc"]) if meta.get("iptc") else encoded
     elif fmt == "PNG":
         params = {k: v for k, v in meta.items() if k not in ("xmp", "iptc")}
         params["pnginfo"] = _png_text_info(image, meta.get("xmp"))
@@ -879,6 +890,19 @@ def _encode_8bit(
     elif fmt == "BMP" and "dpi" in meta:
         params = {"dpi": meta["dpi"]}
     return _save(pil, fmt, **params)
+
+
+def _with_app13(jpeg: bytes, iptc: bytes) -> bytes:
+    """``jpeg`` with an APP13 segment holding ``iptc`` (IPTC-IIM records), put where Photoshop puts it: after the
+    JFIF and EXIF/XMP segments (APP0, APP1), before the rest. Unchanged if the record cannot fit in one segment."""
+    resource = b"8BIM" + struct.pack(">HHI", _IRB_IPTC, 0, len(iptc)) + iptc + bytes(len(iptc) % 2)  # unnamed
+    payload = _APP13_PHOTOSHOP + resource
+    if len(payload) + 2 > 0xFFFF:
+        return jpeg
+    pos = 2  # after SOI
+    while pos + 4 <= len(jpeg) and jpeg[pos] == 0xFF and jpeg[pos + 1] in (0xE0, 0xE1):
+        pos += 2 + struct.unpack(">H", jpeg[pos + 2 : pos + 4])[0]
+    return jpeg[:pos] + b"\xff\xed" + struct.pack(">H", len(payload) + 2) + payload + jpeg[pos:]
 
 
 def _save(pil: Image.Image, fmt: str, **params: Any) -> bytes:

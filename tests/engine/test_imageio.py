@@ -764,6 +764,24 @@ class TestMetadata:
         back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
         assert (600, 600) == tuple(round(float(v)) for v in back.info["dpi"])
 
+    def test_jpeg_iptc_and_comment_are_kept(self) -> None:
+        """A JPEG's IPTC record (Photoshop's APP13 segment: captions, credits) and its comment come back in the
+        restored JPEG, next to its EXIF, which still reads; the IPTC also reaches a TIFF written from it."""
+        iptc = b"\x1c\x02\x78" + struct.pack(">H", 17) + b"Grandma, restored"
+        app13 = b"Photoshop 3.0\0" + b"8BIM\x04\x04\0\0" + struct.pack(">I", len(iptc)) + iptc + b"\0"
+        exif = Image.Exif()
+        exif[0x010F] = "Camera maker"
+        plain = _save(Image.fromarray(_photo()), "JPEG", exif=exif, comment=b"scanned by the archive")
+        source = plain[:2] + b"\xff\xed" + struct.pack(">H", len(app13) + 2) + app13 + plain[2:]
+        image = decode(source)
+        data = encode(image, image.rgb, options=EncodeOptions())[0]
+        back = _open(data)
+        assert (iptc, b"scanned by the archive", "Camera maker") == (
+            back.info["photoshop"][0x0404], back.info.get("comment"), back.getexif().get(0x010F))
+        assert (48, 64, 3) == decode(data).rgb.shape
+        as_tiff = _open(encode(image, image.rgb, options=EncodeOptions(format="TIFF"))[0])
+        assert iptc == as_tiff.tag_v2.get(33723)
+
     @pytest.mark.parametrize("bits", [8, 16])
     @pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
     def test_tiff_xmp_and_iptc_are_kept(self, compression: str, bits: int) -> None:
