@@ -73,6 +73,9 @@ _TIFF_XMP, _TIFF_IPTC = 700, 33723
 _IRB_IPTC = 0x0404  # the IPTC record among the Photoshop resources of a JPEG's APP13 segment
 _APP13_PHOTOSHOP = b"Photoshop 3.0\x00"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# How a PNG says its colours are to be shown (gamma, primaries, "this is sRGB"): without them a viewer shows the
+# restored photo lighter or darker than the source.
+_PNG_COLOUR_CHUNKS = (b"gAMA", b"cHRM", b"sRGB")
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 # What Pillow's plugins raise for a damaged file, depending on where the damage is.
@@ -676,6 +679,7 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
         if isinstance(resources, dict) and isinstance(iptc := resources.get(_IRB_IPTC), bytes) and iptc:
             info["iptc"] = iptc
     elif fmt == "PNG":
+        info["png_colour"] = _png_colour_chunks(data)
         text = getattr(im, "text", {}) or {}
         info["png_text"] = {k: v for k, v in text.items() if k != "XML:com.adobe.xmp" and k not in _PNG_EXIF_TEXT}
     elif fmt == "TIFF":
@@ -686,6 +690,19 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
     elif fmt == "WEBP":
         info["webp_lossless"] = _webp_is_lossless(data)
     return info
+
+
+def _png_colour_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The source's gAMA, cHRM and sRGB chunks as (type, payload), their bytes as stored (no float round trip)."""
+    found, pos = [], len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind in (b"IDAT", b"IEND"):  # the spec puts them before the image data
+            break
+        if kind in _PNG_COLOUR_CHUNKS:
+            found.append((kind, data[pos + 8 : pos + 8 + length]))
+        pos += 12 + length
+    return found
 
 
 def _webp_is_lossless(data: bytes) -> bool:
@@ -881,6 +898,8 @@ def _encode_8bit(
     elif fmt == "PNG":
         params = {k: v for k, v in meta.items() if k not in ("xmp", "iptc")}
         params["pnginfo"] = _png_text_info(image, meta.get("xmp"))
+        for kind, payload in _png_colour(image, options):
+            params["pnginfo"].add(kind, payload)  # Pillow leaves sRGB out itself next to an ICC profile
     elif fmt == "WEBP":
         lossless = bool(image.info.get("webp_lossless"))
         params = {"lossless": lossless, "quality": 100 if lossless else options.webp_quality}
@@ -922,6 +941,11 @@ def _save(pil: Image.Image, fmt: str, **params: Any) -> bytes:
         pil.save(fh, fmt, **params)
         fh.seek(0)
         return fh.read()
+
+
+def _png_colour(image: DecodedImage, options: EncodeOptions) -> list[tuple[bytes, bytes]]:
+    chunks = image.info.get("png_colour") if options.keep_metadata else None
+    return [(k, v) for k, v in chunks if k in _PNG_COLOUR_CHUNKS] if isinstance(chunks, list) else []
 
 
 def _png_text_info(image: DecodedImage, xmp: bytes | None) -> PngImagePlugin.PngInfo:
@@ -989,7 +1013,7 @@ def _encode_16bit(
         meta = _metadata(image, options, "GRAY" if gray else "RGB", (samples.shape[1], samples.shape[0]))
         pixels = samples if alpha is None else np.dstack([samples, alpha])
         text = image.info.get("png_text") if options.keep_metadata else None
-        return _write_png16(pixels, meta, text)
+        return _write_png16(pixels, meta, text, _png_colour(image, options))
     meta = _metadata(image, options, "GRAY" if gray else "RGB", (samples.shape[1], samples.shape[0]))
     pixels = samples if alpha is None else np.dstack([samples, alpha])
     return _write_tiff16(pixels, _tiff_compression(image), meta)
@@ -1031,7 +1055,7 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-def _write_png16(pixels: np.ndarray, meta: dict[str, Any], text: object) -> bytes:
+def _write_png16(pixels: np.ndarray, meta: dict[str, Any], text: object, colour: list[tuple[bytes, bytes]]) -> bytes:
     """A 16-bit PNG (gray, gray+alpha, RGB or RGBA) with its metadata chunks.
 
     Pillow writes 16 bits only for single-channel images, and OpenCV drops metadata and cannot
@@ -1046,7 +1070,10 @@ def _write_png16(pixels: np.ndarray, meta: dict[str, Any], text: object) -> byte
     raw = np.hstack([np.full((height, 1), 2, np.uint8), filtered]).tobytes()
     header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
     out = [_PNG_SIGNATURE, _png_chunk(b"IHDR", header)]
-    if icc := meta.get("icc_profile"):
+    icc = meta.get("icc_profile")
+    # An ICC profile and an sRGB chunk contradict each other; the profile is the more exact of the two.
+    out += [_png_chunk(kind, payload) for kind, payload in colour if not (icc and kind == b"sRGB")]
+    if icc:
         out.append(_png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc)))
     if dpi := meta.get("dpi"):
         ppm = [round(float(v) / 0.0254) for v in dpi]

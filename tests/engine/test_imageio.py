@@ -764,6 +764,30 @@ class TestMetadata:
         back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
         assert (600, 600) == tuple(round(float(v)) for v in back.info["dpi"])
 
+    @pytest.mark.parametrize("bits", [8, 16])
+    def test_png_gamma_chromaticity_and_srgb_are_kept(self, bits: int) -> None:
+        """A PNG's gAMA, cHRM and sRGB chunks, which change how light or saturated a viewer shows it, come back
+        as stored, before the image data as PNG requires."""
+        chunks = [(b"gAMA", struct.pack(">I", 45455)), (b"cHRM", struct.pack(">8I", 31270, 32900, 64000, 33000,
+                                                                              30000, 60000, 15000, 6000)),
+                  (b"sRGB", b"\x00")]
+        if bits == 8:
+            pnginfo = PngImagePlugin.PngInfo()
+            for kind, payload in chunks:
+                pnginfo.add(kind, payload)
+            source = _save(Image.fromarray(_photo()), "PNG", pnginfo=pnginfo)
+        else:
+            plain = _png16(np.full((6, 5, 3), 30000, np.uint16), colour_type=2)
+            source = plain[:33] + b"".join(_png_chunk(kind, payload) for kind, payload in chunks) + plain[33:]
+        image = decode(source)
+        data = encode(image, image.rgb, options=EncodeOptions())[0]
+        pos, before_idat = 8, []
+        while data[pos + 4 : pos + 8] != b"IDAT":
+            length = struct.unpack(">I", data[pos : pos + 4])[0]
+            before_idat.append((data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]))
+            pos += 12 + length
+        assert chunks == [chunk for chunk in before_idat if chunk[0] in (b"gAMA", b"cHRM", b"sRGB")]
+
     def test_jpeg_iptc_and_comment_are_kept(self) -> None:
         """A JPEG's IPTC record (Photoshop's APP13 segment: captions, credits) and its comment come back in the
         restored JPEG, next to its EXIF, which still reads; the IPTC also reaches a TIFF written from it."""
