@@ -742,8 +742,7 @@ def encode(image: DecodedImage, rgb: np.ndarray, *, options: EncodeOptions) -> t
     alpha = _resize_to(image.alpha, width, height)
     high = _resize_to(image.high_bit, width, height)
     grayscale = image.grayscale and fmt != "WEBP"  # WebP has no grayscale mode
-    # JPEG has no alpha, and Pillow's BMP writer stores 32-bit pixels that readers take as RGB.
-    keep_alpha = alpha is not None and fmt not in ("JPEG", "BMP")
+    keep_alpha = alpha is not None and fmt != "JPEG"  # JPEG has no alpha
     if alpha is not None and not keep_alpha:
         rgb = _over_white(rgb, alpha)
     samples = _luma(rgb)[:, :, None] if grayscale else rgb
@@ -906,6 +905,8 @@ def _encode_8bit(
         params.update({k: v for k, v in meta.items() if k not in ("dpi", "iptc")})
     elif fmt == "TIFF":
         return _save_tiff(pil, _tiff_compression(image), meta)
+    elif fmt == "BMP" and alpha is not None:
+        return _write_bmp32(pixels, meta.get("dpi"))
     elif fmt == "BMP" and "dpi" in meta:
         params = {"dpi": meta["dpi"]}
     return _save(pil, fmt, **params)
@@ -922,6 +923,24 @@ def _with_app13(jpeg: bytes, iptc: bytes) -> bytes:
     while pos + 4 <= len(jpeg) and jpeg[pos] == 0xFF and jpeg[pos + 1] in (0xE0, 0xE1):
         pos += 2 + struct.unpack(">H", jpeg[pos + 2 : pos + 4])[0]
     return jpeg[:pos] + b"\xff\xed" + struct.pack(">H", len(payload) + 2) + payload + jpeg[pos:]
+
+
+def _write_bmp32(pixels: np.ndarray, dpi: tuple[float, float] | None) -> bytes:
+    """A 32-bit BMP with alpha: RGBA or gray+alpha ``pixels`` (HxWx4 or HxWx2 uint8).
+
+    Pillow's own BMP writer stores 32-bit pixels without saying which byte is alpha, so readers (Pillow among
+    them) take them as RGB. This one writes a BITMAPV4HEADER with BI_BITFIELDS masks, the alpha mask included,
+    the layout Windows and Pillow read as RGBA.
+    """
+    height, width, channels = pixels.shape
+    colour = np.repeat(pixels[:, :, :1], 3, axis=2) if channels == 2 else pixels[:, :, :3]
+    rows = np.dstack([colour[:, :, ::-1], pixels[:, :, -1]])[::-1]  # BGRA, bottom row first
+    ppm = [round(float(v) / 0.0254) for v in dpi] if dpi else [0, 0]
+    header = struct.pack("<IiiHHIIiiII", 108, width, height, 1, 32, 3, rows.nbytes, ppm[0], ppm[1], 0, 0)
+    header += struct.pack("<4I", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000)
+    header += b"BGRs" + bytes(36 + 12)  # colour space sRGB (LCS_sRGB, little-endian); endpoints and gamma unused
+    offset = 14 + len(header)
+    return b"BM" + struct.pack("<IHHI", offset + rows.nbytes, 0, 0, offset) + header + rows.tobytes()
 
 
 def _save(pil: Image.Image, fmt: str, **params: Any) -> bytes:

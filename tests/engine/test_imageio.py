@@ -221,6 +221,14 @@ def _exif_tiff(block: bytes) -> bytes:
     return block[6:] if block.startswith(b"Exif\0\0") else block
 
 
+def _bmp_with_alpha(rgba: np.ndarray) -> bytes:
+    """A 32-bit BMP as Photoshop and GIMP write one with alpha: BITMAPV4HEADER, BI_BITFIELDS with an alpha mask."""
+    height, width = rgba.shape[:2]
+    pixels = np.ascontiguousarray(rgba[::-1][:, :, [2, 1, 0, 3]]).tobytes()
+    info = struct.pack("<IiiHHIIiiII", 108, width, height, 1, 32, 3, len(pixels), 2835, 2835, 0, 0)
+    info += struct.pack("<IIII", 0xFF0000, 0xFF00, 0xFF, 0xFF000000) + b"BGRs" + bytes(48)
+    return b"BM" + struct.pack("<IHHI", 14 + len(info) + len(pixels), 0, 0, 14 + len(info)) + info + pixels
+
 def _srgb_icc() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
@@ -370,6 +378,15 @@ class TestModes:
         back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
         assert back.mode == "RGBA"
         np.testing.assert_array_equal(alpha, np.asarray(back)[:, :, 3])
+
+    def test_bmp_alpha_is_kept(self) -> None:
+        """A 32-bit BMP with alpha comes back with the same alpha and colours, not flattened onto white."""
+        rgba = np.dstack([_photo(), np.tile(np.linspace(0, 255, 64).astype(np.uint8), (48, 1))])
+        image = decode(_bmp_with_alpha(rgba))
+        back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert ("BMP", "RGBA") == (back.format, back.mode)
+        np.testing.assert_array_equal(rgba, np.asarray(back))
+        assert (72, 72) == tuple(round(float(v)) for v in back.info["dpi"])
 
     def test_alpha_follows_a_downsized_result(self) -> None:
         """When the preset shrank the image, alpha is resized to the result's size."""
