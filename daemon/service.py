@@ -498,6 +498,8 @@ class Service:
     def _install_signal_handlers(self) -> None:
         def on_stop(signum: int, frame: object) -> None:
             if self.stop_event.is_set():  # a second signal: the operator insists
+                log.warning("second stop signal: exiting at once; the work in flight is redone at the next start",
+                            signal=signal.Signals(signum).name)
                 os._exit(1)
             self.stop_event.set()
 

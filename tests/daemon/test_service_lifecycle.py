@@ -84,6 +84,33 @@ def test_sigterm_finishes_the_batch_in_flight_and_exits_zero(tmp_path):
         assert 0 == again.stop()
 
 
+def test_a_second_ctrl_c_exits_at_once_and_says_so(tmp_path):
+    """SIGINT twice during a slow batch: the process ends at once (exit 1), with a line saying why and what happens
+    to the work in flight, which the next start redoes and publishes once."""
+    config, layout = write_config(tmp_path)
+    daemon = Daemon(config, env={"GPEN_WATCH_FAILPOINTS": "generate=sleep:3*1"}).start()
+    inputs = {("a", "slow.jpg"): face_photo(1)}
+    try:
+        wait_for(lambda: "gpen-watch ready" in daemon.log_text(), 90, daemon, "ready")
+        (layout.hot["a"] / "slow.jpg").write_bytes(inputs[("a", "slow.jpg")])
+        time.sleep(2.0)  # in the slow generator call
+        daemon.signal(signal.SIGINT)
+        time.sleep(0.2)
+        daemon.signal(signal.SIGINT)
+        assert 1 == daemon.wait(30)
+    finally:
+        if daemon.running():
+            daemon.kill()
+    [forced] = [e for e in daemon.log_lines() if str(e.get("event", "")).startswith("second stop signal")]
+    assert forced["signal"] == "SIGINT" and "redone at the next start" in forced["event"]
+    again = Daemon(config).start()
+    try:
+        wait_for(lambda: account(layout, inputs).settled == 1, 90, again, "redone after the restart")
+        assert account(layout, inputs).duplicated == []
+    finally:
+        assert 0 == again.stop()
+
+
 def test_two_instances_share_hot_folders_and_publish_each_file_once(tmp_path):
     """Two daemons (one per GPU, as gpen-watch@0/@1) on one config and job table: each file is published once."""
     config, layout = write_config(tmp_path)
