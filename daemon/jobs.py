@@ -415,10 +415,11 @@ class JobTable:
             result.setdefault(str(folder), {})[str(state)] = int(n)  # type: ignore[call-overload]
         return result
 
-    def recent_failures(self, limit: int = 10) -> list[Job]:
+    def recent_failures(self, limit: int = 10, state: str = "failed") -> list[Job]:
+        """The latest rows in ``state`` (failed, or waiting to ``retry``), newest first."""
         rows = self._read(
-            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'failed' ORDER BY updated_at DESC, id DESC LIMIT ?",
-            (limit,),
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY updated_at DESC, id DESC LIMIT ?",
+            (state, limit),
         )
         return [Job(*row) for row in rows]  # type: ignore[arg-type]
 

@@ -278,6 +278,7 @@ class Report:
     failures: list[Failure]
     throughput: dict[str, float]  # files per minute over each window of THROUGHPUT_WINDOWS
     instances: dict[str, bool] = field(default_factory=dict)  # instance name ("" = the single daemon) -> running
+    retrying: list[Failure] = field(default_factory=list)  # the latest files waiting to retry, with why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -302,6 +303,7 @@ def gather(state: Path, *, failures: int = 10, now: float | None = None) -> Repo
             queue_depths=table.queue_depths(now),
             failures=[Failure.of(job) for job in table.recent_failures(failures)],
             throughput={name: table.throughput(window, now) for name, window in THROUGHPUT_WINDOWS.items()},
+            retrying=[Failure.of(job) for job in table.recent_failures(failures, state="retry")],
         )
     finally:
         table.close()
@@ -387,6 +389,13 @@ def render_text(report: Report) -> str:
     rates = " · ".join(f"{name} {rate:.1f}" for name, rate in report.throughput.items())
     lines.append(f"throughput (files/min): {rates}")
 
+    if report.retrying:
+        # Passing trouble (an output share away, a full disk) shows here: nothing has failed, files wait.
+        lines.append("")
+        lines.append("waiting to retry (latest):")
+        for f in report.retrying:
+            lines.append(f"  {_when(f.at)}  {_shown(f.folder)}  {_shown(f.relpath)}")
+            lines.append(f"      {_shown(_one_line(f.error))} (attempts {f.attempts})")
     if report.failures:
         lines.append("")
         lines.append("last failures:")

@@ -180,6 +180,21 @@ class TestCommand:
         assert "[decode] image file is truncated" in out
         assert "sub/broken.jpg" in out
 
+    def test_files_waiting_to_retry_show_why(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """An output share that went away fails nothing: its files wait to retry, and status says why."""
+        state = make_state(tmp_path)
+        with JobTable.open(state / status.JOBS_FILE) as table:
+            job = table.note_candidate("/hot/fast", "e.jpg", "fast")
+            table.mark_ready(job.id, 10, 1, "ee")
+            (claimed,) = table.claim("fast", 1)
+            table.retry_later(claimed.id, "publish: result /srv/out/e.jpg: Read-only file system", 60)
+        main(["status", "--root", str(tmp_path)])
+        out = capsys.readouterr().out
+        assert "waiting to retry (latest):" in out
+        assert "publish: result /srv/out/e.jpg: Read-only file system (attempts 1)" in out
+        main(["status", "--root", str(tmp_path), "--json"])
+        assert json.loads(capsys.readouterr().out)["retrying"][0]["relpath"] == "e.jpg"
+
     def test_per_gpu_instances_are_found(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """With gpen-watch@N instances (status-N.json, no status.json), status sees them and says which run."""
         state = make_state(tmp_path)
