@@ -408,6 +408,11 @@ class JobTable:
         )
         return {str(preset): int(n) for preset, n in rows}  # type: ignore[call-overload]
 
+    def in_flight_by_owner(self) -> dict[str, int]:
+        """Per instance name, the rows it holds in ``processing``."""
+        rows = self._read("SELECT owner, COUNT(*) FROM jobs WHERE state = 'processing' GROUP BY owner")
+        return {str(owner): int(n) for owner, n in rows}  # type: ignore[call-overload]
+
     def counts(self) -> dict[str, dict[str, int]]:
         """Per folder, the number of rows in each state."""
         result: dict[str, dict[str, int]] = {}

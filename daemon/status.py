@@ -279,6 +279,8 @@ class Report:
     throughput: dict[str, float]  # files per minute over each window of THROUGHPUT_WINDOWS
     instances: dict[str, bool] = field(default_factory=dict)  # instance name ("" = the single daemon) -> running
     retrying: list[Failure] = field(default_factory=list)  # the latest files waiting to retry, with why
+    # instance name -> files it holds in flight although it is not running: they wait for it to start again
+    stranded: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -304,6 +306,7 @@ def gather(state: Path, *, failures: int = 10, now: float | None = None) -> Repo
             failures=[Failure.of(job) for job in table.recent_failures(failures)],
             throughput={name: table.throughput(window, now) for name, window in THROUGHPUT_WINDOWS.items()},
             retrying=[Failure.of(job) for job in table.recent_failures(failures, state="retry")],
+            stranded={owner: n for owner, n in table.in_flight_by_owner().items() if not running.get(owner, False)},
         )
     finally:
         table.close()
@@ -373,6 +376,12 @@ def render_text(report: Report) -> str:
         for folder, reason in sorted(snap.paused.items()):
             lines.append(f"PAUSED {folder}: {reason}")
         lines += _refused_lines(snap)
+    for owner, n in sorted(report.stranded.items()):
+        # Each instance takes back only its own work in flight (jobs.claim_instance): these wait for that one.
+        name = f"instance {owner}" if owner else "the default instance"
+        unit = f"gpen-watch@{owner}" if owner else "gpen-watch"
+        lines.append(f"warning: {n} file(s) were in flight when {name} stopped; they are redone when it starts "
+                     f"again (systemctl start {unit})")
 
     lines.append("")
     states = [s for s in STATES if any(s in c for c in report.counts.values())]

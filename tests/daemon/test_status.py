@@ -209,6 +209,24 @@ class TestCommand:
         assert "running (pid" in out and "cuda:0 (Test GPU)" in out
         assert "instances: 0 running, 1 not running" in out
 
+    def test_work_held_by_a_stopped_instance_is_pointed_out(self, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+        """Instance 1 died with files in flight; only it takes them back, so status says they wait for it."""
+        state = make_state(tmp_path)
+        with JobTable.open(state / status.JOBS_FILE, owner="1") as gpu1:
+            job = gpu1.note_candidate("/hot/fast", "held.jpg", "fast")
+            gpu1.mark_ready(job.id, 10, 1, "hh")
+            gpu1.claim("fast", 1)
+        status.write_snapshot(state / "status-0.json", Snapshot.current(device="cuda:0", batch_caps={}, paused={}))
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                               text=True)
+        status.write_snapshot(state / "status-1.json", Snapshot(pid=int(child.stdout), started_at=1.0,
+                                                                updated_at=1.0, version="x", device="cuda:1"))
+        main(["status", "--root", str(tmp_path)])
+        out = capsys.readouterr().out
+        assert "warning: 1 file(s) were in flight when instance 1 stopped" in out
+        assert "systemctl start gpen-watch@1" in out
+
     def test_file_names_cannot_drive_the_terminal(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A failed file whose name holds an escape sequence or a newline is shown escaped, on one line."""
         state = tmp_path / "state"
