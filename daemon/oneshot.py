@@ -308,6 +308,8 @@ def run(items: list[Item], restorer: Restorer, options: EngineOptions, *, io_thr
                         log(f"error: {got}")
                         bar.update(1)
                     else:
+                        if damage := got.image.info.get("damaged"):
+                            log(f"warning: {got.item.source}: {damage}")
                         chunk.append(got)
                 if not chunk:
                     continue

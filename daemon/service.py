@@ -1034,6 +1034,8 @@ class Service:
             self._count_done(len(outcome.faces))
             times = outcome.times.as_dict() | {"decode": round(item.decode_ms, 2), "encode": round(encode_ms, 2)}
             log.info("published", output=str(output), faces=len(outcome.faces), ms=times, result="ok")
+            if damage := item.image.info.get("damaged"):  # restored all the same: the backup keeps the file as it came
+                log.warning("the source was damaged", damage=damage)
             if self.metrics is not None:
                 for stage, ms in times.items():
                     self.metrics.observe_stage(stage, ms / 1000)

@@ -128,6 +128,8 @@ def decode(data: bytes, *, max_pixels: int = 100_000_000, long_side: int | None 
         exif = _exif_sized(exif, (rgb.shape[1], rgb.shape[0]))  # upright: swapped for orientations 5-8
     if orientation != 1:
         info["source_orientation"] = orientation
+    if fmt == "JPEG" and (damage := jpeg_damage(data)):
+        info["damaged"] = f"the JPEG's compressed data is damaged ({damage}): it decodes as a viewer shows it"
     return DecodedImage(
         rgb=rgb,
         format=fmt,
@@ -341,6 +343,61 @@ def _jpeg_has_end(data: bytes) -> bool:
             return data.find(b"\xff\xd9", pos + 2 + length) >= 0
         pos += 2 + length
     return False
+
+
+# Markers that may follow a scan's compressed data: tables, restart interval, the next scan, comments, APPn, DNL.
+_BETWEEN_SCANS = frozenset({0xC4, 0xCC, 0xDA, 0xDB, 0xDC, 0xDD, 0xFE, *range(0xE0, 0xF0)})
+
+
+def jpeg_damage(data: bytes) -> str | None:
+    """Where the first image's compressed data is visibly broken, or None.
+
+    libjpeg only warns about such data (Pillow does not pass the warning on) and shows the rest of the
+    image as grey or garbage. Damage shows as markers no encoder writes inside a scan: a reserved or
+    out-of-place marker, a restart marker without a restart interval or out of its 0-7 cycle, or bytes
+    after a table segment that are not the next marker. Damage without any 0xFF byte in it cannot be told
+    from pixels; a missing end is ``check_complete``'s business.
+    """
+    pos, size, interval, in_scans = 2, len(data), 0, False
+    while pos + 4 <= size:
+        if data[pos] != 0xFF:
+            return f"bytes that are no marker at byte {pos}, after the compressed data" if in_scans else None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return None
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            pos += 2
+            continue
+        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        if marker == 0xDD and length >= 4 and pos + 6 <= size:
+            interval = struct.unpack(">H", data[pos + 4 : pos + 6])[0]
+        pos += 2 + length
+        if marker != 0xDA:
+            continue
+        in_scans, restart = True, 0  # restart markers count 0-7 again in every scan
+        while True:
+            ff = data.find(b"\xff", pos)
+            if ff < 0 or ff + 1 >= size:
+                return None
+            following = data[ff + 1]
+            if following in (0x00, 0xFF):  # a stuffed 0xFF, or fill before a marker
+                pos = ff + 1 + (following == 0x00)
+                continue
+            if 0xD0 <= following <= 0xD7:
+                if not interval or following != 0xD0 + restart:
+                    return f"a restart marker out of place at byte {ff}"
+                restart, pos = (restart + 1) % 8, ff + 2
+                continue
+            if following == 0xD9:
+                return None
+            if following not in _BETWEEN_SCANS:
+                return f"marker 0xFF{following:02X}, which has no place there, at byte {ff}"
+            pos = ff
+            break
+    return None
 
 
 def _webp_canvas_size(data: bytes) -> tuple[int, int] | None:

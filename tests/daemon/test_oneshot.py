@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -110,6 +111,21 @@ class TestEnhanceFolders:
         written = {p.name for p in folder.rglob("*.restored.*")}
         assert {"good.restored.jpg", "nested.restored.jpg"} == written  # nothing for bad files, junk or links
         assert before == {p: p.read_bytes() for p in before}  # inputs untouched
+
+    def test_a_damaged_jpeg_is_restored_with_a_warning(self, config: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+        """A JPEG whose compressed data was overwritten half-way decodes (libjpeg shows grey there and only warns,
+        which Pillow does not pass on): it is restored, and a warning line names the file and the damage."""
+        data = bytearray(jpeg_crop((300, 50, 900, 350)))
+        middle = len(data) // 2
+        data[middle : middle + 500] = random.Random(9).randbytes(500)  # holds a restart marker, with no interval
+        src = tmp_path / "damaged.jpg"
+        src.write_bytes(bytes(data))
+        assert enhance(config, str(src)) == 0
+        err = capsys.readouterr().err
+        [warning] = [line for line in err.splitlines() if line.startswith("warning: ")]
+        assert "damaged.jpg" in warning and "restart marker out of place" in warning
+        assert (tmp_path / "damaged.restored.jpg").is_file()
 
     def test_output_dir_keeps_structure_and_never_overwrites(self, config: Path, tmp_path: Path) -> None:
         """-o DIR mirrors subfolders; a second run gets a suffixed name instead of replacing the first."""
