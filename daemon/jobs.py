@@ -138,10 +138,17 @@ def claim_instance(state_dir: Path, instance: str) -> int:
     unfinished rows as crash leftovers: a second daemon under the same name would take the first one's
     work in flight. Raises JobTableError naming the holder. The lock ends with the descriptor (or process).
     """
-    path = state_dir / f"instance-{instance or 'default'}.lock"
+    path = _lock_path(state_dir, instance)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for wait in (0.05, 0.2, 0.5, 1.0, 0.0):  # a running peer may hold it for a moment (instance_stopped)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not wait:
+                    raise
+                time.sleep(wait)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
@@ -153,6 +160,33 @@ def claim_instance(state_dir: Path, instance: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _lock_path(state_dir: Path, instance: str) -> Path:
+    return state_dir / f"instance-{instance or 'default'}.lock"
+
+
+@contextmanager
+def instance_stopped(state_dir: Path, instance: str) -> Iterator[bool]:
+    """Whether ``instance`` is known to be stopped: its lock file exists and nobody holds it. While the block
+    runs it cannot start (its ``claim_instance`` waits a moment), so its rows in flight can be taken over.
+
+    A missing lock file says nothing (an instance that runs may have had it deleted): not stopped.
+    """
+    try:
+        fd = os.open(_lock_path(state_dir, instance), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 _LOCKED_HINT = (
@@ -660,9 +694,11 @@ class JobTable:
             )
             return cur.rowcount
 
-    def requeue_in_flight(self, max_attempts: int | None = None) -> int:
-
+    def requeue_in_flight(self, max_attempts: int | None = None, owner: str | None = None) -> int:
         """At start-up: this instance's ``processing`` rows (a crash left them) go back to ``ready``.
+
+        ``owner``: another instance's rows instead, one known to be stopped (``instance_stopped``), so that its
+        work in flight does not wait for it to come back.
 
         Output and backup targets stay, so the redo publishes under the same names. With ``max_attempts``
         (start-up after a crash), each such row counts one crash, and a job found in flight at that many crashes
@@ -672,10 +708,11 @@ class JobTable:
         crashes are charged to it only. Returns how many were requeued.
 
         """
+        owner = self._owner if owner is None else owner
         with self._tx() as con:
             if max_attempts is not None:
                 con.execute(
-                    "UPDATE jobs SET crashes = crashes + 1 WHERE state = 'processing' AND owner = ?", (self._owner,)
+                    "UPDATE jobs SET crashes = crashes + 1 WHERE state = 'processing' AND owner = ?", (owner,)
                 )
                 con.execute(
                     "UPDATE jobs SET state = 'failed', error_stage = 'crash', last_error = ?, updated_at = ? "
@@ -683,12 +720,12 @@ class JobTable:
                     (
                         f"the daemon stopped while processing this file {max_attempts} times; giving up",
                         time.time(),
-                        self._owner,
+                        owner,
                         max_attempts,
                     ),
                 )
             cur = con.execute(
                 "UPDATE jobs SET state = 'ready', updated_at = ? WHERE state = 'processing' AND owner = ?",
-                (time.time(), self._owner),
+                (time.time(), owner),
             )
             return cur.rowcount

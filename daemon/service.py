@@ -33,7 +33,7 @@ from daemon import publish, status
 from daemon.batcher import pick_queue
 from daemon.executor import LocalExecutor, Outcome
 from daemon.faults import FailPoints
-from daemon.jobs import Job, JobStateError, JobTable, JobTableError, claim_instance
+from daemon.jobs import Job, JobStateError, JobTable, JobTableError, claim_instance, instance_stopped
 from daemon.logs import configure_logging
 from daemon.notify import Notifier
 from daemon.paths import (
@@ -72,6 +72,7 @@ STALL_FACTOR = 1.0
 RELOAD_LIMIT = 600.0
 # How often the job table's old history is pruned (besides at start-up).
 PRUNE_EVERY = 24 * 3600.0
+TAKEOVER_EVERY = 30.0  # how often to look for work in flight held by a stopped instance
 
 
 def command(args: argparse.Namespace) -> int:
@@ -291,6 +292,7 @@ class Service:
         requeued = self.jobs.requeue_in_flight(max_attempts=self.settings.max_attempts)
         if requeued:
             log.warning("work in flight at the last stop is redone", jobs=requeued)
+        self._take_over_stopped_instances()
         for key, folder in self.folders.items():  # the config may have given a folder another preset since
             self.jobs.reassign_preset(key, folder.preset)
         for key in self.jobs.folders_with_unfinished() - set(self.folders):  # removed from the config meanwhile
@@ -395,6 +397,26 @@ class Service:
                 raise publish.ShareUnavailable(
                     root, f"the share it was on ({expected.mount_point}) is no longer mounted")
 
+    def _take_over_stopped_instances(self) -> None:
+        """Work in flight held by an instance that stopped (killed, or its GPU gone) is redone here, not left
+        until that instance starts again. It counts as a crash for those files, as it would there."""
+        assert self.jobs is not None
+        state = state_dir(self.settings)
+        taken = 0
+        for owner in sorted(self.jobs.in_flight_by_owner()):
+            if owner == self.settings.instance:
+                continue
+            with instance_stopped(state, owner) as stopped:
+                if not stopped:
+                    continue
+                n = self.jobs.requeue_in_flight(max_attempts=self.settings.max_attempts, owner=owner)
+            if n:
+                taken += n
+                log.warning("work in flight when another instance stopped is redone here",
+                            instance=owner or "default", jobs=n)
+        if taken:
+            self._settle_crash_loops()
+
     def _settle_crash_loops(self) -> None:
         """Files that were in flight at too many crashes in a row go to failed/, so one file cannot kill us forever."""
         assert self.jobs is not None
@@ -440,6 +462,7 @@ class Service:
         interval = self.notifier.watchdog_interval()
         next_status = 0.0
         next_prune = time.monotonic() + PRUNE_EVERY  # start-up has just pruned
+        next_takeover = time.monotonic() + TAKEOVER_EVERY  # and looked for stopped instances' work
         tick = min(0.25, interval / 2) if interval is not None else 0.25
         while not self.stop_event.is_set():
             self.stop_event.wait(tick)
@@ -463,6 +486,12 @@ class Service:
             if now >= next_prune:
                 next_prune = now + PRUNE_EVERY
                 self._prune_history()
+            if now >= next_takeover:
+                next_takeover = now + TAKEOVER_EVERY
+                try:
+                    self._take_over_stopped_instances()
+                except Exception as exc:  # the job table busy or away: the next round tries again
+                    log.warning("could not look for stopped instances' work", error=str(exc))
 
     def shutdown(self) -> None:
         self.notifier.stopping()

@@ -377,11 +377,14 @@ def render_text(report: Report) -> str:
             lines.append(f"PAUSED {folder}: {reason}")
         lines += _refused_lines(snap)
     for owner, n in sorted(report.stranded.items()):
-        # Each instance takes back only its own work in flight (jobs.claim_instance): these wait for that one.
         name = f"instance {owner}" if owner else "the default instance"
         unit = f"gpen-watch@{owner}" if owner else "gpen-watch"
-        lines.append(f"warning: {n} file(s) were in flight when {name} stopped; they are redone when it starts "
-                     f"again (systemctl start {unit})")
+        if report.running:  # a running instance takes them over (Service._take_over_stopped_instances)
+            lines.append(f"note: {n} file(s) were in flight when {name} stopped; a running instance redoes them "
+                         "within a minute")
+        else:
+            lines.append(f"warning: {n} file(s) were in flight when {name} stopped; they are redone when an "
+                         f"instance starts (systemctl start {unit})")
 
     lines.append("")
     states = [s for s in STATES if any(s in c for c in report.counts.values())]

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from daemon.jobs import ACTIVE_STATES, JobStateError, JobTable, JobTableError
+from daemon.jobs import ACTIVE_STATES, JobStateError, JobTable, JobTableError, claim_instance, instance_stopped
 
 FOLDER = "/srv/in/fast"
 
@@ -324,6 +324,30 @@ class TestCrashRecovery:
         assert gpu1.get(b.id).backup_path is None
         assert gpu1.set_targets(b.id, "/out/b/IMG_0001.JPG", "/backup/IMG_0001 (1).JPG")
         assert gpu0.set_targets(a.id, "/out/a/IMG_0001.JPG", "/backup/IMG_0001.JPG")  # its own names again: fine
+        gpu0.close()
+        gpu1.close()
+
+    def test_a_stopped_instance_s_work_in_flight_can_be_taken_over(self, tmp_path):
+        """Instance 1 holds rows in flight. While it runs (its lock held), nobody may take them; once it is gone,
+        instance 0 puts them back in the queue, each charged one crash, and 1 cannot start meanwhile."""
+        path = tmp_path / "jobs.sqlite3"
+        gpu0, gpu1 = JobTable.open(path, owner="0"), JobTable.open(path, owner="1")
+        job = ready_job(gpu1, "a.jpg")
+        gpu1.claim("fast", 1)
+        lock = claim_instance(tmp_path, "1")
+        with instance_stopped(tmp_path, "1") as stopped:
+            assert not stopped
+        os.close(lock)  # instance 1 died
+        with instance_stopped(tmp_path, "1") as stopped:
+            assert stopped
+            with pytest.raises(JobTableError, match="already runs"):
+                claim_instance(tmp_path, "1")  # it cannot start while its work is being taken over
+            assert gpu0.requeue_in_flight(max_attempts=5, owner="1") == 1
+        row = gpu0.get(job.id)
+        assert (row.state, row.crashes) == ("ready", 1)
+        os.close(claim_instance(tmp_path, "1"))  # and afterwards it can
+        with instance_stopped(tmp_path, "2") as stopped:
+            assert not stopped  # no lock file: nothing is known about it
         gpu0.close()
         gpu1.close()
 

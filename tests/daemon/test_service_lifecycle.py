@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from daemon.jobs import JobTable
 from tests.daemon.harness import Daemon, account, face_photo, have_shared_data, wait_for, write_config
 
 pytestmark = pytest.mark.skipif(not have_shared_data(), reason="needs ../shared (detector weights, Solvay photo)")
@@ -109,6 +110,32 @@ def test_a_second_ctrl_c_exits_at_once_and_says_so(tmp_path):
         assert account(layout, inputs).duplicated == []
     finally:
         assert 0 == again.stop()
+
+
+def test_work_in_flight_of_a_killed_instance_is_taken_over_by_another(tmp_path):
+    """gpen-watch@1 is killed (-9) with files in flight and not started again: another instance takes its work
+    over (at its start, and every half minute while it runs), so nothing waits for @1 to come back."""
+    config, layout = write_config(tmp_path)
+    inputs = {("a", f"held-{i}.jpg"): face_photo(i) for i in range(3)}
+    first = Daemon(config, env={"GPEN_WATCH_INSTANCE": "1", "GPEN_WATCH_FAILPOINTS": "generate=sleep:30"}).start()
+    try:
+        wait_for(lambda: "gpen-watch ready" in first.log_text(), 90, first, "ready")
+        for (_, rel), data in inputs.items():
+            (layout.hot["a"] / rel).write_bytes(data)
+        with JobTable.open(tmp_path / "state" / "jobs.sqlite3") as table:
+            wait_for(lambda: len(table.in_state("processing")) == len(inputs), 30, first, "all in flight")
+        first.kill()
+    finally:
+        if first.running():
+            first.kill()
+    second = Daemon(config, env={"GPEN_WATCH_INSTANCE": "0"}).start()
+    try:
+        wait_for(lambda: account(layout, inputs).settled == len(inputs), 90, second, "taken over and published")
+        acc = account(layout, inputs)
+        assert acc.lost == [] and acc.duplicated == [] and acc.failed == {}
+        assert "work in flight when another instance stopped is redone here" in second.log_text()
+    finally:
+        assert 0 == second.stop()
 
 
 def test_two_instances_share_hot_folders_and_publish_each_file_once(tmp_path):

@@ -211,7 +211,7 @@ class TestCommand:
 
     def test_work_held_by_a_stopped_instance_is_pointed_out(self, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-        """Instance 1 died with files in flight; only it takes them back, so status says they wait for it."""
+        """Instance 1 died with files in flight and instance 0 is running: status says 0 takes them over."""
         state = make_state(tmp_path)
         with JobTable.open(state / status.JOBS_FILE, owner="1") as gpu1:
             job = gpu1.note_candidate("/hot/fast", "held.jpg", "fast")
@@ -222,6 +222,10 @@ class TestCommand:
                                text=True)
         status.write_snapshot(state / "status-1.json", Snapshot(pid=int(child.stdout), started_at=1.0,
                                                                 updated_at=1.0, version="x", device="cuda:1"))
+        main(["status", "--root", str(tmp_path)])
+        out = capsys.readouterr().out
+        assert "note: 1 file(s) were in flight when instance 1 stopped; a running instance redoes them" in out
+        (state / "status-0.json").unlink()
         main(["status", "--root", str(tmp_path)])
         out = capsys.readouterr().out
         assert "warning: 1 file(s) were in flight when instance 1 stopped" in out
