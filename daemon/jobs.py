@@ -41,6 +41,7 @@ TERMINAL_STATES = ("done", "failed", "skipped", "gone")
 STATES = ACTIVE_STATES + TERMINAL_STATES
 
 SCHEMA_VERSION = 4
+STUCK_AFTER = 3600.0  # seconds in "processing" after which a row no longer counts as in flight (see claim)
 
 
 class JobTableError(Exception):
@@ -563,11 +564,20 @@ class JobTable:
         """Folders that have rows not finished yet."""
         return {str(row[0]) for row in self._read(f"SELECT DISTINCT folder FROM jobs WHERE state IN {_ACTIVE_SQL}")}
 
-    def mark_skipped(self, job_id: int, reason: str, *, kept: str | None = None) -> None:
-        """Not processed on purpose (the duplicates policy). ``kept``: as for ``finish``."""
+    def mark_skipped(self, job_id: int, reason: str, *, kept: str | None = None,
+                     identity: tuple[int, int, str] | None = None) -> None:
+        """Not processed on purpose (the duplicates policy). ``kept``: as for ``finish``. ``identity``: the
+        (size, mtime_ns, sha256) the gate found, for a row skipped straight from ``pending``."""
         with self._tx() as con:
+            if identity is not None:
+                self._change(con, job_id, ("pending", "ready"), "size = ?, mtime_ns = ?, sha256 = ?", identity)
             self._change(con, job_id, ("pending", "ready"), "state = 'skipped', last_error = ?, kept = ?",
                          (reason, kept))
+
+    def set_kept(self, job_id: int, why: str) -> None:
+        """A failed row's original stayed in the hot folder (its copy is in failed/): see ``note_candidate``."""
+        with self._tx() as con:
+            self._change(con, job_id, ("failed",), "kept = ?", (why,))
 
     def claim(self, preset: str, limit: int, now: float | None = None) -> list[Job]:
         """Take up to ``limit`` claimable jobs of ``preset``, oldest first, into ``processing`` as one batch.
@@ -584,9 +594,12 @@ class JobTable:
         batch_id = uuid.uuid4().hex[:12]
         claimable = "(state = 'ready' OR (state = 'retry' AND next_attempt_at <= ?))"
         with self._tx() as con:
+            # A row untouched in "processing" for an hour is stuck (a bug), not in flight: it must not hold every
+            # suspect back until the next restart.
             busy = con.execute(
-                "SELECT MAX(crashes > 0), COUNT(*) FROM jobs WHERE state = 'processing' AND owner = ?",
-                (self._owner,),
+                "SELECT MAX(crashes > 0), COUNT(*) FROM jobs WHERE state = 'processing' AND owner = ? "
+                "AND updated_at > ?",
+                (self._owner, time.time() - STUCK_AFTER),
             ).fetchone()
             if busy[0]:  # a suspect is running: nothing may share its fate
                 return []

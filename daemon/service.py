@@ -422,8 +422,8 @@ class Service:
         assert self.jobs is not None
         for job in self.jobs.in_state("failed"):
             folder = self.folders.get(job.folder)
-            if job.error_stage != "crash" or folder is None:
-                continue
+            if job.error_stage != "crash" or folder is None or job.kept is not None:
+                continue  # (kept: a copy is in failed/ already, but the original could not leave)
             latest = self.jobs.latest(job.folder, job.relpath)
             if latest is None or latest.id != job.id:
                 continue  # a newer file of that name has its own row: it is not the one that crashed us
@@ -433,7 +433,11 @@ class Service:
                 if job.size is not None and (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
                     continue  # replaced since (or dropped again while we were down): new work, not this verdict
                 info = self._failure_info(job, folder, "crash", job.last_error or "the daemon died processing it")
-                publish.write_failure(folder.failed, job.relpath, source, None, info, src_root=folder.path)
+                try:
+                    publish.write_failure(folder.failed, job.relpath, source, None, info, src_root=folder.path)
+                except publish.OriginalKept as exc:  # no second copy at the next start
+                    self.jobs.set_kept(job.id, f"a copy is in the failed folder ({exc.stored.name}), but the "
+                                               f"original could not be removed: {exc.strerror}")
                 log.error("file failed after repeated crashes", folder=job.folder, path=job.relpath)
 
     def _feed_watchdog(self, interval: float | None, log_stale: bool) -> None:
@@ -827,8 +831,7 @@ class Service:
             self.jobs.mark_skipped(job.id, "already processed (unchanged since)")
             return
         if self.settings.duplicates == "skip" and self.jobs.find_done_by_hash(job.folder, verdict.sha256):
-            self.jobs.mark_ready(job.id, verdict.size, verdict.mtime_ns, verdict.sha256)
-            kept = None
+            kept = None  # the row stays pending (not claimable) until the duplicate is dealt with
             try:  # only the bytes that were checked: a file saved under the name since is new work
                 publish.dispose_source(
                     path, after=folder.after, done_path=self._done_path(folder, job), done_root=folder.done,
@@ -840,7 +843,8 @@ class Service:
             except OSError as exc:  # passing trouble is tried again at the next scan, as a new drop
                 if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                     kept = f"the duplicate could not be removed: {exc.strerror or exc}"
-            self.jobs.mark_skipped(job.id, "identical to a file processed before", kept=kept)
+            self.jobs.mark_skipped(job.id, "identical to a file processed before", kept=kept,
+                                   identity=(verdict.size, verdict.mtime_ns, verdict.sha256))
             log.info("duplicate skipped", folder=job.folder, path=job.relpath, **({"kept": kept} if kept else {}))
             return
         self.jobs.mark_ready(job.id, verdict.size, verdict.mtime_ns, verdict.sha256)
@@ -887,7 +891,15 @@ class Service:
         self.waiting_since[preset] = time.monotonic()
         if not jobs:
             return None
-        items = [p for p in self.read_pool.map(self._read, jobs) if p is not None]
+        try:
+            items = [p for p in self.read_pool.map(self._read, jobs) if p is not None]
+        except Exception as exc:
+            # Claimed rows must not stay "processing" until a restart (a waiting suspect would stall every
+            # claim behind them): they go back to the queue, and the error is logged by the prep loop.
+            for job in jobs:
+                with contextlib.suppress(JobStateError):
+                    self.jobs.retry_later(job.id, f"read: {exc}", self._backoff(job))
+            raise
         if not items:
             return None
         return Batch(preset, items, batch_id=jobs[0].batch_id or f"b{jobs[0].id}")

@@ -351,6 +351,16 @@ class TestCrashRecovery:
         gpu0.close()
         gpu1.close()
 
+    def test_a_row_stuck_in_processing_does_not_hold_suspects_back_for_ever(self, table):
+        """A row left in "processing" by a bug (untouched for over an hour) no longer counts as in flight: the
+        suspects waiting to run alone are claimed, instead of every claim returning nothing until a restart."""
+        suspect, stuck = ready_job(table, "s.jpg"), ready_job(table, "stuck.jpg")
+        table.claim("fast", 1)
+        table.requeue_in_flight(max_attempts=5)  # s.jpg is a suspect now
+        table._con.execute("UPDATE jobs SET state = 'processing', updated_at = updated_at - 7200 WHERE id = ?",
+                           (stuck.id,))
+        assert [j.id for j in table.claim("fast", 8)] == [suspect.id]
+
     def test_requeue_only_own_instance(self, tmp_path):
         """With one instance per GPU sharing a table, a restart requeues only its own jobs in flight."""
         path = tmp_path / "jobs.sqlite3"

@@ -342,3 +342,89 @@ def test_models_of_a_refused_reload_do_not_stay_loaded(tmp_path: Path, monkeypat
         svc._load_presets({"big": svc.presets["big"]})
     assert svc.models == running
     assert set(svc.restorers) == {"test"}
+
+
+def test_a_skipped_duplicate_cannot_be_claimed_while_it_is_being_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """duplicates = "skip": removing the duplicate reads and hashes it first. Meanwhile its row is not in the queue,
+    so the prep thread cannot take it and restore a file that is skipped (and, read-only, publish it twice)."""
+    from daemon.readiness import READY, Verdict
+
+    config = tmp_path / "gpen-watch.toml"
+    config.write_text(f'root = "{tmp_path}"\nduplicates = "skip"\n')
+    settings = load_settings(config)
+    svc = service.Service(settings, hot_folders(settings))
+    svc._make_folders(svc.folders.values())
+    key, folder = next(iter(svc.folders.items()))
+    svc.jobs = JobTable.open(tmp_path / "jobs.sqlite3")
+    data = b"the same bytes" * 1000
+    digest = hashlib.sha256(data).hexdigest()
+    first = svc.jobs.note_candidate(key, "first.jpg", folder.preset)
+    svc.jobs.mark_ready(first.id, len(data), 1, digest)
+    (claimed,) = svc.jobs.claim(folder.preset, 1)
+    svc.jobs.finish(claimed.id, 1)
+    dup = folder.path / "dup.jpg"
+    dup.write_bytes(data)
+    st = dup.stat()
+    job = svc.jobs.note_candidate(key, "dup.jpg", folder.preset, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    taken: list[object] = []
+    dispose = publish.dispose_source
+
+    def racing_dispose(*args: object, **kw: object) -> object:
+        taken.extend(svc.jobs.claim(folder.preset, 8))  # what the prep thread would do meanwhile
+        return dispose(*args, **kw)
+
+    monkeypatch.setattr(publish, "dispose_source", racing_dispose)
+
+    class Gate:
+        def forget(self, job_id: int) -> None:
+            pass
+
+    svc._settle_look(Gate(), folder, job, dup,  # type: ignore[arg-type]
+                     Verdict(READY, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest))
+    assert taken == []
+    row = svc.jobs.get(job.id)
+    assert (row.state, row.sha256, row.size) == ("skipped", digest, st.st_size)
+    assert not dup.exists()
+    svc.jobs.close()
+
+
+def test_a_crash_loop_file_that_cannot_leave_its_folder_is_copied_to_failed_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that kept killing the daemon, in a hot folder that will not let it go: failed/ gets one copy with its
+    reason, not one more at every start."""
+    import errno
+
+    config = tmp_path / "gpen-watch.toml"
+    config.write_text(f'root = "{tmp_path}"\n')
+    settings = load_settings(config)
+    svc = service.Service(settings, hot_folders(settings))
+    svc._make_folders(svc.folders.values())
+    key, folder = next(iter(svc.folders.items()))
+    svc.jobs = JobTable.open(tmp_path / "jobs.sqlite3")
+    bomb = folder.path / "bomb.jpg"
+    bomb.write_bytes(b"kills the decoder")
+    st = bomb.stat()
+    job = svc.jobs.note_candidate(key, "bomb.jpg", folder.preset, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    svc.jobs.mark_ready(job.id, st.st_size, st.st_mtime_ns, "0" * 64)
+    svc.jobs.claim(folder.preset, 1)
+    svc.jobs.requeue_in_flight(max_attempts=1)
+    real_rename, real_unlink = os.rename, os.unlink
+
+    def rename(src: object, dst: object, **kw: object) -> None:
+        if src == "bomb.jpg":
+            raise OSError(errno.EROFS, "Read-only file system")
+        real_rename(src, dst, **kw)  # type: ignore[arg-type]
+
+    def unlink(name: object, **kw: object) -> None:
+        if name == "bomb.jpg":
+            raise OSError(errno.EROFS, "Read-only file system")
+        real_unlink(name, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "unlink", unlink)
+    for _ in range(3):  # three starts
+        svc._settle_crash_loops()
+    assert sorted(p.name for p in folder.failed.iterdir()) == ["bomb.jpg", "bomb.jpg.error.json"]
+    assert bomb.exists() and "could not be removed" in (svc.jobs.get(job.id).kept or "")
+    svc.jobs.close()
