@@ -344,19 +344,25 @@ def test_models_of_a_refused_reload_do_not_stay_loaded(tmp_path: Path, monkeypat
     assert set(svc.restorers) == {"test"}
 
 
+def _service_on_its_first_folder(root: Path, extra: str = "") -> tuple[service.Service, str, FolderSettings]:
+    """A Service (not started) on the simple layout under ``root``, its folders made and a job table open."""
+    config = root / "gpen-watch.toml"
+    config.write_text(f'root = "{root}"\n{extra}\n')
+    settings = load_settings(config)
+    svc = service.Service(settings, hot_folders(settings))
+    svc._make_folders(svc.folders.values())
+    svc.jobs = JobTable.open(root / "jobs.sqlite3")
+    key, folder = next(iter(svc.folders.items()))
+    return svc, key, folder
+
+
 def test_a_skipped_duplicate_cannot_be_claimed_while_it_is_being_removed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """duplicates = "skip": removing the duplicate reads and hashes it first. Meanwhile its row is not in the queue,
     so the prep thread cannot take it and restore a file that is skipped (and, read-only, publish it twice)."""
     from daemon.readiness import READY, Verdict
 
-    config = tmp_path / "gpen-watch.toml"
-    config.write_text(f'root = "{tmp_path}"\nduplicates = "skip"\n')
-    settings = load_settings(config)
-    svc = service.Service(settings, hot_folders(settings))
-    svc._make_folders(svc.folders.values())
-    key, folder = next(iter(svc.folders.items()))
-    svc.jobs = JobTable.open(tmp_path / "jobs.sqlite3")
+    svc, key, folder = _service_on_its_first_folder(tmp_path, 'duplicates = "skip"')
     data = b"the same bytes" * 1000
     digest = hashlib.sha256(data).hexdigest()
     first = svc.jobs.note_candidate(key, "first.jpg", folder.preset)
@@ -395,13 +401,7 @@ def test_a_crash_loop_file_that_cannot_leave_its_folder_is_copied_to_failed_once
     reason, not one more at every start."""
     import errno
 
-    config = tmp_path / "gpen-watch.toml"
-    config.write_text(f'root = "{tmp_path}"\n')
-    settings = load_settings(config)
-    svc = service.Service(settings, hot_folders(settings))
-    svc._make_folders(svc.folders.values())
-    key, folder = next(iter(svc.folders.items()))
-    svc.jobs = JobTable.open(tmp_path / "jobs.sqlite3")
+    svc, key, folder = _service_on_its_first_folder(tmp_path)
     bomb = folder.path / "bomb.jpg"
     bomb.write_bytes(b"kills the decoder")
     st = bomb.stat()
