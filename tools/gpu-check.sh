@@ -10,7 +10,7 @@
 # (3 MB):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
 #       facexlib==0.3.0 filterpy pydantic pydantic-core pydantic-settings python-dotenv structlog watchdog \
-#       annotated-types typing-inspection
+#       annotated-types typing-inspection simplejpeg
 #   run: bash tools/gpu-check.sh   carry: [".whl"]   timeout_s: 560 (the steps below stop by 520 s)
 # The real detector and the sample photo come from ../shared (or ./shared, or $SHARED).
 set -u

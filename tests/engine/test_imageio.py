@@ -1131,3 +1131,21 @@ class TestJpegDamage:
             decoded += 1
             found += "damaged" in image.info
         assert decoded >= 10 and found >= decoded // 2, (found, decoded)
+
+    def test_overwritten_data_without_marker_bytes_is_found_by_libjpeg(self) -> None:
+        """Garbage with no 0xFF byte in it leaves every marker in place; only the Huffman decoding falls out of
+        step, which libjpeg warns about (or, over a restart marker, the marker is out of place). Most such files
+        are told apart."""
+        found = decoded = by_libjpeg = 0
+        for seed, data in enumerate(list(self.encodings().values()) * 4):
+            junk = np.random.default_rng(seed).integers(0, 255, 200, dtype=np.uint8).tobytes()  # 0-254: no 0xFF
+            damaged = bytearray(data)
+            damaged[len(data) // 2 : len(data) // 2 + 200] = junk
+            try:
+                image = decode(bytes(damaged))
+            except InputError:
+                continue
+            decoded += 1
+            found += "damaged" in image.info
+            by_libjpeg += "libjpeg: " in image.info.get("damaged", "")
+        assert decoded >= 20 and found >= decoded * 3 // 4 and by_libjpeg >= decoded // 2, (found, by_libjpeg, decoded)
