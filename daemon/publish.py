@@ -136,8 +136,12 @@ def _open_subdir(root: Path, parts: Iterable[str], *, create: bool) -> int:
     try:
         for name in parts:
             if create:
-                with contextlib.suppress(FileExistsError):
+                try:
                     os.mkdir(name, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                else:
+                    _fsync_dir(fd)  # the new entry too must survive a power cut, or the file inside it is lost
             try:
                 child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as exc:
@@ -631,7 +635,11 @@ def write_failure(
         except FileExistsError:
             if not _left_by_earlier_attempt(sidecar, info):
                 raise
-            write_atomic(sidecar, payload, root=failed_dir)  # ours, from an attempt that died before the move
+            # About this same file: from an attempt that died before the move, or from another instance failing
+            # it at this moment. Either way it is not ours to take back if our move fails (the other instance's
+            # original may be landing beside it).
+            write_atomic(sidecar, payload, root=failed_dir)
+            return
         sidecars.append(sidecar)
 
     target = safe_join(failed_dir, str(relpath))

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon import publish
 from daemon.paths import safe_join
 from daemon.publish import (
     TEMP_PATTERN,
@@ -158,6 +159,28 @@ class TestCopyVerified:
         assert file_has_sha256(dst, sha(data))
         assert not file_has_sha256(dst, sha(b"other"))
         assert not file_has_sha256(tmp_path / "backup" / "missing.jpg", sha(data))
+
+    def test_a_folder_it_creates_is_made_durable_in_its_parent(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """backup/sub/ made for this backup: backup/ itself is fsynced, or a power cut could take sub/ (and the
+        backup in it) away after the original has gone."""
+        backup = tmp_path / "backup"
+        backup.mkdir()
+        src = tmp_path / "in" / "sub" / "a.jpg"
+        src.parent.mkdir(parents=True)
+        src.write_bytes(b"x" * 100)
+        synced: set[tuple[int, int]] = set()
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            st = os.fstat(fd)
+            synced.add((st.st_dev, st.st_ino))
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        copy_verified(src, backup / "sub" / "a.jpg", sha(b"x" * 100), root=backup)
+        for folder in (backup, backup / "sub"):
+            assert (folder.stat().st_dev, folder.stat().st_ino) in synced, folder
 
     def test_hash_mismatch_raises_and_leaves_nothing(self, tmp_path: Path) -> None:
         """A source rewritten since the job hashed it raises SourceChanged and writes no backup."""
@@ -444,8 +467,6 @@ class TestWriteFailure:
     def test_full_disk_while_storing_bytes_leaves_no_orphan_sidecar(
             self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """A failure that cannot be stored (disk full) leaves neither a partial file nor a lone reason."""
-        import daemon.publish as publish
-
         write_all = publish._write_all
         written: list[bytes] = []
 
@@ -645,3 +666,53 @@ def test_a_sidecar_left_by_a_crashed_attempt_is_taken_over_not_orphaned(tmp_path
     (failed / "x.jpg.error.json").write_text(json.dumps(info.as_json()))  # what the crashed attempt left
     assert write_failure(failed, "x.jpg", hot / "x.jpg", None, info, src_root=hot) == failed / "x.jpg"
     assert sorted(p.name for p in failed.iterdir()) == ["x.jpg", "x.jpg.error.json"]
+
+
+def test_a_sidecar_written_by_another_instance_is_not_taken_back_when_its_move_wins(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two instances failing the same file at once (both judge pending rows of a shared table): the second finds
+    the first's fresh sidecar, which looks like one of its own crashed attempts, and then loses the race for the
+    original. Its clean-up must not delete that sidecar: failed/ keeps the original with its reason."""
+    import threading
+
+    hot, failed = tmp_path / "hot", tmp_path / "failed"
+    hot.mkdir()
+    failed.mkdir()
+    (hot / "x.jpg").write_bytes(b"not an image")
+    info = FailureInfo(stage="readiness", error="not an image", attempts=0, preset="fast", folder=str(hot),
+                       relpath="x.jpg", sha256=None)
+    real_write, real_rename = publish.write_atomic, os.rename
+    first_moved, second_at_move = threading.Event(), threading.Event()
+    second_errors: list[BaseException] = []
+
+    def second_instance() -> None:
+        try:
+            write_failure(failed, "x.jpg", hot / "x.jpg", None, info, src_root=hot)
+        except Exception as exc:  # it logs and retries later; what matters is what failed/ holds
+            second_errors.append(exc)
+
+    second = threading.Thread(target=second_instance, name="second")
+
+    def write_atomic(path: Path, data: bytes, **kw: Any) -> Any:
+        out = real_write(path, data, **kw)
+        if threading.current_thread() is threading.main_thread() and not second.is_alive():
+            second.start()  # the first's sidecar is in place: the second picks the same name now
+            assert second_at_move.wait(10)
+        return out
+
+    def rename(src: Any, dst: Any, **kw: Any) -> None:
+        if threading.current_thread() is second and src == "x.jpg":
+            second_at_move.set()
+            assert first_moved.wait(10)
+        real_rename(src, dst, **kw)
+        if threading.current_thread() is threading.main_thread() and src == "x.jpg":
+            first_moved.set()
+
+    monkeypatch.setattr(publish, "write_atomic", write_atomic)
+    monkeypatch.setattr(os, "rename", rename)
+    stored = write_failure(failed, "x.jpg", hot / "x.jpg", None, info, src_root=hot)
+    second.join(10)
+    assert not second.is_alive() and second_errors  # it lost the race for the original
+    assert sorted(p.name for p in failed.iterdir()) == ["x.jpg", "x.jpg.error.json"]
+    assert stored.read_bytes() == b"not an image"
+    assert json.loads((failed / "x.jpg.error.json").read_text())["error"] == "not an image"
