@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -167,6 +167,13 @@ class Prepared:
     image: DecodedImage
     working: WorkingImage  # made on the read pool, so the device's thread starts at detection
     decode_ms: float
+
+
+@dataclass(frozen=True)
+class Raised:
+    """The engine raised instead of returning this image's outcome (it was alone in its run by then)."""
+
+    error: Exception
 
 
 @dataclass
@@ -433,6 +440,7 @@ class Service:
                 if job.size is not None and (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
                     continue  # replaced since (or dropped again while we were down): new work, not this verdict
                 info = self._failure_info(job, folder, "crash", job.last_error or "the daemon died processing it")
+                self._check_mounted(folder.failed)  # an unmounted share: tried again at the next takeover or start
                 try:
                     publish.write_failure(folder.failed, job.relpath, source, None, info, src_root=folder.path)
                 except publish.OriginalKept as exc:  # no second copy at the next start
@@ -906,6 +914,14 @@ class Service:
 
     def _read(self, job: Job) -> Prepared | None:
         """Read and decode one claimed job's source; settle the job here if that fails."""
+        try:
+            return self._read_source(job)
+        except Exception as exc:  # a fault of this file's: its attempts count, its batch mates go on
+            log.exception("reading a file failed unexpectedly", folder=job.folder, path=job.relpath)
+            self._retry(job, "read", exc)
+            return None
+
+    def _read_source(self, job: Job) -> Prepared | None:
         assert self.jobs is not None
         folder = self.folders.get(job.folder)
         if folder is None:  # its folder left the config on reload: the file stays as it is
@@ -987,21 +1003,19 @@ class Service:
     def _run_batch(self, batch: Batch) -> None:
         assert self.executor is not None
         started = time.monotonic()
-        try:
-            outcomes = self.executor.run(batch.preset, [p.working for p in batch.items])
-        except Exception as exc:  # the whole batch failed (device error, OOM after every retry)
-            expected = isinstance(exc, EngineError) or is_out_of_memory(exc)
-            log.error("batch failed; its files are retried", error=str(exc), files=len(batch.items),
-                      exc_info=not expected)
-            for item in batch.items:
-                self._retry(item.job, "generate", exc)
-            return
+        outcomes = self._outcomes(batch.preset, batch.items)
         self.heartbeats.beat("device")
         if self.metrics is not None:
             self.metrics.observe_batch(len(batch.items))
             self.metrics.observe_stage("batch", time.monotonic() - started)
         opts = engine_options(self.settings, self.restorers[batch.preset].preset)
         for item, outcome in zip(batch.items, outcomes, strict=True):
+            if isinstance(outcome, Raised):
+                try:
+                    self._retry(item.job, "generate", outcome.error)
+                except Exception:  # one row's bookkeeping must not leave the others "processing"
+                    log.exception("settling a failed file crashed", folder=item.job.folder, path=item.job.relpath)
+                continue
             future = self.publish_pool.submit(self._publish, item, outcome, opts)
             with self.in_flight_lock:
                 self.in_flight.add(future)
@@ -1012,6 +1026,26 @@ class Service:
                 if len(self.in_flight) <= 2 * max(1, len(batch.items)) + self.settings.io_threads:
                     break
             time.sleep(0.01)
+
+    def _outcomes(self, preset: str, items: Sequence[Prepared]) -> list[Outcome | Raised]:
+        """One outcome per item, or the exception the engine raised for it.
+
+        A failure of the whole batch (the engine raised: a device error, out of memory after every retry, a
+        fault one image provokes) is narrowed down by halves, so an image that breaks the engine is charged
+        its attempts alone and the good photos beside it go on; a device that is lost fails every half."""
+        assert self.executor is not None
+        try:
+            return list(self.executor.run(preset, [p.working for p in items]))
+        except Exception as exc:
+            expected = isinstance(exc, EngineError) or is_out_of_memory(exc)
+            if len(items) == 1:
+                log.error("restoring failed; the file is retried", error=str(exc), folder=items[0].job.folder,
+                          path=items[0].job.relpath, exc_info=not expected)
+                return [Raised(exc)]
+            log.warning("batch failed; trying its halves", error=str(exc), files=len(items))
+        self.heartbeats.beat("device")
+        half = len(items) // 2
+        return self._outcomes(preset, items[:half]) + self._outcomes(preset, items[half:])
 
     def _publish_done(self, future: Future[None]) -> None:
         with self.in_flight_lock:
@@ -1083,8 +1117,8 @@ class Service:
         except publish.SourceChanged as exc:
             self.jobs.requeue_pending(job.id, str(exc))
         except FileNotFoundError as exc:
-            if not item.source.exists():
-                self._source_missing(job, folder)
+            if not item.source.exists():  # with this attempt's names: it may have published everything
+                self._source_missing(self.jobs.get(job.id), folder)
             else:
                 self._retry(job, "publish", exc)
         except InputError as exc:
@@ -1197,7 +1231,11 @@ class Service:
         if not transient and job.attempts >= self.settings.max_attempts:
             folder = self.folders.get(job.folder)
             if folder is not None:
-                self._fail(job, folder, safe_join(folder.path, job.relpath), stage, error)
+                try:
+                    source: Path | None = safe_join(folder.path, job.relpath)
+                except UnsafePath:  # the way to it is no longer safe to follow: its failure leaves it in place
+                    source = None
+                self._fail(job, folder, source, stage, error)
                 return
         delay = self._backoff(job)
         self.jobs.retry_later(job.id, f"{stage}: {error}", delay)
@@ -1260,14 +1298,17 @@ class Service:
             self.watchers.pop(key).stop()
             left = self.jobs.forget_unfinished(key) if self.jobs is not None else 0
             log.info("hot folder removed; files not processed yet stay in it, untouched", folder=key, files=left)
-        moved = [f for k, f in new_folders.items() if self.folders.get(k) != f]
+        old_folders = self.folders
+        moved = [f for k, f in new_folders.items() if old_folders.get(k) != f]
         self._make_folders(moved)
         # Every folder, not only the moved ones: a reload is how an operator says the mounts changed.
         self._note_mounts(new_folders.values(), reload=True)
+        # Before any new watcher starts: its first scan's candidates are taken only for folders known here.
+        self.folders = new_folders
         for key, folder in new_folders.items():
             # e.g. its output moved (new exclusions), or the extensions or scan intervals changed
             replaced = None
-            if key in self.watchers and (rewatch_all or self.folders.get(key) != folder):
+            if key in self.watchers and (rewatch_all or old_folders.get(key) != folder):
                 replaced = self.watchers.pop(key)
                 replaced.stop()
                 self.paused.pop(key, None)  # the old watcher's pause; the new one pauses again if it must
@@ -1276,7 +1317,6 @@ class Service:
                 log.info("hot folder watched", folder=key, preset=folder.preset)
             else:
                 self.watchers[key].reload_mount()  # the same rule for the hot folder's share
-        self.folders = new_folders
         assert self.jobs is not None
         for key, folder in new_folders.items():
             self.jobs.reassign_preset(key, folder.preset)

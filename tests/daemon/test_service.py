@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import shutil
 import sqlite3
@@ -17,7 +19,7 @@ from daemon import paths, publish, service
 from daemon.cli import main
 from daemon.jobs import JobStateError, JobTable
 from daemon.paths import Mount, mount_below, remount_is_safe
-from daemon.settings import FolderSettings, hot_folders, load_settings
+from daemon.settings import FolderSettings, engine_options, hot_folders, load_settings
 from daemon.watch import FolderWatcher
 from tests.daemon.harness import TINY_ARCH, have_shared_data, write_config
 
@@ -427,4 +429,154 @@ def test_a_crash_loop_file_that_cannot_leave_its_folder_is_copied_to_failed_once
         svc._settle_crash_loops()
     assert sorted(p.name for p in folder.failed.iterdir()) == ["bomb.jpg", "bomb.jpg.error.json"]
     assert bomb.exists() and "could not be removed" in (svc.jobs.get(job.id).kept or "")
+    svc.jobs.close()
+
+
+def _queued(svc: service.Service, key: str, folder: FolderSettings, relpath: str, data: bytes) -> int:
+    """A file dropped into ``folder`` and judged ready: the id of its job."""
+    path = folder.path / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    st = path.stat()
+    assert svc.jobs is not None
+    job = svc.jobs.note_candidate(key, relpath, folder.preset, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    svc.jobs.mark_ready(job.id, st.st_size, st.st_mtime_ns, hashlib.sha256(data).hexdigest())
+    return job.id
+
+
+def _claimed_batch(svc: service.Service, folder: FolderSettings) -> service.Batch:
+    """Every ready job of the folder's preset in one batch; each image's working copy is its relpath."""
+    assert svc.jobs is not None
+    items = [service.Prepared(job, folder, folder.path / job.relpath, b"", None, job.relpath, 0.0)  # type: ignore[arg-type]
+             for job in svc.jobs.claim(folder.preset, 8)]
+    return service.Batch(folder.preset, items, "batch-1")
+
+
+class _Engine:
+    """Returns each image as it came, except that a run holding an image named in ``breaks_on`` raises."""
+
+    def __init__(self, breaks_on: set[str], error: str = "numerical error in one face's alignment") -> None:
+        self.breaks_on, self.error = breaks_on, error
+        self.runs: list[list[str]] = []
+
+    def run(self, preset: str, images: list[str]) -> list[str]:
+        self.runs.append(list(images))
+        if self.breaks_on & set(images):
+            raise RuntimeError(self.error)
+        return [f"restored {image}" for image in images]
+
+
+def _published_by(svc: service.Service, monkeypatch: pytest.MonkeyPatch, folder: FolderSettings) -> list[str]:
+    """What the batch sends on to publishing (recorded, not written), with the preset's restorer in place."""
+    published: list[str] = []
+    monkeypatch.setattr(svc, "_publish", lambda item, outcome, opts: published.append(outcome))
+
+    class Restorer:
+        preset = svc.presets[folder.preset]
+
+    svc.restorers[folder.preset] = Restorer()  # type: ignore[assignment]
+    return published
+
+
+def test_an_image_that_breaks_the_engine_fails_alone_and_its_batch_mates_are_published(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One photo whose processing raises must not charge its attempts to the good photos batched with it."""
+    svc, key, folder = _service_on_its_first_folder(tmp_path, "max_attempts = 1")
+    published = _published_by(svc, monkeypatch, folder)
+    bad = _queued(svc, key, folder, "bad.jpg", b"bad" * 100)
+    good = [_queued(svc, key, folder, f"good{i}.jpg", b"good%d" % i * 100) for i in range(3)]
+    svc.executor = _Engine(breaks_on={"bad.jpg"})  # type: ignore[assignment]
+    svc._run_batch(_claimed_batch(svc, folder))
+    svc.publish_pool.shutdown(wait=True)
+    assert sorted(published) == ["restored good0.jpg", "restored good1.jpg", "restored good2.jpg"]
+    assert svc.jobs is not None
+    assert svc.jobs.get(bad).state == "failed"
+    sidecar = json.loads((folder.failed / "bad.jpg.error.json").read_text())
+    assert "numerical error" in sidecar["error"]
+    assert [svc.jobs.get(g).attempts for g in good] == [1, 1, 1]  # their one claim; no failure charged
+    svc.jobs.close()
+
+
+def test_a_batch_that_fails_on_a_path_turned_into_a_link_settles_every_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device fails a batch for good while a subfolder of the hot folder has been swapped for a link: each
+    file still ends somewhere (the one behind the link left in place with its reason), none stays "processing"."""
+    svc, key, folder = _service_on_its_first_folder(tmp_path, "max_attempts = 1")
+    published = _published_by(svc, monkeypatch, folder)
+    inside = _queued(svc, key, folder, "sub/a.jpg", b"a" * 100)
+    beside = _queued(svc, key, folder, "z.jpg", b"z" * 100)
+    svc.executor = _Engine(breaks_on={"sub/a.jpg", "z.jpg"}, error="CUDA error: an illegal memory access")  # type: ignore[assignment]
+    batch = _claimed_batch(svc, folder)
+    (folder.path / "sub").rename(tmp_path / "elsewhere")
+    (folder.path / "sub").symlink_to(tmp_path / "elsewhere")
+    svc._run_batch(batch)
+    assert svc.jobs is not None
+    assert (svc.jobs.get(inside).state, svc.jobs.get(beside).state) == ("failed", "failed")
+    assert (tmp_path / "elsewhere" / "a.jpg").read_bytes() == b"a" * 100  # never followed, never moved
+    assert (folder.failed / "z.jpg").read_bytes() == b"z" * 100
+    assert published == []
+    svc.jobs.close()
+
+
+def test_an_error_preparing_one_file_fails_that_file_and_its_batch_mates_reach_the_device(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error while reading or preparing one image (a bug, memory running out for one huge decode)
+    is that file's: it is charged its attempts, and the other files of the claim are batched as usual."""
+    from dataclasses import replace
+
+    svc, key, folder = _service_on_its_first_folder(tmp_path, "max_attempts = 1\nmax_batch_delay = 0")
+
+    class Restorer:
+        preset = replace(svc.presets[folder.preset], max_long_side=None)
+
+        def prepare(self, rgb: object) -> str:
+            if rgb[0, 0, 0] == 255:  # type: ignore[index]
+                raise ValueError("a bug in resizing this one image")
+            return "working"
+
+    svc.restorers[folder.preset] = Restorer()  # type: ignore[assignment]
+
+    def png(color: tuple[int, int, int]) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), color).save(buf, "PNG")
+        return buf.getvalue()
+
+    bad = _queued(svc, key, folder, "bad.png", png((255, 0, 0)))
+    good = _queued(svc, key, folder, "good.png", png((0, 0, 0)))
+    batch = svc._next_batch()
+    assert batch is not None and [item.job.id for item in batch.items] == [good]
+    assert svc.jobs is not None
+    assert svc.jobs.get(bad).state == "failed"
+    assert "a bug in resizing" in json.loads((folder.failed / "bad.png.error.json").read_text())["error"]
+    svc.jobs.close()
+
+
+def test_a_published_file_whose_original_vanished_before_its_move_is_done_not_gone(tmp_path: Path) -> None:
+    """after = "move": result and backup are written, then the original is removed by someone else before it can
+    be moved. The work is complete, so the row ends "done", not "gone" (the state for a file never processed)."""
+    from gpen_engine import imageio
+    from gpen_engine.types import RestoredImage
+
+    svc, key, folder = _service_on_its_first_folder(tmp_path)
+    folder = folder.model_copy(update={"after": "move", "done": tmp_path / "done"})
+    svc.folders[key] = folder
+    (tmp_path / "done").mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(buf, "PNG")
+    job_id = _queued(svc, key, folder, "p.png", buf.getvalue())
+    assert svc.jobs is not None
+    (claimed,) = svc.jobs.claim(folder.preset, 1)
+    image = imageio.decode(buf.getvalue())
+    item = service.Prepared(claimed, folder, folder.path / "p.png", buf.getvalue(), image, None, 0.0)  # type: ignore[arg-type]
+
+    def hit(name: str) -> None:
+        if name == "dispose":
+            (folder.path / "p.png").unlink()
+
+    svc.failpoints.hit = hit  # type: ignore[method-assign]
+    svc._publish(item, RestoredImage(rgb=image.rgb, faces=[]), engine_options(svc.settings, svc.presets[folder.preset]))
+    row = svc.jobs.get(job_id)
+    assert row.state == "done"
+    assert row.output_path and Path(row.output_path).exists()
+    assert row.backup_path and Path(row.backup_path).read_bytes() == buf.getvalue()
     svc.jobs.close()
