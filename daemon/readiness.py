@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.paths import UnsafePath, open_file, read_no_follow
+from gpen_engine.imageio import incomplete_trailer
 from gpen_engine.types import ImageTooLarge, InputError, UnsupportedImage
 
 __all__ = ["FAILED", "GONE", "NOT_YET", "READY", "ReadinessGate", "State", "Verdict"]
@@ -77,6 +78,7 @@ class _Track:
     changed_at: float
     decode_error: str | None = None  # why these exact bytes did not decode (not re-read on every look)
     hole: bool = False  # decode_error is only "unwritten ranges": the bytes themselves were not checked
+    trailer: bool = False  # decode_error is only "images or video the file promises after the photo are missing"
 
 
 class ReadinessGate:
@@ -186,7 +188,7 @@ class ReadinessGate:
             if waited_out(track.changed_at, now, self.max_wait):
                 return self._end(key, Verdict(FAILED, f"empty file (0 bytes for {self.max_wait:.0f} s)"))
             return Verdict(NOT_YET, "empty file")
-        if track.decode_error is None or (track.hole and waited_out(track.changed_at, now, self.max_wait)):
+        if track.decode_error is None or self._waited_for_writer(track, now):
             return None
         return self._undecodable(key, track, now)
 
@@ -204,14 +206,20 @@ class ReadinessGate:
             verdict = self._read_and_check(path, key, track, now, available, base)
             if verdict is not None:
                 return verdict
-        if track.hole and waited_out(track.changed_at, now, self.max_wait):
-            # Quiet for max_wait with its holes: a sparse file (cp --sparse, rsync -S, ZFS compression store
-            # long zero runs as holes), not a stalled writer. Judge its bytes like any other file's.
-            track.hole, track.decode_error = False, None
-            verdict = self._read_and_check(path, key, track, now, available, base, holes_ok=True)
+        if self._waited_for_writer(track, now):
+            # Quiet for max_wait with its holes or its missing trailer: a sparse file (cp --sparse, rsync -S, ZFS
+            # compression store long zero runs as holes), or an index an editor left stale when it dropped the
+            # extra images, not a stalled writer. Judge its bytes like any other file's.
+            track.hole = track.trailer = False
+            track.decode_error = None
+            verdict = self._read_and_check(path, key, track, now, available, base, lenient=True)
             if verdict is not None:
                 return verdict
         return self._undecodable(key, track, now)
+
+    def _waited_for_writer(self, track: _Track, now: float) -> bool:
+        """Whether the file looked unfinished only for a reason a complete file can have too, and for max_wait."""
+        return (track.hole or track.trailer) and waited_out(track.changed_at, now, self.max_wait)
 
     def _undecodable(self, key: Hashable, track: _Track, now: float) -> Verdict:
         if waited_out(track.changed_at, now, self.max_wait):
@@ -228,12 +236,14 @@ class ReadinessGate:
         now: float,
         available: Callable[[], str | None] | None,
         base: Path | None = None,
-        holes_ok: bool = False,
+        lenient: bool = False,
     ) -> Verdict | None:
-        """READY, FAILED, GONE or NOT_YET from reading the bytes; None when they do not decode (yet)."""
+        """READY, FAILED, GONE or NOT_YET from reading the bytes; None when they do not decode (yet).
+
+        ``lenient``: holes and a missing trailer no longer count, only whether the image decodes."""
         try:
             relative = path if base is None else path.relative_to(base)
-            hole = None if holes_ok else first_hole(relative, base=base)
+            hole = None if lenient else first_hole(relative, base=base)
             if hole is not None:
                 track.hole = True
                 # Windows and SMB copies, and download managers, set the final size first and fill it in: a
@@ -256,6 +266,11 @@ class ReadinessGate:
             return self._end(key, Verdict(FAILED, str(exc) or type(exc).__name__))
         except InputError as exc:
             track.decode_error = str(exc) or type(exc).__name__
+            return None
+        if not lenient and (missing := incomplete_trailer(data)) is not None:
+            # A phone's MPO, Ultra HDR or motion photo written by a writer that paused after the first image:
+            # the photo decodes, but publishing now would back up (and drop) a file without its other half.
+            track.trailer, track.decode_error = True, missing
             return None
         digest = hashlib.sha256(data).hexdigest()
         return self._end(

@@ -321,15 +321,20 @@ def _check_container_complete(data: bytes, fmt: str) -> None:
 
 
 def _jpeg_has_end(data: bytes) -> bool:
-    """True when the first image's headers parse and an EOI marker follows its first scan.
+    return _jpeg_end(data) is not None
+
+
+def _jpeg_end(data: bytes, start: int = 0) -> int | None:
+    """The offset just past the end marker of the JPEG at ``start``, or None if its headers do not parse
+    or no EOI marker follows its first scan.
 
     Entropy-coded data cannot contain FF D9 (an FF there is always stuffed with 00), so an EOI
     after the first SOS belongs to the image structure, not to pixel data.
     """
-    pos, size = 2, len(data)
+    pos, size = start + 2, len(data)
     while pos + 4 <= size:
         if data[pos] != 0xFF:
-            return False
+            return None
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
@@ -338,12 +343,95 @@ def _jpeg_has_end(data: bytes) -> bool:
             pos += 2
             continue
         if marker == 0xD9:
-            return False
+            return None
         length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
         if marker == 0xDA:
-            return data.find(b"\xff\xd9", pos + 2 + length) >= 0
+            eoi = data.find(b"\xff\xd9", pos + 2 + length)
+            return None if eoi < 0 else eoi + 2
         pos += 2 + length
-    return False
+    return None
+
+
+def incomplete_trailer(data: bytes) -> str | None:
+    """What is still missing after a JPEG's first image, or None.
+
+    Phones write more after the photo's end marker: further images indexed by MPF (a depth or gain map,
+    an MPO's second view), a motion photo's video (XMP ``Container:Directory`` or ``MicroVideoOffset``,
+    Samsung's trailer ending in ``SEFT``), or a plain second JPEG. A writer that pauses after the first
+    image leaves a file whose first image decodes whole. Only what the file itself promises is checked;
+    unknown trailing bytes pass. The readiness gate waits on this; ``decode`` does not (the photo is whole).
+    """
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    end = _jpeg_end(data)
+    size = len(data)
+    if end is None:  # the photo itself is not whole: check_complete says why
+        return None
+    mpf, xmp = _jpeg_index_segments(data)
+    if mpf is not None and (promised := _mpf_extent(data, mpf)) is not None and promised > size:
+        return f"its MPF index places an image up to byte {promised}, but the file has {size} bytes"
+    if xmp is not None:
+        lengths = [int(n) for n in _XMP_ITEM_LENGTH.findall(xmp)]
+        if lengths and end + sum(lengths) > size:
+            return f"its XMP container lists {sum(lengths)} bytes after the photo, but {size - end} are there"
+        if (offset := _XMP_VIDEO_OFFSET.search(xmp)) is not None:
+            video = size - int(offset.group(1))
+            if video < end or data[video + 4 : video + 8] != b"ftyp":
+                return "its motion photo's video (XMP MicroVideoOffset) is not all there"
+    if data.find(b"MotionPhoto_Data", end) >= 0 and not data.endswith(b"SEFT"):
+        return "its Samsung motion photo trailer has no end (SEFT) yet"
+    after = end
+    while after < size and data[after] == 0:  # padding between the images
+        after += 1
+    if data.startswith(b"\xff\xd8\xff", after) and _jpeg_end(data, after) is None:
+        return f"the second image (from byte {after}) has no end marker yet"
+    return None
+
+
+_XMP_ITEM_LENGTH = re.compile(rb'Item:Length\s*=\s*["\'](\d{1,12})["\']')
+_XMP_VIDEO_OFFSET = re.compile(rb'MicroVideoOffset\s*=\s*["\'](\d{1,12})["\']')
+_XMP_ID = b"http://ns.adobe.com/xap/1.0/\x00"
+
+
+def _jpeg_index_segments(data: bytes) -> tuple[int | None, bytes | None]:
+    """Where the first image's MPF payload starts (after ``MPF\\0``), and its XMP packet, if any."""
+    pos, size, mpf, xmp = 2, len(data), None, None
+    while pos + 4 <= size and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in (0xDA, 0xD9):
+            break
+        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        body = pos + 4
+        if marker == 0xE2 and data.startswith(b"MPF\x00", body):
+            mpf = body + 4
+        elif marker == 0xE1 and xmp is None and data.startswith(_XMP_ID, body):
+            xmp = data[body + len(_XMP_ID) : pos + 2 + length]
+        pos += 2 + length
+    return mpf, xmp
+
+
+def _mpf_extent(data: bytes, base: int) -> int | None:
+    """The end of the last image an MPF index (a TIFF structure at ``base``) names, or None if unreadable.
+
+    Offsets of the images after the first count from ``base``; the first image's entry has offset 0."""
+    try:
+        order = {b"II": "<", b"MM": ">"}[data[base : base + 2]]
+        ifd = base + struct.unpack(order + "I", data[base + 4 : base + 8])[0]
+        (count,) = struct.unpack(order + "H", data[ifd : ifd + 2])
+        for i in range(min(count, 64)):
+            tag, _type, n, value = struct.unpack(order + "HHII", data[ifd + 2 + 12 * i : ifd + 14 + 12 * i])
+            if tag != 0xB002:  # MPEntry: 16 bytes per image
+                continue
+            entries = data[base + value : base + value + n]
+            ends = [base + offset + length for _attr, length, offset, _d1, _d2
+                    in struct.iter_unpack(order + "IIIHH", entries[: len(entries) // 16 * 16]) if offset]
+            return max(ends, default=None)
+    except (KeyError, struct.error):
+        return None
+    return None
 
 
 # A marker inside compressed data: 0xFF not followed by a stuffed 0x00 or by fill (another 0xFF).

@@ -164,6 +164,47 @@ class TestReadinessGate:
         verdict = gate.look(path, 1)
         assert verdict.state is READY and verdict.data == data
 
+    @staticmethod
+    def mpo() -> tuple[bytes, int]:
+        """A phone-style two-image MPO and where its first image ends."""
+        first = Image.open(io.BytesIO(jpeg_bytes()))
+        buf = io.BytesIO()
+        first.save(buf, "MPO", save_all=True, append_images=[Image.open(io.BytesIO(jpeg_bytes((64, 48))))])
+        data = buf.getvalue()
+        return data, data.index(b"\xff\xd9") + 2
+
+    def test_a_writer_paused_after_the_first_image_of_an_mpo_is_waited_for(self, gate, clock, tmp_path):
+        """The first image decodes whole, but the file's index promises a second: not ready until it is there
+        (publishing now would keep a backup without the second image and delete the original)."""
+        data, first_end = self.mpo()
+        path = tmp_path / "IMG_0001.jpg"
+        path.write_bytes(data[:first_end])
+        touch_mtime(path, 10**18)
+        gate.look(path, 1)
+        clock.advance(100.0)
+        waiting = gate.look(path, 1)
+        assert waiting.state is NOT_YET and "MPF index" in waiting.reason
+        with open(path, "ab") as f:
+            f.write(data[first_end:])
+        touch_mtime(path, 10**18 + 1)
+        gate.look(path, 1)
+        clock.advance(2.5)
+        ready = gate.look(path, 1)
+        assert ready.state is READY and ready.data == data
+
+    def test_a_stale_index_delays_a_good_photo_but_never_fails_it(self, gate, clock, tmp_path):
+        """An editor that dropped the second image and kept the index: after max_wait without changes, the photo
+        is judged by what decodes, and published."""
+        data, first_end = self.mpo()
+        path = tmp_path / "edited.jpg"
+        path.write_bytes(data[:first_end])
+        gate.look(path, 1)
+        clock.advance(3.0)
+        assert gate.look(path, 1).state is NOT_YET
+        clock.advance(600.0)
+        verdict = gate.look(path, 1)
+        assert verdict.state is READY and verdict.data == data[:first_end]
+
     def test_truncated_jpeg_waits_then_fails(self, gate, clock, tmp_path):
         """A truncated JPEG is NOT_YET (it may still be copying) and FAILED with the reason after max_wait."""
         path = tmp_path / "cut.jpg"

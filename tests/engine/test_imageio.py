@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile, ImageOps, PngImagePlugin
 
-from gpen_engine.imageio import check_complete, decode, encode, extension_for, jpeg_damage, resize_long_side
+from gpen_engine.imageio import (
+    check_complete,
+    decode,
+    encode,
+    extension_for,
+    incomplete_trailer,
+    jpeg_damage,
+    resize_long_side,
+)
 from gpen_engine.options import EncodeOptions
 from gpen_engine.types import EngineError, ImageTooLarge, InputError, UnsupportedImage
 
@@ -1149,3 +1157,65 @@ class TestJpegDamage:
             found += "damaged" in image.info
             by_libjpeg += "libjpeg: " in image.info.get("damaged", "")
         assert decoded >= 20 and found >= decoded * 3 // 4 and by_libjpeg >= decoded // 2, (found, by_libjpeg, decoded)
+
+
+def _jpeg(seed: int = 0, xmp: bytes | None = None) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), np.uint8)).save(buf, "JPEG", quality=85)
+    data = buf.getvalue()
+    if xmp is not None:  # an APP1 XMP packet right after SOI, as phones write it
+        body = b"http://ns.adobe.com/xap/1.0/\x00" + xmp
+        data = data[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + data[2:]
+    return data
+
+
+class TestIncompleteTrailer:
+    """What a file promises after its first image (phones' MPO, Ultra HDR, motion photos) must all be there."""
+
+    @staticmethod
+    def mpo() -> tuple[bytes, int]:
+        """A two-view MPO and where its first image ends."""
+        first = Image.open(io.BytesIO(_jpeg(1)))
+        buf = io.BytesIO()
+        first.save(buf, "MPO", save_all=True, append_images=[Image.open(io.BytesIO(_jpeg(2)))])
+        data = buf.getvalue()
+        return data, data.index(b"\xff\xd9") + 2
+
+    def test_a_whole_file_and_a_plain_jpeg_pass(self) -> None:
+        assert incomplete_trailer(self.mpo()[0]) is None
+        assert incomplete_trailer(_jpeg()) is None
+        assert incomplete_trailer(_jpeg() + b"\x00\x00 bytes nobody promised") is None  # unknown trailers pass
+        assert incomplete_trailer(b"\x89PNG\r\n\x1a\n") is None
+
+    @pytest.mark.parametrize("missing", [-1, -100, "all"])
+    def test_an_mpo_cut_after_its_first_image_is_incomplete(self, missing: int | str) -> None:
+        data, first_end = self.mpo()
+        cut = data[:first_end] if missing == "all" else data[:missing]
+        assert "MPF index" in (incomplete_trailer(cut) or "")
+        decode(cut)  # the photo alone decodes: only the promise tells the file is unfinished
+
+    def test_a_container_directory_wants_every_item_it_lists(self) -> None:
+        gain_map = _jpeg(5)
+        xmp = (b'<x:xmpmeta><Container:Directory><rdf:Seq><rdf:li Item:Mime="image/jpeg" Item:Semantic="Primary"/>'
+               b'<rdf:li Item:Mime="image/jpeg" Item:Semantic="GainMap" Item:Length="%d"/></rdf:Seq>'
+               b"</Container:Directory></x:xmpmeta>" % len(gain_map))
+        whole = _jpeg(xmp=xmp) + gain_map
+        assert incomplete_trailer(whole) is None
+        assert "XMP container" in (incomplete_trailer(whole[: -len(gain_map) // 2]) or "")
+
+    def test_a_motion_photo_wants_its_video(self) -> None:
+        video = struct.pack(">I", 24) + b"ftypmp42" + bytes(12) + os.urandom(2000)
+        whole = _jpeg(xmp=b'<x:xmpmeta GCamera:MicroVideoOffset="%d"/>' % len(video)) + video
+        assert incomplete_trailer(whole) is None
+        assert "MicroVideoOffset" in (incomplete_trailer(whole[:-1000]) or "")
+
+    def test_a_samsung_trailer_wants_its_end(self) -> None:
+        whole = _jpeg() + b"MotionPhoto_Data" + os.urandom(500) + b"SEFH" + os.urandom(40) + b"\x20\x00\x00\x00SEFT"
+        assert incomplete_trailer(whole) is None
+        assert "SEFT" in (incomplete_trailer(whole[:-30]) or "")
+
+    def test_a_second_jpeg_wants_its_end_marker(self) -> None:
+        second = _jpeg(3)
+        assert incomplete_trailer(_jpeg() + second) is None
+        assert "second image" in (incomplete_trailer(_jpeg() + second[:300]) or "")
