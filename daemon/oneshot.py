@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from daemon.modelfiles import MissingModelError, ensure_models, models_of
-from daemon.paths import UnsafePath, is_candidate, normalize_extensions, read_no_follow
+from daemon.paths import FileTooLarge, UnsafePath, is_candidate, max_file_bytes, normalize_extensions, read_no_follow
 from daemon.publish import fit_stem, write_atomic
 from daemon.settings import ConfigError, Settings, engine_options, preset_table, settings_from_args
 from gpen_engine import imageio
@@ -349,11 +349,15 @@ def _restore(restorer: Restorer, chunk: list[Decoded]) -> list[RestoredImage | E
 def _read_decode(item: Item, options: EngineOptions) -> Decoded | str:
     """The decoded item, or an error line naming the file."""
     try:
-        data, _ = read_no_follow(item.source)
+        data, _ = read_no_follow(item.source, max_bytes=max_file_bytes(options.decode.max_pixels))
         if not data:
             return f"{item.source}: empty file (0 bytes)"
         image = imageio.decode(data, max_pixels=options.decode.max_pixels, long_side=options.preset.max_long_side)
         return Decoded(item, data, image, prepare_image(image.rgb, options.preset))
+    except FileTooLarge as exc:
+        return f"file too large: {exc}"
+    except MemoryError:  # the other files, one at a time, may still fit
+        return f"{item.source}: not enough memory to read and decode it"
     except (OSError, UnsafePath) as exc:
         return f"{item.source}: cannot read: {getattr(exc, 'strerror', None) or exc}"
     except EngineError as exc:

@@ -57,6 +57,18 @@ class UnsafePath(Exception):
     """A path that would leave its folder, or a link or non-regular file where a regular file is read."""
 
 
+class FileTooLarge(UnsafePath):
+    """A file larger than any image accepted could need: refused before it is read into memory."""
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file read for an image limit of ``max_pixels``.
+
+    Pixels take at most max_pixels x 16 bits x 4 channels, but layered TIFFs from retouchers carry layer data
+    (dropped on output) well beyond that, so the limit is never below 4 GiB."""
+    return max(max_pixels * 8 + (64 << 20), 4 << 30)
+
+
 def normalize_extensions(extensions: Iterable[str]) -> frozenset[str]:
     """``["JPG", ".png"]`` -> ``{".jpg", ".png"}``."""
     return frozenset("." + ext.lower().lstrip(".") for ext in extensions)
@@ -197,16 +209,16 @@ def read_no_follow(
     """The whole content of a regular file (see ``open_no_follow``) and the status of what was read.
 
     The status is taken from the open descriptor after reading, so it describes the bytes returned even if the
-    name was replaced meanwhile. ``max_bytes`` guards memory: a larger file raises ``UnsafePath``.
+    name was replaced meanwhile. ``max_bytes`` guards memory: a larger file raises ``FileTooLarge``.
     """
     with open_file(path, base=base) as f:
         size = os.fstat(f.fileno()).st_size
         if max_bytes is not None and size > max_bytes:
-            raise UnsafePath(f"{path}: {size} bytes is more than the limit of {max_bytes}")
+            raise FileTooLarge(f"{path}: {size} bytes is more than the limit of {max_bytes}")
         # read(n) allocates n bytes up front: ask for what the file holds (plus one, to see it grow), not the limit.
         data = f.read() if max_bytes is None else f.read(min(size, max_bytes) + 1)
         if max_bytes is not None and len(data) > max_bytes:
-            raise UnsafePath(f"{path}: more than the limit of {max_bytes} bytes")
+            raise FileTooLarge(f"{path}: more than the limit of {max_bytes} bytes")
         return data, os.fstat(f.fileno())
 
 

@@ -37,9 +37,11 @@ from daemon.jobs import Job, JobStateError, JobTable, JobTableError, claim_insta
 from daemon.logs import configure_logging
 from daemon.notify import Notifier
 from daemon.paths import (
+    FileTooLarge,
     Mount,
     UnsafePath,
     is_candidate,
+    max_file_bytes,
     mount_below,
     mount_of,
     open_no_follow,
@@ -127,14 +129,8 @@ class StartupCancelled(Exception):
 
 
 def _gate_limits(settings: Settings) -> tuple[Callable[[bytes], object], int]:
-    """The readiness gate's decode check and memory guard for ``settings.max_pixels``.
-
-    A larger file is refused before it is read into memory. Pixels take at most max_pixels x 16 bits x 4
-    channels, but layered TIFFs from retouchers carry layer data (dropped on output) well beyond that, so the
-    guard is never below 4 GiB.
-    """
-    return (partial(imageio.check_complete, max_pixels=settings.max_pixels),
-            max(settings.max_pixels * 8 + (64 << 20), 4 << 30))
+    """The readiness gate's decode check and memory guard for ``settings.max_pixels``."""
+    return partial(imageio.check_complete, max_pixels=settings.max_pixels), max_file_bytes(settings.max_pixels)
 
 
 # Settings a reload cannot change (see Service._reload).
@@ -930,7 +926,11 @@ class Service:
         started = time.monotonic()
         try:
             source = safe_join(folder.path, job.relpath)
-            data = open_no_follow(job.relpath, base=folder.path)  # no folder on the way may be a link
+            # No folder on the way may be a link; the gate refused larger files, but this one may have grown since.
+            data = open_no_follow(job.relpath, base=folder.path, max_bytes=max_file_bytes(self.settings.max_pixels))
+        except FileTooLarge:
+            self.jobs.requeue_pending(job.id, "source changed after it was queued")  # the gate judges it again
+            return None
         except UnsafePath as exc:
             self._fail(job, folder, None, "read", f"unsafe path: {exc}")
             return None

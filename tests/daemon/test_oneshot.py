@@ -112,6 +112,37 @@ class TestEnhanceFolders:
         assert {"good.restored.jpg", "nested.restored.jpg"} == written  # nothing for bad files, junk or links
         assert before == {p: p.read_bytes() for p in before}  # inputs untouched
 
+    def test_a_huge_file_and_one_that_runs_out_of_memory_fail_alone(
+            self, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """A 5 GiB file is refused before it is read (never loaded into memory), and a decode that runs out of
+        memory is that file's error: both get a clear line, and the good photo is restored."""
+        from gpen_engine import imageio
+
+        folder = tmp_path / "in"
+        folder.mkdir()
+        good = jpeg_crop((300, 50, 900, 350))
+        (folder / "good.jpg").write_bytes(good)
+        with open(folder / "huge.tif", "wb") as f:
+            f.truncate(5 << 30)  # sparse: costs no disk
+        bomb = jpeg_crop((0, 0, 200, 200))
+        (folder / "bomb.jpg").write_bytes(bomb)
+        decode = imageio.decode
+
+        def decode_or_run_out(data: bytes, **kw: object) -> object:
+            if data == bomb:
+                raise MemoryError
+            return decode(data, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(imageio, "decode", decode_or_run_out)
+        assert enhance(config, str(folder)) == 1
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert any("huge.tif" in line and "file too large" in line for line in lines), lines
+        assert any("bomb.jpg" in line and "not enough memory" in line for line in lines), lines
+        assert "1 ok, 2 failed" in err
+        assert (folder / "good.restored.jpg").is_file()
+
     def test_a_damaged_jpeg_is_restored_with_a_warning(self, config: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
         """A JPEG whose compressed data was overwritten half-way decodes (libjpeg shows grey there and only warns,
