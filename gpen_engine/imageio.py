@@ -25,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 import simplejpeg
-from PIL import Image, ImageCms, ImageFile, JpegImagePlugin, PngImagePlugin
+from PIL import Image, ImageCms, ImageFile, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
 
 from gpen_engine import exif as exif_block
 from gpen_engine import tiff
@@ -1155,12 +1155,13 @@ def _png_text_info(image: DecodedImage, xmp: bytes | None) -> PngImagePlugin.Png
 
 # EXIF's sub-directories (Exif, GPS, Interoperability): libtiff cannot be handed them, and Pillow then
 # fails the whole save.
-_EXIF_POINTERS = (0x8769, 0x8825, 0xA005)
+_EXIF_IFD, _GPS_IFD, _INTEROP_IFD = 0x8769, 0x8825, 0xA005
+_EXIF_POINTERS = (_EXIF_IFD, _GPS_IFD, _INTEROP_IFD)
 
 
 def _save_tiff(pil: Image.Image, compression: str, meta: dict[str, Any]) -> bytes:
     try:
-        return _save(pil, "TIFF", compression=compression, **_tiff_metadata(meta, compression))
+        encoded = _save(pil, "TIFF", compression=compression, **_tiff_metadata(meta, compression))
     except (RuntimeError, ValueError, TypeError, struct.error):
         if "exif" not in meta:
             raise
@@ -1168,12 +1169,51 @@ def _save_tiff(pil: Image.Image, compression: str, meta: dict[str, Any]) -> byte
         # type it defines otherwise): a restored photo beats a failure, as for a JPEG's EXIF limit.
         without_exif = {k: v for k, v in meta.items() if k != "exif"}
         return _save(pil, "TIFF", compression=compression, **_tiff_metadata(without_exif, compression))
+    if compression != "raw" and isinstance(block := meta.get("exif"), bytes):
+        encoded = _with_exif_directories(encoded, block)
+    return encoded
+
+
+def _with_exif_directories(encoded: bytes, block: bytes) -> bytes:
+    """``encoded`` (a TIFF libtiff wrote) with the Exif and GPS sub-directories of the EXIF ``block``.
+
+    libtiff cannot write them, so they are appended (Pillow lays them out for their new place) and the first
+    directory is pointed at them. Where that cannot be done the TIFF is returned as it was: the photo's capture
+    time and place are worth keeping, not worth failing a restored photo for."""
+    try:
+        exif = Image.Exif()
+        exif.load(block)
+        subs: dict[int, dict[int, Any]] = {}
+        for pointer in (_EXIF_IFD, _GPS_IFD):
+            if tags := dict(exif.get_ifd(pointer)):
+                subs[pointer] = tags
+        if not subs:
+            return encoded
+        if _INTEROP_IFD in subs.get(_EXIF_IFD, {}):  # a pointer into the old block: its directory goes along
+            interop = dict(exif.get_ifd(_INTEROP_IFD))
+            if interop:
+                subs[_EXIF_IFD][_INTEROP_IFD] = interop
+            else:
+                del subs[_EXIF_IFD][_INTEROP_IFD]
+        holder = TiffImagePlugin.ImageFileDirectory_v2(ifh=encoded[:4] + b"\0\0\0\0")
+        for pointer, tags in subs.items():
+            holder[pointer] = tags
+        start = len(encoded) + len(encoded) % 2
+        data = encoded.ljust(start, b"\0") + holder.tobytes(start)
+        parsed = tiff.directory(data, start)
+        if parsed is None:
+            return encoded
+        order, _, entries, _ = parsed
+        pointers = {tag: struct.unpack(order + "I", value)[0] for tag, (_kind, _n, value) in entries.items()}
+        return tiff.with_tags(data, {tag: (tiff.LONG, (offset,)) for tag, offset in pointers.items()})
+    except (OSError, ValueError, TypeError, SyntaxError, KeyError, struct.error, InputError):
+        return encoded
 
 
 def _tiff_metadata(meta: dict[str, Any], compression: str) -> dict[str, Any]:
     """``meta`` as Pillow's TIFF writer takes it: EXIF, XMP and IPTC as the tags of one ``exif``, and for a
     compressed TIFF (which goes through libtiff) EXIF's main tags only, since a camera's EXIF sub-directory
-    fails the save."""
+    fails the save (``_with_exif_directories`` adds them afterwards)."""
     meta = dict(meta)
     extra = {tag: meta.pop(key) for tag, key in ((_TIFF_XMP, "xmp"), (_TIFF_IPTC, "iptc")) if key in meta}
     exif = Image.Exif()

@@ -844,19 +844,33 @@ class TestMetadata:
         assert (xmp, iptc, "Jane") == (back.tag_v2.get(700), back.tag_v2.get(33723), back.tag_v2.get(315))
 
     @pytest.mark.parametrize("bits", [8, 16])
-    def test_camera_exif_does_not_fail_a_compressed_tiff(self, bits: int) -> None:
-        """EXIF with an Exif sub-directory (every camera's) written as LZW TIFF: libtiff cannot take the
-        sub-directory, so the main EXIF tags are kept and the photo is written instead of failing."""
+    @pytest.mark.parametrize("source", ["JPEG", "TIFF"])
+    def test_camera_exif_with_its_sub_directories_is_kept_in_a_compressed_tiff(self, bits: int, source: str) -> None:
+        """EXIF with Exif and GPS sub-directories (every camera's and phone's) written as LZW TIFF: libtiff cannot
+        write sub-directories, yet the capture time, exposure and place all come back from the result."""
         exif = Image.Exif()
         exif[0x010F] = "Camera maker"
         exif.get_ifd(0x8769)[0x9003] = "2001:02:03 04:05:06"  # DateTimeOriginal
+        exif.get_ifd(0x8769)[0x829D] = 5.6  # FNumber
+        exif.get_ifd(0x8825)[1] = "N"  # GPSLatitudeRef
+        exif.get_ifd(0x8825)[2] = (52.0, 30.0, 12.5)  # GPSLatitude
         if bits == 8:
-            image = decode(_save(Image.fromarray(_photo()), "JPEG", exif=exif))
+            image, options = decode(_save(Image.fromarray(_photo()), "JPEG", exif=exif)), EncodeOptions(format="TIFF")
         else:
             image = decode(_png16(np.full((6, 5, 3), 30000, np.uint16), colour_type=2, exif=exif.tobytes()))
-        data, written = encode(image, image.rgb, options=EncodeOptions(format="TIFF"))
+            options = EncodeOptions(format="TIFF")
+        if source == "TIFF":  # an uncompressed TIFF with them (Pillow's own writer keeps them), then deflate
+            image.info["tiff_compression"] = "raw"
+            image, options = decode(encode(image, image.rgb, options=options)[0]), EncodeOptions()
+            assert image.info["tiff_compression"] == "raw"
+            image.info["tiff_compression"] = "tiff_deflate"
+        data, written = encode(image, image.rgb, options=options)
         back = _open(data)
-        assert (written, back.info["compression"], back.getexif().get(0x010F)) == ("TIFF", "tiff_lzw", "Camera maker")
+        got = back.getexif()
+        assert (written, back.info["compression"]) == ("TIFF", "tiff_adobe_deflate" if source == "TIFF" else "tiff_lzw")
+        assert got.get(0x010F) == "Camera maker"
+        assert (got.get_ifd(0x8769)[0x9003], float(got.get_ifd(0x8769)[0x829D])) == ("2001:02:03 04:05:06", 5.6)
+        assert (got.get_ifd(0x8825)[1], tuple(map(float, got.get_ifd(0x8825)[2]))) == ("N", (52.0, 30.0, 12.5))
 
     @pytest.mark.parametrize("bits", [8, 16])
     def test_exif_value_libtiff_refuses_is_left_out_of_a_compressed_tiff(self, bits: int) -> None:
