@@ -129,6 +129,8 @@ def decode(data: bytes, *, max_pixels: int = 100_000_000, long_side: int | None 
         exif = _exif_sized(exif, (rgb.shape[1], rgb.shape[0]))  # upright: swapped for orientations 5-8
     if orientation != 1:
         info["source_orientation"] = orientation
+    if orientation in (5, 6, 7, 8) and isinstance(dpi := info.get("dpi"), tuple):
+        info["dpi"] = dpi[::-1]  # a fax's 204 x 196 dpi: the upright image's width is the stored height
     if fmt == "JPEG" and (damage := jpeg_damage(data)):
         info["damaged"] = f"the JPEG's compressed data is damaged ({damage}): it decodes as a viewer shows it"
     return DecodedImage(
@@ -827,6 +829,16 @@ def _exif_sized(block: bytes, size: tuple[int, int]) -> bytes:
         return block
 
 
+_X_RESOLUTION = 0x011A
+
+
+def _exif_of(im: ImageFile.ImageFile) -> Image.Exif | dict[int, object]:
+    try:
+        return im.getexif()
+    except (OSError, ValueError, TypeError, SyntaxError, KeyError, struct.error):
+        return {}
+
+
 def _reset_xmp_orientation(xmp: bytes | str) -> bytes:
     raw = xmp.encode("utf-8") if isinstance(xmp, str) else bytes(xmp)
     raw = re.sub(rb'tiff:Orientation="\d"', b'tiff:Orientation="1"', raw)
@@ -838,6 +850,8 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
     # Pillow reports 1 x 1 dpi for a TIFF that has no resolution at all (its default for a missing tag): written
     # out, that would claim a print size of several metres.
     unknown = fmt == "TIFF" and not {282, 283} <= set(getattr(im, "tag_v2", {}))
+    # Likewise 72 dpi for a JPEG whose EXIF has no resolution and whose JFIF gives only an aspect ratio (unit 0).
+    unknown |= fmt == "JPEG" and im.info.get("jfif_unit") not in (1, 2) and _X_RESOLUTION not in _exif_of(im)
     if "dpi" in im.info and not unknown:
         dpi = tuple(float(v) for v in im.info["dpi"])
         if all(math.isfinite(v) and v > 0 for v in dpi):  # a 0/0 resolution tag reads as NaN

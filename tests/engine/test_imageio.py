@@ -773,6 +773,30 @@ class TestMetadata:
         for fmt in ("TIFF", "JPEG", "PNG"):
             assert _open(encode(image, image.rgb, options=EncodeOptions(format=fmt))[0]).size == (64, 48)
 
+    def test_jpeg_without_a_resolution_gets_none(self) -> None:
+        """A phone JPEG whose EXIF has no resolution and whose JFIF gives only an aspect ratio: Pillow reads it as
+        72 dpi, but no resolution is made up for the result (a PNG gets no pHYs), while a real one comes through."""
+        exif = Image.Exif()
+        exif[0x010F] = "Phone maker"
+        image = decode(_save(Image.fromarray(_photo()), "JPEG", exif=exif))
+        assert "dpi" not in image.info
+        assert "dpi" not in _open(encode(image, image.rgb, options=EncodeOptions(format="PNG"))[0]).info
+        exif[0x011A], exif[0x011B], exif[0x0128] = 300.0, 300.0, 2  # X/YResolution, ResolutionUnit inch
+        image = decode(_save(Image.fromarray(_photo()), "JPEG", exif=exif))
+        assert (300, 300) == tuple(round(float(v)) for v in image.info["dpi"])
+        assert (150, 150) == tuple(round(v) for v in decode(_save(Image.fromarray(_photo()), "JPEG",
+                                                                    dpi=(150, 150))).info["dpi"])
+
+    def test_a_resolution_turns_with_the_photo(self) -> None:
+        """A scan of 204 x 196 dpi stored on its side (orientation 6): upright, its width has the stored height's
+        resolution, or the printed photo comes out stretched."""
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        image = decode(_save(Image.fromarray(_photo()), "JPEG", exif=exif, dpi=(204, 196)))
+        assert (round(image.info["dpi"][0]), round(image.info["dpi"][1])) == (196, 204)
+        back = _open(encode(image, image.rgb, options=EncodeOptions(format="PNG"))[0])
+        assert (196, 204) == tuple(round(float(v)) for v in back.info["dpi"])
+
     @pytest.mark.parametrize("bits", [8, 16])
     @pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
     def test_tiff_without_a_resolution_gets_none(self, compression: str, bits: int) -> None:
