@@ -933,13 +933,24 @@ def encode(image: DecodedImage, rgb: np.ndarray, *, options: EncodeOptions) -> t
     keep_alpha = alpha is not None and fmt != "JPEG"  # JPEG has no alpha
     if alpha is not None and not keep_alpha:
         rgb = _over_white(rgb, alpha)
-    samples = _luma(rgb)[:, :, None] if grayscale else rgb
-    if image.grayscale and not grayscale:  # a gray photo stays gray in a format without a gray mode
-        samples = np.repeat(_luma(rgb)[:, :, None], 3, axis=2)
+
+    def as_samples(pixels: np.ndarray) -> np.ndarray:
+        if grayscale:
+            return _luma(pixels)[:, :, None]
+        if image.grayscale:  # a gray photo stays gray in a format without a gray mode
+            return np.repeat(_luma(pixels)[:, :, None], 3, axis=2)
+        return pixels
+
+    samples = as_samples(rgb)
     if high is not None and fmt in ("PNG", "TIFF"):
         if high.shape[2] != samples.shape[2]:
             high = _luma16(high) if samples.shape[2] == 1 else np.repeat(high, 3, axis=2)
-        delta = samples.astype(np.int32) - _to_8bit(high).astype(np.int32)
+        # What the engine changed, against exactly what it was given (the 8-bit copy, scaled as the preset
+        # scaled it): 8-bit rounding of a separately scaled 16-bit copy would differ by one in many places,
+        # 257 steps in 16 bits, far from any face.
+        given = image.rgb if image.rgb.shape[:2] == (height, width) else _resize(image.rgb, width, height)
+        base = as_samples(given)
+        delta = samples.astype(np.int32) - base.astype(np.int32)
         samples16 = np.clip(high.astype(np.int32) + delta * 257, 0, 65535).astype(np.uint16)
         alpha16 = None if not keep_alpha or alpha is None else _as_16bit(alpha)
         return _encode_16bit(image, samples16, alpha16, fmt, options), fmt

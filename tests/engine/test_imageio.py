@@ -438,6 +438,25 @@ class TestModes:
         np.testing.assert_array_equal(30000 + 10 * 257, back[:5, :5, :3])
         np.testing.assert_array_equal(40000, back[:, :, 3])
 
+    @pytest.mark.parametrize("channels", [1, 3])
+    def test_16bit_photo_scaled_by_the_preset_is_the_scaled_16bit_photo_away_from_faces(self, channels: int) -> None:
+        """The preset's cap scaled a 16-bit photo down and the engine changed one corner: everywhere else the
+        result is the 16-bit photo scaled down, sample for sample (not off by 257 where 8-bit rounding differs)."""
+        rng = np.random.default_rng(4)
+        smooth = cv2.GaussianBlur(rng.integers(0, 65536, (90, 120, 3)).astype(np.float32), (9, 9), 0)
+        rgb16 = smooth.astype(np.uint16)[:, :, :channels]
+        image = decode(cv2.imencode(".png", rgb16[:, :, ::-1])[1].tobytes())
+        given = resize_long_side(image.rgb, 80)  # what the engine was handed
+        restored = given.copy()
+        restored[:6, :6] = 0
+        back = cv2.imdecode(np.frombuffer(encode(image, restored, options=EncodeOptions())[0], np.uint8),
+                            cv2.IMREAD_UNCHANGED)
+        back = back.reshape(*back.shape[:2], -1)[:, :, ::-1]
+        scaled = resize_long_side(rgb16, 80).reshape(*back.shape[:2], -1)
+        assert back.dtype == np.uint16 and back.shape == scaled.shape
+        np.testing.assert_array_equal(scaled[6:], back[6:])
+        assert np.abs(back[:6, :6].astype(int) - scaled[:6, :6].astype(int)).min() > 1000  # the change is there
+
     def test_16bit_gray_alpha_png_round_trips_exactly(self) -> None:
         """16-bit gray+alpha stays 16-bit gray+alpha with identical samples."""
         gray_alpha = np.random.default_rng(2).integers(0, 65536, (12, 10, 2), dtype=np.uint16)
