@@ -68,6 +68,9 @@ def is_quiet(changed_at: float, now: float, stability_delay: float) -> bool:
     return now - changed_at >= stability_delay
 
 
+TRAILER_WAIT = 30.0  # seconds a JPEG whose first image is whole waits for the rest its index promises
+
+
 def waited_out(changed_at: float, now: float, max_wait: float) -> bool:
     return now - changed_at >= max_wait
 
@@ -207,9 +210,9 @@ class ReadinessGate:
             if verdict is not None:
                 return verdict
         if self._waited_for_writer(track, now):
-            # Quiet for max_wait with its holes or its missing trailer: a sparse file (cp --sparse, rsync -S, ZFS
-            # compression store long zero runs as holes), or an index an editor left stale when it dropped the
-            # extra images, not a stalled writer. Judge its bytes like any other file's.
+            # Quiet long enough with its holes or its missing trailer: a sparse file (cp --sparse, rsync -S, ZFS
+            # compression store long zero runs as holes), or an index left stale when the extra images were
+            # dropped (jpegtran -copy all, editors), not a stalled writer. Judge its bytes like any other file's.
             track.hole = track.trailer = False
             track.decode_error = None
             verdict = self._read_and_check(path, key, track, now, available, base, lenient=True)
@@ -218,8 +221,15 @@ class ReadinessGate:
         return self._undecodable(key, track, now)
 
     def _waited_for_writer(self, track: _Track, now: float) -> bool:
-        """Whether the file looked unfinished only for a reason a complete file can have too, and for max_wait."""
-        return (track.hole or track.trailer) and waited_out(track.changed_at, now, self.max_wait)
+        """Whether the file looked unfinished only for a reason a complete file can have too, for long enough.
+
+        Holes: ``max_wait``, since a copy that set the size first may stall like any other. A missing trailer:
+        ``TRAILER_WAIT`` (or 10 stability delays, if longer; never beyond ``max_wait``), since lossless rotation
+        and editors keep indexes to images they dropped, and phone uploads pause for seconds, not minutes."""
+        if track.hole:
+            return waited_out(track.changed_at, now, self.max_wait)
+        limit = min(self.max_wait, max(TRAILER_WAIT, 10 * self.stability_delay))
+        return track.trailer and waited_out(track.changed_at, now, limit)
 
     def _undecodable(self, key: Hashable, track: _Track, now: float) -> Verdict:
         if waited_out(track.changed_at, now, self.max_wait):

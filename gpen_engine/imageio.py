@@ -373,10 +373,17 @@ def incomplete_trailer(data: bytes) -> str | None:
     if mpf is not None and (promised := _mpf_extent(data, mpf)) is not None and promised > size:
         return f"its MPF index places an image up to byte {promised}, but the file has {size} bytes"
     if xmp is not None:
-        lengths = [int(n) for n in _XMP_ITEM_LENGTH.findall(xmp)]
+        # The primary item is the photo itself: its length, where a writer gives one, is not after it. A motion
+        # flag of 0 says the video is gone (an editor may leave its item listed).
+        skip = _XMP_PRIMARY_OR_VIDEO if _XMP_NO_MOTION.search(xmp) else _XMP_PRIMARY
+        lengths = [int(m.group(1)) for item in _XMP_ITEM.findall(xmp) if not skip.search(item)
+                   if (m := _XMP_ITEM_LENGTH.search(item)) is not None]
         if lengths and end + sum(lengths) > size:
             return f"its XMP container lists {sum(lengths)} bytes after the photo, but {size - end} are there"
-        if (offset := _XMP_VIDEO_OFFSET.search(xmp)) is not None:
+        # Readers ignore the older MicroVideo fields next to a container.
+        container = b"Container:Directory" in xmp
+        offset = None if container or _XMP_NO_MOTION.search(xmp) else _XMP_VIDEO_OFFSET.search(xmp)
+        if offset is not None:
             video = size - int(offset.group(1))
             if video < end or data[video + 4 : video + 8] != b"ftyp":
                 return "its motion photo's video (XMP MicroVideoOffset) is not all there"
@@ -390,7 +397,11 @@ def incomplete_trailer(data: bytes) -> str | None:
     return None
 
 
+_XMP_ITEM = re.compile(rb"<[^<>]*Item:Length[^<>]*>")  # one container item's element, with its attributes
 _XMP_ITEM_LENGTH = re.compile(rb'Item:Length\s*=\s*["\'](\d{1,12})["\']')
+_XMP_PRIMARY = re.compile(rb'Item:Semantic\s*=\s*["\']Primary["\']')
+_XMP_PRIMARY_OR_VIDEO = re.compile(rb'Item:Semantic\s*=\s*["\'](?:Primary|MotionPhoto)["\']')
+_XMP_NO_MOTION = re.compile(rb'(?:MotionPhoto|MicroVideo)\s*=\s*["\']0["\']')
 _XMP_VIDEO_OFFSET = re.compile(rb'MicroVideoOffset\s*=\s*["\'](\d{1,12})["\']')
 _XMP_ID = b"http://ns.adobe.com/xap/1.0/\x00"
 

@@ -1276,3 +1276,16 @@ class TestIncompleteTrailer:
         second = _jpeg(3)
         assert incomplete_trailer(_jpeg() + second) is None
         assert "second image" in (incomplete_trailer(_jpeg() + second[:300]) or "")
+
+    def test_the_primary_items_own_length_and_a_video_said_to_be_gone_are_not_waited_for(self) -> None:
+        """The photo's own Item:Length (optional; some writers fill it in) is not bytes after it, and an editor's
+        leftover video item next to MotionPhoto="0" promises nothing; old MicroVideo fields beside a container
+        are ignored, as readers do."""
+        photo = _jpeg()
+        items = (b'<x:xmpmeta GCamera:MotionPhoto="%s" GCamera:MicroVideoOffset="999999"><Container:Directory>'
+                 b'<rdf:li Item:Semantic="Primary" Item:Length="%d"/>'
+                 b'<rdf:li Item:Semantic="MotionPhoto" Item:Mime="video/mp4" Item:Length="5000"/>'
+                 b"</Container:Directory></x:xmpmeta>")
+        edited = _jpeg(xmp=items % (b"0", len(photo) + 300))
+        assert incomplete_trailer(edited) is None
+        assert "XMP container" in (incomplete_trailer(_jpeg(xmp=items % (b"1", len(photo) + 300))) or "")
