@@ -965,16 +965,20 @@ class Service:
             return False
         return watcher is None or (watcher.paused is None and watcher.unavailable_reason() is None)
 
-    def _source_missing(self, job: Job, folder: FolderSettings) -> None:
-        """The source is gone: finished before a crash, removed by a user, or its share vanished."""
+    def _source_missing(self, job: Job, folder: FolderSettings, faces: int | None = None) -> None:
+        """The source is gone: finished before a crash, removed by a user, or its share vanished.
+
+        ``faces``: how many this attempt restored, when it is the one that published."""
         assert self.jobs is not None
         if not self._folder_available(job.folder):
             self.jobs.retry_later(job.id, "hot folder unavailable", self.settings.retry_backoff)
             return
         if job.backup_path and publish.file_has_sha256(Path(job.backup_path), job.sha256) and job.output_path \
                 and Path(job.output_path).exists():
-            # Published completely before the last stop; only the bookkeeping was missing.
-            self.jobs.finish(job.id, job.faces or 0)
+            # Published completely (before the last stop, or just now); only the bookkeeping was missing.
+            done = faces if faces is not None else job.faces or 0
+            self.jobs.finish(job.id, done)
+            self._count_done(done)
             return
         self.jobs.mark_gone(job.id)
         log.warning("file vanished while queued", folder=job.folder, path=job.relpath)
@@ -1118,7 +1122,8 @@ class Service:
             self.jobs.requeue_pending(job.id, str(exc))
         except FileNotFoundError as exc:
             if not item.source.exists():  # with this attempt's names: it may have published everything
-                self._source_missing(self.jobs.get(job.id), folder)
+                faces = None if isinstance(outcome, Exception) else len(outcome.faces)
+                self._source_missing(self.jobs.get(job.id), folder, faces)
             else:
                 self._retry(job, "publish", exc)
         except InputError as exc:
@@ -1226,8 +1231,10 @@ class Service:
         if isinstance(exc, OSError):
             transient = publish.classify_os_error(exc, side=side) == "transient"
         else:  # out of memory will pass; an unexpected error gets max_attempts tries, then failed/ with its reason
-            transient = isinstance(exc, DeviceOutOfMemory) or is_out_of_memory(exc)
+            # Host memory too: it runs out when other large files decode at the same moment.
+            transient = isinstance(exc, DeviceOutOfMemory | MemoryError) or is_out_of_memory(exc)
         error = f"{about}: {exc.strerror or exc}" if about and isinstance(exc, OSError) else str(exc)
+        error = error or type(exc).__name__  # MemoryError() says nothing
         if not transient and job.attempts >= self.settings.max_attempts:
             folder = self.folders.get(job.folder)
             if folder is not None:

@@ -554,8 +554,10 @@ def test_an_error_preparing_one_file_fails_that_file_and_its_batch_mates_reach_t
 def test_a_published_file_whose_original_vanished_before_its_move_is_done_not_gone(tmp_path: Path) -> None:
     """after = "move": result and backup are written, then the original is removed by someone else before it can
     be moved. The work is complete, so the row ends "done", not "gone" (the state for a file never processed)."""
+    import numpy as np
+
     from gpen_engine import imageio
-    from gpen_engine.types import RestoredImage
+    from gpen_engine.types import Face, RestoredImage
 
     svc, key, folder = _service_on_its_first_folder(tmp_path)
     folder = folder.model_copy(update={"after": "move", "done": tmp_path / "done"})
@@ -574,9 +576,36 @@ def test_a_published_file_whose_original_vanished_before_its_move_is_done_not_go
             (folder.path / "p.png").unlink()
 
     svc.failpoints.hit = hit  # type: ignore[method-assign]
-    svc._publish(item, RestoredImage(rgb=image.rgb, faces=[]), engine_options(svc.settings, svc.presets[folder.preset]))
+    face = Face(box=np.array([1, 1, 20, 20], np.float32), landmarks=np.zeros((5, 2), np.float32), score=0.99)
+    svc._publish(item, RestoredImage(rgb=image.rgb, faces=[face, face]),
+                 engine_options(svc.settings, svc.presets[folder.preset]))
     row = svc.jobs.get(job_id)
-    assert row.state == "done"
+    assert (row.state, row.faces, svc.counters["done"], svc.counters["faces"]) == ("done", 2, 1, 2)
     assert row.output_path and Path(row.output_path).exists()
     assert row.backup_path and Path(row.backup_path).read_bytes() == buf.getvalue()
+    svc.jobs.close()
+
+
+def test_host_memory_running_out_while_preparing_one_file_is_retried_not_failed(tmp_path: Path) -> None:
+    """Memory runs out while a big file decodes next to others: that passes, so the file is tried again later
+    (with a reason that says so), never sent to failed/ for it."""
+    from dataclasses import replace
+
+    svc, key, folder = _service_on_its_first_folder(tmp_path, "max_attempts = 1\nmax_batch_delay = 0")
+
+    class Restorer:
+        preset = replace(svc.presets[folder.preset], max_long_side=None)
+
+        def prepare(self, rgb: object) -> str:
+            raise MemoryError
+
+    svc.restorers[folder.preset] = Restorer()  # type: ignore[assignment]
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, "PNG")
+    job = _queued(svc, key, folder, "big.png", buf.getvalue())
+    assert svc._next_batch() is None
+    assert svc.jobs is not None
+    row = svc.jobs.get(job)
+    assert (row.state, row.last_error) == ("retry", "read: MemoryError")
+    assert list(folder.failed.iterdir()) == []
     svc.jobs.close()
