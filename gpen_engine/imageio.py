@@ -840,7 +840,22 @@ def _exif_sized(block: bytes, size: tuple[int, int]) -> bytes:
         return block
 
 
-_X_RESOLUTION = 0x011A
+_X_RESOLUTION, _Y_RESOLUTION, _RESOLUTION_UNIT = 0x011A, 0x011B, 0x0128
+
+
+def _exif_dpi(exif: Image.Exif | dict[int, object]) -> tuple[float, float] | None:
+    """Dots per inch from EXIF's X/YResolution and ResolutionUnit (2, inches, when absent; 3, centimetres;
+    1, no unit: a ratio only), or None."""
+    unit = exif.get(_RESOLUTION_UNIT, 2)
+    x = exif.get(_X_RESOLUTION)
+    y = exif.get(_Y_RESOLUTION, x)
+    if unit not in (2, 3) or x is None:
+        return None
+    try:
+        scale = 2.54 if unit == 3 else 1.0
+        return float(x) * scale, float(y) * scale  # type: ignore[arg-type]
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 def _exif_of(im: ImageFile.ImageFile) -> Image.Exif | dict[int, object]:
@@ -861,10 +876,13 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
     # Pillow reports 1 x 1 dpi for a TIFF that has no resolution at all (its default for a missing tag): written
     # out, that would claim a print size of several metres.
     unknown = fmt == "TIFF" and not {282, 283} <= set(getattr(im, "tag_v2", {}))
-    # Likewise 72 dpi for a JPEG whose EXIF has no resolution and whose JFIF gives only an aspect ratio (unit 0).
-    unknown |= fmt == "JPEG" and im.info.get("jfif_unit") not in (1, 2) and _X_RESOLUTION not in _exif_of(im)
-    if "dpi" in im.info and not unknown:
-        dpi = tuple(float(v) for v in im.info["dpi"])
+    found = im.info.get("dpi")
+    if fmt == "JPEG" and im.info.get("jfif_unit") not in (1, 2):
+        # JFIF gives only an aspect ratio (or is absent): the EXIF decides. Pillow says 72 dpi where it has no
+        # resolution or no unit (whose default is inches); neither is the photo's.
+        found = _exif_dpi(_exif_of(im))
+    if found is not None and not unknown:
+        dpi = tuple(float(v) for v in found)
         if all(math.isfinite(v) and v > 0 for v in dpi):  # a 0/0 resolution tag reads as NaN
             info["dpi"] = dpi
     if xmp := im.info.get("xmp"):

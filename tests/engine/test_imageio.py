@@ -800,9 +800,14 @@ class TestMetadata:
         image = decode(_save(Image.fromarray(_photo()), "JPEG", exif=exif))
         assert "dpi" not in image.info
         assert "dpi" not in _open(encode(image, image.rgb, options=EncodeOptions(format="PNG"))[0]).info
-        exif[0x011A], exif[0x011B], exif[0x0128] = 300.0, 300.0, 2  # X/YResolution, ResolutionUnit inch
+        exif[0x011A], exif[0x011B] = 300.0, 300.0  # X/YResolution; no ResolutionUnit: inches, EXIF's default
         image = decode(_save(Image.fromarray(_photo()), "JPEG", exif=exif))
         assert (300, 300) == tuple(round(float(v)) for v in image.info["dpi"])
+        exif[0x011A], exif[0x011B], exif[0x0128] = 118.11, 118.11, 3  # per centimetre
+        image = decode(_save(Image.fromarray(_photo()), "JPEG", exif=exif))
+        assert (300, 300) == tuple(round(float(v)) for v in image.info["dpi"])
+        exif[0x0128] = 1  # no unit: a ratio only
+        assert "dpi" not in decode(_save(Image.fromarray(_photo()), "JPEG", exif=exif)).info
         assert (150, 150) == tuple(round(v) for v in decode(_save(Image.fromarray(_photo()), "JPEG",
                                                                     dpi=(150, 150))).info["dpi"])
 
