@@ -587,6 +587,8 @@ class FailureInfo:
     folder: str
     relpath: str | None = None
     sha256: str | None = None
+    # Who writes it (host and instance): the same across restarts, different for each instance sharing failed/.
+    writer: str | None = None
     time: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def as_json(self) -> dict[str, object]:
@@ -599,6 +601,7 @@ class FailureInfo:
             "folder": self.folder,
             "relpath": self.relpath,
             "sha256": self.sha256,
+            "writer": self.writer,
             "versions": _versions(),
         }
 
@@ -633,13 +636,15 @@ def write_failure(
         try:
             write_atomic(sidecar, payload, root=failed_dir, replace=False)
         except FileExistsError:
-            if not _left_by_earlier_attempt(sidecar, info):
+            earlier = _earlier_sidecar(sidecar, info)
+            if earlier is None:
                 raise
-            # About this same file: from an attempt that died before the move, or from another instance failing
-            # it at this moment. Either way it is not ours to take back if our move fails (the other instance's
-            # original may be landing beside it).
+            # About this same file: from our own attempt that died before the move, or from another instance
+            # failing it at this moment, whose original may be landing beside it: only ours is taken back if
+            # our move fails.
             write_atomic(sidecar, payload, root=failed_dir)
-            return
+            if earlier != "ours":
+                return
         sidecars.append(sidecar)
 
     target = safe_join(failed_dir, str(relpath))
@@ -651,15 +656,18 @@ _SIDECAR = ".error.json"
 _NAME_MAX = 255
 
 
-def _left_by_earlier_attempt(sidecar: Path, info: FailureInfo) -> bool:
-    """Whether ``sidecar`` (whose original is missing) was written for this same file by an attempt that died."""
+def _earlier_sidecar(sidecar: Path, info: FailureInfo) -> Literal["ours", "same file"] | None:
+    """Whether ``sidecar`` (whose original is missing) is about this same file, and written by us (an attempt
+    that died) or by someone else; None if it is about another file."""
     try:
         with open(sidecar, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
             earlier = json.loads(fh.read(1 << 20))
     except (OSError, ValueError):
-        return False
-    return isinstance(earlier, dict) and all(
-        earlier.get(k) == v for k, v in (("folder", info.folder), ("relpath", info.relpath), ("sha256", info.sha256)))
+        return None
+    same = (("folder", info.folder), ("relpath", info.relpath), ("sha256", info.sha256))
+    if not isinstance(earlier, dict) or not all(earlier.get(k) == v for k, v in same):
+        return None
+    return "ours" if info.writer is not None and earlier.get("writer") == info.writer else "same file"
 
 
 def _fit_name(name: str, room: int) -> str:

@@ -1209,11 +1209,11 @@ class Service:
             self.metrics.count_result("failed")
         log.warning("failed", folder=job.folder, path=job.relpath, stage=stage, error=error, result="failed")
 
-    @staticmethod
-    def _failure_info(job: Job, folder: FolderSettings, stage: str, error: str) -> publish.FailureInfo:
+    def _failure_info(self, job: Job, folder: FolderSettings, stage: str, error: str) -> publish.FailureInfo:
         return publish.FailureInfo(
             stage=stage, error=error, attempts=job.attempts, preset=folder.preset,
             folder=job.folder, relpath=job.relpath, sha256=job.sha256,
+            writer=f"{publish.host_tag()}/{self.settings.instance or 'default'}",
         )
 
     def _backoff(self, job: Job) -> float:

@@ -375,7 +375,7 @@ class TestWriteFailure:
         versions = sidecar.pop("versions")
         assert sidecar == {"stage": "decode", "error": "cannot identify image file", "attempts": 3,
                            "time": "2024-05-01T12:00:00Z", "preset": "fast", "folder": "/srv/in/fast",
-                           "relpath": "sub/bad photo.jpg", "sha256": sha(b"junk")}
+                           "relpath": "sub/bad photo.jpg", "sha256": sha(b"junk"), "writer": None}
         assert set(versions) == {"gpen-watch", "torch", "python"}
 
     def test_second_failure_does_not_overwrite_first(self, tmp_path: Path) -> None:
@@ -716,3 +716,17 @@ def test_a_sidecar_written_by_another_instance_is_not_taken_back_when_its_move_w
     assert sorted(p.name for p in failed.iterdir()) == ["x.jpg", "x.jpg.error.json"]
     assert stored.read_bytes() == b"not an image"
     assert json.loads((failed / "x.jpg.error.json").read_text())["error"] == "not an image"
+
+
+def test_our_own_leftover_sidecar_is_taken_back_when_the_original_is_gone(tmp_path: Path) -> None:
+    """Our attempt died after the sidecar, and the user removed the original before the retry: the retry takes
+    the sidecar back, so failed/ holds no reason without a file. Another instance's is left alone (see above)."""
+    hot, failed = tmp_path / "hot", tmp_path / "failed"
+    hot.mkdir()
+    failed.mkdir()
+    info = FailureInfo(stage="decode", error="bad", attempts=1, preset="fast", folder=str(hot), relpath="a.jpg",
+                       sha256=sha(b"data"), writer="host/default")
+    (failed / "a.jpg.error.json").write_text(json.dumps(info.as_json()))  # what the crashed attempt left
+    with pytest.raises(FileNotFoundError):
+        write_failure(failed, "a.jpg", hot / "a.jpg", None, info, src_root=hot)
+    assert list(failed.iterdir()) == []
