@@ -1031,25 +1031,27 @@ class Service:
                     break
             time.sleep(0.01)
 
-    def _outcomes(self, preset: str, items: Sequence[Prepared]) -> list[Outcome | Raised]:
+    def _outcomes(self, preset: str, items: Sequence[Prepared], *, split: bool = False) -> list[Outcome | Raised]:
         """One outcome per item, or the exception the engine raised for it.
 
         A failure of the whole batch (the engine raised: a device error, out of memory after every retry, a
         fault one image provokes) is narrowed down by halves, so an image that breaks the engine is charged
-        its attempts alone and the good photos beside it go on; a device that is lost fails every half."""
+        its attempts alone and the good photos beside it go on; a device that is lost fails every half.
+        ``split``: this is a part of a failed batch, whose traceback is already in the log."""
         assert self.executor is not None
         try:
             return list(self.executor.run(preset, [p.working for p in items]))
         except Exception as exc:
-            expected = isinstance(exc, EngineError) or is_out_of_memory(exc)
+            trace = not split and not (isinstance(exc, EngineError) or is_out_of_memory(exc))
             if len(items) == 1:
                 log.error("restoring failed; the file is retried", error=str(exc), folder=items[0].job.folder,
-                          path=items[0].job.relpath, exc_info=not expected)
+                          path=items[0].job.relpath, exc_info=trace)
                 return [Raised(exc)]
-            log.warning("batch failed; trying its halves", error=str(exc), files=len(items))
+            log.warning("batch failed; trying its halves", error=str(exc), files=len(items), exc_info=trace)
         self.heartbeats.beat("device")
         half = len(items) // 2
-        return self._outcomes(preset, items[:half]) + self._outcomes(preset, items[half:])
+        return (self._outcomes(preset, items[:half], split=True)
+                + self._outcomes(preset, items[half:], split=True))
 
     def _publish_done(self, future: Future[None]) -> None:
         with self.in_flight_lock:
