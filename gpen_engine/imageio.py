@@ -19,7 +19,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import cv2
@@ -333,10 +333,20 @@ def _jpeg_end(data: bytes, start: int = 0) -> int | None:
     Entropy-coded data cannot contain FF D9 (an FF there is always stuffed with 00), so an EOI
     after the first SOS belongs to the image structure, not to pixel data.
     """
+    for marker, pos, length in _header_segments(data, start):
+        if marker == 0xDA:
+            eoi = data.find(b"\xff\xd9", pos + 2 + length)
+            return None if eoi < 0 else eoi + 2
+    return None
+
+
+def _header_segments(data: bytes, start: int = 0) -> Iterator[tuple[int, int, int]]:
+    """(marker, offset, length) of each segment of the JPEG at ``start``, up to and including its first scan
+    header (SOS); it stops early where the headers do not parse or end."""
     pos, size = start + 2, len(data)
     while pos + 4 <= size:
         if data[pos] != 0xFF:
-            return None
+            return
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
@@ -345,13 +355,12 @@ def _jpeg_end(data: bytes, start: int = 0) -> int | None:
             pos += 2
             continue
         if marker == 0xD9:
-            return None
+            return
         length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        yield marker, pos, length
         if marker == 0xDA:
-            eoi = data.find(b"\xff\xd9", pos + 2 + length)
-            return None if eoi < 0 else eoi + 2
+            return
         pos += 2 + length
-    return None
 
 
 def incomplete_trailer(data: bytes) -> str | None:
@@ -408,21 +417,13 @@ _XMP_ID = b"http://ns.adobe.com/xap/1.0/\x00"
 
 def _jpeg_index_segments(data: bytes) -> tuple[int | None, bytes | None]:
     """Where the first image's MPF payload starts (after ``MPF\\0``), and its XMP packet, if any."""
-    pos, size, mpf, xmp = 2, len(data), None, None
-    while pos + 4 <= size and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker in (0xDA, 0xD9):
-            break
-        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+    mpf, xmp = None, None
+    for marker, pos, length in _header_segments(data):
         body = pos + 4
         if marker == 0xE2 and data.startswith(b"MPF\x00", body):
             mpf = body + 4
         elif marker == 0xE1 and xmp is None and data.startswith(_XMP_ID, body):
             xmp = data[body + len(_XMP_ID) : pos + 2 + length]
-        pos += 2 + length
     return mpf, xmp
 
 
@@ -875,7 +876,7 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
     info: dict[str, object] = {}
     # Pillow reports 1 x 1 dpi for a TIFF that has no resolution at all (its default for a missing tag): written
     # out, that would claim a print size of several metres.
-    unknown = fmt == "TIFF" and not {282, 283} <= set(getattr(im, "tag_v2", {}))
+    unknown = fmt == "TIFF" and not {_X_RESOLUTION, _Y_RESOLUTION} <= set(getattr(im, "tag_v2", {}))
     found = im.info.get("dpi")
     if fmt == "JPEG" and im.info.get("jfif_unit") not in (1, 2):
         # JFIF gives only an aspect ratio (or is absent): the EXIF decides. Pillow says 72 dpi where it has no
@@ -1209,8 +1210,8 @@ def _png_text_info(image: DecodedImage, xmp: bytes | None) -> PngImagePlugin.Png
 
 # EXIF's sub-directories (Exif, GPS, Interoperability): libtiff cannot be handed them, and Pillow then
 # fails the whole save.
-_EXIF_IFD, _GPS_IFD, _INTEROP_IFD = 0x8769, 0x8825, 0xA005
-_EXIF_POINTERS = (_EXIF_IFD, _GPS_IFD, _INTEROP_IFD)
+_GPS_IFD, _INTEROP_IFD = 0x8825, 0xA005
+_EXIF_POINTERS = (exif_block.EXIF_IFD, _GPS_IFD, _INTEROP_IFD)
 
 
 def _save_tiff(pil: Image.Image, compression: str, meta: dict[str, Any]) -> bytes:
@@ -1238,17 +1239,17 @@ def _with_exif_directories(encoded: bytes, block: bytes) -> bytes:
         exif = Image.Exif()
         exif.load(block)
         subs: dict[int, dict[int, Any]] = {}
-        for pointer in (_EXIF_IFD, _GPS_IFD):
+        for pointer in (exif_block.EXIF_IFD, _GPS_IFD):
             if tags := dict(exif.get_ifd(pointer)):
                 subs[pointer] = tags
         if not subs:
             return encoded
-        if _INTEROP_IFD in subs.get(_EXIF_IFD, {}):  # a pointer into the old block: its directory goes along
+        if _INTEROP_IFD in subs.get(exif_block.EXIF_IFD, {}):  # a pointer into the old block: its directory goes along
             interop = dict(exif.get_ifd(_INTEROP_IFD))
             if interop:
-                subs[_EXIF_IFD][_INTEROP_IFD] = interop
+                subs[exif_block.EXIF_IFD][_INTEROP_IFD] = interop
             else:
-                del subs[_EXIF_IFD][_INTEROP_IFD]
+                del subs[exif_block.EXIF_IFD][_INTEROP_IFD]
         holder = TiffImagePlugin.ImageFileDirectory_v2(ifh=encoded[:4] + b"\0\0\0\0")
         for pointer, tags in subs.items():
             holder[pointer] = tags
