@@ -6,17 +6,19 @@ models) can replace LocalExecutor without touching watching, readiness, the job 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from daemon.faults import FailPoints
-from gpen_engine.restorer import Restorer, WorkingImage
-from gpen_engine.types import EngineError, RestoredImage
+from gpen_engine.restorer import Restorer, WorkingImage, is_out_of_memory
+from gpen_engine.types import DeviceOutOfMemory, EngineError, RestoredImage
 
 Outcome = RestoredImage | EngineError
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 class Executor(Protocol):
@@ -28,6 +30,10 @@ class Executor(Protocol):
         ...
 
     def batch_cap(self, preset: str) -> int: ...
+
+    def check(self, preset: str) -> None:
+        """Run ``preset``'s models once on blank input; raises if the device no longer computes."""
+        ...
 
 
 @dataclass
@@ -41,6 +47,56 @@ class LocalExecutor:
         self.failpoints.hit("generate")
         return self.restorers[preset].restore(list(images))
 
+    def check(self, preset: str) -> None:
+        self.failpoints.hit("check")
+        self.restorers[preset].warm_up()
+
     def batch_cap(self, preset: str) -> int:
         """Faces per generator call now: the preset's batch size, lowered while out-of-memory errors last."""
         return self.restorers[preset].cap.current
+
+
+@dataclass(frozen=True)
+class Raised:
+    """The engine raised instead of returning this item's outcome (it was alone in its run by then)."""
+
+    error: Exception
+
+
+def run_narrowing(run: Callable[[Sequence[Item]], Sequence[Result]], items: Sequence[Item],
+                  on_error: Callable[[Sequence[Item], Exception, bool], None]) -> list[Result | Raised]:
+    """``run(items)``; where a call raises, its halves are run apart, down to single items.
+
+    A failure of a whole call (a device error, out of memory after every retry, a fault one image provokes) is
+    narrowed down so that an image that breaks the engine is charged alone and the good ones beside it go on.
+    ``on_error(part, exc, first)`` hears of each failed call; ``first`` is the call on all of ``items``."""
+
+    def attempt(part: Sequence[Item], first: bool) -> list[Result | Raised]:
+        try:
+            return list(run(part))
+        except Exception as exc:
+            on_error(part, exc, first)
+            if len(part) == 1:
+                return [Raised(exc)]
+        half = len(part) // 2
+        return attempt(part[:half], False) + attempt(part[half:], False)
+
+    return attempt(items, True) if items else []
+
+
+def device_lost(outcomes: Sequence[object], check: Callable[[], None]) -> Exception | None:
+    """The error of a device that no longer computes, or None.
+
+    Asked after a run whose every item raised for a reason other than memory: if a blank test image fails as
+    well, the device (or its driver context: CUDA errors are sticky) is gone, and the images are not to blame."""
+    if not outcomes or not all(isinstance(o, Raised) and not _out_of_memory(o.error) for o in outcomes):
+        return None
+    try:
+        check()
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, DeviceOutOfMemory | MemoryError) or is_out_of_memory(exc)

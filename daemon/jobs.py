@@ -707,6 +707,29 @@ class JobTable:
             )
             return cur.rowcount
 
+    def requeue_crashed(self, job_ids: Collection[int], reason: str, max_attempts: int) -> int:
+        """Rows of a batch the device lost (it fails even a blank test image) go back to ``ready`` as if the
+        process had died on them: each counts one crash, so it runs alone next time and a file that breaks the
+        device every time fails at ``max_attempts`` crashes (stage ``crash``) like one that kills the process.
+        Returns how many failed so."""
+        if not job_ids:
+            return 0
+        marks = ", ".join("?" * len(job_ids))
+        mine = f"id IN ({marks}) AND state = 'processing' AND owner = ?"
+        params = (*job_ids, self._owner)
+        now = time.time()
+        with self._tx() as con:
+            con.execute(f"UPDATE jobs SET crashes = crashes + 1, last_error = ?, error_stage = 'crash', "
+                        f"updated_at = ? WHERE {mine}", (reason, now, *params))
+            cur = con.execute(
+                f"UPDATE jobs SET state = 'failed', last_error = ?, next_attempt_at = NULL WHERE {mine} "
+                f"AND crashes >= ?",
+                (f"the device failed while processing this file {max_attempts} times; giving up: {reason}",
+                 *params, max_attempts),
+            )
+            con.execute(f"UPDATE jobs SET state = 'ready' WHERE {mine}", params)
+            return cur.rowcount
+
     def requeue_in_flight(self, max_attempts: int | None = None, owner: str | None = None) -> int:
         """At start-up: this instance's ``processing`` rows (a crash left them) go back to ``ready``.
 

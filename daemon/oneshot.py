@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from daemon.executor import Raised, device_lost, run_narrowing
 from daemon.modelfiles import MissingModelError, ensure_models, models_of
 from daemon.paths import FileTooLarge, UnsafePath, is_candidate, max_file_bytes, normalize_extensions, read_no_follow
 from daemon.publish import fit_stem, write_atomic
@@ -87,6 +88,7 @@ class Tally:
     failed: int = 0
     faces: int = 0
     interrupted: bool = False  # Ctrl-C: the files neither ok nor failed were not done
+    device_lost: str | None = None  # the device stopped computing: the files neither ok nor failed were not done
 
 
 def command(args: Any) -> int:
@@ -128,6 +130,11 @@ def command(args: Any) -> int:
                 compare=bool(args.compare), log=lambda m: tqdm.write(m, file=sys.stderr))
     tally.failed += len(problems)
     summary = f"{tally.ok} ok, {tally.failed} failed, {tally.faces} faces"
+    if tally.device_lost is not None:
+        not_done = len(items) + len(problems) - tally.ok - tally.failed
+        print(f"error: the device stopped working ({tally.device_lost}); even a blank test image fails, so the "
+              f"run stopped: {summary}, {not_done} not done", file=sys.stderr)
+        return 1
     if tally.interrupted:
         not_done = len(items) + len(problems) - tally.ok - tally.failed
         print(f"interrupted: {summary}, {not_done} not done", file=sys.stderr)
@@ -314,10 +321,17 @@ def run(items: list[Item], restorer: Restorer, options: EngineOptions, *, io_thr
                 if not chunk:
                     continue
                 results = _restore(restorer, chunk)
+                if (lost := device_lost(results, restorer.warm_up)) is not None:
+                    # Every later file would fail the same way: stop, and say the rest was not done.
+                    tally.device_lost = str(lost) or type(lost).__name__
+                    for future in pending:
+                        future.cancel()
+                    break
                 for decoded, result in zip(chunk, results, strict=True):
-                    if isinstance(result, EngineError):
+                    if isinstance(result, EngineError | Raised):
                         tally.failed += 1
-                        log(f"error: {decoded.item.source}: {result}")
+                        reason = result.error if isinstance(result, Raised) else result
+                        log(f"error: {decoded.item.source}: {str(reason) or type(reason).__name__}")
                         bar.update(1)
                         continue
                     try:
@@ -339,11 +353,9 @@ def run(items: list[Item], restorer: Restorer, options: EngineOptions, *, io_thr
     return tally
 
 
-def _restore(restorer: Restorer, chunk: list[Decoded]) -> list[RestoredImage | EngineError]:
-    try:
-        return restorer.restore([d.working for d in chunk])
-    except EngineError as exc:  # the whole call failed: every image in it gets the reason
-        return [exc] * len(chunk)
+def _restore(restorer: Restorer, chunk: list[Decoded]) -> list[RestoredImage | EngineError | Raised]:
+    """The engine's outcome per image; a call that raises is narrowed down to the image that makes it raise."""
+    return run_narrowing(lambda part: restorer.restore([d.working for d in part]), chunk, lambda *_: None)
 
 
 def _read_decode(item: Item, options: EngineOptions) -> Decoded | str:

@@ -26,12 +26,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import structlog
 
 from daemon import publish, status
 from daemon.batcher import pick_queue
-from daemon.executor import LocalExecutor, Outcome
+from daemon.executor import LocalExecutor, Outcome, Raised, device_lost, run_narrowing
 from daemon.faults import FailPoints
 from daemon.jobs import Job, JobStateError, JobTable, JobTableError, claim_instance, instance_stopped
 from daemon.logs import configure_logging
@@ -75,6 +74,9 @@ RELOAD_LIMIT = 600.0
 # How often the job table's old history is pruned (besides at start-up).
 PRUNE_EVERY = 24 * 3600.0
 TAKEOVER_EVERY = 30.0  # how often to look for work in flight held by a stopped instance
+# `gpen-watch run`'s exit status when the device stopped computing mid-run (systemd's Restart=on-failure then
+# starts it again; 1 is a failed start, 2 an invalid configuration).
+EXIT_DEVICE_LOST = 3
 
 
 def command(args: argparse.Namespace) -> int:
@@ -165,13 +167,6 @@ class Prepared:
     decode_ms: float
 
 
-@dataclass(frozen=True)
-class Raised:
-    """The engine raised instead of returning this image's outcome (it was alone in its run by then)."""
-
-    error: Exception
-
-
 @dataclass
 class Batch:
     preset: str
@@ -254,6 +249,7 @@ class Service:
         self.instance_lock: int | None = None
         self.executor: LocalExecutor | None = None
         self.metrics: Any = None
+        self.exit_status = 0
 
     # ----------------------------------------------------------------- lifecycle
     def serve(self) -> int:
@@ -282,7 +278,7 @@ class Service:
             self.main_loop()
         finally:
             self.shutdown()
-        return 0
+        return self.exit_status
 
     def startup(self) -> None:
         state = state_dir(self.settings)
@@ -624,8 +620,7 @@ class Service:
     def _warm_up(self, restorer: Restorer) -> None:
         """One real pass through detection and the generator, so READY means the device really computes."""
         started = time.monotonic()
-        restorer.restore([np.full((256, 256, 3), 127, np.uint8)])  # detection (a blank image has no face)
-        restorer.warm_up()  # the generator and parsing model, which found no face to run on above
+        restorer.warm_up()
         log.info("warm-up done", preset=restorer.preset.name, ms=round((time.monotonic() - started) * 1000, 1))
 
     # ----------------------------------------------------------------- watching
@@ -1009,6 +1004,9 @@ class Service:
         started = time.monotonic()
         outcomes = self._outcomes(batch.preset, batch.items)
         self.heartbeats.beat("device")
+        if (lost := device_lost(outcomes, partial(self.executor.check, batch.preset))) is not None:
+            self._device_lost(batch, lost)
+            return
         if self.metrics is not None:
             self.metrics.observe_batch(len(batch.items))
             self.metrics.observe_stage("batch", time.monotonic() - started)
@@ -1031,27 +1029,50 @@ class Service:
                     break
             time.sleep(0.01)
 
-    def _outcomes(self, preset: str, items: Sequence[Prepared], *, split: bool = False) -> list[Outcome | Raised]:
-        """One outcome per item, or the exception the engine raised for it.
-
-        A failure of the whole batch (the engine raised: a device error, out of memory after every retry, a
-        fault one image provokes) is narrowed down by halves, so an image that breaks the engine is charged
-        its attempts alone and the good photos beside it go on; a device that is lost fails every half.
-        ``split``: this is a part of a failed batch, whose traceback is already in the log."""
+    def _outcomes(self, preset: str, items: Sequence[Prepared]) -> list[Outcome | Raised]:
+        """One outcome per item, or the exception the engine raised for it once narrowed down to it alone."""
         assert self.executor is not None
-        try:
-            return list(self.executor.run(preset, [p.working for p in items]))
-        except Exception as exc:
-            trace = not split and not (isinstance(exc, EngineError) or is_out_of_memory(exc))
-            if len(items) == 1:
-                log.error("restoring failed; the file is retried", error=str(exc), folder=items[0].job.folder,
-                          path=items[0].job.relpath, exc_info=trace)
-                return [Raised(exc)]
-            log.warning("batch failed; trying its halves", error=str(exc), files=len(items), exc_info=trace)
-        self.heartbeats.beat("device")
-        half = len(items) // 2
-        return (self._outcomes(preset, items[:half], split=True)
-                + self._outcomes(preset, items[half:], split=True))
+        executor = self.executor
+
+        def run(part: Sequence[Prepared]) -> list[Outcome]:
+            self.heartbeats.beat("device")
+            return executor.run(preset, [p.working for p in part])
+
+        def on_error(part: Sequence[Prepared], exc: Exception, first: bool) -> None:
+            # One traceback per batch, and none for what is expected (out of memory, an engine error).
+            trace = first and not (isinstance(exc, EngineError) or is_out_of_memory(exc))
+            if len(part) == 1:
+                log.error("restoring failed", error=str(exc), folder=part[0].job.folder, path=part[0].job.relpath,
+                          exc_info=trace)
+            else:
+                log.warning("batch failed; trying its halves", error=str(exc), files=len(part), exc_info=trace)
+
+        return run_narrowing(run, items, on_error)
+
+    def _device_lost(self, batch: Batch, error: Exception) -> None:
+        """Every file of the batch failed and so did a blank test image: the device, not the files, is broken.
+
+        A CUDA context that has hit an error stays broken for the life of the process, so failing file after file
+        would only move the whole queue to failed/. Instead the batch goes back as if the process had died on it
+        (a crash each, see JobTable.requeue_crashed) and the process exits with EXIT_DEVICE_LOST: systemd starts
+        it again on a fresh context, and a device that is really gone then fails the start, with nothing charged."""
+        assert self.jobs is not None
+        why = _one_line(error)
+        given_up = self.jobs.requeue_crashed([p.job.id for p in batch.items], f"the device failed: {why}",
+                                             self.settings.max_attempts)
+        log.error("the device no longer computes (a blank test image fails too); stopping so that a restart gets "
+                  "a fresh device. The batch's files stay queued and are redone then, one at a time",
+                  error=why, files=len(batch.items), given_up=given_up)
+        if given_up:
+            try:
+                self._settle_crash_loops()
+            except Exception as exc:  # the next start settles them
+                log.warning("files given up on not moved to failed/ yet", error=str(exc))
+        self.device_name = f"lost ({why})"
+        self._write_snapshot({}, {})
+        self.notifier.status(f"device failed: {why}; exiting for a restart")
+        self.exit_status = EXIT_DEVICE_LOST
+        self.stop_event.set()
 
     def _publish_done(self, future: Future[None]) -> None:
         with self.in_flight_lock:

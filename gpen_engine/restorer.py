@@ -198,8 +198,10 @@ class Restorer:
         self._use_parser = preset.use_parsing and models.parser is not None
 
     def warm_up(self) -> None:
-        """Run the generator (and the parsing model) once on a blank face: first-use costs and failures come now."""
+        """Run detection, the generator and the parsing model once on blank input: first-use costs and failures
+        come now, and a device that no longer computes raises here (the daemon's test after a failed batch)."""
         size = self.models.face_size
+        self.restore([np.full((256, 256, 3), 127, np.uint8)])  # detection only: a blank image has no face
         with torch.inference_mode():
             out = self._run_generator(torch.zeros((1, 3, size, size), device=self.models.device))
             if self.models.parser is not None and self._use_parser:

@@ -206,8 +206,39 @@ def test_stalled_writer_and_engine_oom_lose_nothing(tmp_path):
         wait_for(lambda: _settled(layout, inputs), 120, daemon, "every file published")
         _assert_clean(layout, inputs)
         log = daemon.log_text()
-        assert "batch failed; trying its halves" in log or "restoring failed; the file is retried" in log
+        assert "batch failed; trying its halves" in log or "restoring failed" in log
         assert daemon.running()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_lost_device_stops_the_daemon_for_a_restart_and_fails_no_file(tmp_path):
+    """The device stops computing (every batch raises, and so does the blank test image, as on a GPU that fell off
+    the bus): the daemon exits with status 3 for systemd to restart it instead of failing the whole queue. The
+    files wait in the hot folder, untouched, and a start on a working device publishes every one."""
+    config, layout = write_config(tmp_path, stability_delay=0.3)
+    lost = Daemon(config, env={"GPEN_WATCH_FAILPOINTS": "generate=raise:error;check=raise:error"}).start()
+    hot = layout.hot["a"]
+    inputs = {("a", f"p{i}.jpg"): small_face_photo(i) for i in range(6)}
+    try:
+        wait_ready(lost)
+        for (_, rel), data in inputs.items():
+            drop(hot / rel, data)
+        assert lost.wait(120) == 3
+    finally:
+        lost.stop()
+    assert "the device no longer computes" in lost.log_text()
+    assert _untouched(layout, inputs)
+    states = _states(tmp_path / "state", hot)
+    assert states.get("ready", 0) + states.get("pending", 0) == 6 and "failed" not in states, states
+    _a_new_start_publishes_all(config, layout, inputs)
+
+
+def _a_new_start_publishes_all(config: Path, layout: Layout, inputs: dict[tuple[str, str], bytes]) -> None:
+    daemon = Daemon(config).start()
+    try:
+        wait_for(lambda: _settled(layout, inputs), 120, daemon, "every file published after the new start")
+        _assert_clean(layout, inputs)
     finally:
         assert daemon.stop() == 0
 
@@ -253,12 +284,7 @@ def test_corrupted_job_table_stops_start_then_recovers_when_moved_aside(tmp_path
     assert "corrupted" in daemon.log_text()
     assert _untouched(layout, inputs)
     db.rename(db.with_name("jobs.sqlite3.broken"))
-    second = Daemon(config).start()
-    try:
-        wait_for(lambda: _settled(layout, inputs), 120, second, "every file published")
-        _assert_clean(layout, inputs)
-    finally:
-        assert second.stop() == 0
+    _a_new_start_publishes_all(config, layout, inputs)
 
 
 def test_transient_retries_do_not_count_as_crashes(tmp_path):

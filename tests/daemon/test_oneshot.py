@@ -20,6 +20,15 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 SOLVAY = SHARED / "testdata" / "solvay_1927.png"
 DETECTOR = SHARED / "models" / "detection_mobilenet0.25_Final.pth"
 
+def portraits(folder: Path, count: int, name: str) -> Path:
+    """``folder`` holding ``count`` copies of one crop of the Solvay photo, named ``name.format(n=...)``."""
+    folder.mkdir()
+    data = jpeg_crop((300, 50, 700, 350))
+    for n in range(count):
+        (folder / name.format(n=n)).write_bytes(data)
+    return folder
+
+
 @pytest.fixture
 def config(tiny_cli_config: Path) -> Path:
     return tiny_cli_config
@@ -314,10 +323,7 @@ class TestAwkwardArguments:
         """Ctrl-C during the second engine call: the first call's results are written whole and counted."""
         from gpen_engine.restorer import Restorer
 
-        folder = tmp_path / "in"
-        folder.mkdir()
-        for n in range(10):  # the tiny preset restores 8 images per engine call
-            (folder / f"p{n}.jpg").write_bytes(jpeg_crop((300, 50, 700, 350)))
+        folder = portraits(tmp_path / "in", 10, "p{n}.jpg")  # 8 images per engine call
         restore, calls = Restorer.restore, []
 
         def interrupted_second_call(self: Restorer, images: list) -> list:
@@ -333,6 +339,53 @@ class TestAwkwardArguments:
         assert calls == [8, 2]
         results = sorted(p.name for p in (tmp_path / "out").iterdir())
         assert results == [f"p{n}.jpg" for n in range(8)]  # and no temporary files
+
+    def test_a_photo_that_makes_the_engine_raise_fails_alone(
+            self, config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            capsys: pytest.CaptureFixture[str]) -> None:
+        """An engine call that raises (not an engine error: a bug one photo's shape provokes) is narrowed down to
+        that photo: it fails with the reason, the photos it was batched with are restored, the run goes on."""
+        from gpen_engine.restorer import Restorer
+
+        folder = portraits(tmp_path / "in", 3, "p{n}.jpg")
+        (folder / "odd.jpg").write_bytes(jpeg_crop((300, 50, 701, 350)))  # 401 px wide
+        restore = Restorer.restore
+
+        def raising_on_odd_widths(self: Restorer, images: list) -> list:
+            if any(image.rgb.shape[1] % 2 for image in images):
+                raise IndexError("index 401 is out of bounds")
+            return restore(self, images)
+
+        monkeypatch.setattr(Restorer, "restore", raising_on_odd_widths)
+        assert enhance(config, "-o", str(tmp_path / "out"), str(folder)) == 1
+        err = capsys.readouterr().err
+        assert any("odd.jpg" in line and "out of bounds" in line for line in err.splitlines() if "error:" in line)
+        assert "3 ok, 1 failed" in err
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p0.jpg", "p1.jpg", "p2.jpg"]
+
+    def test_a_device_that_stops_computing_stops_the_run(
+            self, config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            capsys: pytest.CaptureFixture[str]) -> None:
+        """From the second engine call on, everything raises, a blank test image too (a CUDA context after a
+        device error): the run stops there instead of failing every later file, and says what was not done."""
+        from gpen_engine.restorer import Restorer
+
+        folder = portraits(tmp_path / "in", 12, "p{n:02}.jpg")  # 8 images per engine call
+        restore, calls = Restorer.restore, []
+
+        def lost_after_the_first_call(self: Restorer, images: list) -> list:
+            calls.append(len(images))
+            if len(calls) > 1:
+                raise RuntimeError("CUDA error: unspecified launch failure")
+            return restore(self, images)
+
+        monkeypatch.setattr(Restorer, "restore", lost_after_the_first_call)
+        assert enhance(config, "-o", str(tmp_path / "out"), str(folder)) == 1
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert "device stopped working (CUDA error: unspecified launch failure)" in last
+        assert ": 8 ok, 0 failed, " in last and last.endswith(", 4 not done"), last
+        assert calls == [8, 4, 2, 1, 1, 2, 1, 1, 1]  # the second call narrowed down to single files, then the test
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"p{n:02}.jpg" for n in range(8)]
 
 
 def test_a_long_input_name_still_gets_a_result_name(tmp_path: Path) -> None:

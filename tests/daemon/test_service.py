@@ -453,17 +453,30 @@ def _claimed_batch(svc: service.Service, folder: FolderSettings) -> service.Batc
 
 
 class _Engine:
-    """Returns each image as it came, except that a run holding an image named in ``breaks_on`` raises."""
+    """Returns each image as it came, except that a run holding an image named in ``breaks_on`` raises.
 
-    def __init__(self, breaks_on: set[str], error: str = "numerical error in one face's alignment") -> None:
-        self.breaks_on, self.error = breaks_on, error
+    ``dead``: the device test (a blank image) raises as well, as on a lost GPU."""
+
+    def __init__(self, breaks_on: set[str], error: str = "numerical error in one face's alignment", *,
+                 dead: bool = False, oom: bool = False) -> None:
+        self.breaks_on, self.error, self.dead, self.oom = breaks_on, error, dead, oom
         self.runs: list[list[str]] = []
+        self.checks = 0
 
     def run(self, preset: str, images: list[str]) -> list[str]:
         self.runs.append(list(images))
         if self.breaks_on & set(images):
+            if self.oom:
+                import torch
+
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             raise RuntimeError(self.error)
         return [f"restored {image}" for image in images]
+
+    def check(self, preset: str) -> None:
+        self.checks += 1
+        if self.dead:
+            raise RuntimeError(self.error)
 
 
 def _published_by(svc: service.Service, monkeypatch: pytest.MonkeyPatch, folder: FolderSettings) -> list[str]:
@@ -516,6 +529,77 @@ def test_a_batch_that_fails_on_a_path_turned_into_a_link_settles_every_file(
     assert (folder.failed / "z.jpg").read_bytes() == b"z" * 100
     assert published == []
     svc.jobs.close()
+
+
+class TestDeviceLost:
+    """Every file of a batch fails and a blank test image fails too: the device is broken, not the files."""
+
+    LOST = "CUDA error: an illegal memory access was encountered"
+
+    def test_the_batch_goes_back_uncharged_and_the_daemon_exits_for_a_restart(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Nothing goes to failed/ (before, a lost GPU sent the whole queue there, max_attempts tries each); the
+        batch's files are queued again as suspects (one at a time after the restart) and the rest is untouched."""
+        svc, key, folder = _service_on_its_first_folder(tmp_path, "max_attempts = 3")
+        published = _published_by(svc, monkeypatch, folder)
+        names = [f"p{i}.jpg" for i in range(3)]
+        in_batch = [_queued(svc, key, folder, name, name.encode() * 100) for name in names]
+        batch = _claimed_batch(svc, folder)
+        waiting = _queued(svc, key, folder, "later.jpg", b"later" * 100)
+        engine = _Engine(breaks_on=set(names), error=self.LOST, dead=True)
+        svc.executor = engine  # type: ignore[assignment]
+        svc._run_batch(batch)
+        assert svc.jobs is not None
+        assert published == [] and list(folder.failed.iterdir()) == []
+        rows = [svc.jobs.get(i) for i in in_batch]
+        assert [(r.state, r.crashes, r.attempts) for r in rows] == [("ready", 1, 1)] * 3
+        assert all(self.LOST in (r.last_error or "") for r in rows)
+        assert (svc.jobs.get(waiting).state, svc.jobs.get(waiting).attempts) == ("ready", 0)
+        assert engine.checks == 1
+        assert svc.stop_event.is_set() and svc.exit_status == service.EXIT_DEVICE_LOST
+        assert svc.device_name.startswith("lost (") and self.LOST in svc.device_name
+        assert all((folder.path / name).read_bytes() == name.encode() * 100 for name in names)
+        assert len(svc.jobs.claim(folder.preset, 8)) == 1  # suspects run alone
+        svc.jobs.close()
+
+    def test_a_file_that_breaks_the_device_every_time_fails_after_max_attempts(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Counted as crashes, so a photo that really does break the device cannot restart the daemon forever."""
+        svc, key, folder = _service_on_its_first_folder(tmp_path, "max_attempts = 2")
+        _published_by(svc, monkeypatch, folder)
+        job = _queued(svc, key, folder, "killer.jpg", b"k" * 100)
+        svc.executor = _Engine(breaks_on={"killer.jpg"}, error=self.LOST, dead=True)  # type: ignore[assignment]
+        for _ in range(2):  # the restart gets a working device, and the same photo breaks it again
+            svc._run_batch(_claimed_batch(svc, folder))
+        assert svc.jobs is not None
+        assert (svc.jobs.get(job).state, svc.jobs.get(job).error_stage) == ("failed", "crash")
+        assert (folder.failed / "killer.jpg").read_bytes() == b"k" * 100
+        sidecar = json.loads((folder.failed / "killer.jpg.error.json").read_text())
+        assert sidecar["stage"] == "crash" and self.LOST in sidecar["error"]
+        svc.jobs.close()
+
+    def test_a_healthy_device_leaves_the_files_to_blame(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The same failures with a device that still computes: the files are charged and the daemon runs on."""
+        svc, key, folder = _service_on_its_first_folder(tmp_path, "max_attempts = 1")
+        _published_by(svc, monkeypatch, folder)
+        job = _queued(svc, key, folder, "p.jpg", b"p" * 100)
+        engine = _Engine(breaks_on={"p.jpg"}, error="index 401 is out of bounds")
+        svc.executor = engine  # type: ignore[assignment]
+        svc._run_batch(_claimed_batch(svc, folder))
+        assert svc.jobs is not None
+        assert engine.checks == 1 and svc.jobs.get(job).state == "failed" and not svc.stop_event.is_set()
+        svc.jobs.close()
+
+    def test_running_out_of_memory_is_not_a_lost_device(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        svc, key, folder = _service_on_its_first_folder(tmp_path, "max_attempts = 1")
+        _published_by(svc, monkeypatch, folder)
+        job = _queued(svc, key, folder, "p.jpg", b"p" * 100)
+        engine = _Engine(breaks_on={"p.jpg"}, dead=True, oom=True)
+        svc.executor = engine  # type: ignore[assignment]
+        svc._run_batch(_claimed_batch(svc, folder))
+        assert svc.jobs is not None
+        assert engine.checks == 0 and svc.jobs.get(job).state == "retry" and not svc.stop_event.is_set()
+        svc.jobs.close()
 
 
 def test_an_error_preparing_one_file_fails_that_file_and_its_batch_mates_reach_the_device(
