@@ -95,8 +95,8 @@ class _Handler:
                 self._emit(Hint("path", src))
             elif kind == "created":
                 self._emit(Hint("dir", src))
-        elif kind == "overflow":  # not emitted by every watchdog version; harmless where it is not
-            self._emit(Hint("rescan"))
+        elif kind == "events_lost":  # the inotify queue overflowed (watchdog 7 says so; older ones drop it
+            self._emit(Hint("rescan"))   # silently, and the periodic rescan catches up)
 
 
 class WatchdogSource:

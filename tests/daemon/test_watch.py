@@ -282,6 +282,24 @@ class TestModes:
         assert watcher.mode == "events"
         assert watcher.step() <= 2.0
 
+    def test_events_lost_to_an_overflowed_queue_start_a_rescan_at_once(self, hot):
+        """inotify's queue overflowed (a burst of thousands of files): watchdog says events were lost, and the
+        folder is scanned now rather than at the next periodic rescan, up to rescan_interval later."""
+        from watchdog.events import EventsLostEvent
+
+        from daemon.watch import _Handler
+
+        sources: list[FakeSource] = []
+        rec = Recorder()
+        clock = FakeClock()
+        watcher = make_watcher(hot, rec, sources=sources, clock=clock, mountinfo=local_mountinfo)
+        watcher.step()
+        (hot / "missed.jpg").write_bytes(b"m")  # its events were among those lost
+        _Handler(str(hot), sources[0].emit).dispatch(EventsLostEvent(str(hot), is_directory=True))
+        clock.now += 1  # long before the next reconcile scan
+        watcher.step()
+        assert rec.batches == [["missed.jpg"]]
+
     def test_dead_event_watcher_is_restarted_and_rescans(self, hot):
 
         """If the event thread dies, the watcher starts a new one and rescans for what it missed."""
