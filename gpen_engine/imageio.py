@@ -384,16 +384,18 @@ def incomplete_trailer(data: bytes) -> str | None:
     if xmp is not None:
         # The primary item is the photo itself: its length, where a writer gives one, is not after it. A motion
         # flag of 0 says the video is gone (an editor may leave its item listed).
-        skip = _XMP_PRIMARY_OR_VIDEO if _XMP_NO_MOTION.search(xmp) else _XMP_PRIMARY
-        lengths = [int(m.group(1)) for item in _XMP_ITEM.findall(xmp) if not skip.search(item)
-                   if (m := _XMP_ITEM_LENGTH.search(item)) is not None]
+        no_motion = b"0" in (_xmp_value(xmp, b"MotionPhoto"), _xmp_value(xmp, b"MicroVideo"))
+        skip = (b"Primary", b"MotionPhoto") if no_motion else (b"Primary",)
+        directory = _XMP_DIRECTORY.search(xmp)
+        items = (directory.group() if directory else xmp).split(b"<rdf:li")[1:]
+        lengths = [int(length) for item in items if _xmp_value(item, b"Semantic") not in skip
+                   if (length := _xmp_value(item, b"Length")) is not None and length.isdigit()]
         if lengths and end + sum(lengths) > size:
             return f"its XMP container lists {sum(lengths)} bytes after the photo, but {size - end} are there"
         # Readers ignore the older MicroVideo fields next to a container.
-        container = b"Container:Directory" in xmp
-        offset = None if container or _XMP_NO_MOTION.search(xmp) else _XMP_VIDEO_OFFSET.search(xmp)
-        if offset is not None:
-            video = size - int(offset.group(1))
+        offset = None if directory or no_motion else _xmp_value(xmp, b"MicroVideoOffset")
+        if offset is not None and offset.isdigit():
+            video = size - int(offset)
             if video < end or data[video + 4 : video + 8] != b"ftyp":
                 return "its motion photo's video (XMP MicroVideoOffset) is not all there"
     if data.find(b"MotionPhoto_Data", end) >= 0 and not data.endswith(b"SEFT"):
@@ -406,12 +408,21 @@ def incomplete_trailer(data: bytes) -> str | None:
     return None
 
 
-_XMP_ITEM = re.compile(rb"<[^<>]*Item:Length[^<>]*>")  # one container item's element, with its attributes
-_XMP_ITEM_LENGTH = re.compile(rb'Item:Length\s*=\s*["\'](\d{1,12})["\']')
-_XMP_PRIMARY = re.compile(rb'Item:Semantic\s*=\s*["\']Primary["\']')
-_XMP_PRIMARY_OR_VIDEO = re.compile(rb'Item:Semantic\s*=\s*["\'](?:Primary|MotionPhoto)["\']')
-_XMP_NO_MOTION = re.compile(rb'(?:MotionPhoto|MicroVideo)\s*=\s*["\']0["\']')
-_XMP_VIDEO_OFFSET = re.compile(rb'MicroVideoOffset\s*=\s*["\'](\d{1,12})["\']')
+_XMP_DIRECTORY = re.compile(rb"<((?:[\w.-]+:)?Directory)\b.*?</\1>", re.DOTALL)  # a container's item list
+
+
+def _xmp_value(xmp: bytes, name: bytes) -> bytes | None:
+    """The first value of the XMP property with local name ``name``, whatever its prefix, or None.
+
+    Writers put simple values either in an attribute (``Camera:MotionPhoto="1"``, as phones do) or in an
+    element of their own (``<Camera:MotionPhoto>1</Camera:MotionPhoto>``, as exiftool does when it rewrites
+    the packet); the prefix varies too (``GCamera:`` in older phones)."""
+    key = rb"(?:[\w.-]+:)?" + re.escape(name)
+    found = (re.search(rb"[\s<]%s\s*=\s*[\"']([^\"'<>]{0,64})[\"']" % key, xmp)
+             or re.search(rb"<(%s)>\s*([^<>]{0,64}?)\s*</\1>" % key, xmp))
+    return None if found is None else found.group(found.lastindex or 1).strip()
+
+
 _XMP_ID = b"http://ns.adobe.com/xap/1.0/\x00"
 
 

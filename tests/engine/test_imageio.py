@@ -1266,6 +1266,29 @@ class TestIncompleteTrailer:
         assert incomplete_trailer(whole) is None
         assert "XMP container" in (incomplete_trailer(whole[: -len(gain_map) // 2]) or "")
 
+    def test_an_xmp_packet_rewritten_by_exiftool_is_read_too(self) -> None:
+        """exiftool (a photographer adding a copyright, say) rewrites XMP with every value in an element of its
+        own: the container's items and the motion flags are read from that form as well."""
+        video = struct.pack(">I", 24) + b"ftypmp42" + bytes(12) + os.urandom(3000)
+        packet = (b"<x:xmpmeta><rdf:RDF><rdf:Description rdf:about=''>\n"
+                  b" <GCamera:MotionPhoto>%s</GCamera:MotionPhoto>\n <Container:Directory>\n  <rdf:Seq>\n"
+                  b"   <rdf:li rdf:parseType='Resource'>\n    <Container:Item rdf:parseType='Resource'>\n"
+                  b"     <Item:Length>0</Item:Length>\n     <Item:Mime>image/jpeg</Item:Mime>\n"
+                  b"     <Item:Semantic>Primary</Item:Semantic>\n    </Container:Item>\n   </rdf:li>\n"
+                  b"   <rdf:li rdf:parseType='Resource'>\n    <Container:Item rdf:parseType='Resource'>\n"
+                  b"     <Item:Length>%d</Item:Length>\n     <Item:Mime>video/mp4</Item:Mime>\n"
+                  b"     <Item:Semantic>MotionPhoto</Item:Semantic>\n    </Container:Item>\n   </rdf:li>\n"
+                  b"  </rdf:Seq>\n </Container:Directory>\n</rdf:Description></rdf:RDF></x:xmpmeta>")
+        whole = _jpeg(xmp=packet % (b"1", len(video))) + video
+        assert incomplete_trailer(whole) is None
+        assert "XMP container" in (incomplete_trailer(whole[:-1000]) or "")
+        dropped = _jpeg(xmp=packet % (b"0", len(video)))  # an editor kept the item but dropped the video
+        assert incomplete_trailer(dropped) is None
+        micro = _jpeg(xmp=b"<x:xmpmeta><Camera:MicroVideoOffset>%d</Camera:MicroVideoOffset></x:xmpmeta>"
+                      % len(video)) + video  # another prefix, element form
+        assert incomplete_trailer(micro) is None
+        assert "MicroVideoOffset" in (incomplete_trailer(micro[:-1000]) or "")
+
     def test_a_motion_photo_wants_its_video(self) -> None:
         video = struct.pack(">I", 24) + b"ftypmp42" + bytes(12) + os.urandom(2000)
         whole = _jpeg(xmp=b'<x:xmpmeta GCamera:MicroVideoOffset="%d"/>' % len(video)) + video
