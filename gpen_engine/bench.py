@@ -2,9 +2,13 @@
 
 Figures (all from runs in this process, never estimated):
 
-* the device's matrix-multiply rate, measured on a large square matmul in the generator's compute dtype;
+* the device's matrix-multiply rate in the generator's compute dtype: the faster of a large square matmul
+  (MKL or cuBLAS) and the same product as a 1x1 convolution (oneDNN or cuDNN, the library the generator's
+  convolutions run on; on some CPUs it multiplies twice as fast as MKL, and a fraction of the slower one
+  would be of nothing the hardware is limited to);
 * generator FLOPs per face, counted on one forward pass (``torch.utils.flop_counter``);
-* a generator-only sweep over batch sizes: faces/s and achieved FLOP/s as a fraction of the matmul rate;
+* a generator-only sweep over batch sizes: faces/s and achieved FLOP/s as a fraction of the matmul rate,
+  with the baseline also for the official formulation at the same batch sizes;
 * end-to-end passes over a set of photos (decode, detect, align, generate, paste, encode): images/s,
   faces/s, milliseconds per stage, peak host RSS and peak device memory;
 * optionally the same photos restored the way the official GPEN scripts do it (``baseline_restore``),
@@ -56,11 +60,18 @@ _M = TypeVar("_M", bound=nn.Module)
 
 @dataclass(frozen=True)
 class MatmulRate:
-    """Measured dense matrix-multiply throughput of the device."""
+    """Measured dense matrix-multiply throughput of the device: the faster of two libraries."""
 
     flops_per_s: float
     dtype: str
     n: int
+    matmul_flops_per_s: float = 0.0  # torch.mm (MKL, cuBLAS)
+    conv_flops_per_s: float = 0.0  # the same product as a 1x1 convolution (oneDNN, cuDNN)
+    tf32: bool = False  # fp32 on CUDA: both measured with the TF32 setting the generator's convolutions get
+
+    @property
+    def source(self) -> str:
+        return "1x1 convolution" if self.conv_flops_per_s > self.matmul_flops_per_s else "matmul"
 
 
 def _sync(device: torch.device) -> None:
@@ -68,23 +79,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _best_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    for _ in range(2):  # warm-up: kernel selection, thread pool start
+        run()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def measure_matmul(device: torch.device, dtype: torch.dtype, *, n: int | None = None,
                    repeats: int = 5) -> MatmulRate:
-    """Best rate of ``repeats`` n x n @ n x n products (2 n^3 FLOPs each)."""
+    """Best rate of ``repeats`` n x n @ n x n products (2 n^3 FLOPs each), as a matmul and as a 1x1 conv.
+
+    The convolution multiplies an (n pixels, n channels) channels-last image by an (n, n) weight: the same
+    FLOPs through the convolution library. On CUDA in fp32 the matmul runs with cuDNN's TF32 setting, so
+    that both sides of the fraction use (or do not use) the tensor cores alike.
+    """
     n = n or (8192 if device.type == "cuda" else 2048)
+    tf32 = device.type == "cuda" and dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
+    side = 32
+    pixels = max(1, n // side**2) * side**2
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    with torch.inference_mode():
-        for _ in range(2):  # warm-up: kernel selection, thread pool start
-            a @ b
-        _sync(device)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ b
-            _sync(device)
-            best = min(best, time.perf_counter() - t0)
-    return MatmulRate(2.0 * n**3 / best, str(dtype).removeprefix("torch."), n)
+    image = torch.randn(pixels // side**2, n, side, side, device=device, dtype=dtype).to(
+        memory_format=torch.channels_last)
+    weight = torch.randn(n, n, 1, 1, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = tf32 or saved
+        with torch.inference_mode():
+            mm = 2.0 * n**3 / _best_seconds(lambda: a @ b, device, repeats)
+            conv = 2.0 * pixels * n * n / _best_seconds(lambda: F.conv2d(image, weight), device, repeats)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    return MatmulRate(max(mm, conv), str(dtype).removeprefix("torch."), n, mm, conv, tf32)
 
 
 def compute_dtype(generator: nn.Module) -> torch.dtype:
@@ -132,10 +165,11 @@ class SweepPoint:
 
 
 def sweep_generator(
-    generator: nn.Module, size: int, device: torch.device, *, batches: Sequence[int], flops_per_face: float,
-    peak: MatmulRate, repeats: int = 3,
+    generator: Callable[[Tensor], Tensor], size: int, device: torch.device, *, batches: Sequence[int],
+    flops_per_face: float, peak: MatmulRate, repeats: int = 3,
 ) -> list[SweepPoint]:
-    """Faces/s and FLOP/s fraction of the generator on random input at each batch size (best of repeats)."""
+    """Faces/s and FLOP/s fraction of ``generator`` (the module, or ``official_forward`` bound to it) on random
+    input at each batch size (best of repeats)."""
     points = []
     with torch.inference_mode():
         for batch in batches:
@@ -462,6 +496,7 @@ def baseline_restore(
     template: np.ndarray,
     preset: Preset,
     strength: float = 1.0,
+    mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int, dict[str, float]]:
     """Restore ``rgb`` as the official GPEN scripts do: one face at a time, whole-frame work per face.
 
@@ -470,6 +505,7 @@ def baseline_restore(
     mask are each warped back over the *whole* frame, and the frame-sized mask and image are updated
     where this face's mask is larger; one final whole-frame blend. Same detector, generator and
     rectangle mask as the engine, none of the engine's batching or region-of-interest paste.
+    ``mask``: that rectangle mask as an array, made once at start-up as the official scripts do.
     Returns the image, the number of faces and milliseconds per stage.
     """
     ms = dict.fromkeys(STAGES, 0.0)
@@ -479,7 +515,7 @@ def baseline_restore(
         min_face_size=preset.min_face_size, max_faces=preset.max_faces,
     )[0]
     ms["detect"] = (time.perf_counter() - t) * 1000
-    mask = rectangle_mask(size)[0, 0].float().cpu().numpy()  # GPEN's fallback mask, as the engine's
+    mask = official_mask(size) if mask is None else mask
     h, w = rgb.shape[:2]
     frame = rgb.astype(np.float32)
     full_face = np.zeros_like(frame)
@@ -499,8 +535,9 @@ def baseline_restore(
         if strength < 1:
             out = cv2.addWeighted(out, strength, crop, 1 - strength, 0)
         inverse = cv2.invertAffineTransform(affine)
-        face_full = cv2.warpAffine(out, inverse, (w, h), flags=cv2.INTER_CUBIC).astype(np.float32)
-        mask_full = cv2.warpAffine(mask, inverse, (w, h), flags=cv2.INTER_CUBIC)
+        # The official scripts pass flags=3 (INTER_AREA), which warpAffine runs as bilinear.
+        face_full = cv2.warpAffine(out, inverse, (w, h), flags=cv2.INTER_LINEAR).astype(np.float32)
+        mask_full = cv2.warpAffine(mask, inverse, (w, h), flags=cv2.INTER_LINEAR)
         larger = mask_full > full_mask  # several faces: the larger mask wins, decided over the whole frame
         full_mask[larger] = mask_full[larger]
         full_face[larger] = face_full[larger]
@@ -512,9 +549,14 @@ def baseline_restore(
     return result, len(faces), ms
 
 
+def official_mask(size: int) -> np.ndarray:
+    """GPEN's fallback (rectangle) mask at ``size``, the engine's too, as a float32 array."""
+    return rectangle_mask(size)[0, 0].float().cpu().numpy()
+
+
 def baseline_pass(
     inputs: Sequence[bytes], options: EngineOptions, *, detector: nn.Module, generator: nn.Module,
-    device: torch.device, size: int, template: np.ndarray,
+    device: torch.device, size: int, template: np.ndarray, mask: np.ndarray,
 ) -> _Pass:
     """The official way over a photo set: one image after another, in one thread."""
     preset = options.preset
@@ -531,7 +573,7 @@ def baseline_pass(
             continue
         out, n, ms = baseline_restore(
             rgb, detector=detector, generator=generator, device=device, size=size, template=template,
-            preset=preset, strength=preset.strength / 100)
+            preset=preset, strength=preset.strength / 100, mask=mask)
         _, encode_ms = _timed(functools.partial(imageio.encode, image, out, options=options.encode))
         faces += n
         ms["decode"], ms["encode"] = decode_ms, encode_ms
@@ -576,15 +618,17 @@ class BenchReport:
     repeat: int
     torch_threads: int
     mask: str = "rectangle"  # the engine's paste mask (the baseline always uses the rectangle)
+    official_sweep: list[SweepPoint] = field(default_factory=list)  # with the baseline: official_forward alone
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
-def _rescale(sweep: list[SweepPoint], reports: list[SetReport], factor: float) -> None:
+def _rescale(sweeps: Sequence[list[SweepPoint]], reports: list[SetReport], factor: float) -> None:
     """Express every fraction against a new matmul rate (``factor`` = old rate / new rate)."""
-    for i, p in enumerate(sweep):
-        sweep[i] = SweepPoint(p.batch, p.faces_per_s, p.flops_per_s, p.fraction * factor)
+    for sweep in sweeps:
+        for i, p in enumerate(sweep):
+            sweep[i] = SweepPoint(p.batch, p.faces_per_s, p.flops_per_s, p.fraction * factor)
     for r in reports:
         for stats in (r.engine, r.baseline):
             if stats is not None and stats.generator_fraction is not None:
@@ -644,6 +688,12 @@ def run_benchmark(
     log(f"generator sweep over batch sizes {batches}")
     sweep = sweep_generator(generator, size, device, batches=batches, flops_per_face=flops, peak=peak,
                             repeats=repeat)
+    official_sweep = []
+    if baseline:
+        log(f"official formulation over batch sizes {batches}")
+        official_sweep = sweep_generator(functools.partial(official_forward, generator), size, device,
+                                         batches=batches, flops_per_face=flops, peak=peak, repeats=repeat)
+    mask = official_mask(size)
     load_start = load_average()
     reports: list[SetReport] = []
     with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="bench-io") as pool:
@@ -658,7 +708,7 @@ def run_benchmark(
             if baseline:
                 runs["baseline"] = lambda inputs=inputs: baseline_pass(  # type: ignore[misc]
                     inputs, options, detector=models.detector, generator=generator, device=device,
-                    size=size, template=models.template)
+                    size=size, template=models.template, mask=mask)
             passes = _interleaved(runs, repeat, device)
             stats = {
                 name: _stats(name, b.best, len(inputs), flops, peak, b.rss, b.device_mb)  # type: ignore[arg-type]
@@ -671,7 +721,7 @@ def run_benchmark(
     # The matmul rate again at the end; the higher of the two is the machine's rate (less disturbed).
     again = measure_matmul(device, dtype)
     if again.flops_per_s > peak.flops_per_s:
-        _rescale(sweep, reports, peak.flops_per_s / again.flops_per_s)
+        _rescale((sweep, official_sweep), reports, peak.flops_per_s / again.flops_per_s)
         peak = again
     best = max(sweep, key=lambda p: p.fraction)
     return BenchReport(
@@ -679,7 +729,7 @@ def run_benchmark(
         device=str(device), precision=models.precision, model=model_name, random_weights=random_weights,
         batch_size=options.preset.batch_size, matmul=peak, gflops_per_face=flops / 1e9, sweep=sweep,
         best_batch=best.batch, best_fraction=best.fraction, sets=reports, repeat=repeat,
-        torch_threads=torch.get_num_threads() if device.type == "cpu" else os.cpu_count() or 1, mask=models.mask,
+        torch_threads=torch.get_num_threads(), mask=models.mask, official_sweep=official_sweep,
     )
 
 
@@ -704,20 +754,33 @@ def format_report(report: BenchReport) -> str:
     if start is not None and end is not None:
         lines.append(f"load average {start:.2f} at the start, {end:.2f} at the end (other work on this machine "
                      "slows every figure)")
-    lines.append(f"matmul {m.n}x{m.n} {m.dtype}: {m.flops_per_s / 1e9:.1f} GFLOP/s; generator "
-                 f"{report.gflops_per_face:.2f} GFLOP per face")
-    lines.append("generator alone:  batch  faces/s  GFLOP/s  of matmul")
+    tf32 = " (TF32 allowed, as for the convolutions)" if m.tf32 else ""
+    lines.append(f"matmul rate {m.dtype}{tf32}: {m.flops_per_s / 1e9:.1f} GFLOP/s, the faster of torch.mm "
+                 f"{m.matmul_flops_per_s / 1e9:.1f} and a 1x1 convolution {m.conv_flops_per_s / 1e9:.1f} "
+                 f"(size {m.n}); generator {report.gflops_per_face:.2f} GFLOP per face")
+    official = {p.batch: p for p in report.official_sweep}
+    header = "generator alone:  batch  faces/s  GFLOP/s  of matmul"
+    lines.append(header + ("  | official formulation (fp32): faces/s  of matmul" if official else ""))
     for p in report.sweep:
-        lines.append(f"                  {p.batch:5d}  {p.faces_per_s:7.2f}  {p.flops_per_s / 1e9:7.1f}  "
-                     f"{p.fraction:8.1%}")
+        row = f"                  {p.batch:5d}  {p.faces_per_s:7.2f}  {p.flops_per_s / 1e9:7.1f}  {p.fraction:8.1%}"
+        if (o := official.get(p.batch)) is not None:
+            row += f"  |                              {o.faces_per_s:7.2f}  {o.fraction:8.1%}"
+        lines.append(row)
     lines.append(f"best batch size {report.best_batch}: {report.best_fraction:.1%} of the matmul rate")
+    fractions = [p.fraction for p in (*report.sweep, *report.official_sweep)]
+    fractions += [st.generator_fraction or 0.0 for r in report.sets for st in (r.engine, r.baseline) if st]
+    if max(fractions, default=0.0) > 1.0:
+        lines.append("!! a fraction above 100 %: the measured matmul rate is below this device's real peak; "
+                     "compare fractions within this run only !!")
     for s in report.sets:
         lines.append(f"set {s.name} ({len(s.sizes)} image(s): {', '.join(s.sizes[:3])})")
         for stats in (s.engine, s.baseline):
             if stats is None:
                 continue
             stage = " ".join(f"{k} {v:.0f}" for k, v in stats.ms_per_image.items())
-            frac = (f", generator at {stats.generator_fraction:.1%} of matmul"
+            # The engine's generate stage also holds the face parser and the knobs; the baseline's, only the
+            # generator and the conversion back to bytes.
+            frac = (f", generate stage at {stats.generator_fraction:.1%} of matmul"
                     if stats.generator_fraction else "")
             dev = f", peak device {stats.peak_device_mb:.0f} MB" if stats.peak_device_mb is not None else ""
             rss = f", peak RSS {stats.peak_rss_mb:.0f} MB" if stats.peak_rss_mb is not None else ""
@@ -728,8 +791,15 @@ def format_report(report: BenchReport) -> str:
             if stats.restore_busy is not None and stats.decode_wait is not None:
                 lines.append(f"           the restoring thread: {stats.restore_busy:.0%} of the time in restore calls, "
                              f"{stats.decode_wait:.0%} waiting for decoded images")
-        if s.speedup is not None:
-            lines.append(f"  speed-up vs one face at a time: {s.speedup:.2f}x")
+        if s.speedup is not None and s.baseline is not None:
+            lines.append(f"  speed-up vs the official GPEN way (one face at a time, fp32, full-frame paste): "
+                         f"{s.speedup:.2f}x")
+            if (s.baseline.faces, s.baseline.failed) != (s.engine.faces, s.engine.failed):
+                lines.append(f"  !! not the same work: the engine restored {s.engine.faces} faces "
+                             f"({s.engine.failed} failed), the baseline {s.baseline.faces} ({s.baseline.failed}) !!")
+    if report.sets and any(s.baseline for s in report.sets) and report.device.startswith("cuda"):
+        lines.append("note: the baseline runs the official code's pure-PyTorch path; on CUDA the official code "
+                     "compiles its own upfirdn2d and fused_act kernels, which this run does not have")
     return "\n".join(lines)
 
 

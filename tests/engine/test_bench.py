@@ -106,6 +106,42 @@ class TestBaseline:
         assert set(bench.STAGES) == set(ms)
 
 
+class TestReport:
+    """What the printed report says when its figures cannot be taken at face value."""
+
+    @staticmethod
+    def report(*, fraction: float, baseline_faces: int) -> bench.BenchReport:
+        def stats(method: str, faces: int) -> bench.PassStats:
+            return bench.PassStats(method, 1, faces, 0, 1.0, 1.0, float(faces), dict.fromkeys(bench.STAGES, 1.0),
+                                   0.5, None, None)
+
+        point = bench.SweepPoint(4, 10.0, 1e11, fraction)
+        rate = bench.MatmulRate(1e11, "float32", 2048, 0.5e11, 1e11)
+        photo = bench.SetReport("photo", ["1328x568"], stats("engine", 29), stats("baseline", baseline_faces), 2.0)
+        return bench.BenchReport((0.1, 0.1), "cpu", "fp32", "GPEN-BFR-256", True, 4, rate, 17.4, [point], 4,
+                                 fraction, [photo], 1, 2)
+
+    def test_figures_that_add_up_carry_no_warning(self) -> None:
+        text = bench.format_report(self.report(fraction=0.6, baseline_faces=29))
+        assert "real peak" not in text and "not the same work" not in text
+        assert "the faster of torch.mm 50.0 and a 1x1 convolution 100.0" in text
+        assert "speed-up vs the official GPEN way" in text
+
+    def test_a_fraction_above_the_peak_is_flagged(self) -> None:
+        assert "below this device's real peak" in bench.format_report(self.report(fraction=1.3, baseline_faces=29))
+
+    def test_a_speed_up_over_different_work_is_flagged(self) -> None:
+        text = bench.format_report(self.report(fraction=0.6, baseline_faces=28))
+        assert "not the same work: the engine restored 29 faces (0 failed), the baseline 28 (0)" in text
+
+
+def test_the_matmul_rate_is_the_faster_of_two_libraries() -> None:
+    rate = bench.measure_matmul(torch.device("cpu"), torch.float32, n=256, repeats=2)
+    assert rate.matmul_flops_per_s > 0 and rate.conv_flops_per_s > 0
+    assert rate.flops_per_s == max(rate.matmul_flops_per_s, rate.conv_flops_per_s)
+    assert not rate.tf32
+
+
 class TestBenchCommand:
     def test_smoke_run_writes_every_figure(self, tmp_path: Path, tiny_cli_config: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -125,8 +161,13 @@ class TestBenchCommand:
         assert "speed-up" in printed.out
         report = json.loads(out.read_text())
         assert report["random_weights"] is True
-        assert report["matmul"]["flops_per_s"] > 0
+        matmul = report["matmul"]
+        assert matmul["flops_per_s"] == max(matmul["matmul_flops_per_s"], matmul["conv_flops_per_s"]) > 0
         assert [p["batch"] for p in report["sweep"]] == [1, 2, 4, 8]
+        # With --baseline the official formulation is swept at the same batch sizes, against the same rate.
+        assert [p["batch"] for p in report["official_sweep"]] == [1, 2, 4, 8]
+        assert all(p["fraction"] > 0 for p in report["official_sweep"])
+        assert "official formulation (fp32)" in printed.out
         assert report["best_fraction"] > 0
         (photos,) = report["sets"]
         engine, baseline = photos["engine"], photos["baseline"]
