@@ -281,6 +281,7 @@ class Report:
     retrying: list[Failure] = field(default_factory=list)  # the latest files waiting to retry, with why
     # instance name -> files it holds in flight although it is not running: they wait for it to start again
     stranded: dict[str, int] = field(default_factory=dict)
+    shown: str | None = None  # the instance whose snapshot this is
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -291,14 +292,19 @@ def gather(state: Path, *, failures: int = 10, now: float | None = None) -> Repo
     now = time.time() if now is None else now
     instances, problem = _instance_snapshots(state)
     running = {name: daemon_running(snap) for name, snap in instances.items()}
-    # The one the summary line describes: the single daemon, else a running instance, else any.
-    main = "" if "" in instances else next((n for n in sorted(instances) if running[n]), min(instances, default=None))
+    # The one the summary line describes: a running daemon (the single one first), else the last one seen. A
+    # stopped daemon's snapshot is history: after moving from the single unit to one instance per GPU, the
+    # single unit's status.json stays behind and must not speak for the instance that runs now.
+    up = sorted(instances, key=lambda n: (n != "", n))
+    main = next((n for n in up if running[n]),
+                max(instances, key=lambda n: instances[n].updated_at, default=None))
     table = open_read_only(state / JOBS_FILE)
     try:
         report = Report(
             state_dir=str(state),
             running=any(running.values()),
             snapshot=instances.get(main) if main is not None else None,
+            shown=main,
             snapshot_problem=problem,
             instances={name: running[name] for name in sorted(instances)},
             counts=table.counts(),
@@ -352,14 +358,15 @@ def render_text(report: Report) -> str:
     """The human-readable report."""
     snap = report.snapshot
     lines: list[str] = []
-    if report.running and snap is not None:
+    which = f"instance {report.shown}, " if report.shown else ""
+    if report.instances.get(report.shown or "", False) and snap is not None:
         since = _when(snap.started_at)
-        lines.append(f"gpen-watch: running (pid {snap.pid}, since {since}, version {snap.version})")
+        lines.append(f"gpen-watch: running ({which}pid {snap.pid}, since {since}, version {snap.version})")
         age = time.time() - snap.updated_at
         if age > STALE_AFTER:  # the daemon rewrites it every 2 s: its main loop is stuck or it is still starting
             lines.append(f"warning: the daemon has not updated its status for {age:.0f} s (still starting, or hung)")
     elif snap is not None:
-        lines.append(f"gpen-watch: not running (last seen {_when(snap.updated_at)}, pid {snap.pid})")
+        lines.append(f"gpen-watch: not running ({which}last seen {_when(snap.updated_at)}, pid {snap.pid})")
     else:
         lines.append("gpen-watch: not running (no status.json from a daemon in this state directory)")
     if len(report.instances) > 1 or (report.instances and "" not in report.instances):

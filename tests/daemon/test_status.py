@@ -206,8 +206,30 @@ class TestCommand:
         status.write_snapshot(state / "status-1.json", dead)
         assert main(["status", "--root", str(tmp_path)]) == 0
         out = capsys.readouterr().out
-        assert "running (pid" in out and "cuda:0 (Test GPU)" in out
+        assert "running (instance 0, pid" in out and "cuda:0 (Test GPU)" in out
         assert "instances: 0 running, 1 not running" in out
+
+    def test_a_stopped_single_daemon_does_not_speak_for_the_running_instance(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """Moving from the single unit to gpen-watch@0 leaves the single daemon's status.json behind: status
+        describes instance 0, which runs, not the stopped one (its device, its paused shares)."""
+        state = make_state(tmp_path)
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                               text=True)
+        status.write_snapshot(state / status.SNAPSHOT_FILE, Snapshot(
+            pid=int(child.stdout), started_at=1.0, updated_at=2.0, version="x", device="cuda:0 (old)",
+            paused={"/hot/gone": "share unmounted"}))
+        status.write_snapshot(state / "status-0.json", Snapshot.current(
+            device="cuda:0 (Test GPU)", batch_caps={}, paused={"/hot/now": "mount gone"}))
+        assert main(["status", "--root", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert f"running (instance 0, pid {os.getpid()}" in out
+        assert "device: cuda:0 (Test GPU)" in out and "PAUSED /hot/now: mount gone" in out
+        assert "(old)" not in out and "/hot/gone" not in out
+        assert "instances: default not running, 0 running" in out
+        (state / "status-0.json").unlink()  # with none running, the last one seen is described, as stopped
+        assert main(["status", "--root", str(tmp_path)]) == 3
+        assert "not running (last seen" in capsys.readouterr().out
 
     def test_work_held_by_a_stopped_instance_is_pointed_out(self, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
