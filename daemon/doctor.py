@@ -148,14 +148,15 @@ def _models_section(f: Findings, settings: Settings) -> None:
         users = needed.get(spec.name, [])
         size = f"{state.size / 1e6:.1f} MB" if state.size is not None else "-"
         used = f"needed by {', '.join(users)}" if users else "not used by the configured presets"
-        label = {"ok": "ok", "corrupt": "CORRUPT", "missing": "missing", "partial": "partial"}[state.state]
+        label = {"ok": "ok", "corrupt": "CORRUPT", "missing": "missing", "partial": "partial",
+                 "empty": "EMPTY"}[state.state]
         f.say(f"  {spec.name:<22} {label:<8} {size:>10}  {used}")
         if state.state == "corrupt":
             f.say(f"    {state.detail}")
             advice = f"{spec.name}: {path} is damaged or of the wrong kind: delete it and run " \
                      f"`{download_command(settings, spec.name)}` (or copy a good file there)"
             (f.problems if users else f.warnings).append(advice)
-        elif state.state in ("missing", "partial") and users:
+        elif state.state in ("missing", "partial", "empty") and users:
             if settings.download and spec.urls:
                 f.warnings.append(
                     f"{spec.name} is not downloaded yet; it will be fetched on first start from "

@@ -132,7 +132,7 @@ def download(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _dir_lock(dest.parent, dest.name, progress):
-        if skip_if_present and dest.is_file():
+        if skip_if_present and dest.is_file() and dest.stat().st_size > 0:  # an empty file is a failed copy
             return dest
         part = part_path(dest)
         failures = 0

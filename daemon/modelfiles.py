@@ -144,7 +144,7 @@ def ensure_models(
             )
             continue
         path = resolve_path(settings, spec)
-        if path.is_file():
+        if _present(path):
             paths[name] = path
             continue
         if not download or not spec.urls:
@@ -207,9 +207,17 @@ def _licence_line(spec: ModelSpec) -> str:
 
 @dataclass(frozen=True)
 class FileState:
-    state: str  # "present", "missing", "partial", "ok", "corrupt"
+    state: str  # "present", "missing", "empty", "partial", "ok", "corrupt"
     size: int | None
     detail: str = ""
+
+
+def _present(path: Path) -> bool:
+    """A weight file is there; an empty one (a copy that failed, a ``touch``) is as good as missing."""
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def file_state(spec: ModelSpec, path: Path, *, check: bool) -> FileState:
@@ -220,6 +228,8 @@ def file_state(spec: ModelSpec, path: Path, *, check: bool) -> FileState:
             return FileState("partial", partial.stat().st_size, detail)
         return FileState("missing", None)
     size = path.stat().st_size
+    if size == 0:
+        return FileState("empty", 0, "an empty file (a copy that failed?): it is downloaded again, or copy it again")
     if not check:
         return FileState("present", size)
     if spec.sha256 and (actual := sha256_of(path)) != spec.sha256.lower():
@@ -280,11 +290,11 @@ def _download(settings: Settings, names: list[str], *, force: bool) -> int:
     for name in names:
         spec = table[name]
         path = resolve_path(settings, spec)
-        if path.is_file() and not force:
+        if _present(path) and not force:
             print(f"{name}: present ({_human(path.stat().st_size)}), skipped (use --force to fetch again)")
             continue
         if not spec.urls:
-            if path.is_file():  # --force on a file only the user can supply: keep it, nothing to fetch
+            if _present(path):  # --force on a file only the user can supply: keep it, nothing to fetch
                 print(f"{name}: present, kept: no download address is configured for it", file=sys.stderr)
             else:
                 print(missing_message(spec, path, downloads_off=False), file=sys.stderr)
@@ -301,12 +311,26 @@ def _download(settings: Settings, names: list[str], *, force: bool) -> int:
 
 
 def _verify(settings: Settings) -> int:
-    bad = checked = 0
+    """Load every present file strictly. With hot folders configured, a file their presets need and that is not
+    there is a problem too: the daemon would not start (offline servers copy the files by hand, then verify)."""
+    needed = needed_models(settings)
+    try:
+        daemon = bool(hot_folders(settings))
+    except ConfigError:  # no folders: `enhance` may use any preset, and needs only the one it is given
+        daemon = False
+    bad = checked = absent = 0
     for spec in models_of(settings).values():
         path = resolve_path(settings, spec)
         state = file_state(spec, path, check=True)
-        if state.state in ("missing", "partial"):
-            print(f"{spec.name}: {state.state} ({_display(settings, path)})")
+        if state.state in ("missing", "partial", "empty"):
+            users = needed.get(spec.name)
+            if users and daemon:
+                absent += 1
+                print(f"{spec.name}: {state.state.upper()}, needed by preset(s) {', '.join(users)} "
+                      f"({_display(settings, path)})")
+                print(f"  fix: `{download_command(settings, spec.name)}`, or copy the file to {path}")
+            else:
+                print(f"{spec.name}: {state.state} ({_display(settings, path)}; no configured preset uses it)")
             continue
         checked += 1
         if state.state == "corrupt":
@@ -315,8 +339,8 @@ def _verify(settings: Settings) -> int:
             print(f"  fix: delete it and run `{download_command(settings, spec.name)}`")
         else:
             print(f"{spec.name}: ok ({_human(state.size)}, loads strictly)")
-    print(f"{checked} file(s) checked, {bad} bad")
-    return 1 if bad else 0
+    print(f"{checked} file(s) checked, {bad} bad, {absent} needed but not there")
+    return 1 if bad or absent else 0
 
 
 def _display(settings: Settings, path: Path) -> str:

@@ -153,6 +153,47 @@ class TestModelsVerify:
         assert "tiny: CORRUPT" in out and "SHA-256" in out
 
 
+class TestFilesThatAreNotThere:
+    def test_verify_fails_when_a_configured_folder_needs_a_missing_file(self, env, capsys) -> None:
+        """Offline servers copy the weights by hand and run verify: a file under the wrong name must not pass.
+        Without folders (enhance only), a missing file is listed but fails nothing."""
+        shutil.copy(real_detector(), env["models"] / DETECTOR)
+        tiny_generator_file(env["models"] / "tiny.pth")
+        assert run(env, "models", "verify") == 0
+        hot = env["tmp"] / "hot"
+        env["config"].write_text(
+            _config(env["models"]) + '[presets.low-spec]\nmodel = "tiny"\n'
+            + f'[[folders]]\npath = "{hot}"\npreset = "low-spec"\noutput = "{hot}-out"\nbackup = "{hot}-bk"\n'
+            + f'failed = "{hot}-failed"\n')
+        assert run(env, "models", "verify") == 0  # low-spec: tiny and the mobile0.25 detector, both there
+        (env["models"] / "tiny.pth").rename(env["models"] / "tiny-copy.pth")
+        capsys.readouterr()
+        assert run(env, "models", "verify") == 1
+        out = capsys.readouterr().out
+        assert "tiny: MISSING, needed by preset(s) low-spec (tiny.pth)" in out
+        assert "1 needed but not there" in out
+        assert "GPEN-BFR-512: missing (GPEN-BFR-512.pth; no configured preset uses it)" in out
+
+    def test_an_empty_file_is_not_taken_for_weights(self, env, file_server, capsys) -> None:
+        """A 0-byte file (a copy that failed, a touch) is listed as empty, and downloading replaces it."""
+        root, base = file_server
+        tiny_generator_file(root / "tiny.pth")
+        env["config"].write_text(_config(env["models"], url=f"{base}/tiny.pth"))
+        (env["models"] / "tiny.pth").write_bytes(b"")
+        assert run(env, "models", "list") == 0
+        assert "empty" in next(line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny "))
+        settings = load_settings(env["config"])
+        paths = ensure_models(settings, ["tiny"], download=True, log=lambda m: None, progress=False)
+        assert paths["tiny"].read_bytes() == (root / "tiny.pth").read_bytes()
+        (env["models"] / "tiny.pth").write_bytes(b"")
+        assert run(env, "models", "download", "tiny") == 0
+        assert (env["models"] / "tiny.pth").read_bytes() == (root / "tiny.pth").read_bytes()
+        (env["models"] / DETECTOR).write_bytes(b"")
+        capsys.readouterr()
+        assert run(env, "doctor") in (0, 1)
+        assert "retinaface-mobile0.25  EMPTY" in capsys.readouterr().out
+
+
 class TestEnsureModels:
     def test_present_file_is_used(self, env) -> None:
         """A file already in the models folder is returned as is, without any download."""
