@@ -105,8 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # torch and reading the config), a reload request waits here instead; the service then unblocks it.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     module_name, func_name = HANDLERS[args.command].split(":")
-    handler = getattr(importlib.import_module(module_name), func_name)
     try:
+        # Inside the try: importing torch takes seconds, and Ctrl-C then is an answer, not a traceback.
+        handler = getattr(importlib.import_module(module_name), func_name)
         return int(handler(args) or 0)
     except KeyboardInterrupt:
         return 130

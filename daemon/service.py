@@ -266,7 +266,9 @@ class Service:
             from daemon.metrics import MetricsError
             from daemon.modelfiles import MissingModelError
 
-            expected = isinstance(exc, ConfigError | EngineError | MissingModelError | JobTableError | MetricsError)
+            # An OSError (a state folder that cannot be made, a permission) says all there is in its message.
+            expected = isinstance(exc, ConfigError | EngineError | MissingModelError | JobTableError | MetricsError
+                                  | OSError)
             log.error("start-up failed", error=str(exc), exc_info=not expected)
             self.notifier.status(f"start-up failed: {exc}")
             if self.jobs is not None:  # the state folder exists: tell `gpen-watch status` what happened
@@ -282,7 +284,11 @@ class Service:
 
     def startup(self) -> None:
         state = state_dir(self.settings)
-        state.mkdir(parents=True, exist_ok=True)
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JobTableError(f"the state folder {state} cannot be created: {exc.strerror or exc} (set "
+                                "state_dir to a folder the service user may write)") from None
         # Before the job table: a refused second daemon must not take back the first one's work in flight.
         self.instance_lock = claim_instance(state, self.settings.instance)
         self.jobs = JobTable.open(state / status.JOBS_FILE, owner=self.settings.instance)

@@ -395,3 +395,14 @@ def test_a_long_input_name_still_gets_a_result_name(tmp_path: Path) -> None:
     first, second = names.claim(tmp_path, stem, ".restored.jpg"), names.claim(tmp_path, stem, ".restored.jpg")
     assert first != second and all(p.name.endswith(".restored.jpg") for p in (first, second))
     assert write_new(tmp_path, stem, ".restored.jpg", b"ok").read_bytes() == b"ok"
+
+
+def test_ctrl_c_while_the_command_still_imports_torch_ends_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing torch takes seconds after the command line is read; Ctrl-C then exits 130, no traceback."""
+    import importlib
+
+    def interrupted(name: str) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert main(["enhance", "photo.jpg"]) == 130

@@ -216,3 +216,23 @@ def test_a_metrics_port_in_use_stops_start_up_before_the_models_load(tmp_path):
     assert 1 == len(failed) and f"127.0.0.1:{port}" in str(failed[0]["error"]), daemon.log_text()[-3000:]
     assert "Traceback" not in daemon.log_text()
     assert 0 == _count(daemon, "loading models")
+
+
+def test_a_state_folder_that_cannot_be_made_stops_start_up_with_one_clear_line(tmp_path):
+    """An operating-system error at start (here the state folder's parent is a file) is said in one line that
+    names the folder, without a traceback."""
+    (tmp_path / "a-file").write_text("not a folder")
+    config, _ = write_config(tmp_path)
+    config.write_text(config.read_text().replace(f'state_dir = "{tmp_path / "state"}"',
+                                                 f'state_dir = "{tmp_path / "a-file" / "state"}"'))
+    daemon = Daemon(config).start()
+    try:
+        assert 1 == daemon.wait(60), daemon.log_text()[-3000:]
+    finally:
+        if daemon.running():
+            daemon.kill()
+    failed = [e for e in daemon.log_lines() if e.get("event") == "start-up failed"]
+    assert 1 == len(failed), daemon.log_text()[-3000:]
+    assert f"the state folder {tmp_path / 'a-file' / 'state'} cannot be created: Not a directory" in str(
+        failed[0]["error"])
+    assert "Traceback" not in daemon.log_text()
