@@ -14,7 +14,7 @@ import torch
 
 from daemon.downloads import redact_url
 from daemon.modelfiles import download_command, file_state, models_of, needed_models, resolve_path
-from daemon.settings import ConfigError, Settings, preset_table, settings_from_args
+from daemon.settings import ConfigError, Settings, preset_table, preset_warnings, settings_from_args
 from gpen_engine.device import CudaProbe, DeviceReport, select_device
 from gpen_engine.types import DeviceError
 
@@ -42,6 +42,7 @@ def command(args: Any, *, probe: CudaProbe | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     findings = Findings()
+    findings.warnings += preset_warnings(settings)
     _torch_section(findings, probe or CudaProbe())
     _device_section(findings, settings, probe)
     _nvidia_smi_section(findings)

@@ -56,6 +56,7 @@ from daemon.settings import (
     engine_options,
     hot_folders,
     preset_table,
+    preset_warnings,
     settings_from_args,
     state_dir,
 )
@@ -250,6 +251,8 @@ class Service:
         self.executor: LocalExecutor | None = None
         self.metrics: Any = None
         self.exit_status = 0
+        self.config_warnings: list[str] = preset_warnings(settings)
+        self.reload_rejected: str | None = None  # why the last reload was refused, until one succeeds
 
     # ----------------------------------------------------------------- lifecycle
     def serve(self) -> int:
@@ -292,6 +295,8 @@ class Service:
         # Before the job table: a refused second daemon must not take back the first one's work in flight.
         self.instance_lock = claim_instance(state, self.settings.instance)
         self.jobs = JobTable.open(state / status.JOBS_FILE, owner=self.settings.instance)
+        for warning in self.config_warnings:
+            log.warning("configuration looks wrong", problem=warning)
         self.device_name = "none yet (starting: loading models)"
         self._write_snapshot({}, {})  # `gpen-watch status` sees a starting daemon, not the last one's pid
         requeued = self.jobs.requeue_in_flight(max_attempts=self.settings.max_attempts)
@@ -1300,8 +1305,7 @@ class Service:
             presets = preset_table(settings)
         except ConfigError as exc:
             log.error("new configuration rejected; keeping the running one", error=str(exc))
-            self.notifier.status(f"reload rejected: {_one_line(exc)}")
-            self.notifier.ready()
+            self._reject_reload(exc)
             return
         # Set up once at start (the job table, thread pools, logging, the metrics endpoint): the running values stay,
         # and the log says so, rather than a reload that reports success and half applies them.
@@ -1321,8 +1325,7 @@ class Service:
         except Exception as exc:
             log.error("new configuration rejected: its models could not be loaded; keeping the running one",
                       error=str(exc))
-            self.notifier.status(f"reload rejected: {_one_line(exc)}")
-            self.notifier.ready()
+            self._reject_reload(exc)
             return
         # Restorers of presets no longer in use stay: batches claimed before the reload finish with them.
         def watching(s: Settings) -> tuple[object, ...]:  # what every watcher was built with
@@ -1330,6 +1333,10 @@ class Service:
 
         rewatch_all = watching(settings) != watching(self.settings)
         self.settings, self.presets = settings, presets
+        self.reload_rejected = None
+        self.config_warnings = preset_warnings(settings)
+        for warning in self.config_warnings:
+            log.warning("configuration looks wrong", problem=warning)
         for key in set(self.watchers) - set(new_folders):
             self.watchers.pop(key).stop()
             left = self.jobs.forget_unfinished(key) if self.jobs is not None else 0
@@ -1360,6 +1367,14 @@ class Service:
         self.notifier.ready()
 
     # ----------------------------------------------------------------- status
+    def _reject_reload(self, exc: BaseException) -> None:
+        self.reload_rejected = f"last reload rejected, the configuration before it still runs: {_one_line(exc)}"
+        self.notifier.status(self.reload_rejected)
+        self.notifier.ready()
+
+    def _warnings(self) -> list[str]:
+        return [*([self.reload_rejected] if self.reload_rejected else []), *self.config_warnings]
+
     def _report_status(self) -> None:
         if self.jobs is None:
             return
@@ -1385,9 +1400,10 @@ class Service:
         paused = f", paused: {'; '.join(f'{k} ({r})' for k, r in paused_now.items())}" if paused_now else ""
         waiting = f", waiting to retry {retrying}" if retrying else ""
         never = f", {left} never processed (see gpen-watch status)" if left else ""
+        config = ", reload rejected (see gpen-watch status)" if self.reload_rejected else ""
         line = (
             f"queued {queued}{waiting}, done {counters['done']}, failed {counters['failed']}, "
-            f"{per_min} img/min on {self.device_name}, batch caps {caps}{paused}{never}"
+            f"{per_min} img/min on {self.device_name}, batch caps {caps}{paused}{never}{config}"
         )
         self.notifier.status(line)
         self._write_snapshot(depths, caps, refused, paused_now, counters)
@@ -1402,7 +1418,7 @@ class Service:
                 status.Snapshot.current(
                     device=self.device_name, batch_caps=caps, paused=dict(self.paused) if paused is None else paused,
                     queue_depths=depths, counters=dict(self.counters) if counters is None else counters,
-                    refused=refused,
+                    refused=refused, warnings=self._warnings(),
                 ),
             )
         except OSError as exc:  # advisory only; the job table is the truth

@@ -373,6 +373,26 @@ def preset_table(settings: Settings) -> dict[str, Preset]:
     return {**table, **done}
 
 
+def preset_warnings(settings: Settings) -> list[str]:
+    """Presets the config defines that look like typos: new (not built-in), without a ``base``, and used by no
+    hot folder. ``[presets.lowspec] batch_size = 2`` makes such a preset, and the built-in one stays as it was.
+    Nothing is said without hot folders: presets for ``enhance`` alone are used by no folder."""
+    try:
+        used = {folder.preset for folder in hot_folders(settings)}
+    except ConfigError:
+        return []
+    found = []
+    for name, custom in settings.presets.items():
+        if name in BUILTIN_PRESETS or custom.base is not None or name in used:
+            continue
+        others = [n for n in (*BUILTIN_PRESETS, *settings.presets) if n != name]
+        close = difflib.get_close_matches(name, others, n=1, cutoff=0.6)
+        hint = f"; did you mean presets.{close[0]}?" if close else ""
+        found.append(f"presets.{name} is a new preset (based on fast: it names no base) that no hot folder "
+                     f"uses{hint}")
+    return found
+
+
 def hot_folders(settings: Settings) -> list[FolderSettings]:
     """The configured folders, or the default layout under ``root``: one hot folder per built-in preset."""
     if settings.folders:

@@ -17,9 +17,11 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import sys
 import time
+import tomllib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from importlib import metadata
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.jobs import SCHEMA_VERSION, STATES, Job, JobTable, JobTableError
-from daemon.settings import ConfigError, settings_from_args, state_dir
+from daemon.settings import ConfigError, config_path, settings_from_args, state_dir
 
 __all__ = [
     "JOBS_FILE",
@@ -84,6 +86,9 @@ class Snapshot:
     # each), and how many there are in all
     refused: dict[str, dict[str, str]] = field(default_factory=dict)
     refused_counts: dict[str, int] = field(default_factory=dict)
+    # What the operator should know about the configuration: a rejected reload (the old one still runs), presets
+    # that look like typos. Kept until a reload fixes them, unlike the journal lines that said so once.
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def current(
@@ -95,6 +100,7 @@ class Snapshot:
         queue_depths: dict[str, int] | None = None,
         counters: dict[str, int] | None = None,
         refused: dict[str, dict[str, str]] | None = None,
+        warnings: list[str] | None = None,
     ) -> Snapshot:
         """A snapshot of this process now."""
         refused = {folder: entries for folder, entries in (refused or {}).items() if entries}
@@ -112,6 +118,7 @@ class Snapshot:
             counters=dict(counters or {}),
             refused={folder: dict(sorted(entries.items())[:REFUSED_LISTED]) for folder, entries in refused.items()},
             refused_counts={folder: len(entries) for folder, entries in refused.items()},
+            warnings=list(warnings or []),
         )
 
     @classmethod
@@ -134,6 +141,7 @@ class Snapshot:
                     for folder, entries in data.get("refused", {}).items()
                 },
                 refused_counts={str(k): int(v) for k, v in data.get("refused_counts", {}).items()},
+                warnings=[str(w) for w in data.get("warnings", [])],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SnapshotError(f"status.json is incomplete or malformed: {exc!r}") from None
@@ -382,6 +390,7 @@ def render_text(report: Report) -> str:
             lines.append(f"batch caps (faces): {caps}")
         for folder, reason in sorted(snap.paused.items()):
             lines.append(f"PAUSED {folder}: {reason}")
+        lines += [f"config: {_shown(w)}" for w in snap.warnings]
         lines += _refused_lines(snap)
     for owner, n in sorted(report.stranded.items()):
         name = f"instance {owner}" if owner else "the default instance"
@@ -452,13 +461,45 @@ def _state_dir_for(args: argparse.Namespace) -> Path:
     return state
 
 
+_TOP_LEVEL_PATH = re.compile(r"""^\s*(state_dir|root)\s*=\s*["']([^"'\n]+)["']\s*(?:#.*)?$""", re.MULTILINE)
+
+
+def _state_dir_despite(args: argparse.Namespace) -> Path | None:
+    """Where the daemon keeps its state, when the configuration does not load as it is now.
+
+    A daemon keeps running on the configuration it started (or last reloaded) with, so an edit in progress,
+    or one a reload refused, must not hide its status. Read from what can be read: the variables, the
+    file's ``state_dir`` and ``root`` as TOML (if it still parses), ``--root``, the shipped unit's folder."""
+    raw: dict[str, Any] = {}
+    if (path := config_path(getattr(args, "config", None))) is not None:
+        with contextlib.suppress(OSError, ValueError):
+            text = path.read_text(encoding="utf-8")
+            try:
+                raw = tomllib.loads(text)
+            except ValueError:  # a syntax error further down: the top-level lines before the first table
+                raw = {m[1]: m[2] for m in _TOP_LEVEL_PATH.finditer(text.split("\n[", 1)[0])}
+    roots = [getattr(args, "root", None), os.environ.get("GPEN_WATCH_ROOT"), raw.get("root")]
+    candidates = [os.environ.get("GPEN_WATCH_STATE_DIR"), raw.get("state_dir"),
+                  os.environ.get("STATE_DIRECTORY", "").split(":")[0] or None,
+                  *(Path(str(r)).expanduser() / "state" for r in roots if r), SYSTEM_STATE_DIR]
+    for candidate in candidates:
+        if isinstance(candidate, str | Path) and (Path(candidate).expanduser() / JOBS_FILE).exists():
+            return Path(candidate).expanduser()
+    return None
+
+
 def command(args: argparse.Namespace) -> int:
     """`gpen-watch status [--config FILE] [--root DIR] [--json]`."""
     try:
         state = _state_dir_for(args)
     except ConfigError as exc:
-        print(f"gpen-watch status: {exc}", file=sys.stderr)
-        return 2
+        found = _state_dir_despite(args)
+        if found is None:
+            print(f"gpen-watch status: {exc}", file=sys.stderr)
+            return 2
+        print(f"gpen-watch status: warning: {exc}\n(a running daemon keeps the configuration it started or last "
+              f"reloaded with; showing the state in {found})", file=sys.stderr)
+        state = found
     if not (state / JOBS_FILE).exists():
         print(
             f"gpen-watch status: no state in {state} yet: the daemon has not started with this configuration "

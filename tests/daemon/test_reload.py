@@ -81,6 +81,30 @@ def test_a_reload_whose_models_cannot_load_changes_nothing(tmp_path):
         wait_for(lambda: account(layout, inputs).published, 60, daemon, "published with the running preset")
 
 
+def test_a_rejected_reload_stays_visible_in_status_until_a_good_one(tmp_path, capsys):
+    """The journal says a reload was rejected once; `gpen-watch status` keeps saying it (the old configuration
+    still runs) until a reload succeeds. A preset that looks like a typo is shown there too."""
+    from daemon.cli import main
+
+    config, _ = write_config(tmp_path)
+    good = config.read_text()
+
+    def status_text() -> str:
+        main(["status", "--config", str(config)])
+        return capsys.readouterr().out
+
+    with _running(config) as daemon:
+        config.write_text(good + "this is not TOML\n")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: _reloaded(daemon), 60, daemon, "reload handled")
+        wait_for(lambda: "config: last reload rejected" in status_text(), 10, daemon, "status says so")
+        config.write_text(good + "[presets.tset]\nbatch_size = 2\n")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: _reloaded(daemon, 2), 60, daemon, "second reload handled")
+        wait_for(lambda: "last reload rejected" not in status_text(), 10, daemon, "status forgets the rejection")
+        assert "config: presets.tset is a new preset" in status_text()
+
+
 def test_a_reload_that_moves_or_adds_folders_applies_them_like_a_start(tmp_path):
     """An output moved inside the hot folder is excluded from watching at once (no result of a result). A new
     folder's missing output/backup/failed folders are not made (they may be an unmounted share's): its files

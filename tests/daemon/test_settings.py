@@ -147,3 +147,19 @@ def test_an_empty_extension_list_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_settings(write(tmp_path, "extensions = []\n"))
     assert "extensions" in str(exc.value)
+
+
+def test_a_misspelt_preset_table_is_pointed_out(tmp_path: Path) -> None:
+    """[presets.lowspec] makes a new preset and leaves low-spec as it was: said, with the name meant. A new
+    preset a folder uses, or one with a base, is meant; without hot folders (enhance only) nothing is said."""
+    from daemon.settings import preset_warnings
+
+    settings = load_settings(write(tmp_path, "[presets.lowspec]\nbatch_size = 2\n"
+                                             "[presets.archive]\nbase = \"quality\"\n"))
+    assert preset_warnings(settings) == [
+        "presets.lowspec is a new preset (based on fast: it names no base) that no hot folder uses; "
+        "did you mean presets.low-spec?"]
+    assert preset_table(settings)["low-spec"].batch_size == 1
+    enhance_only = tmp_path / "enhance.toml"
+    enhance_only.write_text("[presets.lowspec]\nbatch_size = 2\n")
+    assert preset_warnings(load_settings(enhance_only)) == []

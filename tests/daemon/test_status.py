@@ -316,6 +316,19 @@ class TestCommand:
         assert main(["status", "--config", str(config)]) == 2
         assert "device" in capsys.readouterr().err
 
+    def test_an_invalid_edit_does_not_hide_the_daemons_state(self, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+        """The daemon runs on the configuration it started with; an edit that does not load yet (a bad value, a
+        TOML error further down) is said, and the state its state_dir names is still shown."""
+        state = make_state(tmp_path)
+        config = tmp_path / "gw.toml"
+        for broken in ("device = 'tpu'\n", "[presets.fast\nbatch_size = 2\n"):
+            config.write_text(f'state_dir = "{state}"\n' + broken)
+            assert main(["status", "--config", str(config)]) == 3  # the state is there; no daemon runs
+            captured = capsys.readouterr()
+            assert "warning:" in captured.err and f"showing the state in {state}" in captured.err
+            assert "/hot/fast" in captured.out
+
 
 def test_snapshot_file_is_not_world_readable(tmp_path: Path) -> None:
     """status.json is written 0640 at most (it names folders), whatever the umask."""
