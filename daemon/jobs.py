@@ -190,6 +190,26 @@ def instance_stopped(state_dir: Path, instance: str) -> Iterator[bool]:
         os.close(fd)
 
 
+def running_instances(state_dir: Path) -> list[str]:
+    """The instances whose lock in ``state_dir`` a live process holds (read-only: nothing is created)."""
+    running = []
+    for lock in sorted(state_dir.glob("instance-*.lock")):
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held exclusively: that instance runs
+            name = lock.name.removeprefix("instance-").removesuffix(".lock")
+            running.append("" if name == "default" else name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return running
+
+
 _LOCKED_HINT = (
     "another process holds the lock (a second gpen-watch with the same state directory, or a tool that has "
     "it open); stop it or give this instance its own state_dir"

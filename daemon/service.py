@@ -32,7 +32,15 @@ from daemon import publish, status
 from daemon.batcher import pick_queue
 from daemon.executor import LocalExecutor, Outcome, Raised, device_lost, run_narrowing
 from daemon.faults import FailPoints
-from daemon.jobs import Job, JobStateError, JobTable, JobTableError, claim_instance, instance_stopped
+from daemon.jobs import (
+    Job,
+    JobStateError,
+    JobTable,
+    JobTableError,
+    claim_instance,
+    instance_stopped,
+    running_instances,
+)
 from daemon.logs import configure_logging
 from daemon.notify import Notifier
 from daemon.paths import (
@@ -60,6 +68,7 @@ from daemon.settings import (
     settings_from_args,
     state_dir,
 )
+from daemon.status import SYSTEM_STATE_DIR
 from daemon.watch import FolderWatcher
 from gpen_engine import imageio
 from gpen_engine.options import EngineOptions, Preset
@@ -294,6 +303,7 @@ class Service:
                                 "state_dir to a folder the service user may write)") from None
         # Before the job table: a refused second daemon must not take back the first one's work in flight.
         self.instance_lock = claim_instance(state, self.settings.instance)
+        self._refuse_a_second_job_table(state)
         self.jobs = JobTable.open(state / status.JOBS_FILE, owner=self.settings.instance)
         for warning in self.config_warnings:
             log.warning("configuration looks wrong", problem=warning)
@@ -337,6 +347,32 @@ class Service:
             device=self.device_name,
             state=str(state),
         )
+
+    def _refuse_a_second_job_table(self, state: Path) -> None:
+        """Stop if another gpen-watch on this machine runs on one of our hot folders with another job table.
+
+        Two job tables do not know each other's claims: both restore a photo and it is published twice. It
+        happens when state_dir is not set and the same config runs by hand (ROOT/state) and under systemd
+        ($STATE_DIRECTORY): the places a daemon with this config would keep its state are looked at."""
+        here = state.resolve()
+        places = {SYSTEM_STATE_DIR, Path.home() / ".local" / "state" / "gpen-watch"}
+        if self.settings.root is not None:
+            places.add(self.settings.root.expanduser().absolute() / "state")
+        if env := os.environ.get("STATE_DIRECTORY"):
+            places.add(Path(env.split(":")[0]))
+        for place in sorted(places):
+            try:
+                if place.resolve() == here or not running_instances(place):
+                    continue
+                watched = {f for snap in status.running_snapshots(place).values() for f in snap.folders}
+            except OSError:
+                continue  # unreadable to this user: nothing to compare
+            shared = sorted(watched & set(self.folders))
+            if shared:
+                raise JobTableError(
+                    f"another gpen-watch runs with the job table in {place} and works on {shared[0]}, which this "
+                    f"one watches with the job table in {state}: both would restore and publish the same photos. "
+                    "Stop the other one, or set state_dir in the config so that every run uses one job table")
 
     def _make_folders(self, folders: Iterable[FolderSettings]) -> None:
         """Create the folders gpen-watch may create, and name the missing ones it may not (at start, and for
@@ -1418,7 +1454,7 @@ class Service:
                 status.Snapshot.current(
                     device=self.device_name, batch_caps=caps, paused=dict(self.paused) if paused is None else paused,
                     queue_depths=depths, counters=dict(self.counters) if counters is None else counters,
-                    refused=refused, warnings=self._warnings(),
+                    refused=refused, warnings=self._warnings(), folders=list(self.folders),
                 ),
             )
         except OSError as exc:  # advisory only; the job table is the truth

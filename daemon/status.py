@@ -89,6 +89,7 @@ class Snapshot:
     # What the operator should know about the configuration: a rejected reload (the old one still runs), presets
     # that look like typos. Kept until a reload fixes them, unlike the journal lines that said so once.
     warnings: list[str] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)  # the hot folders it watches
 
     @classmethod
     def current(
@@ -101,6 +102,7 @@ class Snapshot:
         counters: dict[str, int] | None = None,
         refused: dict[str, dict[str, str]] | None = None,
         warnings: list[str] | None = None,
+        folders: list[str] | None = None,
     ) -> Snapshot:
         """A snapshot of this process now."""
         refused = {folder: entries for folder, entries in (refused or {}).items() if entries}
@@ -119,6 +121,7 @@ class Snapshot:
             refused={folder: dict(sorted(entries.items())[:REFUSED_LISTED]) for folder, entries in refused.items()},
             refused_counts={folder: len(entries) for folder, entries in refused.items()},
             warnings=list(warnings or []),
+            folders=sorted(folders or []),
         )
 
     @classmethod
@@ -142,6 +145,7 @@ class Snapshot:
                 },
                 refused_counts={str(k): int(v) for k, v in data.get("refused_counts", {}).items()},
                 warnings=[str(w) for w in data.get("warnings", [])],
+                folders=[str(f) for f in data.get("folders", [])],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SnapshotError(f"status.json is incomplete or malformed: {exc!r}") from None
@@ -325,6 +329,11 @@ def gather(state: Path, *, failures: int = 10, now: float | None = None) -> Repo
     finally:
         table.close()
     return report
+
+
+def running_snapshots(state: Path) -> dict[str, Snapshot]:
+    """The snapshots in ``state`` of daemons that run now, by instance name."""
+    return {name: snap for name, snap in _instance_snapshots(state)[0].items() if daemon_running(snap)}
 
 
 def _instance_snapshots(state: Path) -> tuple[dict[str, Snapshot], str | None]:

@@ -236,3 +236,30 @@ def test_a_state_folder_that_cannot_be_made_stops_start_up_with_one_clear_line(t
     assert f"the state folder {tmp_path / 'a-file' / 'state'} cannot be created: Not a directory" in str(
         failed[0]["error"])
     assert "Traceback" not in daemon.log_text()
+
+
+def test_a_second_job_table_on_the_same_hot_folder_is_refused(tmp_path):
+    """The config does not set state_dir: run by hand its state is in the home folder, under systemd in
+    $STATE_DIRECTORY. Started under systemd while the manual run goes on, it would restore and publish every
+    photo a second time (two job tables know nothing of each other's claims): it stops and says why."""
+    config, layout = write_config(tmp_path)
+    config.write_text(config.read_text().replace(f'state_dir = "{tmp_path / "state"}"\n', ""))
+    home = tmp_path / "home"
+    home.mkdir()
+    by_hand = Daemon(config, env={"HOME": str(home)}).start()
+    try:
+        wait_for(lambda: "gpen-watch ready" in by_hand.log_text(), 90, by_hand, "ready")
+        service = Daemon(config, env={"HOME": str(home), "STATE_DIRECTORY": str(tmp_path / "var-lib")}).start()
+        assert service.wait(60) == 1, service.log_text()[-3000:]
+        failed = [e for e in service.log_lines() if e.get("event") == "start-up failed"]
+        assert failed and f"another gpen-watch runs with the job table in {home / '.local/state/gpen-watch'}" \
+            in str(failed[0]["error"]) and str(layout.hot["a"]) in str(failed[0]["error"])
+        assert by_hand.running()
+    finally:
+        assert 0 == by_hand.stop()
+    # With the manual run stopped, the service starts (the stale job table in the home folder is not in use).
+    service = Daemon(config, env={"HOME": str(home), "STATE_DIRECTORY": str(tmp_path / "var-lib")}).start()
+    try:
+        wait_for(lambda: "gpen-watch ready" in service.log_text(), 90, service, "ready")
+    finally:
+        assert 0 == service.stop()
