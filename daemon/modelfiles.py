@@ -18,8 +18,8 @@ from torch import nn
 
 from daemon.downloads import DownloadError, download, part_path, redact_url, sha256_of
 from daemon.settings import ConfigError, Settings, hot_folders, preset_table, settings_from_args
+from gpen_engine.arch import GpenArch
 from gpen_engine.checkpoint import load_into, verify_generator_file
-from gpen_engine.gpen import GpenArch
 from gpen_engine.registry import ModelSpec, detector_network, model_table, preset_models
 from gpen_engine.types import ModelFileError
 

@@ -4,26 +4,53 @@ It never touches hot folders or shares; weight files are the only paths it opens
 public API the daemon and outside scripts use; everything else is an implementation detail.
 """
 
-from .checkpoint import load_generator
-from .device import DeviceReport, select_device
-from .gpen import VARIANTS, GpenArch, create_generator
-from .imageio import check_complete, decode, encode
-from .options import BUILTIN_PRESETS, DecodeOptions, EncodeOptions, EngineOptions, Preset
-from .registry import ModelSpec, builtin_models, model_table
-from .restorer import EngineModels, Restorer, WorkingImage, load_engine_models, prepare_image
-from .types import (
-    DecodedImage,
-    DeviceError,
-    DeviceOutOfMemory,
-    EngineError,
-    Face,
-    ImageTooLarge,
-    InputError,
-    ModelFileError,
-    NoFaceFound,
-    RestoredImage,
-    UnsupportedImage,
-)
+import importlib
+
+# Imported on first use (PEP 562): importing a submodule such as ``gpen_engine.options`` from the daemon's
+# configuration code must not pull in torch, which takes seconds and hundreds of MB.
+_WHERE = {
+    "BUILTIN_PRESETS": "options",
+    "DecodeOptions": "options",
+    "DecodedImage": "types",
+    "DeviceError": "types",
+    "DeviceOutOfMemory": "types",
+    "DeviceReport": "device",
+    "EncodeOptions": "options",
+    "EngineError": "types",
+    "EngineModels": "restorer",
+    "EngineOptions": "options",
+    "Face": "types",
+    "GpenArch": "gpen",
+    "ImageTooLarge": "types",
+    "InputError": "types",
+    "ModelFileError": "types",
+    "ModelSpec": "registry",
+    "NoFaceFound": "types",
+    "Preset": "options",
+    "RestoredImage": "types",
+    "Restorer": "restorer",
+    "UnsupportedImage": "types",
+    "VARIANTS": "gpen",
+    "WorkingImage": "restorer",
+    "builtin_models": "registry",
+    "check_complete": "imageio",
+    "create_generator": "gpen",
+    "decode": "imageio",
+    "encode": "imageio",
+    "load_engine_models": "restorer",
+    "load_generator": "checkpoint",
+    "model_table": "registry",
+    "prepare_image": "restorer",
+    "select_device": "device",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f".{_WHERE[name]}", __name__)
+    return getattr(module, name)
+
 
 __all__ = [
     "BUILTIN_PRESETS",

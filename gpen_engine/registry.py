@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from .gpen import VARIANTS, GpenArch
+from .arch import VARIANTS, GpenArch
 from .options import DetectorName, Preset
 
 ModelKind = Literal["gpen", "detector", "parser"]
