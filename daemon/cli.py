@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("enhance", help="restore files or folders once and exit")
     _common(p)
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="photos, or folders to restore recursively")
     p.add_argument("-o", "--output", metavar="DIR", help="write results into DIR (default: beside each input)")
     p.add_argument("--preset", default="fast", help="preset name (default: fast)")
     p.add_argument("--compare", action="store_true", help="also write a side-by-side before/after image per file")
@@ -67,10 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure the engine's speed")
     _common(p)
     p.add_argument("--preset", default="fast")
-    p.add_argument("--images", metavar="DIR", help="photos to use (default: synthetic)")
+    p.add_argument("--images", metavar="DIR", help="photos to use (default: sets made from the Solvay photo)")
     p.add_argument("--batch", type=_count(1, 256), help="generator batch size, 1-256 (default: the preset's)")
     p.add_argument("--random-weights", action="store_true", help="random generator weights (speed only)")
-    p.add_argument("--baseline", action="store_true", help="also run the one-face-at-a-time official way")
+    p.add_argument("--baseline", action="store_true",
+                   help="also run the official GPEN way (one face at a time, full-frame paste) and its generator")
     p.add_argument("--repeat", type=_count(1, 100), default=3, help="timed passes over the images")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
 
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(d, suppress=True)
     d.add_argument("names", nargs="*", metavar="NAME")
     d.add_argument("--force", action="store_true", help="download again even if present")
-    _common(msub.add_parser("verify", help="load every present weight file strictly"), suppress=True)
+    _common(msub.add_parser("verify", help="load every present weight file strictly; fail if a configured "
+                                           "folder's preset needs one that is not there"), suppress=True)
 
     p = sub.add_parser("doctor", help="report on torch, the device and the weight files")
     _common(p)
@@ -93,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="per-folder counts, recent failures and throughput")
     _common(p)
-    p.add_argument("--root", metavar="DIR")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--root", metavar="DIR", help="the --root that `gpen-watch run` was given")
+    p.add_argument("--json", action="store_true", help="the same report as JSON, for scripts")
     return parser
 
 

@@ -111,7 +111,8 @@ def command(args: Any) -> int:
         try:  # before any work: an unusable -o would otherwise fail every file after restoring it
             output.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            print(f"error: output folder {output}: {exc.strerror or exc}", file=sys.stderr)
+            why = "a file, not a folder" if output.exists() and not output.is_dir() else exc.strerror or exc
+            print(f"error: output folder {output}: {why}", file=sys.stderr)
             return 2
     items, problems = collect_inputs([Path(p) for p in args.paths], output, settings.extensions)
     for problem in problems:

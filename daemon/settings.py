@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -284,7 +285,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     try:
         return bound(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, toml_file)) from None
+        flags = [k for k, v in overrides.items() if v is not None]
+        raise ConfigError(format_validation_error(exc, toml_file, flags)) from None
     except SettingsError as exc:  # an environment variable that is not JSON where a list or table is needed
         raise ConfigError(
             f"invalid environment variable: {exc} ({exc.__cause__}); lists and tables are written as JSON, "
@@ -313,13 +315,15 @@ def _refuse_unknown_variables() -> None:
         raise ConfigError("\n".join(["invalid configuration:", *lines]))
 
 
-def format_validation_error(exc: ValidationError, source: Path | None) -> str:
+def format_validation_error(exc: ValidationError, source: Path | None, flags: Collection[str] = ()) -> str:
+    """One line per bad setting, naming where its value came from. ``flags``: settings a command-line option set."""
     where = f" in {source}" if source else ""
     lines = [f"invalid configuration{where}:"]
     for err in exc.errors():
         name = ".".join(str(part) for part in err["loc"])
         message = err["msg"].removeprefix("Value error, ")
-        origin = _env_origin(err["loc"])
+        top = str(err["loc"][0]) if err["loc"] else ""
+        origin = f" (from --{top.replace('_', '-')})" if top in flags else _env_origin(err["loc"])
         if not name:  # a check across settings: its message names them
             lines.append(f"  {message}")
         elif err["type"] == "missing":

@@ -315,7 +315,7 @@ class TestAwkwardArguments:
         (tmp_path / "p.jpg").write_bytes(jpeg_crop((300, 50, 700, 350)))
         (tmp_path / "taken").write_text("a file")
         assert enhance(config, "-o", str(tmp_path / "taken"), str(tmp_path / "p.jpg")) == 2
-        assert f"output folder {tmp_path / 'taken'}" in capsys.readouterr().err
+        assert f"output folder {tmp_path / 'taken'}: a file, not a folder" in capsys.readouterr().err
 
     def test_ctrl_c_stops_with_a_summary_and_leaves_only_whole_results(
             self, config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -163,3 +163,9 @@ def test_a_misspelt_preset_table_is_pointed_out(tmp_path: Path) -> None:
     enhance_only = tmp_path / "enhance.toml"
     enhance_only.write_text("[presets.lowspec]\nbatch_size = 2\n")
     assert preset_warnings(load_settings(enhance_only)) == []
+
+
+def test_a_bad_value_from_a_command_line_option_is_said_to_come_from_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(write(tmp_path, ""), device="gpu")
+    assert "device = 'gpu': must be auto, cpu, cuda or cuda:N (from --device)" in str(exc.value)
