@@ -499,23 +499,28 @@ def _state_dir_despite(args: argparse.Namespace) -> Path | None:
 
 def command(args: argparse.Namespace) -> int:
     """`gpen-watch status [--config FILE] [--root DIR] [--json]`."""
+    as_json = bool(getattr(args, "json", False))
+
+    def fail(message: str, code: int, state: Path | None = None) -> int:
+        print(f"gpen-watch status: {message}", file=sys.stderr)
+        if as_json:  # a script reading stdout gets an answer too
+            json.dump({"error": message, "exit_status": code, "running": False,
+                       "state_dir": None if state is None else str(state)}, sys.stdout, indent=2, sort_keys=True)
+            sys.stdout.write("\n")
+        return code
+
     try:
         state = _state_dir_for(args)
     except ConfigError as exc:
         found = _state_dir_despite(args)
         if found is None:
-            print(f"gpen-watch status: {exc}", file=sys.stderr)
-            return 2
+            return fail(str(exc), 2)
         print(f"gpen-watch status: warning: {exc}\n(a running daemon keeps the configuration it started or last "
               f"reloaded with; showing the state in {found})", file=sys.stderr)
         state = found
     if not (state / JOBS_FILE).exists():
-        print(
-            f"gpen-watch status: no state in {state} yet: the daemon has not started with this configuration "
-            "(pass the same --config/--root as `gpen-watch run`, or set state_dir)",
-            file=sys.stderr,
-        )
-        return EXIT_NO_STATE
+        return fail(f"no state in {state} yet: the daemon has not started with this configuration (pass the same "
+                    "--config/--root as `gpen-watch run`, or set state_dir)", EXIT_NO_STATE, state)
     try:
         report = gather(state)
     except (StatusError, JobTableError, sqlite3.Error, PermissionError) as exc:
@@ -524,9 +529,8 @@ def command(args: argparse.Namespace) -> int:
             if isinstance(exc, PermissionError) or "unable to open" in str(exc)
             else ""
         )
-        print(f"gpen-watch status: {exc}{hint}", file=sys.stderr)
-        return 1
-    if getattr(args, "json", False):
+        return fail(f"{exc}{hint}", 1, state)
+    if as_json:
         json.dump(report.to_dict(), sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     else:

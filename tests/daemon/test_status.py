@@ -300,6 +300,9 @@ class TestCommand:
         assert main(["status", "--root", str(tmp_path)]) == 4
         assert "no state in" in capsys.readouterr().err
         assert list(tmp_path.iterdir()) == []
+        assert main(["status", "--root", str(tmp_path), "--json"]) == 4  # scripts get JSON on stdout too
+        answer = json.loads(capsys.readouterr().out)
+        assert (answer["exit_status"], answer["running"]) == (4, False) and "no state in" in answer["error"]
 
     def test_state_dir_from_config(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """With --config, status looks where that config's daemon keeps its state."""
