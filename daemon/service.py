@@ -84,9 +84,10 @@ RELOAD_LIMIT = 600.0
 # How often the job table's old history is pruned (besides at start-up).
 PRUNE_EVERY = 24 * 3600.0
 TAKEOVER_EVERY = 30.0  # how often to look for work in flight held by a stopped instance
-# `gpen-watch run`'s exit status when the device stopped computing mid-run (systemd's Restart=on-failure then
-# starts it again; 1 is a failed start, 2 an invalid configuration).
-EXIT_DEVICE_LOST = 3
+# `gpen-watch run`'s exit status when the device stopped computing mid-run: sysexits' EX_TEMPFAIL, "try again
+# later", which systemd shows as status=75/TEMPFAIL and Restart=on-failure acts on (1 is a failed start, 2 an
+# invalid configuration).
+EXIT_DEVICE_LOST = 75
 
 
 def command(args: argparse.Namespace) -> int:
