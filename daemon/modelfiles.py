@@ -12,16 +12,16 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from daemon.downloads import DownloadError, download, part_path, redact_url, sha256_of
 from daemon.settings import ConfigError, Settings, hot_folders, preset_table, settings_from_args
 from gpen_engine.arch import GpenArch
-from gpen_engine.checkpoint import load_into, verify_generator_file
 from gpen_engine.registry import ModelSpec, detector_network, model_table, preset_models
 from gpen_engine.types import ModelFileError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 Log = Callable[[str], Any]
 
@@ -93,6 +93,9 @@ def needed_models(settings: Settings) -> dict[str, list[str]]:
 
 def verify_file(spec: ModelSpec, path: Path) -> None:
     """Load ``path`` strictly into the network ``spec`` describes; raise ModelFileError if it does not fit."""
+    # Here, not at the top: `models list` and the daemon's configuration code need no torch.
+    from gpen_engine.checkpoint import load_into, verify_generator_file
+
     if spec.kind == "gpen":
         if spec.arch is None:
             raise ModelFileError(f"{spec.name}: no architecture given for a GPEN file")

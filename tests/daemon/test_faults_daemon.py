@@ -214,8 +214,8 @@ def test_stalled_writer_and_engine_oom_lose_nothing(tmp_path):
 
 def test_a_lost_device_stops_the_daemon_for_a_restart_and_fails_no_file(tmp_path):
     """The device stops computing (every batch raises, and so does the blank test image, as on a GPU that fell off
-    the bus): the daemon exits with status 75 (TEMPFAIL) for systemd to restart it instead of failing the whole queue. The
-    files wait in the hot folder, untouched, and a start on a working device publishes every one."""
+    the bus): the daemon exits with status 75 (TEMPFAIL) for systemd to restart it, instead of failing the whole
+    queue. The files wait in the hot folder, untouched, and a start on a working device publishes every one."""
     config, layout = write_config(tmp_path, stability_delay=0.3)
     lost = Daemon(config, env={"GPEN_WATCH_FAILPOINTS": "generate=raise:error;check=raise:error"}).start()
     hot = layout.hot["a"]

@@ -345,10 +345,10 @@ def test_snapshot_file_is_not_world_readable(tmp_path: Path) -> None:
     assert (tmp_path / "status.json").stat().st_mode & 0o777 == 0o640
 
 
-def test_status_and_init_start_without_torch() -> None:
+def test_status_init_and_models_list_start_without_torch() -> None:
     """`status` is run by hand and by scripts every few seconds: it reads the job table and a JSON file, and
     must not spend seconds and hundreds of MB importing torch (nor must `init` and the configuration code)."""
-    code = ("import sys, daemon.status, daemon.layout, daemon.settings, gpen_engine.registry; "
+    code = ("import sys, daemon.status, daemon.layout, daemon.settings, daemon.modelfiles, gpen_engine.registry; "
             "print(sorted(m for m in ('torch', 'cv2', 'facexlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
