@@ -1456,6 +1456,7 @@ class Service:
                     device=self.device_name, batch_caps=caps, paused=dict(self.paused) if paused is None else paused,
                     queue_depths=depths, counters=dict(self.counters) if counters is None else counters,
                     refused=refused, warnings=self._warnings(), folders=list(self.folders),
+                    ready=self.executor is not None,
                 ),
             )
         except OSError as exc:  # advisory only; the job table is the truth

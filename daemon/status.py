@@ -90,6 +90,7 @@ class Snapshot:
     # that look like typos. Kept until a reload fixes them, unlike the journal lines that said so once.
     warnings: list[str] = field(default_factory=list)
     folders: list[str] = field(default_factory=list)  # the hot folders it watches
+    ready: bool = True  # False while it starts (loading and warming up models): not processing files yet
 
     @classmethod
     def current(
@@ -103,6 +104,7 @@ class Snapshot:
         refused: dict[str, dict[str, str]] | None = None,
         warnings: list[str] | None = None,
         folders: list[str] | None = None,
+        ready: bool = True,
     ) -> Snapshot:
         """A snapshot of this process now."""
         refused = {folder: entries for folder, entries in (refused or {}).items() if entries}
@@ -122,6 +124,7 @@ class Snapshot:
             refused_counts={folder: len(entries) for folder, entries in refused.items()},
             warnings=list(warnings or []),
             folders=sorted(folders or []),
+            ready=ready,
         )
 
     @classmethod
@@ -146,6 +149,7 @@ class Snapshot:
                 refused_counts={str(k): int(v) for k, v in data.get("refused_counts", {}).items()},
                 warnings=[str(w) for w in data.get("warnings", [])],
                 folders=[str(f) for f in data.get("folders", [])],
+                ready=bool(data.get("ready", True)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SnapshotError(f"status.json is incomplete or malformed: {exc!r}") from None
@@ -378,7 +382,8 @@ def render_text(report: Report) -> str:
     which = f"instance {report.shown}, " if report.shown else ""
     if report.instances.get(report.shown or "", False) and snap is not None:
         since = _when(snap.started_at)
-        lines.append(f"gpen-watch: running ({which}pid {snap.pid}, since {since}, version {snap.version})")
+        phase = "running" if snap.ready else "starting (not processing files yet)"
+        lines.append(f"gpen-watch: {phase} ({which}pid {snap.pid}, since {since}, version {snap.version})")
         age = time.time() - snap.updated_at
         if age > STALE_AFTER:  # the daemon rewrites it every 2 s: its main loop is stuck or it is still starting
             lines.append(f"warning: the daemon has not updated its status for {age:.0f} s (still starting, or hung)")

@@ -180,6 +180,17 @@ class TestCommand:
         assert "[decode] image file is truncated" in out
         assert "sub/broken.jpg" in out
 
+    def test_a_starting_daemon_is_not_called_running(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """While it loads its models the daemon processes nothing: status says it is starting (and --json has
+        ready false); the exit status is still 0, as for a daemon that runs."""
+        state = make_state(tmp_path)
+        status.write_snapshot(state / status.SNAPSHOT_FILE, Snapshot.current(
+            device="none yet (starting: loading models)", batch_caps={}, paused={}, ready=False))
+        assert main(["status", "--root", str(tmp_path)]) == 0
+        assert "gpen-watch: starting (not processing files yet) (pid" in capsys.readouterr().out
+        main(["status", "--root", str(tmp_path), "--json"])
+        assert json.loads(capsys.readouterr().out)["snapshot"]["ready"] is False
+
     def test_files_waiting_to_retry_show_why(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """An output share that went away fails nothing: its files wait to retry, and status says why."""
         state = make_state(tmp_path)
