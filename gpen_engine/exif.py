@@ -19,6 +19,7 @@ ORIENTATION = 0x0112
 EXIF_IFD = 0x8769
 PIXEL_X, PIXEL_Y = 0xA002, 0xA003
 _SHORT, _LONG, _IFD = 3, 4, 13
+_THUMBNAIL_OFFSET, _THUMBNAIL_LENGTH = 0x0201, 0x0202  # JPEGInterchangeFormat(Length), in IFD1
 
 
 def tiff_bytes(block: bytes) -> bytes:
@@ -33,10 +34,10 @@ def patched(block: bytes, *, drop: Collection[int] = (), size: tuple[int, int] |
 
     In IFD0 the tags in ``drop`` are removed (the entries after them move up within the entry table,
     nothing else moves), Orientation is set to 1 and the link to IFD1, the thumbnail of the unrestored
-    photo, is cut. With ``size`` (width, height), PixelX/YDimension in the Exif sub-IFD are set to it.
-    Tags are never added. None when the block is not a readable TIFF structure or a value cannot be
-    set without changing its type or place (an Orientation stored as text, a width above 65535 in a
-    SHORT).
+    photo, is cut (and the thumbnail's bytes zeroed). With ``size`` (width, height), PixelX/YDimension in
+    the Exif sub-IFD are set to it. Tags are never added. None when the block is not a readable TIFF
+    structure or a value cannot be set without changing its type or place (an Orientation stored as text,
+    a width above 65535 in a SHORT).
     """
     data = bytearray(tiff_bytes(block))
     if len(data) < 8 or data[:4] not in (b"II*\x00", b"MM\x00*"):
@@ -46,6 +47,7 @@ def patched(block: bytes, *, drop: Collection[int] = (), size: tuple[int, int] |
     entries = _entries(data, order, ifd0)
     if entries is None:
         return None
+    _blank_thumbnail(data, order, ifd0 + 2 + 12 * len(entries))
     kept = [entry for entry in entries if _tag(data, order, entry) not in drop]
     if len(kept) != len(entries):
         table = b"".join(bytes(data[entry : entry + 12]) for entry in kept)
@@ -63,6 +65,21 @@ def patched(block: bytes, *, drop: Collection[int] = (), size: tuple[int, int] |
         if tag == EXIF_IFD and size is not None and not _set_size(data, order, entry, size):
             return None
     return HEADER + bytes(data)
+
+
+def _blank_thumbnail(data: bytearray, order: str, link: int) -> None:
+    """Zero the thumbnail IFD1 (linked from ``link``) points to: a small JPEG of the unrestored photo, faces and
+    all, which cutting the link alone would leave in the file for anyone who looks."""
+    ifd1 = struct.unpack(order + "I", data[link : link + 4])[0] if link + 4 <= len(data) else 0
+    entries = _entries(data, order, ifd1) if ifd1 else None
+    values = {}
+    for entry in entries or []:
+        kind, count, value = struct.unpack(order + "HII", data[entry + 2 : entry + 12])
+        if kind == _LONG and count == 1:
+            values[_tag(data, order, entry)] = value
+    start, length = values.get(_THUMBNAIL_OFFSET), values.get(_THUMBNAIL_LENGTH)
+    if start is not None and length and 8 <= start and start + length <= len(data):
+        data[start : start + length] = bytes(length)
 
 
 def _entries(data: bytearray, order: str, offset: int) -> list[int] | None:

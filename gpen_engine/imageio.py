@@ -29,6 +29,7 @@ from PIL import Image, ImageCms, ImageFile, JpegImagePlugin, PngImagePlugin, Tif
 
 from gpen_engine import exif as exif_block
 from gpen_engine import tiff
+from gpen_engine import xmp as xmp_packet
 from gpen_engine.options import EncodeOptions
 from gpen_engine.types import DecodedImage, EngineError, ImageTooLarge, InputError, UnsupportedImage
 
@@ -384,16 +385,16 @@ def incomplete_trailer(data: bytes) -> str | None:
     if xmp is not None:
         # The primary item is the photo itself: its length, where a writer gives one, is not after it. A motion
         # flag of 0 says the video is gone (an editor may leave its item listed).
-        no_motion = b"0" in (_xmp_value(xmp, b"MotionPhoto"), _xmp_value(xmp, b"MicroVideo"))
+        no_motion = b"0" in (xmp_packet.value(xmp, b"MotionPhoto"), xmp_packet.value(xmp, b"MicroVideo"))
         skip = (b"Primary", b"MotionPhoto") if no_motion else (b"Primary",)
-        directory = _XMP_DIRECTORY.search(xmp)
+        directory = xmp_packet.DIRECTORY.search(xmp)
         items = (directory.group() if directory else xmp).split(b"<rdf:li")[1:]
-        lengths = [int(length) for item in items if _xmp_value(item, b"Semantic") not in skip
-                   if (length := _xmp_value(item, b"Length")) is not None and length.isdigit()]
+        lengths = [int(length) for item in items if xmp_packet.value(item, b"Semantic") not in skip
+                   if (length := xmp_packet.value(item, b"Length")) is not None and length.isdigit()]
         if lengths and end + sum(lengths) > size:
             return f"its XMP container lists {sum(lengths)} bytes after the photo, but {size - end} are there"
         # Readers ignore the older MicroVideo fields next to a container.
-        offset = None if directory or no_motion else _xmp_value(xmp, b"MicroVideoOffset")
+        offset = None if directory or no_motion else xmp_packet.value(xmp, b"MicroVideoOffset")
         if offset is not None and offset.isdigit():
             video = size - int(offset)
             if video < end or data[video + 4 : video + 8] != b"ftyp":
@@ -406,21 +407,6 @@ def incomplete_trailer(data: bytes) -> str | None:
     if data.startswith(b"\xff\xd8\xff", after) and _jpeg_end(data, after) is None:
         return f"the second image (from byte {after}) has no end marker yet"
     return None
-
-
-_XMP_DIRECTORY = re.compile(rb"<((?:[\w.-]+:)?Directory)\b.*?</\1>", re.DOTALL)  # a container's item list
-
-
-def _xmp_value(xmp: bytes, name: bytes) -> bytes | None:
-    """The first value of the XMP property with local name ``name``, whatever its prefix, or None.
-
-    Writers put simple values either in an attribute (``Camera:MotionPhoto="1"``, as phones do) or in an
-    element of their own (``<Camera:MotionPhoto>1</Camera:MotionPhoto>``, as exiftool does when it rewrites
-    the packet); the prefix varies too (``GCamera:`` in older phones)."""
-    key = rb"(?:[\w.-]+:)?" + re.escape(name)
-    found = (re.search(rb"[\s<]%s\s*=\s*[\"']([^\"'<>]{0,64})[\"']" % key, xmp)
-             or re.search(rb"<(%s)>\s*([^<>]{0,64}?)\s*</\1>" % key, xmp))
-    return None if found is None else found.group(found.lastindex or 1).strip()
 
 
 _XMP_ID = b"http://ns.adobe.com/xap/1.0/\x00"
@@ -907,6 +893,8 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
         resources = im.info.get("photoshop")
         if isinstance(resources, dict) and isinstance(iptc := resources.get(_IRB_IPTC), bytes) and iptc:
             info["iptc"] = iptc
+        if extended := _extended_xmp(data):
+            info["xmp_extended"] = extended
     elif fmt == "PNG":
         info["png_colour"] = _png_colour_chunks(data)
         text = getattr(im, "text", {}) or {}
@@ -919,6 +907,16 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
     elif fmt == "WEBP":
         info["webp_lossless"] = _webp_is_lossless(data)
     return info
+
+
+_XMP_EXTENSION = b"http://ns.adobe.com/xmp/extension/\x00"
+
+
+def _extended_xmp(data: bytes) -> list[bytes]:
+    """A JPEG's Extended XMP segments (APP1 bodies), as stored: the properties too large for the main packet
+    (Photoshop's history, Camera Raw settings), which the main packet's ``xmpNote:HasExtendedXMP`` points to."""
+    return [data[pos + 4 : pos + 2 + length] for marker, pos, length in _header_segments(data)
+            if marker == 0xE1 and data.startswith(_XMP_EXTENSION, pos + 4)]
 
 
 def _png_colour_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -1092,7 +1090,9 @@ def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.clip(rgb * weight + 255.0 * (1.0 - weight) + 0.5, 0, 255).astype(np.uint8)
 
 
-def _metadata(image: DecodedImage, options: EncodeOptions, colour_space: str, size: tuple[int, int]) -> dict[str, Any]:
+def _metadata(image: DecodedImage, options: EncodeOptions, colour_space: str, size: tuple[int, int],
+              fmt: str = "") -> dict[str, Any]:
+    """What of the source's metadata goes into a result of ``size`` written as ``fmt``."""
     if not options.keep_metadata:
         return {}
     meta: dict[str, Any] = {}
@@ -1101,7 +1101,10 @@ def _metadata(image: DecodedImage, options: EncodeOptions, colour_space: str, si
     if image.icc_profile and _icc_colour_space(image.icc_profile) == colour_space:
         meta["icc_profile"] = image.icc_profile
     if isinstance(xmp := image.info.get("xmp"), bytes):
-        meta["xmp"] = xmp
+        extended = image.info.get("xmp_extended") if fmt == "JPEG" else None
+        meta["xmp"] = xmp_packet.for_result(xmp, size, extended_kept=bool(extended))
+        if extended:
+            meta["xmp_extended"] = extended
     if isinstance(iptc := image.info.get("iptc"), bytes):
         meta["iptc"] = iptc  # IPTC-IIM records, as a TIFF holds them
     if isinstance(dpi := image.info.get("dpi"), tuple):
@@ -1120,19 +1123,22 @@ def _encode_8bit(
         pixels = samples[:, :, 0] if gray else samples
         mode = "L" if gray else "RGB"
     pil = Image.fromarray(np.ascontiguousarray(pixels), mode)
-    meta = _metadata(image, options, "GRAY" if gray else "RGB", (samples.shape[1], samples.shape[0]))
+    meta = _metadata(image, options, "GRAY" if gray else "RGB", (samples.shape[1], samples.shape[0]), fmt)
     params: dict[str, Any] = {}
     if fmt == "JPEG":
         params = {"quality": options.jpeg_quality, "progressive": bool(image.info.get("progressive"))}
         subsampling = image.info.get("jpeg_subsampling")
         if isinstance(subsampling, int) and subsampling >= 0:
             params["subsampling"] = subsampling
-        params.update({k: v for k, v in meta.items() if k != "iptc"})
+        params.update({k: v for k, v in meta.items() if k not in ("iptc", "xmp_extended")})
         if len(meta.get("exif", b"")) > _JPEG_MAX_EXIF:  # from a TIFF or PNG: a restored photo beats a failure
             del params["exif"]
         if options.keep_metadata and isinstance(comment := image.info.get("jpeg_comment"), bytes):
             params["comment"] = comment
         encoded = _save(pil, fmt, **params)
+        if meta.get("xmp_extended"):
+            encoded = _with_segments(encoded, [b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
+                                               for body in meta["xmp_extended"]])
         return _with_app13(encoded, meta["iptc"]) if meta.get("iptc") else encoded
     elif fmt == "PNG":
         params = {k: v for k, v in meta.items() if k not in ("xmp", "iptc")}
@@ -1159,10 +1165,15 @@ def _with_app13(jpeg: bytes, iptc: bytes) -> bytes:
     payload = _APP13_PHOTOSHOP + resource
     if len(payload) + 2 > 0xFFFF:
         return jpeg
+    return _with_segments(jpeg, [b"\xff\xed" + struct.pack(">H", len(payload) + 2) + payload])
+
+
+def _with_segments(jpeg: bytes, segments: list[bytes]) -> bytes:
+    """``jpeg`` with whole marker ``segments`` inserted after its JFIF, EXIF and XMP segments (APP0, APP1)."""
     pos = 2  # after SOI
     while pos + 4 <= len(jpeg) and jpeg[pos] == 0xFF and jpeg[pos + 1] in (0xE0, 0xE1):
         pos += 2 + struct.unpack(">H", jpeg[pos + 2 : pos + 4])[0]
-    return jpeg[:pos] + b"\xff\xed" + struct.pack(">H", len(payload) + 2) + payload + jpeg[pos:]
+    return jpeg[:pos] + b"".join(segments) + jpeg[pos:]
 
 
 def _write_bmp32(pixels: np.ndarray, dpi: tuple[float, float] | None) -> bytes:
@@ -1309,11 +1320,11 @@ def _encode_16bit(
 ) -> bytes:
     gray = samples.shape[2] == 1
     if fmt == "PNG":
-        meta = _metadata(image, options, "GRAY" if gray else "RGB", (samples.shape[1], samples.shape[0]))
+        meta = _metadata(image, options, "GRAY" if gray else "RGB", (samples.shape[1], samples.shape[0]), fmt)
         pixels = samples if alpha is None else np.dstack([samples, alpha])
         text = image.info.get("png_text") if options.keep_metadata else None
         return _write_png16(pixels, meta, text, _png_colour(image, options))
-    meta = _metadata(image, options, "GRAY" if gray else "RGB", (samples.shape[1], samples.shape[0]))
+    meta = _metadata(image, options, "GRAY" if gray else "RGB", (samples.shape[1], samples.shape[0]), fmt)
     pixels = samples if alpha is None else np.dstack([samples, alpha])
     return _write_tiff16(pixels, _tiff_compression(image), meta)
 

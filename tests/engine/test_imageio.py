@@ -220,7 +220,7 @@ def _camera_exif(order: str, orientation: int, pixel_type: int, width: int, heig
     block += long(0) + thumb
     orientation_at = 8 + 2 + 12 * [tag for tag, _ in ifd0].index(0x0112) + 8
     places = {"orientation": orientation_at, "next_ifd": make_at - 4, "pixel_x": exif_at + 2 + 12 * 3 + 8,
-              "pixel_y": exif_at + 2 + 12 * 4 + 8, "maker_note": note_at}
+              "pixel_y": exif_at + 2 + 12 * 4 + 8, "maker_note": note_at, "thumbnail": thumb_at}
     return b"Exif\0\0" + block, places
 
 
@@ -702,16 +702,18 @@ class TestMetadata:
     ) -> None:
         """A rotated photo's EXIF comes back as the camera wrote it, in either byte order: the same tag types and
         every value at its offset (so a maker note's own absolute offsets still hold). Only Orientation (now 1) and
-        PixelX/YDimension (the upright size, in their own type) change, and the link to the old thumbnail is cut."""
+        PixelX/YDimension (the upright size, in their own type) change, and the old thumbnail (the unrestored photo,
+        faces and all) is cut off and its bytes zeroed."""
         block, at = _camera_exif(order, 6, pixel_type, 40, 20)
         image = decode(_save(Image.fromarray(_photo(20, 40)), fmt, exif=block, lossless=True))
         written = _exif_tiff(_open(encode(image, image.rgb, options=EncodeOptions())[0]).info["exif"])
         code = "H" if pixel_type == 3 else "I"
         expected = bytearray(_exif_tiff(block))
         for place, value, kind in (("orientation", 1, "H"), ("next_ifd", 0, "I"), ("pixel_x", 20, code),
-                                   ("pixel_y", 40, code)):
+                                   ("pixel_y", 40, code), ("thumbnail", 0, "I")):
             struct.pack_into(order + kind, expected, at[place], value)
         assert bytes(expected) == written
+        assert b"\xff\xd8\xff\xd9" not in written  # the thumbnail JPEG is gone, not only unlinked
 
     def test_exif_pixel_size_follows_a_downsized_result(self) -> None:
         """When the preset shrank the photo, PixelX/YDimension say the size written, in the type they had."""
@@ -731,7 +733,9 @@ class TestMetadata:
         exif = written.getexif()
         assert (256 in exif, 257 in exif, exif[0x010F], exif.get_ifd(0x8769)[0xA002]) == (False, False, "Canon", 64)
         start = at["next_ifd"] + 4  # the values behind IFD0's entries
-        assert _exif_tiff(block)[start:] == _exif_tiff(written.info["exif"])[start:]
+        expected = bytearray(_exif_tiff(block))
+        expected[at["thumbnail"] : at["thumbnail"] + 4] = bytes(4)  # the old thumbnail's bytes, zeroed
+        assert bytes(expected)[start:] == _exif_tiff(written.info["exif"])[start:]
 
     def test_icc_kept_for_16bit_png(self) -> None:
         """The hand-written 16-bit PNG carries the ICC profile and DPI."""
@@ -1230,6 +1234,55 @@ def _jpeg(seed: int = 0, xmp: bytes | None = None) -> bytes:
         body = b"http://ns.adobe.com/xap/1.0/\x00" + xmp
         data = data[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + data[2:]
     return data
+
+
+class TestResultXmp:
+    """The XMP of a result describes the restored photo: a still, upright, of its own size."""
+
+    PACKET = (b'<x:xmpmeta><rdf:RDF><rdf:Description GCamera:MotionPhoto="1" GCamera:MotionPhotoVersion="1" '
+              b'GCamera:MicroVideoOffset="5012" hdrgm:Version="1.0" tiff:Orientation="6" exif:PixelXDimension="64" '
+              b'xmpNote:HasExtendedXMP="0123456789ABCDEF0123456789ABCDEF" dc:format="image/jpeg">'
+              b"<exif:PixelYDimension>48</exif:PixelYDimension><dc:rights>(c) Studio</dc:rights>"
+              b"<xmp:Thumbnails><rdf:Alt><rdf:li><xmpGImg:image>/9j/4AAQ</xmpGImg:image></rdf:li></rdf:Alt>"
+              b"</xmp:Thumbnails><Container:Directory><rdf:Seq><rdf:li Item:Semantic=\"Primary\"/>"
+              b'<rdf:li Item:Semantic="MotionPhoto" Item:Length="5012"/></rdf:Seq></Container:Directory>'
+              b"</rdf:Description></rdf:RDF></x:xmpmeta>")
+
+    @staticmethod
+    def extension() -> bytes:
+        body = b"http://ns.adobe.com/xmp/extension/\x00" + b"0123456789ABCDEF0123456789ABCDEF" + struct.pack(
+            ">II", 30, 0) + b"<x:xmpmeta>History</x:xmpmeta>"
+        return b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
+
+    def source(self) -> bytes:
+        data = _jpeg(xmp=self.PACKET)
+        return data[:2] + self.extension() + data[2:]
+
+    def test_a_restored_motion_photo_is_a_still_of_its_own_size(self) -> None:
+        """The video and the gain map stay behind (in the backup): a viewer must not read the result's own last
+        bytes as a video. Sizes, orientation and the thumbnail of the unrestored photo follow the result; the
+        rest (the rights) is kept."""
+        image = decode(self.source())
+        data, _ = encode(image, resize_long_side(image.rgb, 32), options=EncodeOptions())
+        xmp = _open(data).info["xmp"]
+        xmp = xmp if isinstance(xmp, bytes) else xmp.encode()
+        assert b'GCamera:MotionPhoto="0"' in xmp and b"MicroVideoOffset" not in xmp
+        assert b"MotionPhotoVersion" not in xmp and b"hdrgm:Version" not in xmp
+        assert b"Container:Directory" not in xmp and b"Item:Length" not in xmp
+        assert b'tiff:Orientation="1"' in xmp and b"xmp:Thumbnails" not in xmp
+        # 64 x 48 stored, turned upright by tiff:Orientation 6, then capped at 32: 24 x 32
+        assert b'exif:PixelXDimension="24"' in xmp and b"<exif:PixelYDimension>32</exif:PixelYDimension>" in xmp
+        assert b"<dc:rights>(c) Studio</dc:rights>" in xmp
+        assert incomplete_trailer(data) is None
+
+    def test_extended_xmp_goes_along_into_a_jpeg_and_its_pointer_goes_elsewhere(self) -> None:
+        """Photoshop's history and Camera Raw settings live in Extended XMP segments that the main packet points
+        to: a JPEG result carries them as they were; a PNG result cannot, so it does not point to them."""
+        image = decode(self.source())
+        jpeg, _ = encode(image, image.rgb, options=EncodeOptions())
+        assert self.extension() in jpeg and b"xmpNote:HasExtendedXMP" in jpeg
+        png, _ = encode(image, image.rgb, options=EncodeOptions(format="PNG"))
+        assert b"HasExtendedXMP" not in png and b"(c) Studio" in png
 
 
 class TestIncompleteTrailer:
