@@ -28,7 +28,7 @@ import simplejpeg
 from PIL import Image, ImageCms, ImageFile, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
 
 from gpen_engine import exif as exif_block
-from gpen_engine import tiff
+from gpen_engine import photoshop, tiff
 from gpen_engine import xmp as xmp_packet
 from gpen_engine.options import EncodeOptions
 from gpen_engine.types import DecodedImage, EngineError, ImageTooLarge, InputError, UnsupportedImage
@@ -71,7 +71,7 @@ _JPEG_MAX_EXIF = 65533
 # chunk (orientation reset), so a copy would carry the old orientation and be applied a second time.
 _PNG_EXIF_TEXT = frozenset({"Raw profile type exif", "Raw profile type APP1"})
 _ORIENTATION = 0x0112
-_TIFF_XMP, _TIFF_IPTC = 700, 33723
+_TIFF_XMP, _TIFF_IPTC, _TIFF_PHOTOSHOP = 700, 33723, 34377
 _IRB_IPTC = 0x0404  # the IPTC record among the Photoshop resources of a JPEG's APP13 segment
 _APP13_PHOTOSHOP = b"Photoshop 3.0\x00"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -895,6 +895,8 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
             info["iptc"] = iptc
         if extended := _extended_xmp(data):
             info["xmp_extended"] = extended
+        if resources := photoshop.kept(_app13_resources(data)):
+            info["photoshop_resources"] = resources
     elif fmt == "PNG":
         info["png_colour"] = _png_colour_chunks(data)
         text = getattr(im, "text", {}) or {}
@@ -904,6 +906,8 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
         iptc = tiff.raw_value(data, _TIFF_IPTC) or getattr(im, "tag_v2", {}).get(_TIFF_IPTC)  # a BigTIFF: Pillow's
         if isinstance(iptc, bytes) and iptc:
             info["iptc"] = iptc
+        if resources := photoshop.kept(tiff.raw_value(data, _TIFF_PHOTOSHOP) or b""):
+            info["photoshop_resources"] = resources
     elif fmt == "WEBP":
         info["webp_lossless"] = _webp_is_lossless(data)
     return info
@@ -917,6 +921,14 @@ def _extended_xmp(data: bytes) -> list[bytes]:
     (Photoshop's history, Camera Raw settings), which the main packet's ``xmpNote:HasExtendedXMP`` points to."""
     return [data[pos + 4 : pos + 2 + length] for marker, pos, length in _header_segments(data)
             if marker == 0xE1 and data.startswith(_XMP_EXTENSION, pos + 4)]
+
+
+def _app13_resources(data: bytes) -> bytes:
+    """A JPEG's Photoshop resources: the bodies of its APP13 segments after their header, in order (Photoshop
+    splits a long run over several)."""
+    return b"".join(data[pos + 4 + len(_APP13_PHOTOSHOP) : pos + 2 + length]
+                    for marker, pos, length in _header_segments(data)
+                    if marker == 0xED and data.startswith(_APP13_PHOTOSHOP, pos + 4))
 
 
 def _png_colour_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -1107,6 +1119,8 @@ def _metadata(image: DecodedImage, options: EncodeOptions, colour_space: str, si
             meta["xmp_extended"] = extended
     if isinstance(iptc := image.info.get("iptc"), bytes):
         meta["iptc"] = iptc  # IPTC-IIM records, as a TIFF holds them
+    if isinstance(resources := image.info.get("photoshop_resources"), bytes):
+        meta["photoshop"] = resources  # the kept Photoshop resources (the IPTC record may be among them)
     if isinstance(dpi := image.info.get("dpi"), tuple):
         meta["dpi"] = dpi
     return meta
@@ -1130,7 +1144,7 @@ def _encode_8bit(
         subsampling = image.info.get("jpeg_subsampling")
         if isinstance(subsampling, int) and subsampling >= 0:
             params["subsampling"] = subsampling
-        params.update({k: v for k, v in meta.items() if k not in ("iptc", "xmp_extended")})
+        params.update({k: v for k, v in meta.items() if k not in ("iptc", "xmp_extended", "photoshop")})
         if len(meta.get("exif", b"")) > _JPEG_MAX_EXIF:  # from a TIFF or PNG: a restored photo beats a failure
             del params["exif"]
         if options.keep_metadata and isinstance(comment := image.info.get("jpeg_comment"), bytes):
@@ -1139,7 +1153,12 @@ def _encode_8bit(
         if meta.get("xmp_extended"):
             encoded = _with_segments(encoded, [b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
                                                for body in meta["xmp_extended"]])
-        return _with_app13(encoded, meta["iptc"]) if meta.get("iptc") else encoded
+        if meta.get("iptc") or meta.get("photoshop"):
+            full = _with_app13(encoded, photoshop.with_iptc(meta.get("photoshop", b""), meta.get("iptc")))
+            if full is encoded and meta.get("iptc"):  # too long for one segment: the IPTC record at least
+                return _with_app13(encoded, photoshop.block(photoshop.IPTC, meta["iptc"]))
+            return full
+        return encoded
     elif fmt == "PNG":
         params = {k: v for k, v in meta.items() if k not in ("xmp", "iptc")}
         params["pnginfo"] = _png_text_info(image, meta.get("xmp"))
@@ -1158,11 +1177,11 @@ def _encode_8bit(
     return _save(pil, fmt, **params)
 
 
-def _with_app13(jpeg: bytes, iptc: bytes) -> bytes:
-    """``jpeg`` with an APP13 segment holding ``iptc`` (IPTC-IIM records), put where Photoshop puts it: after the
-    JFIF and EXIF/XMP segments (APP0, APP1), before the rest. Unchanged if the record cannot fit in one segment."""
-    resource = b"8BIM" + struct.pack(">HHI", _IRB_IPTC, 0, len(iptc)) + iptc + bytes(len(iptc) % 2)  # unnamed
-    payload = _APP13_PHOTOSHOP + resource
+def _with_app13(jpeg: bytes, resources: bytes) -> bytes:
+    """``jpeg`` with an APP13 segment holding Photoshop ``resources`` (8BIM blocks: the IPTC record and those
+    ``photoshop.kept`` keeps), put where Photoshop puts it: after the JFIF and EXIF/XMP segments (APP0, APP1),
+    before the rest. Unchanged if they cannot fit in one segment."""
+    payload = _APP13_PHOTOSHOP + resources
     if len(payload) + 2 > 0xFFFF:
         return jpeg
     return _with_segments(jpeg, [b"\xff\xed" + struct.pack(">H", len(payload) + 2) + payload])
@@ -1292,7 +1311,8 @@ def _tiff_metadata(meta: dict[str, Any], compression: str) -> dict[str, Any]:
     compressed TIFF (which goes through libtiff) EXIF's main tags only, since a camera's EXIF sub-directory
     fails the save (``_with_exif_directories`` adds them afterwards)."""
     meta = dict(meta)
-    extra = {tag: meta.pop(key) for tag, key in ((_TIFF_XMP, "xmp"), (_TIFF_IPTC, "iptc")) if key in meta}
+    extra = {tag: meta.pop(key) for tag, key in ((_TIFF_XMP, "xmp"), (_TIFF_IPTC, "iptc"),
+                                                 (_TIFF_PHOTOSHOP, "photoshop")) if key in meta}
     exif = Image.Exif()
     if block := meta.pop("exif", None):
         try:

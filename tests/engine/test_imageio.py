@@ -883,6 +883,33 @@ class TestMetadata:
         as_tiff = _open(encode(image, image.rgb, options=EncodeOptions(format="TIFF"))[0])
         assert iptc == as_tiff.tag_v2.get(33723)
 
+    def test_photoshop_rights_and_paths_are_kept_and_its_thumbnail_is_not(self) -> None:
+        """Besides IPTC, Photoshop's resources hold the copyright flag, the rights URL and clipping paths (named):
+        they come back, block for block, in a JPEG result and in a TIFF one (tag 34377). Its thumbnail of the
+        unrestored photo does not, nor does anything that would now be wrong."""
+        def block(ident: int, data: bytes, name: bytes = b"") -> bytes:
+            pascal = bytes([len(name)]) + name + bytes((len(name) + 1) % 2)
+            return b"8BIM" + struct.pack(">H", ident) + pascal + struct.pack(">I", len(data)) + data + bytes(
+                len(data) % 2)
+
+        iptc = b"\x1c\x02\x74" + struct.pack(">H", 11) + b"(c) Archive"
+        kept = block(0x0404, iptc) + block(0x040A, b"\x01") + block(0x040B, b"https://example.org/rights") + block(
+            0x07D0, bytes(26 * 3), b"Path 1")
+        thumbnail = block(0x040C, b"\xff\xd8" + bytes(300) + b"\xff\xd9")
+        app13 = b"Photoshop 3.0\0" + kept[: len(kept) // 2]  # split over two segments, as Photoshop does
+        app13b = b"Photoshop 3.0\0" + kept[len(kept) // 2 :] + thumbnail
+        plain = _save(Image.fromarray(_photo()), "JPEG")
+        source = (plain[:2] + b"\xff\xed" + struct.pack(">H", len(app13) + 2) + app13
+                  + b"\xff\xed" + struct.pack(">H", len(app13b) + 2) + app13b + plain[2:])
+        image = decode(source)
+        jpeg = encode(image, image.rgb, options=EncodeOptions())[0]
+        assert kept in jpeg and b"\xff\xd8" + bytes(300) not in jpeg
+        assert _open(jpeg).info["photoshop"][0x0404] == iptc
+        as_tiff = encode(image, image.rgb, options=EncodeOptions(format="TIFF"))[0]
+        assert kept in as_tiff and iptc == _open(as_tiff).tag_v2.get(33723)
+        again = decode(as_tiff)  # TIFF to TIFF: tag 34377 read and written back
+        assert kept in encode(again, again.rgb, options=EncodeOptions())[0]
+
     @pytest.mark.parametrize("bits", [8, 16])
     @pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
     def test_tiff_xmp_and_iptc_are_kept(self, compression: str, bits: int) -> None:
