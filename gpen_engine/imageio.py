@@ -1242,8 +1242,9 @@ def _png_text_info(image: DecodedImage, xmp: bytes | None) -> PngImagePlugin.Png
     text = image.info.get("png_text")
     if isinstance(text, dict):
         for key, value in text.items():
-            if isinstance(key, str) and isinstance(value, str):
-                pnginfo.add_itxt(key, value)
+            if isinstance(key, str) and isinstance(value, str):  # an iTXt keeps its language and translated key
+                pnginfo.add_itxt(key, value, lang=getattr(value, "lang", None) or "",
+                                 tkey=getattr(value, "tkey", None) or "")
     if xmp:
         pnginfo.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
     return pnginfo
@@ -1415,7 +1416,9 @@ def _write_png16(pixels: np.ndarray, meta: dict[str, Any], text: object, colour:
         items["XML:com.adobe.xmp"] = xmp.decode("utf-8", "replace")
     for key, value in items.items():
         if isinstance(key, str) and isinstance(value, str) and 0 < len(key) < 80:
-            payload = key.encode("latin-1", "replace") + b"\x00\x00\x00\x00\x00" + value.encode("utf-8")
+            lang, tkey = (str(getattr(value, name, None) or "").encode("utf-8") for name in ("lang", "tkey"))
+            payload = (key.encode("latin-1", "replace") + b"\x00\x00\x00" + lang + b"\x00" + tkey + b"\x00"
+                       + value.encode("utf-8"))
             out.append(_png_chunk(b"iTXt", payload))
     out.append(_png_chunk(b"IDAT", zlib.compress(raw, 6)))
     out.append(_png_chunk(b"IEND", b""))

@@ -762,6 +762,16 @@ class TestMetadata:
         back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
         assert back.text["Description"] == "Solvay conference"
 
+    @pytest.mark.parametrize("bits", [8, 16])
+    def test_png_international_text_keeps_its_language(self, bits: int) -> None:
+        """An iTXt chunk's language tag and translated keyword (a German caption, say) come back with it."""
+        pnginfo = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+        pnginfo.add_itxt("Comment", "Oma, restauriert", lang="de", tkey="Kommentar")
+        pixels = _photo() if bits == 8 else np.full((6, 5), 30000, np.uint16)
+        image = decode(_save(Image.fromarray(pixels), "PNG", pnginfo=pnginfo))
+        comment = _open(encode(image, image.rgb, options=EncodeOptions())[0]).text["Comment"]
+        assert (comment, comment.lang, comment.tkey) == ("Oma, restauriert", "de", "Kommentar")
+
 
     def test_photoshop_layers_are_not_copied_into_the_result(self) -> None:
         """A TIFF's Photoshop layer data (tag 37724) would show the old pixels in an editor: it is dropped."""
