@@ -590,6 +590,26 @@ class TestDeviceLost:
         assert engine.checks == 1 and svc.jobs.get(job).state == "failed" and not svc.stop_event.is_set()
         svc.jobs.close()
 
+    def test_a_device_too_full_for_the_test_is_not_lost(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The files fail for a reason of their own and the blank test image runs out of memory (another process
+        holds the GPU's memory): the device still computes, so the files are charged and the daemon runs on."""
+        import torch
+
+        svc, key, folder = _service_on_its_first_folder(tmp_path, "max_attempts = 1")
+        _published_by(svc, monkeypatch, folder)
+        job = _queued(svc, key, folder, "p.jpg", b"p" * 100)
+        engine = _Engine(breaks_on={"p.jpg"}, error="index 401 is out of bounds")
+
+        def full(preset: str) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+        engine.check = full  # type: ignore[method-assign]
+        svc.executor = engine  # type: ignore[assignment]
+        svc._run_batch(_claimed_batch(svc, folder))
+        assert svc.jobs is not None
+        assert svc.jobs.get(job).state == "failed" and not svc.stop_event.is_set() and svc.exit_status == 0
+        svc.jobs.close()
+
     def test_running_out_of_memory_is_not_a_lost_device(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         svc, key, folder = _service_on_its_first_folder(tmp_path, "max_attempts = 1")
         _published_by(svc, monkeypatch, folder)
