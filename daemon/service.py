@@ -356,7 +356,9 @@ class Service:
         happens when state_dir is not set and the same config runs by hand (ROOT/state) and under systemd
         ($STATE_DIRECTORY): the places a daemon with this config would keep its state are looked at."""
         here = state.resolve()
-        places = {SYSTEM_STATE_DIR, Path.home() / ".local" / "state" / "gpen-watch"}
+        places = {SYSTEM_STATE_DIR}
+        with contextlib.suppress(RuntimeError):  # a service user without a home
+            places.add(Path.home() / ".local" / "state" / "gpen-watch")
         if self.settings.root is not None:
             places.add(self.settings.root.expanduser().absolute() / "state")
         if env := os.environ.get("STATE_DIRECTORY"):

@@ -132,8 +132,11 @@ class Snapshot:
         if not isinstance(data, dict):
             raise SnapshotError("status.json does not hold an object")
         try:
+            pid = int(data["pid"])
+            if not 1 < pid < 2**31:  # os.kill would signal a group (0, -1) or overflow
+                raise ValueError(f"pid {pid}")
             return cls(
-                pid=int(data["pid"]),
+                pid=pid,
                 started_at=float(data["started_at"]),
                 updated_at=float(data["updated_at"]),
                 version=str(data["version"]),
@@ -475,7 +478,7 @@ def _state_dir_for(args: argparse.Namespace) -> Path:
     return state
 
 
-_TOP_LEVEL_PATH = re.compile(r"""^\s*(state_dir|root)\s*=\s*["']([^"'\n]+)["']\s*(?:#.*)?$""", re.MULTILINE)
+_TOP_LEVEL_PATH = re.compile(r"""^[ \t]*(state_dir|root)\s*=\s*["']([^"'\n]+)["']\s*(?:#.*)?$""", re.MULTILINE)
 
 
 def _state_dir_despite(args: argparse.Namespace) -> Path | None:
@@ -496,6 +499,8 @@ def _state_dir_despite(args: argparse.Namespace) -> Path | None:
     candidates = [os.environ.get("GPEN_WATCH_STATE_DIR"), raw.get("state_dir"),
                   os.environ.get("STATE_DIRECTORY", "").split(":")[0] or None,
                   *(Path(str(r)).expanduser() / "state" for r in roots if r), SYSTEM_STATE_DIR]
+    with contextlib.suppress(RuntimeError):  # no home directory
+        candidates.append(Path.home() / ".local" / "state" / "gpen-watch")  # neither root nor state_dir set
     for candidate in candidates:
         if isinstance(candidate, str | Path) and (Path(candidate).expanduser() / JOBS_FILE).exists():
             return Path(candidate).expanduser()

@@ -78,8 +78,14 @@ def _blank_thumbnail(data: bytearray, order: str, link: int) -> None:
         if kind == _LONG and count == 1:
             values[_tag(data, order, entry)] = value
     start, length = values.get(_THUMBNAIL_OFFSET), values.get(_THUMBNAIL_LENGTH)
-    if start is not None and length and 8 <= start and start + length <= len(data):
-        data[start : start + length] = bytes(length)
+    if start is None or not length or start < 8 or start + length > len(data) or data[start : start + 2] != b"\xff\xd8":
+        return  # not a JPEG where it says: leave whatever is there
+    tables = [(ifd1, ifd1 + 6 + 12 * len(entries or []))]
+    ifd0 = struct.unpack(order + "I", data[4:8])[0]
+    tables.append((ifd0, link + 4))
+    if any(start < end and begin < start + length for begin, end in tables):
+        return  # it overlaps a directory: a damaged or hostile block, not a thumbnail to blank
+    data[start : start + length] = bytes(length)
 
 
 def _entries(data: bytearray, order: str, offset: int) -> list[int] | None:

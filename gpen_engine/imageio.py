@@ -67,6 +67,7 @@ _STRUCTURAL_TAGS = frozenset(
 )
 # The most EXIF a JPEG APP1 segment can hold (Pillow refuses more).
 _JPEG_MAX_EXIF = 65533
+_JPEG_MAX_XMP = 65504  # what one APP1 segment holds after its XMP header (Pillow's limit)
 # PNG text chunks in which ImageMagick and exiftool keep EXIF: its content is written as a fresh eXIf
 # chunk (orientation reset), so a copy would carry the old orientation and be applied a second time.
 _PNG_EXIF_TEXT = frozenset({"Raw profile type exif", "Raw profile type APP1"})
@@ -387,8 +388,8 @@ def incomplete_trailer(data: bytes) -> str | None:
         # flag of 0 says the video is gone (an editor may leave its item listed).
         no_motion = b"0" in (xmp_packet.value(xmp, b"MotionPhoto"), xmp_packet.value(xmp, b"MicroVideo"))
         skip = (b"Primary", b"MotionPhoto") if no_motion else (b"Primary",)
-        directory = xmp_packet.DIRECTORY.search(xmp)
-        items = (directory.group() if directory else xmp).split(b"<rdf:li")[1:]
+        directory = xmp_packet.directory(xmp)
+        items = (directory or xmp).split(b"<rdf:li")[1:]
         lengths = [int(length) for item in items if xmp_packet.value(item, b"Semantic") not in skip
                    if (length := xmp_packet.value(item, b"Length")) is not None and length.isdigit()]
         if lengths and end + sum(lengths) > size:
@@ -1147,6 +1148,12 @@ def _encode_8bit(
         params.update({k: v for k, v in meta.items() if k not in ("iptc", "xmp_extended", "photoshop")})
         if len(meta.get("exif", b"")) > _JPEG_MAX_EXIF:  # from a TIFF or PNG: a restored photo beats a failure
             del params["exif"]
+        if len(xmp := params.get("xmp", b"")) > _JPEG_MAX_XMP:  # grown by the edits, or from a PNG or TIFF
+            xmp = re.sub(rb"\s+(?=<\?xpacket end)", b"\n", xmp)  # the padding writers leave for edits
+            if len(xmp) > _JPEG_MAX_XMP:
+                del params["xmp"]
+            else:
+                params["xmp"] = xmp
         if options.keep_metadata and isinstance(comment := image.info.get("jpeg_comment"), bytes):
             params["comment"] = comment
         encoded = _save(pil, fmt, **params)

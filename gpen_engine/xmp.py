@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 _PREFIX = rb"(?:[\w.-]+:)?"
-DIRECTORY = re.compile(rb"<(" + _PREFIX + rb"Directory)\b.*?</\1>", re.DOTALL)  # a container's item list
+_DIRECTORY = _PREFIX + rb"Directory"  # a container's item list
 
 # What the restored photo no longer has: the source's motion-photo video and HDR gain map stay behind (in the
 # backup), so claims of them would make a viewer read the photo's own last bytes as a video.
@@ -29,6 +29,45 @@ def value(xmp: bytes, name: bytes) -> bytes | None:
     found = (re.search(rb"[\s<]%s\s*=\s*[\"']([^\"'<>]{0,64})[\"']" % key, xmp)
              or re.search(rb"<(%s)>\s*([^<>]{0,64}?)\s*</\1>" % key, xmp))
     return None if found is None else found.group(found.lastindex or 1).strip()
+
+
+def directory(xmp: bytes) -> bytes | None:
+    """The container's item list (the ``Directory`` element, whatever its prefix), or None."""
+    spans = _elements(xmp, _DIRECTORY)
+    return xmp[spans[0][0] : spans[0][1]] if spans else None
+
+
+def _elements(xmp: bytes, key: bytes) -> list[tuple[int, int]]:
+    """Where each element named by the pattern ``key`` starts and ends, with what it holds.
+
+    Each end tag is looked for with ``find`` from its start tag, not by a regex running to it: a packet full of
+    start tags without an end (a hostile file) then costs one pass per tag name, not one per start tag."""
+    spans, pos = [], 0
+    next_close: dict[bytes, int] = {}  # end tag -> where it next occurs (-1: nowhere further on)
+    for start in re.finditer(rb"<(%s)(?=[\s/>])[^<>]*>" % key, xmp):
+        if start.start() < pos:
+            continue
+        if start.group().endswith(b"/>"):
+            spans.append((start.start(), start.end()))
+            pos = start.end()
+            continue
+        close = b"</" + start.group(1) + b">"
+        end = next_close.get(close, 0)
+        if 0 <= end < start.end():
+            end = next_close[close] = xmp.find(close, start.end())
+        if end < 0:
+            continue
+        spans.append((start.start(), end + len(close)))
+        pos = end + len(close)
+    return spans
+
+
+def _without(xmp: bytes, spans: list[tuple[int, int]]) -> bytes:
+    out, pos = [], 0
+    for start, end in spans:
+        out.append(xmp[pos:start])
+        pos = end
+    return b"".join(out) + xmp[pos:]
 
 
 def for_result(xmp: bytes, size: tuple[int, int], *, extended_kept: bool = False) -> bytes:
@@ -48,7 +87,7 @@ def for_result(xmp: bytes, size: tuple[int, int], *, extended_kept: bool = False
         dropped.append(rb"xmpNote:HasExtendedXMP")
     for name in dropped:
         xmp = _drop(xmp, name)
-    return DIRECTORY.sub(b"", xmp)
+    return _without(xmp, _elements(xmp, _DIRECTORY))
 
 
 def _set(xmp: bytes, name: bytes, new: bytes, *, escaped: bool = False) -> bytes:
@@ -60,4 +99,4 @@ def _set(xmp: bytes, name: bytes, new: bytes, *, escaped: bool = False) -> bytes
 def _drop(xmp: bytes, key: bytes) -> bytes:
     """Without the property ``key`` (a pattern): its attribute, or its element with whatever it holds."""
     xmp = re.sub(rb"\s%s\s*=\s*([\"'])[^\"'<>]*\1" % key, b"", xmp)
-    return re.sub(rb"<(%s)\b[^>]*?(?:/>|>.*?</\1>)" % key, b"", xmp, flags=re.DOTALL)
+    return _without(xmp, _elements(xmp, key))

@@ -364,3 +364,10 @@ def test_status_init_and_models_list_start_without_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("pid", [0, -1, 1, 2**40])
+def test_a_snapshot_with_an_impossible_pid_is_refused(pid: int) -> None:
+    """os.kill(0 or -1, 0) asks about a whole process group, and a huge pid overflows: not a daemon's pid."""
+    with pytest.raises(SnapshotError):
+        Snapshot.from_dict({"pid": pid, "started_at": 1.0, "updated_at": 1.0, "version": "x", "device": "cpu"})

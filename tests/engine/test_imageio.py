@@ -1407,3 +1407,41 @@ class TestIncompleteTrailer:
         edited = _jpeg(xmp=items % (b"0", len(photo) + 300))
         assert incomplete_trailer(edited) is None
         assert "XMP container" in (incomplete_trailer(_jpeg(xmp=items % (b"1", len(photo) + 300))) or "")
+
+
+def test_xmp_edits_leave_elements_without_an_end_alone() -> None:
+    """A packet of start tags with no end tag (damaged or hostile) is left as it is, not cut to its end."""
+    from gpen_engine import xmp
+
+    packet = b"<x:xmpmeta>" + b"<hdrgm:a>" * 5000 + b"<Container:Directory>" * 100 + b"<dc:rights>kept</dc:rights>"
+    assert xmp.for_result(packet, (10, 10)) == packet
+    assert xmp.directory(packet) is None
+
+
+def test_a_jpeg_xmp_packet_grown_past_the_segment_limit_still_encodes() -> None:
+    """Setting the result's sizes can lengthen a packet that filled its APP1 segment: its padding goes, or, when it
+    has none, the XMP (never the photo)."""
+    body = b'<x:xmpmeta><rdf:Description exif:PixelXDimension="1" dc:title="t"/></x:xmpmeta>'
+    for padding in (b" " * (65504 - len(body) - 40) + b"\n", b""):
+        packet = body + padding + b'<?xpacket end="w"?>'
+        packet = packet if padding else packet + b"x" * (65504 - len(packet))
+        image = decode(_jpeg(xmp=packet))
+        data, _ = encode(image, image.rgb, options=EncodeOptions())
+        assert decode(data).rgb.shape == image.rgb.shape
+        if padding:
+            assert b'exif:PixelXDimension="64"' in data
+
+
+def test_a_thumbnail_link_into_the_exif_directories_blanks_nothing() -> None:
+    """IFD1 says the thumbnail lies over IFD0's own entries (a damaged block): nothing is zeroed there."""
+    from gpen_engine import exif
+
+    block, at = _camera_exif("<", 1, 4, 64, 48)
+    tiff = bytearray(_exif_tiff(block))
+    ifd1 = struct.unpack_from("<I", tiff, at["next_ifd"])[0]
+    struct.pack_into("<I", tiff, ifd1 + 2 + 8, 8)  # JPEGInterchangeFormat -> IFD0's table
+    patched = exif.patched(b"Exif\0\0" + bytes(tiff))
+    assert patched is not None
+    kept = Image.Exif()
+    kept.load(patched)
+    assert kept[0x010F] == "Canon" and kept.get_ifd(0x8769)[0xA002] == 64  # IFD0 and the Exif IFD intact
