@@ -198,6 +198,21 @@ def test_a_second_daemon_under_the_same_instance_name_is_refused(tmp_path):
         assert 0 == first.stop()
 
 
+def _failed_start(config, env=None) -> tuple[Daemon, str]:
+    """The daemon started on ``config`` must stop with exit status 1 and one "start-up failed" line, without a
+    traceback; that line's error."""
+    daemon = Daemon(config, env=env or {}).start()
+    try:
+        assert 1 == daemon.wait(60), daemon.log_text()[-3000:]
+    finally:
+        if daemon.running():
+            daemon.kill()
+    failed = [e for e in daemon.log_lines() if e.get("event") == "start-up failed"]
+    assert 1 == len(failed), daemon.log_text()[-3000:]
+    assert "Traceback" not in daemon.log_text()
+    return daemon, str(failed[0]["error"])
+
+
 def test_a_metrics_port_in_use_stops_start_up_before_the_models_load(tmp_path):
     """A taken metrics port is a configuration problem: one clear error line, before minutes of model loading,
     not a crash with a traceback after them."""
@@ -206,15 +221,8 @@ def test_a_metrics_port_in_use_stops_start_up_before_the_models_load(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         config, _ = write_config(tmp_path, extra=f"[metrics]\nenabled = true\nport = {port}\n")
-        daemon = Daemon(config).start()
-        try:
-            assert 1 == daemon.wait(60), daemon.log_text()[-3000:]
-        finally:
-            if daemon.running():
-                daemon.kill()
-    failed = [e for e in daemon.log_lines() if e.get("event") == "start-up failed"]
-    assert 1 == len(failed) and f"127.0.0.1:{port}" in str(failed[0]["error"]), daemon.log_text()[-3000:]
-    assert "Traceback" not in daemon.log_text()
+        daemon, error = _failed_start(config)
+    assert f"127.0.0.1:{port}" in error, daemon.log_text()[-3000:]
     assert 0 == _count(daemon, "loading models")
 
 
@@ -225,17 +233,8 @@ def test_a_state_folder_that_cannot_be_made_stops_start_up_with_one_clear_line(t
     config, _ = write_config(tmp_path)
     config.write_text(config.read_text().replace(f'state_dir = "{tmp_path / "state"}"',
                                                  f'state_dir = "{tmp_path / "a-file" / "state"}"'))
-    daemon = Daemon(config).start()
-    try:
-        assert 1 == daemon.wait(60), daemon.log_text()[-3000:]
-    finally:
-        if daemon.running():
-            daemon.kill()
-    failed = [e for e in daemon.log_lines() if e.get("event") == "start-up failed"]
-    assert 1 == len(failed), daemon.log_text()[-3000:]
-    assert f"the state folder {tmp_path / 'a-file' / 'state'} cannot be created: Not a directory" in str(
-        failed[0]["error"])
-    assert "Traceback" not in daemon.log_text()
+    _, error = _failed_start(config)
+    assert f"the state folder {tmp_path / 'a-file' / 'state'} cannot be created: Not a directory" in error
 
 
 def test_a_second_job_table_on_the_same_hot_folder_is_refused(tmp_path):
@@ -249,11 +248,9 @@ def test_a_second_job_table_on_the_same_hot_folder_is_refused(tmp_path):
     by_hand = Daemon(config, env={"HOME": str(home)}).start()
     try:
         wait_for(lambda: "gpen-watch ready" in by_hand.log_text(), 90, by_hand, "ready")
-        service = Daemon(config, env={"HOME": str(home), "STATE_DIRECTORY": str(tmp_path / "var-lib")}).start()
-        assert service.wait(60) == 1, service.log_text()[-3000:]
-        failed = [e for e in service.log_lines() if e.get("event") == "start-up failed"]
-        assert failed and f"another gpen-watch runs with the job table in {home / '.local/state/gpen-watch'}" \
-            in str(failed[0]["error"]) and str(layout.hot["a"]) in str(failed[0]["error"])
+        _, error = _failed_start(config, {"HOME": str(home), "STATE_DIRECTORY": str(tmp_path / "var-lib")})
+        assert f"another gpen-watch runs with the job table in {home / '.local/state/gpen-watch'}" in error
+        assert str(layout.hot["a"]) in error
         assert by_hand.running()
     finally:
         assert 0 == by_hand.stop()
