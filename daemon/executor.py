@@ -89,15 +89,16 @@ def device_lost(outcomes: Sequence[object], check: Callable[[], None]) -> Except
 
     Asked after a run whose every item raised for a reason other than memory: if a blank test image fails as
     well, the device (or its driver context: CUDA errors are sticky) is gone, and the images are not to blame."""
-    if not outcomes or not all(isinstance(o, Raised) and not _out_of_memory(o.error) for o in outcomes):
+    if not outcomes or not all(isinstance(o, Raised) and not out_of_memory(o.error) for o in outcomes):
         return None
     try:
         check()
     except Exception as exc:
         # A device too full for the test still computes (another process took its memory): not lost.
-        return None if _out_of_memory(exc) else exc
+        return None if out_of_memory(exc) else exc
     return None
 
 
-def _out_of_memory(exc: BaseException) -> bool:
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the device or the host running out of memory: passing trouble, retried."""
     return isinstance(exc, DeviceOutOfMemory | MemoryError) or is_out_of_memory(exc)

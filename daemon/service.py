@@ -30,7 +30,7 @@ import structlog
 
 from daemon import publish, status
 from daemon.batcher import pick_queue
-from daemon.executor import LocalExecutor, Outcome, Raised, device_lost, run_narrowing
+from daemon.executor import LocalExecutor, Outcome, Raised, device_lost, out_of_memory, run_narrowing
 from daemon.faults import FailPoints
 from daemon.jobs import (
     Job,
@@ -63,12 +63,12 @@ from daemon.settings import (
     Settings,
     engine_options,
     hot_folders,
+    possible_state_dirs,
     preset_table,
     preset_warnings,
     settings_from_args,
     state_dir,
 )
-from daemon.status import SYSTEM_STATE_DIR
 from daemon.watch import FolderWatcher
 from gpen_engine import imageio
 from gpen_engine.options import EngineOptions, Preset
@@ -356,14 +356,7 @@ class Service:
         happens when state_dir is not set and the same config runs by hand (ROOT/state) and under systemd
         ($STATE_DIRECTORY): the places a daemon with this config would keep its state are looked at."""
         here = state.resolve()
-        places = {SYSTEM_STATE_DIR}
-        with contextlib.suppress(RuntimeError):  # a service user without a home
-            places.add(Path.home() / ".local" / "state" / "gpen-watch")
-        if self.settings.root is not None:
-            places.add(self.settings.root.expanduser().absolute() / "state")
-        if env := os.environ.get("STATE_DIRECTORY"):
-            places.add(Path(env.split(":")[0]))
-        for place in sorted(places):
+        for place in sorted(set(possible_state_dirs([self.settings.root]))):
             try:
                 if place.resolve() == here or not running_instances(place):
                     continue
@@ -1305,7 +1298,7 @@ class Service:
             transient = publish.classify_os_error(exc, side=side) == "transient"
         else:  # out of memory will pass; an unexpected error gets max_attempts tries, then failed/ with its reason
             # Host memory too: it runs out when other large files decode at the same moment.
-            transient = isinstance(exc, DeviceOutOfMemory | MemoryError) or is_out_of_memory(exc)
+            transient = out_of_memory(exc)
         error = f"{about}: {exc.strerror or exc}" if about and isinstance(exc, OSError) else str(exc)
         error = error or type(exc).__name__  # MemoryError() says nothing
         if not transient and job.attempts >= self.settings.max_attempts:

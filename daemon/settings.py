@@ -6,9 +6,10 @@ config/gpen-watch.toml documents every setting; keep the two in step.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -414,6 +415,19 @@ def hot_folders(settings: Settings) -> list[FolderSettings]:
         )
         for name in BUILTIN_PRESETS
     ]
+
+
+SYSTEM_STATE_DIR = Path("/var/lib/gpen-watch")  # the shipped unit's StateDirectory=
+
+
+def possible_state_dirs(roots: Iterable[Path | str | None] = ()) -> list[Path]:
+    """Where a daemon keeps its state when the config does not name ``state_dir``: under systemd, beside each of
+    ``roots`` (``root/state``), in the home folder, and the shipped unit's folder."""
+    places = [Path(env.split(":")[0])] if (env := os.environ.get("STATE_DIRECTORY")) else []
+    places += [Path(str(root)).expanduser().absolute() / "state" for root in roots if root]
+    with contextlib.suppress(RuntimeError):  # a service user without a home
+        places.append(Path.home() / ".local" / "state" / "gpen-watch")
+    return [*places, SYSTEM_STATE_DIR]
 
 
 def state_dir(settings: Settings) -> Path:

@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from daemon.jobs import SCHEMA_VERSION, STATES, Job, JobTable, JobTableError
-from daemon.settings import ConfigError, config_path, settings_from_args, state_dir
+from daemon.settings import (
+    SYSTEM_STATE_DIR,
+    ConfigError,
+    config_path,
+    possible_state_dirs,
+    settings_from_args,
+    state_dir,
+)
 
 __all__ = [
     "JOBS_FILE",
@@ -50,8 +57,6 @@ __all__ = [
 
 JOBS_FILE = "jobs.sqlite3"
 SNAPSHOT_FILE = "status.json"
-# StateDirectory=gpen-watch of the shipped unit: where an operator's shell finds a system service's state.
-SYSTEM_STATE_DIR = Path("/var/lib/gpen-watch")
 STALE_AFTER = 30.0  # seconds without a new status.json from a live daemon
 REFUSED_LISTED = 100  # per folder in status.json; the text report shows fewer
 REFUSED_SHOWN = 10
@@ -496,11 +501,7 @@ def _state_dir_despite(args: argparse.Namespace) -> Path | None:
             except ValueError:  # a syntax error further down: the top-level lines before the first table
                 raw = {m[1]: m[2] for m in _TOP_LEVEL_PATH.finditer(text.split("\n[", 1)[0])}
     roots = [getattr(args, "root", None), os.environ.get("GPEN_WATCH_ROOT"), raw.get("root")]
-    candidates = [os.environ.get("GPEN_WATCH_STATE_DIR"), raw.get("state_dir"),
-                  os.environ.get("STATE_DIRECTORY", "").split(":")[0] or None,
-                  *(Path(str(r)).expanduser() / "state" for r in roots if r), SYSTEM_STATE_DIR]
-    with contextlib.suppress(RuntimeError):  # no home directory
-        candidates.append(Path.home() / ".local" / "state" / "gpen-watch")  # neither root nor state_dir set
+    candidates = [os.environ.get("GPEN_WATCH_STATE_DIR"), raw.get("state_dir"), *possible_state_dirs(roots)]
     for candidate in candidates:
         if isinstance(candidate, str | Path) and (Path(candidate).expanduser() / JOBS_FILE).exists():
             return Path(candidate).expanduser()

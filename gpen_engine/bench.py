@@ -69,10 +69,6 @@ class MatmulRate:
     conv_flops_per_s: float = 0.0  # the same product as a 1x1 convolution (oneDNN, cuDNN)
     tf32: bool = False  # fp32 on CUDA: both measured with the TF32 setting the generator's convolutions get
 
-    @property
-    def source(self) -> str:
-        return "1x1 convolution" if self.conv_flops_per_s > self.matmul_flops_per_s else "matmul"
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":

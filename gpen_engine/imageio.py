@@ -73,7 +73,6 @@ _JPEG_MAX_XMP = 65504  # what one APP1 segment holds after its XMP header (Pillo
 _PNG_EXIF_TEXT = frozenset({"Raw profile type exif", "Raw profile type APP1"})
 _ORIENTATION = 0x0112
 _TIFF_XMP, _TIFF_IPTC, _TIFF_PHOTOSHOP = 700, 33723, 34377
-_IRB_IPTC = 0x0404  # the IPTC record among the Photoshop resources of a JPEG's APP13 segment
 _APP13_PHOTOSHOP = b"Photoshop 3.0\x00"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # How a PNG says its colours are to be shown (gamma, primaries, "this is sRGB"): without them a viewer shows the
@@ -892,7 +891,7 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
         if isinstance(comment := im.info.get("comment"), bytes) and comment:
             info["jpeg_comment"] = comment
         resources = im.info.get("photoshop")
-        if isinstance(resources, dict) and isinstance(iptc := resources.get(_IRB_IPTC), bytes) and iptc:
+        if isinstance(resources, dict) and isinstance(iptc := resources.get(photoshop.IPTC), bytes) and iptc:
             info["iptc"] = iptc
         if extended := _extended_xmp(data):
             info["xmp_extended"] = extended

@@ -23,10 +23,10 @@ _KEPT = frozenset({
 })
 
 
-def kept(resources: bytes) -> bytes:
-    """The blocks of ``resources`` (a run of 8BIM blocks) that a restored photo keeps, concatenated; a block cut
-    short, and what follows it, is left out."""
-    out, pos = [], 0
+def blocks(resources: bytes) -> list[tuple[int, bytes]]:
+    """(id, block) for each whole block of ``resources`` (a run of 8BIM blocks), in order; a block cut short, and
+    what follows it, is left out."""
+    found, pos = [], 0
     while pos + 12 <= len(resources) and resources.startswith(SIGNATURE, pos):
         (ident,) = struct.unpack(">H", resources[pos + 4 : pos + 6])
         name_length = resources[pos + 6]
@@ -37,10 +37,15 @@ def kept(resources: bytes) -> bytes:
         end = name_end + 4 + size + size % 2
         if name_end + 4 + size > len(resources):
             break
-        if ident in _KEPT:
-            out.append(resources[pos:end].ljust(end - pos, b"\x00"))  # the last block's pad byte may be missing
+        found.append((ident, resources[pos:end].ljust(end - pos, b"\x00")))  # the last pad byte may be missing
         pos = end
-    return b"".join(out)
+    return found
+
+
+def kept(resources: bytes) -> bytes:
+    """The blocks of ``resources`` that a restored photo keeps, concatenated."""
+    return b"".join(raw for ident, raw in blocks(resources) if ident in _KEPT)
+
 
 def block(ident: int, data: bytes) -> bytes:
     """One unnamed resource block."""
@@ -51,23 +56,5 @@ def with_iptc(resources: bytes, iptc: bytes | None) -> bytes:
     """The kept blocks of ``resources``, with ``iptc`` as their IPTC record (in place of one they hold)."""
     if not iptc:
         return kept(resources)
-    out, placed = [], False
-    for ident, raw in _blocks(kept(resources)):
-        if ident == IPTC:
-            raw, placed = (b"" if placed else block(IPTC, iptc)), True
-        out.append(raw)
-    return b"".join(out) + (b"" if placed else block(IPTC, iptc))
-
-
-def _blocks(resources: bytes) -> list[tuple[int, bytes]]:
-    """(id, block) for each whole block of a run that ``kept`` has already checked."""
-    found, pos = [], 0
-    while pos + 12 <= len(resources):
-        (ident,) = struct.unpack(">H", resources[pos + 4 : pos + 6])
-        name_length = resources[pos + 6]
-        name_end = pos + 6 + name_length + 1 + (name_length + 1) % 2
-        (size,) = struct.unpack(">I", resources[name_end : name_end + 4])
-        end = name_end + 4 + size + size % 2
-        found.append((ident, resources[pos:end]))
-        pos = end
-    return found
+    out = [raw for ident, raw in blocks(resources) if ident in _KEPT and ident != IPTC]
+    return block(IPTC, iptc) + b"".join(out)
