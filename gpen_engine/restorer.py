@@ -92,13 +92,18 @@ def load_engine_models(
     return EngineModels(generator, arch.size, detector, parser, device, resolve_precision(device, precision))
 
 
+# What a RuntimeError says when memory ran out outside torch's caching allocator: the CUDA runtime ("CUDA error:
+# out of memory"), the CPU allocator, and the CUDA libraries' own allocations, e.g. cuBLAS creating a handle on a
+# full device ("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), or cuDNN, cuFFT, cuSOLVER.
+_OUT_OF_MEMORY_TEXTS = ("out of memory", "can't allocate memory", "ALLOC_FAILED")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is the device (or host) running out of memory."""
     oom_type = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     if isinstance(exc, oom_type):
         return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _OUT_OF_MEMORY_TEXTS)
 
 
 @dataclass

@@ -102,6 +102,10 @@ class TestBatchCap:
         """CUDA and host allocation failures count as out-of-memory; other errors do not."""
         assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
         assert is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory"))
+        # The CUDA libraries' own allocations on a full device.
+        assert is_out_of_memory(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+        assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+        assert not is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
         assert not is_out_of_memory(RuntimeError("shape mismatch"))
         assert not is_out_of_memory(ValueError("out of memory"))
 
