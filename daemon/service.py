@@ -1066,10 +1066,23 @@ class Service:
                 self.in_flight.add(future)
             future.add_done_callback(self._publish_done)
         # Back-pressure: never let more than a few batches of results pile up in memory.
+        self._wait_for_publishing(2 * max(1, len(batch.items)) + self.settings.io_threads)
+
+    def _wait_for_publishing(self, limit: int) -> None:
+        """Wait until at most ``limit`` results are still being published.
+
+        The device thread is alive while publishing makes progress, however long a slow share takes over all of
+        them; a publish that hangs (a hard NFS mount gone) stops the heartbeat and so, after a while, the
+        watchdog pings."""
+        left = None
         while True:
             with self.in_flight_lock:
-                if len(self.in_flight) <= 2 * max(1, len(batch.items)) + self.settings.io_threads:
-                    break
+                now = len(self.in_flight)
+            if now <= limit:
+                return
+            if left is not None and now < left:  # only this thread adds to it
+                self.heartbeats.beat("device")
+            left = now
             time.sleep(0.01)
 
     def _outcomes(self, preset: str, items: Sequence[Prepared]) -> list[Outcome | Raised]:

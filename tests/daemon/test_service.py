@@ -713,3 +713,34 @@ def test_host_memory_running_out_while_preparing_one_file_is_retried_not_failed(
     assert (row.state, row.last_error) == ("retry", "read: MemoryError")
     assert list(folder.failed.iterdir()) == []
     svc.jobs.close()
+
+
+def test_waiting_on_slow_publishing_keeps_the_device_alive_while_publishes_finish(tmp_path: Path) -> None:
+    """The device thread waits for a slow share to take its results. Each finished publish shows it alive, so a
+    long but moving queue keeps the watchdog fed; a publish that hangs lets the heartbeat go stale."""
+    from concurrent.futures import Future
+
+    svc, _key, _folder = _service_on_its_first_folder(tmp_path)
+    pending: list[Future[None]] = [Future() for _ in range(4)]
+    for future in pending:
+        svc.in_flight.add(future)
+        future.add_done_callback(svc._publish_done)
+    svc.heartbeats.beat("device")
+    waiting = threading.Thread(target=svc._wait_for_publishing, args=(1,), daemon=True)
+    waiting.start()
+    for future in pending[:3]:  # three publishes finish, slowly: together longer than the limit, never stale
+        time.sleep(0.3)
+        assert svc.heartbeats.stale(0.5) == []
+        future.set_result(None)
+        time.sleep(0.05)
+    assert not waiting.is_alive()
+    svc.in_flight.add(Future())  # one that hangs
+    svc.in_flight.add(Future())
+    waiting = threading.Thread(target=svc._wait_for_publishing, args=(1,), daemon=True)
+    waiting.start()
+    time.sleep(0.8)
+    assert svc.heartbeats.stale(0.5) == ["device"]
+    svc.in_flight.clear()
+    waiting.join(timeout=5)
+    assert svc.jobs is not None
+    svc.jobs.close()
