@@ -1,9 +1,9 @@
 """``gpen-watch bench``: measure the engine on real photos (``--images DIR``) or on synthetic sets.
 
 The synthetic sets are built from the Solvay 1927 group photo (29 faces) when it can be found beside the
-repository (``../shared/testdata``) or in ``tests/data``: the photo itself and a 24-megapixel JPEG made
-from it. The measuring itself lives in ``gpen_engine.bench``; this module finds files, loads models
-and prints.
+repository (``../shared/testdata``), in ``shared/testdata`` inside it, or in ``tests/data``: the photo itself
+and a 24-megapixel JPEG made from it. The measuring itself lives in ``gpen_engine.bench``; this module finds
+files, loads models and prints.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ PORTRAITS_GPU, PORTRAITS_CPU = 64, 4
 _REPO = Path(__file__).resolve().parents[1]
 SAMPLE_PHOTOS = (
     _REPO.parent / "shared" / "testdata" / "solvay_1927.png",
+    _REPO / "shared" / "testdata" / "solvay_1927.png",  # a lent GPU machine gets only the checkout
     _REPO / "tests" / "data" / "solvay_1927.png",
 )
 

@@ -18,13 +18,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SOLVAY_FACES = 29
 
 
+# ``../shared`` as CI has it; ``shared/`` inside the checkout on a lent GPU machine, which gets only the checkout
+# (tools/gpu-check.sh).
+SHARED_DIRS = (REPO_ROOT.parent / "shared", REPO_ROOT / "shared")
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """The shared test data folder (``../shared`` from the repository root)."""
-    path = (REPO_ROOT / ".." / "shared").resolve()
-    if not path.is_dir():
-        pytest.skip(f"shared test data not found at {path}")
-    return path
+    """The shared test data folder (``../shared`` from the repository root, else ``shared/`` in it)."""
+    for path in SHARED_DIRS:
+        if path.is_dir():
+            return path.resolve()
+    pytest.skip("shared test data not found at " + " or ".join(map(str, SHARED_DIRS)))
 
 
 @pytest.fixture(scope="session")

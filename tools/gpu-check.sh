@@ -11,8 +11,12 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
 #       facexlib==0.3.0 filterpy pydantic pydantic-core pydantic-settings python-dotenv structlog watchdog \
 #       annotated-types typing-inspection simplejpeg
-#   run: bash tools/gpu-check.sh   carry: [".whl"]   timeout_s: 560 (the steps below stop by 520 s)
-# The real detector and the sample photo come from ../shared (or ./shared, or $SHARED).
+# The lent machine gets only the checkout, not ../shared beside it: copy the test data into shared/ (ignored by
+# git; 22 MB), which the tests and `bench` look in when there is no ../shared:
+#   mkdir -p shared && cp -r ../shared/models ../shared/testdata ../shared/reference shared/
+#   run: bash tools/gpu-check.sh   carry: [".whl", "shared"]   timeout_s: 560 (the steps below stop by 520 s)
+# The real detector and the sample photo come from ../shared (or ./shared, or $SHARED). A GPU test that skips
+# (no CUDA, data not found) fails the check: a skip would look like a pass in the summary line.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -33,8 +37,9 @@ fi
 export PYTHONPATH=$PWD
 { nvidia-smi 2>&1; "$PY" -c 'import torch; print("torch", torch.__version__, torch.version.cuda)'; } >"$OUT/machine.txt"
 status=0
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py >"$OUT/gpu-tests.txt" 2>&1 || status=1
-tail -n 3 "$OUT/gpu-tests.txt"
+timeout 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/engine/test_gpu.py >"$OUT/gpu-tests.txt" 2>&1 || status=1
+grep -q "skipped" "$OUT/gpu-tests.txt" && status=1
+tail -n 5 "$OUT/gpu-tests.txt"
 for preset in $PRESETS; do
     timeout 200 "$PY" -m daemon bench --config tools/gpu-bench.toml --models-dir "$SHARED/models" \
         --preset "$preset" --device "$DEVICE" --random-weights \

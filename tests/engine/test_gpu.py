@@ -17,7 +17,14 @@ pytestmark = [
 ]
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-SMALL_GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "golden_small128.pt"
+
+
+@pytest.fixture
+def small_golden(shared_dir: Path) -> Path:
+    path = shared_dir / "reference" / "golden_small128.pt"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
 
 
 def _golden(path: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -37,11 +44,9 @@ def no_tf32():
 
 
 @pytest.mark.parametrize("name", ["golden_tiny64.pt", "golden_small128.pt"])
-def test_fp32_on_cuda_matches_official_output(name, no_tf32):
+def test_fp32_on_cuda_matches_official_output(name, no_tf32, request):
     """The CUDA formulation (folded blurs, phase upsampling) computes the official output in fp32."""
-    path = DATA / name if name == "golden_tiny64.pt" else SMALL_GOLDEN
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
+    path = DATA / name if name == "golden_tiny64.pt" else request.getfixturevalue("small_golden")
     model, x, expected = _golden(path)
     model = prepare_generator(model, "cuda", "fp32")
     for batch in (1, len(x)):
@@ -51,11 +56,19 @@ def test_fp32_on_cuda_matches_official_output(name, no_tf32):
 
 
 @pytest.mark.parametrize(("precision", "bound"), [("fp16", 2e-2), ("bf16", 1e-1)])
-def test_half_precision_stays_close_to_fp32(precision, bound, no_tf32):
+def test_half_precision_stays_close_to_fp32(precision, bound, no_tf32, shared_dir):
     """fp16/bf16 (style MLP, modulation and demodulation in fp32) stay close to the fp32 output."""
-    path = SMALL_GOLDEN if SMALL_GOLDEN.is_file() else DATA / "golden_tiny64.pt"
+    path = shared_dir / "reference" / "golden_small128.pt"
+    path = path if path.is_file() else DATA / "golden_tiny64.pt"
     model, x, expected = _golden(path)
     half = prepare_generator(model, "cuda", precision)
+    # The convolutions really run in half precision: most of their weights are stored in it (the style MLP,
+    # modulation and ToRGB stay fp32).
+    sizes: dict[torch.dtype, int] = {}
+    for tensor in half.parameters():
+        if tensor.dim() >= 4:
+            sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+    assert max(sizes, key=lambda dtype: sizes[dtype]) == {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     with torch.inference_mode():
         out = half(x.cuda()).float().cpu()
     assert out.dtype == torch.float32
