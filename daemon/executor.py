@@ -77,11 +77,23 @@ def run_narrowing(run: Callable[[Sequence[Item]], Sequence[Result]], items: Sequ
         except Exception as exc:
             on_error(part, exc, first)
             if len(part) == 1:
-                return [Raised(exc)]
+                return [Raised(_without_frames(exc))]
         half = len(part) // 2
         return attempt(part[:half], False) + attempt(part[half:], False)
 
     return attempt(items, True) if items else []
+
+
+def _without_frames(exc: Exception) -> Exception:
+    """``exc`` kept for its message only: its traceback holds the failed call's frames and, through them, its
+    tensors, which would stay on the device while the rest of the batch runs (and the device test after it)."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+    return exc
 
 
 def device_lost(outcomes: Sequence[object], check: Callable[[], None]) -> Exception | None:

@@ -302,7 +302,21 @@ class Restorer:
                     chunk.append((i, k))
             if not chunk:
                 break
-            crops = self._align(works, chunk)
+            try:
+                crops: Tensor | None = self._align(works, chunk)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                crops = None  # leave the except block first: its traceback holds the failed warp's tensors
+            if crops is None:
+                if len(chunk) == 1:
+                    i, k = chunk[0]
+                    works[i].error = DeviceOutOfMemory(f"face {k}'s part of the image does not fit in device memory")
+                    self._release(works[i])
+                else:  # fewer faces at a time: fewer image windows on the device at once
+                    self.cap.failed(len(chunk))
+                    queue.extendleft(reversed(chunk))
+                continue
             self._share(works, chunk, "align", clock.lap())
             pending: deque[tuple[list[tuple[int, int]], Tensor]] = deque([(chunk, crops)])
             while pending:
@@ -338,7 +352,14 @@ class Restorer:
                 for i in dict.fromkeys(i for i, _ in part):
                     w = works[i]
                     if w.error is None and len(w.crops) == len(w.faces):
-                        self._paste(w)
+                        try:
+                            self._paste(w)
+                        except Exception as exc:
+                            if not is_out_of_memory(exc):
+                                raise
+                            # This image alone: the others' faces are restored and paste on.
+                            w.error = DeviceOutOfMemory("pasting the faces back does not fit in device memory")
+                            self._release(w)
                         w.times.paste += clock.lap()
 
     @staticmethod

@@ -220,6 +220,56 @@ class TestRestorer:
         assert [len(_ok(r).faces) for r in results[:2]] == [12, 17]
         assert any(np.any(_ok(r).rgb != image) for r, image in zip(results[:2], images, strict=False))
 
+    def test_memory_running_out_while_cropping_lowers_the_cap(
+        self, detector: nn.Module, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The image windows faces are cropped from go to the device with them: out of memory there takes fewer
+        faces at a time, like the generator's, instead of failing the whole call."""
+        from gpen_engine import restorer as module
+
+        real, calls = module.image_window, []
+
+        def window(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "image_window", window)
+        gen = FakeGenerator()
+        restorer = Restorer(_models(gen, detector), PLAIN.with_(batch_size=8), grow_after=1000)
+        results = restorer.restore(images)
+        assert [len(_ok(r).faces) for r in results] == [12, 17, 4]
+        assert (restorer.cap.current, gen.sizes[0], len(gen.inputs)) == (4, 4, 33)
+
+    @pytest.mark.parametrize("stage", ["image_window", "composite"])
+    def test_memory_running_out_for_one_image_fails_only_that_image(
+        self, detector: nn.Module, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch, stage: str
+    ) -> None:
+        """An image whose window never fits on the device, or whose paste-back does not, ends as DeviceOutOfMemory
+        (the daemon tries it again later); the other images of the call are restored."""
+        from gpen_engine import restorer as module
+
+        big = images[1]
+        real = getattr(module, stage)
+
+        def of_the_big_image(pixels, *args):
+            if stage == "image_window":
+                return pixels.shape == big.shape
+            (x0, y0), part = args[4], pixels.cpu().numpy()
+            return np.array_equal(part, big[y0:y0 + part.shape[0], x0:x0 + part.shape[1]])
+
+        def call(pixels, *args, **kwargs):
+            if of_the_big_image(pixels, *args):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+            return real(pixels, *args, **kwargs)
+
+        monkeypatch.setattr(module, stage, call)
+        results = Restorer(_models(FakeGenerator(), detector), PLAIN.with_(batch_size=8)).restore(images)
+        assert isinstance(results[1], DeviceOutOfMemory)
+        assert [len(_ok(r).faces) for r in (results[0], results[2])] == [12, 4]
+        assert all(np.any(_ok(results[i]).rgb != images[i]) for i in (0, 2))
+
     def test_strength_zero_is_byte_identical(self, detector: nn.Module, images: list[np.ndarray]) -> None:
         """Strength 0 returns every image unchanged (faces still reported) and never runs the generator."""
         gen = FakeGenerator()
