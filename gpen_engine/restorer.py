@@ -425,6 +425,8 @@ class Restorer:
         return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=enabled)
 
     def _paste(self, w: _Work) -> None:
+        # Read after the paste's own wait for the device, so the check costs no extra synchronisation.
+        finite = torch.stack([torch.isfinite(crop).all() for crop in w.crops.values()])
         rgb = w.rgb.copy()
         for g, (window, members) in enumerate(w.groups):
             x0, y0, x1, y1 = window
@@ -433,7 +435,12 @@ class Restorer:
                 w.matrices[members], [w.windows[k] for k in members], (x0, y0),
                 strength=self.preset.strength / 100.0)
             rgb[y0:y1, x0:x1] = blended.cpu().numpy()
-        w.rgb = rgb
+        if not bool(finite.all()):  # NaN pastes as black: a restored photo with a black face, said to be fine
+            w.error = EngineError(
+                f"the generator's output for {int((~finite).sum())} of {len(finite)} faces is not a number "
+                f"(NaN or infinity) at precision {self.models.precision}; precision = \"fp32\" avoids it")
+        else:
+            w.rgb = rgb
         self._release(w)
 
     @staticmethod

@@ -291,14 +291,30 @@ class ModulatedConv2d(nn.Module):
         self.upsample = upsample
 
     def forward(self, x: Tensor, style: Tensor) -> Tensor:
-        s = self.modulation(style).float() * self.scale  # (N, in), float32 whatever x's dtype
         if self.kernel_size == 1 and not self.upsample:
-            return self._pointwise(x, s)
+            return self._pointwise(x, self.modulation(style).float() * self.scale)
+        s, demod = self._styles(style, x.dtype)
         out = self._shared_conv(x, s)
-        if self.demodulate:
-            demod = self.demodulation(s).to(out.dtype)[:, :, None, None]
+        if demod is not None:
+            demod = demod.to(out.dtype)[:, :, None, None]
             out = out.mul_(demod) if _writes_in_place(out, demod) else out * demod
         return out
+
+    def _styles(self, style: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """The per-sample input scales ``s`` (N, in) and demodulation factors (N, out) or None, in float32.
+
+        In fp16, ``conv(x * s, W)`` before demodulation is larger than the layer's output by 1 / demod, which
+        can pass fp16's 65504 where styles are large. Scaling a sample's ``s`` by ``a`` scales its demodulation by
+        ``1 / a``, so the product is unchanged; with ``a`` the mean demodulation factor, the convolution's output
+        has about the size of the layer's."""
+        s = self.modulation(style).float() * self.scale  # (N, in), float32 whatever x's dtype
+        if not self.demodulate:
+            return s, None
+        demod = self.demodulation(s)
+        if dtype == torch.float16:
+            a = demod.mean(dim=1, keepdim=True)
+            s, demod = s * a, demod / a
+        return s, demod
 
     def undemodulated(self, x: Tensor, style: Tensor) -> tuple[Tensor, Tensor | None, bool]:
         """``forward`` without its last step, for a caller that folds the per-channel scale into its own pass.
@@ -307,8 +323,7 @@ class ModulatedConv2d(nn.Module):
         is still phase-major (N, 4 * out, H, W): an upsampling layer in the CUDA formulation leaves the
         interleaving (``phases_of`` -> ``cells_of``) to that same pass.
         """
-        s = self.modulation(style).float() * self.scale
-        demod = self.demodulation(s) if self.demodulate else None
+        s, demod = self._styles(style, x.dtype)
         if self.upsample and _gpu_formulation(x):
             x = x * s.to(x.dtype)[:, :, None, None]
             return upsample_conv_phase_major(x, self._phases(x.dtype)), demod, True

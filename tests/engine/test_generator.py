@@ -320,6 +320,25 @@ class TestPrecision:
         assert _max_error(out, expected) < 0.1
         assert (out - expected).abs().mean().item() < 0.02
 
+    @pytest.mark.parametrize("upsample", [False, True])
+    def test_fp16_modulated_conv_with_large_styles_stays_finite(self, upsample: bool) -> None:
+        """Before demodulation a layer's values are larger than its output by 1 / demod: with large styles (a
+        bias of 1000) they used to pass fp16's 65504 and come out as inf, a black face. Now they stay finite and
+        match fp32."""
+        from gpen_engine.stylegan2 import ModulatedConv2d
+
+        torch.manual_seed(0)
+        conv = ModulatedConv2d(64, 64, 3, 32, upsample=upsample).eval().requires_grad_(False)
+        conv.modulation.bias.fill_(1000.0)
+        x, style = torch.randn(2, 64, 16, 16) * 20, torch.randn(2, 32)
+        expected = conv(x, style)
+        got = conv(x.half(), style)
+        assert torch.isfinite(got).all()
+        assert ((got.float() - expected).norm() / expected.norm()).item() < 2e-3
+        out, demod, _ = conv.undemodulated(x.half(), style)  # the fused layers' route
+        assert demod is not None and torch.isfinite(out).all()
+        assert (((out.float() * demod[:, :, None, None]) - expected).norm() / expected.norm()).item() < 2e-3
+
     def test_fp16_falls_back_to_fp32_on_cpu(self) -> None:
         """Half precision is a GPU feature: on the CPU fp16 runs as fp32, bf16 only when asked for."""
         assert resolve_precision("cpu", "fp16") == "fp32"

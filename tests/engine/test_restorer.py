@@ -270,6 +270,28 @@ class TestRestorer:
         assert [len(_ok(r).faces) for r in (results[0], results[2])] == [12, 4]
         assert all(np.any(_ok(results[i]).rgb != images[i]) for i in (0, 2))
 
+    def test_a_face_the_generator_returns_as_nan_fails_its_image(
+        self, detector: nn.Module, images: list[np.ndarray]
+    ) -> None:
+        """NaN (an fp16 overflow) would paste as a black face in a photo said to be restored: that image fails
+        with a reason instead, and the others of the batch are restored."""
+        recorder = FakeGenerator()
+        Restorer(_models(recorder, detector), PLAIN).restore([images[2]])
+        bad = recorder.inputs[1]
+
+        class NanOnOneFace(FakeGenerator):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = super().forward(x)
+                for j, face in enumerate(x):
+                    if torch.allclose(face, bad):
+                        out[j, :, 3, 5] = float("nan")
+                return out
+
+        results = Restorer(_models(NanOnOneFace(), detector), PLAIN.with_(batch_size=8)).restore(images)
+        assert isinstance(results[2], EngineError) and not isinstance(results[2], DeviceOutOfMemory)
+        assert "1 of 4 faces is not a number" in str(results[2])
+        assert [len(_ok(r).faces) for r in results[:2]] == [12, 17]
+
     def test_strength_zero_is_byte_identical(self, detector: nn.Module, images: list[np.ndarray]) -> None:
         """Strength 0 returns every image unchanged (faces still reported) and never runs the generator."""
         gen = FakeGenerator()
