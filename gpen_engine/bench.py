@@ -20,6 +20,7 @@ disturbed by other processes, and the same rule applies to both sides of every r
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import os
@@ -615,20 +616,27 @@ class BenchReport:
     torch_threads: int
     mask: str = "rectangle"  # the engine's paste mask (the baseline always uses the rectangle)
     official_sweep: list[SweepPoint] = field(default_factory=list)  # with the baseline: official_forward alone
+    # The fp32 rate the official way's fractions are of, where the engine runs in another precision.
+    official_matmul: MatmulRate | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
-def _rescale(sweeps: Sequence[list[SweepPoint]], reports: list[SetReport], factor: float) -> None:
-    """Express every fraction against a new matmul rate (``factor`` = old rate / new rate)."""
+def _remeasured(rate: MatmulRate, device: torch.device, dtype: torch.dtype, sweeps: Sequence[list[SweepPoint]],
+                passes: Sequence[PassStats | None]) -> MatmulRate:
+    """The matmul rate measured again at the end; the higher of the two is the machine's (less disturbed), and
+    the fractions of the sweeps and passes measured against ``rate`` are rescaled to it."""
+    again = measure_matmul(device, dtype)
+    if again.flops_per_s <= rate.flops_per_s:
+        return rate
+    factor = rate.flops_per_s / again.flops_per_s
     for sweep in sweeps:
-        for i, p in enumerate(sweep):
-            sweep[i] = SweepPoint(p.batch, p.faces_per_s, p.flops_per_s, p.fraction * factor)
-    for r in reports:
-        for stats in (r.engine, r.baseline):
-            if stats is not None and stats.generator_fraction is not None:
-                stats.generator_fraction *= factor
+        sweep[:] = [SweepPoint(p.batch, p.faces_per_s, p.flops_per_s, p.fraction * factor) for p in sweep]
+    for stats in passes:
+        if stats is not None and stats.generator_fraction is not None:
+            stats.generator_fraction *= factor
+    return again
 
 
 def _stats(method: str, p: _Pass, images: int, flops_per_face: float, peak: MatmulRate,
@@ -679,6 +687,12 @@ def run_benchmark(
     dtype = compute_dtype(generator)
     log(f"measuring {dtype} matmul rate on {device}")
     peak = measure_matmul(device, dtype)
+    # The official way runs in fp32: on an fp32 copy of the generator, its fractions of the fp32 rate.
+    official, peak32 = generator, peak
+    if baseline and dtype != torch.float32:
+        official = copy.deepcopy(generator).float()
+        log(f"measuring {torch.float32} matmul rate on {device}, for the official formulation")
+        peak32 = measure_matmul(device, torch.float32)
     flops = generator_flops(generator, size, device)
     batches = list(sweep_batches or ((1, 2, 4, 8) if device.type == "cpu" else (1, 4, 16, 32, 64)))
     log(f"generator sweep over batch sizes {batches}")
@@ -689,8 +703,8 @@ def run_benchmark(
         # Up to 16 faces: enough to show it slowing down per face, and a GPU's minutes are counted.
         small = [b for b in batches if b <= 16]
         log(f"official formulation over batch sizes {small}")
-        official_sweep = sweep_generator(functools.partial(official_forward, generator), size, device,
-                                         batches=small, flops_per_face=flops, peak=peak, repeats=repeat)
+        official_sweep = sweep_generator(functools.partial(official_forward, official), size, device,
+                                         batches=small, flops_per_face=flops, peak=peak32, repeats=repeat)
     mask = official_mask(size)
     load_start = load_average()
     reports: list[SetReport] = []
@@ -705,22 +719,24 @@ def run_benchmark(
             }
             if baseline:
                 runs["baseline"] = lambda inputs=inputs: baseline_pass(  # type: ignore[misc]
-                    inputs, options, detector=models.detector, generator=generator, device=device,
+                    inputs, options, detector=models.detector, generator=official, device=device,
                     size=size, template=models.template, mask=mask)
             passes = _interleaved(runs, repeat, device)
             stats = {
-                name: _stats(name, b.best, len(inputs), flops, peak, b.rss, b.device_mb)  # type: ignore[arg-type]
+                name: _stats(name, b.best, len(inputs), flops, peak if name == "engine" else peak32,  # type: ignore[arg-type]
+                             b.rss, b.device_mb)
                 for name, b in passes.items()
             }
             report = SetReport(name, sizes, stats["engine"], stats.get("baseline"))
             if report.baseline is not None:
                 report.speedup = report.baseline.seconds / report.engine.seconds
             reports.append(report)
-    # The matmul rate again at the end; the higher of the two is the machine's rate (less disturbed).
-    again = measure_matmul(device, dtype)
-    if again.flops_per_s > peak.flops_per_s:
-        _rescale((sweep, official_sweep), reports, peak.flops_per_s / again.flops_per_s)
-        peak = again
+    engine_passes, official_passes = [r.engine for r in reports], [r.baseline for r in reports]
+    if peak32 is peak:
+        peak = peak32 = _remeasured(peak, device, dtype, (sweep, official_sweep), engine_passes + official_passes)
+    else:
+        peak = _remeasured(peak, device, dtype, (sweep,), engine_passes)
+        peak32 = _remeasured(peak32, device, torch.float32, (official_sweep,), official_passes)
     best = max(sweep, key=lambda p: p.fraction)
     return BenchReport(
         load_average=(load_start, load_average()),
@@ -728,6 +744,7 @@ def run_benchmark(
         batch_size=options.preset.batch_size, matmul=peak, gflops_per_face=flops / 1e9, sweep=sweep,
         best_batch=best.batch, best_fraction=best.fraction, sets=reports, repeat=repeat,
         torch_threads=torch.get_num_threads(), mask=models.mask, official_sweep=official_sweep,
+        official_matmul=None if peak32 is peak else peak32,
     )
 
 
@@ -756,6 +773,9 @@ def format_report(report: BenchReport) -> str:
     lines.append(f"matmul rate {m.dtype}{tf32}: {m.flops_per_s / 1e9:.1f} GFLOP/s, the faster of torch.mm "
                  f"{m.matmul_flops_per_s / 1e9:.1f} and a 1x1 convolution {m.conv_flops_per_s / 1e9:.1f} "
                  f"(size {m.n}); generator {report.gflops_per_face:.2f} GFLOP per face")
+    if (m32 := report.official_matmul) is not None:
+        lines.append(f"the official way runs in fp32, its fractions of the fp32 rate{' (TF32 allowed)' * m32.tf32}: "
+                     f"{m32.flops_per_s / 1e9:.1f} GFLOP/s")
     official = {p.batch: p for p in report.official_sweep}
     header = "generator alone:  batch  faces/s  GFLOP/s  of matmul"
     lines.append(header + ("  | official formulation (fp32): faces/s  of matmul" if official else ""))

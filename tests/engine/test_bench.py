@@ -182,6 +182,35 @@ class TestBenchCommand:
         assert "of the time in restore calls" in printed.out
         assert "paste mask: rectangle" in printed.out and "rectangle" == report["mask"]
 
+    def test_the_official_way_runs_in_fp32_against_the_fp32_rate(
+            self, tmp_path: Path, tiny_cli_config: Path, monkeypatch: pytest.MonkeyPatch,
+            capsys: pytest.CaptureFixture[str]) -> None:
+        """With the engine in half precision (bf16 here; fp16 on a GPU), the baseline is still the official way:
+        an fp32 generator, its fractions taken of the fp32 matmul rate, not of the half-precision one."""
+        config = tmp_path / "bf16.toml"
+        config.write_text(tiny_cli_config.read_text() + '\n[presets.tiny-bf16]\nbase = "tiny"\nprecision = "bf16"\n')
+        images = tmp_path / "photos"
+        images.mkdir()
+        Image.open(SOLVAY).convert("RGB").crop((300, 50, 700, 300)).save(images / "group.jpg", quality=92)
+        ran_in: set[torch.dtype] = set()
+        real = bench.official_forward
+
+        def spy(generator: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+            ran_in.add(bench.compute_dtype(generator))
+            return real(generator, x)
+
+        monkeypatch.setattr(bench, "official_forward", spy)
+        out = tmp_path / "bench.json"
+        status = main(["bench", "--config", str(config), "--preset", "tiny-bf16", "--random-weights", "--baseline",
+                       "--repeat", "1", "--images", str(images), "--json", str(out)])
+        assert status == 0
+        report = json.loads(out.read_text())
+        assert (report["matmul"]["dtype"], report["official_matmul"]["dtype"]) == ("bfloat16", "float32")
+        assert ran_in == {torch.float32}
+        assert "its fractions of the fp32 rate" in capsys.readouterr().out
+        (photos,) = report["sets"]
+        assert photos["engine"]["faces"] == photos["baseline"]["faces"] > 0
+
     def test_a_preset_that_parses_is_timed_with_a_parser_even_without_its_weights(
             self, tiny_cli_config: Path) -> None:
         """bench --random-weights on a preset with use_parsing and no parser file times a random-weight parser (and
