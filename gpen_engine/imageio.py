@@ -1172,7 +1172,8 @@ def _encode_8bit(
             params["pnginfo"].add(kind, payload)  # Pillow leaves sRGB out itself next to an ICC profile
     elif fmt == "WEBP":
         lossless = bool(image.info.get("webp_lossless"))
-        params = {"lossless": lossless, "quality": 100 if lossless else options.webp_quality}
+        # exact: libwebp would otherwise replace the colour under fully transparent pixels.
+        params = {"lossless": lossless, "quality": 100 if lossless else options.webp_quality, "exact": lossless}
         params.update({k: v for k, v in meta.items() if k not in ("dpi", "iptc")})
     elif fmt == "TIFF":
         return _save_tiff(pil, _tiff_compression(image), meta)

@@ -387,6 +387,18 @@ class TestModes:
         assert back.mode == "RGBA"
         np.testing.assert_array_equal(alpha, np.asarray(back)[:, :, 3])
 
+    @pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
+    def test_colours_under_transparent_pixels_survive_a_lossless_format(self, fmt: str) -> None:
+        """A fully transparent pixel still holds a colour (a mask someone may lift later): a lossless result keeps
+        it, as it keeps every other pixel away from faces. libwebp throws it away unless told not to."""
+        rgb = _photo()
+        alpha = np.full((48, 64), 255, np.uint8)
+        alpha[:, 40:] = 0
+        image = decode(_save(Image.fromarray(np.dstack([rgb, alpha])), fmt, lossless=True, exact=True))
+        np.testing.assert_array_equal(rgb, image.rgb)
+        back = np.asarray(_open(encode(image, image.rgb, options=EncodeOptions())[0]))
+        np.testing.assert_array_equal(np.dstack([rgb, alpha]), back)
+
     def test_bmp_alpha_is_kept(self) -> None:
         """A 32-bit BMP with alpha comes back with the same alpha and colours, not flattened onto white."""
         rgba = np.dstack([_photo(), np.tile(np.linspace(0, 255, 64).astype(np.uint8), (48, 1))])
