@@ -411,10 +411,15 @@ def _write_claimed(path: Path, data: bytes) -> Path:
 
 
 def _numbered(folder: Path, stem: str, ext: str) -> Iterator[Path]:
-    """``stem+ext``, then ``stem (1)+ext``, ``stem (2)+ext``... in ``folder``: the names a result may take."""
+    """``stem+ext``, then ``stem (1)+ext``, ``stem (2)+ext``... in ``folder``: the names a result may take.
+
+    A name too long for the file system loses the end of its stem, never the ``.restored`` mark: without it a
+    later run would take the result for a photo to restore."""
+    mark = next((m for m in (".restored", ".compare") if stem.endswith(m)), "")
+    base = stem.removesuffix(mark) if mark else stem
     for n in range(10_000):
         tag = "" if n == 0 else f" ({n})"
-        yield folder / f"{fit_stem(stem, len(os.fsencode(tag + ext)))}{tag}{ext}"
+        yield folder / f"{fit_stem(base, len(os.fsencode(mark + tag + ext)))}{mark}{tag}{ext}"
 
 
 def write_new(folder: Path, stem: str, ext: str, data: bytes) -> Path:

@@ -194,6 +194,21 @@ class TestEnhanceFolders:
         names = {p.name for p in (tmp_path / "in").iterdir()}
         assert {"p.jpg", "p.restored.jpg", "p.restored (1).jpg"} == names
 
+    def test_a_result_with_a_long_name_keeps_its_mark_and_is_not_restored_again(
+            self, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A name too long for ".restored" to fit: the stem is shortened, not the mark, so a second run still
+        knows the result for its own and restores only the photo."""
+        (tmp_path / "in").mkdir()
+        (tmp_path / "in" / ("L" * 246 + ".jpg")).write_bytes(jpeg_crop((300, 50, 700, 350)))
+        assert enhance(config, str(tmp_path / "in")) == 0
+        (result,) = [p.name for p in (tmp_path / "in").iterdir() if p.name != "L" * 246 + ".jpg"]
+        assert result.endswith(".restored.jpg") and len(result.encode()) <= 255
+        capsys.readouterr()
+        assert enhance(config, str(tmp_path / "in")) == 0
+        assert "1 ok, 0 failed" in capsys.readouterr().err
+        names = sorted(p.name for p in (tmp_path / "in").iterdir() if p.name not in ("L" * 246 + ".jpg", result))
+        assert len(names) == 1 and names[0].endswith(".restored (1).jpg")
+
     def test_missing_path_is_an_error(self, config: Path, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
         """A path that does not exist is reported and makes the exit status non-zero."""
