@@ -34,10 +34,10 @@ def patched(block: bytes, *, drop: Collection[int] = (), size: tuple[int, int] |
 
     In IFD0 the tags in ``drop`` are removed (the entries after them move up within the entry table,
     nothing else moves), Orientation is set to 1 and the link to IFD1, the thumbnail of the unrestored
-    photo, is cut (and the thumbnail's bytes zeroed). With ``size`` (width, height), PixelX/YDimension in
-    the Exif sub-IFD are set to it. Tags are never added. None when the block is not a readable TIFF
-    structure or a value cannot be set without changing its type or place (an Orientation stored as text,
-    a width above 65535 in a SHORT).
+    photo, is cut (and the thumbnail's bytes zeroed, or cut off where they end the block). With ``size``
+    (width, height), PixelX/YDimension in the Exif sub-IFD are set to it. Tags are never added. None when
+    the block is not a readable TIFF structure or a value cannot be set without changing its type or place
+    (an Orientation stored as text, a width above 65535 in a SHORT).
     """
     data = bytearray(tiff_bytes(block))
     if len(data) < 8 or data[:4] not in (b"II*\x00", b"MM\x00*"):
@@ -86,6 +86,10 @@ def _blank_thumbnail(data: bytearray, order: str, link: int) -> None:
     if any(start < end and begin < start + length for begin, end in tables):
         return  # it overlaps a directory: a damaged or hostile block, not a thumbnail to blank
     data[start : start + length] = bytes(length)
+    if not any(data[start:]):
+        # Nothing but the thumbnail (and padding) after it, as cameras lay it out: cut it off. A big thumbnail
+        # can push a block past the 64 KB of one JPEG segment, and zeros alone would keep it there.
+        del data[start:]
 
 
 def _entries(data: bytearray, order: str, offset: int) -> list[int] | None:

@@ -177,13 +177,14 @@ def _tiff_tag(data: bytes, tag: int) -> tuple[int, ...]:
 
 
 def _camera_exif(order: str, orientation: int, pixel_type: int, width: int, height: int,
-                 ifd0_extra: tuple[tuple[int, int], ...] = ()) -> tuple[bytes, dict[str, int]]:
+                 ifd0_extra: tuple[tuple[int, int], ...] = (), thumb: bytes = b"\xff\xd8\xff\xd9",
+                 trailer: bytes = b"") -> tuple[bytes, dict[str, int]]:
     """An EXIF block laid out as a camera writes it, and where its changeable values lie (offsets into its TIFF part).
 
     IFD0: Make, Orientation (SHORT), the Exif pointer and ``ifd0_extra`` (tag, SHORT value) entries, linked to an
     IFD1 with a thumbnail. Exif sub-IFD: ExifVersion and UserComment and a MakerNote (both UNDEFINED), the maker
     note a directory of its own whose value is found by absolute offset (as Canon's are), and PixelX/YDimension
-    (``pixel_type`` SHORT or LONG) = ``width`` x ``height``.
+    (``pixel_type`` SHORT or LONG) = ``width`` x ``height``. ``trailer``: bytes some writer put after the thumbnail.
     """
     def entry(tag: int, kind: int, count: int, value: bytes) -> bytes:
         return struct.pack(order + "HHI", tag, kind, count) + value.ljust(4, b"\0")
@@ -204,7 +205,6 @@ def _camera_exif(order: str, orientation: int, pixel_type: int, width: int, heig
     note = struct.pack(order + "H", 1) + entry(1, 2, 8, long(note_text_at)) + long(0) + b"EOS 5D\0\0"
     ifd1_at = note_at + len(note)
     thumb_at = ifd1_at + 2 + 24 + 4
-    thumb = b"\xff\xd8\xff\xd9"
     ifd0 = sorted([(0x010F, entry(0x010F, 2, 6, long(make_at))),
                    (0x0112, entry(0x0112, 3, 1, struct.pack(order + "H", orientation))),
                    (0x8769, entry(0x8769, 4, 1, long(exif_at))),
@@ -216,8 +216,8 @@ def _camera_exif(order: str, orientation: int, pixel_type: int, width: int, heig
         entry(0x927C, 7, len(note), long(note_at)),
         entry(0xA002, pixel_type, 1, pixels(width)), entry(0xA003, pixel_type, 1, pixels(height))]) + long(0)
     block += comment + note
-    block += struct.pack(order + "H", 2) + entry(0x0201, 4, 1, long(thumb_at)) + entry(0x0202, 4, 1, long(4))
-    block += long(0) + thumb
+    block += struct.pack(order + "H", 2) + entry(0x0201, 4, 1, long(thumb_at)) + entry(0x0202, 4, 1, long(len(thumb)))
+    block += long(0) + thumb + trailer
     orientation_at = 8 + 2 + 12 * [tag for tag, _ in ifd0].index(0x0112) + 8
     places = {"orientation": orientation_at, "next_ifd": make_at - 4, "pixel_x": exif_at + 2 + 12 * 3 + 8,
               "pixel_y": exif_at + 2 + 12 * 4 + 8, "maker_note": note_at, "thumbnail": thumb_at}
@@ -715,17 +715,44 @@ class TestMetadata:
         """A rotated photo's EXIF comes back as the camera wrote it, in either byte order: the same tag types and
         every value at its offset (so a maker note's own absolute offsets still hold). Only Orientation (now 1) and
         PixelX/YDimension (the upright size, in their own type) change, and the old thumbnail (the unrestored photo,
-        faces and all) is cut off and its bytes zeroed."""
+        faces and all) is unlinked and, as it ends the block, cut off."""
         block, at = _camera_exif(order, 6, pixel_type, 40, 20)
         image = decode(_save(Image.fromarray(_photo(20, 40)), fmt, exif=block, lossless=True))
         written = _exif_tiff(_open(encode(image, image.rgb, options=EncodeOptions())[0]).info["exif"])
         code = "H" if pixel_type == 3 else "I"
         expected = bytearray(_exif_tiff(block))
         for place, value, kind in (("orientation", 1, "H"), ("next_ifd", 0, "I"), ("pixel_x", 20, code),
-                                   ("pixel_y", 40, code), ("thumbnail", 0, "I")):
+                                   ("pixel_y", 40, code)):
             struct.pack_into(order + kind, expected, at[place], value)
+        del expected[at["thumbnail"]:]
         assert bytes(expected) == written
         assert b"\xff\xd8\xff\xd9" not in written  # the thumbnail JPEG is gone, not only unlinked
+
+    def test_a_thumbnail_with_bytes_after_it_is_zeroed_and_everything_else_stays(self) -> None:
+        """Where something follows the thumbnail in the block, nothing moves: the thumbnail's bytes are zeroed."""
+        block, at = _camera_exif("<", 1, 3, 64, 48, trailer=b"vendor data")
+        image = decode(_save(Image.fromarray(_photo()), "JPEG", exif=block))
+        written = _exif_tiff(_open(encode(image, image.rgb, options=EncodeOptions())[0]).info["exif"])
+        expected = bytearray(_exif_tiff(block))
+        struct.pack_into("<I", expected, at["next_ifd"], 0)
+        expected[at["thumbnail"] : at["thumbnail"] + 4] = bytes(4)
+        assert bytes(expected) == written
+
+    def test_exif_over_two_jpeg_segments_for_its_big_thumbnail_is_kept(self) -> None:
+        """exiftool writes EXIF with a large thumbnail over several APP1 segments. Once the thumbnail is gone it
+        fits in one again: the camera's tags reach the result instead of all of EXIF being dropped as too big."""
+        rng = np.random.default_rng(0)
+        thumb = b"\xff\xd8" + rng.integers(0, 255, 90_000, dtype=np.uint8).tobytes() + b"\xff\xd9"
+        block, _ = _camera_exif("<", 1, 3, 64, 48, thumb=thumb)
+        assert len(block) > 65533
+        plain = _save(Image.fromarray(_photo()), "JPEG")
+        half = 6 + (len(block) - 6) // 2
+        segments = b"".join(b"\xff\xe1" + struct.pack(">H", len(part) + 2) + part
+                            for part in (block[:half], b"Exif\0\0" + block[half:]))
+        image = decode(plain[:2] + segments + plain[2:])
+        result = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        assert result.getexif()[0x010F] == "Canon"
+        assert len(result.info["exif"]) < 2000
 
     def test_exif_pixel_size_follows_a_downsized_result(self) -> None:
         """When the preset shrank the photo, PixelX/YDimension say the size written, in the type they had."""
@@ -746,7 +773,7 @@ class TestMetadata:
         assert (256 in exif, 257 in exif, exif[0x010F], exif.get_ifd(0x8769)[0xA002]) == (False, False, "Canon", 64)
         start = at["next_ifd"] + 4  # the values behind IFD0's entries
         expected = bytearray(_exif_tiff(block))
-        expected[at["thumbnail"] : at["thumbnail"] + 4] = bytes(4)  # the old thumbnail's bytes, zeroed
+        del expected[at["thumbnail"]:]  # the old thumbnail, which ended the block
         assert bytes(expected)[start:] == _exif_tiff(written.info["exif"])[start:]
 
     def test_icc_kept_for_16bit_png(self) -> None:
