@@ -307,7 +307,11 @@ def _refuse_multi_frame(im: ImageFile.ImageFile, fmt: str, data: bytes) -> None:
             raise
         except _CORRUPT as exc:
             raise InputError(f"corrupt TIFF: {exc}") from exc
-    # JPEG/MPO: the extra pictures are camera previews; the primary image is the photo.
+    if fmt == "JPEG" and (views := _mpf_views(data)) > 1:
+        raise UnsupportedImage(
+            f"multi-picture JPEG ({views} views of a stereo pair, panorama or multi-angle series) is not "
+            "supported: restoring one view would drop the others")
+    # Other JPEG/MPO extra pictures are previews or a gain map; the primary image is the photo.
 
 
 def _check_container_complete(data: bytes, fmt: str) -> None:
@@ -424,10 +428,9 @@ def _jpeg_index_segments(data: bytes) -> tuple[int | None, bytes | None]:
     return mpf, xmp
 
 
-def _mpf_extent(data: bytes, base: int) -> int | None:
-    """The end of the last image an MPF index (a TIFF structure at ``base``) names, or None if unreadable.
-
-    Offsets of the images after the first count from ``base``; the first image's entry has offset 0."""
+def _mpf_entries(data: bytes, base: int) -> list[tuple[int, int, int]] | None:
+    """(attribute, length, offset) of each image an MPF index (a TIFF structure at ``base``) lists, or None if
+    unreadable. Offsets of the images after the first count from ``base``; the first image's entry has offset 0."""
     try:
         order = {b"II": "<", b"MM": ">"}[data[base : base + 2]]
         ifd = base + struct.unpack(order + "I", data[base + 4 : base + 8])[0]
@@ -437,12 +440,33 @@ def _mpf_extent(data: bytes, base: int) -> int | None:
             if tag != 0xB002:  # MPEntry: 16 bytes per image
                 continue
             entries = data[base + value : base + value + n]
-            ends = [base + offset + length for _attr, length, offset, _d1, _d2
-                    in struct.iter_unpack(order + "IIIHH", entries[: len(entries) // 16 * 16]) if offset]
-            return max(ends, default=None)
+            return [(attr, length, offset) for attr, length, offset, _d1, _d2
+                    in struct.iter_unpack(order + "IIIHH", entries[: len(entries) // 16 * 16])]
     except (KeyError, struct.error):
         return None
     return None
+
+
+def _mpf_extent(data: bytes, base: int) -> int | None:
+    """The end of the last image an MPF index at ``base`` names, or None if unreadable."""
+    entries = _mpf_entries(data, base)
+    ends = [base + offset + length for _attr, length, offset in entries or [] if offset]
+    return max(ends, default=None)
+
+
+# MP type codes (CIPA DC-007) of a "multi-frame" image: a panorama's frames, a stereo pair's views (disparity),
+# a multi-angle series. Every view is the picture; the other classes are previews or undefined (a gain map).
+_MP_MULTI_FRAME_CLASS = 0x02
+
+
+def _mpf_views(data: bytes) -> int:
+    """How many images a JPEG's MPF index lists where any of them is a frame of a multi-frame picture, else 0.
+
+    Writers differ in whether the primary image carries the multi-frame type too, so one such entry is enough."""
+    mpf, _ = _jpeg_index_segments(data)
+    entries = (_mpf_entries(data, mpf) if mpf is not None else None) or []
+    multi = any((attr & 0xFFFFFF) >> 16 == _MP_MULTI_FRAME_CLASS for attr, _length, _offset in entries)
+    return len(entries) if multi else 0
 
 
 # A marker inside compressed data: 0xFF not followed by a stuffed 0x00 or by fill (another 0xFF).

@@ -1373,6 +1373,32 @@ class TestIncompleteTrailer:
         data = buf.getvalue()
         return data, data.index(b"\xff\xd9") + 2
 
+    @staticmethod
+    def with_mp_type(data: bytes, entry: int, code: int) -> bytes:
+        """``data`` (an MPO) with image ``entry``'s MP type code in the MPF index set to ``code``."""
+        base = data.index(b"MPF\0") + 4
+        order = "<" if data[base : base + 2] == b"II" else ">"
+        ifd = base + struct.unpack_from(order + "I", data, base + 4)[0]
+        for i in range(struct.unpack_from(order + "H", data, ifd)[0]):
+            tag, _kind, _n, value = struct.unpack_from(order + "HHII", data, ifd + 2 + 12 * i)
+            if tag == 0xB002:
+                out = bytearray(data)
+                at = base + value + 16 * entry
+                attribute = struct.unpack_from(order + "I", out, at)[0]
+                struct.pack_into(order + "I", out, at, attribute & 0xFF000000 | code)
+                return bytes(out)
+        raise AssertionError("no MP entries")
+
+    @pytest.mark.parametrize("entry", [0, 1])
+    def test_a_stereo_pair_is_refused_not_cut_to_one_view(self, entry: int) -> None:
+        """A 3D camera's MPO holds two views of one picture (MP type "disparity"): restoring the first alone would
+        publish half the photo and lose the other eye's view. A preview or gain map after the photo is fine."""
+        data, _ = self.mpo()
+        assert decode(data).rgb.shape[2] == 3  # Pillow marks the second image "undefined": not a view
+        with pytest.raises(UnsupportedImage, match="2 views"):
+            decode(self.with_mp_type(data, entry, 0x020002))
+        assert decode(self.with_mp_type(data, 1, 0x010001)).rgb.shape[2] == 3  # a large thumbnail
+
     def test_a_whole_file_and_a_plain_jpeg_pass(self) -> None:
         assert incomplete_trailer(self.mpo()[0]) is None
         assert incomplete_trailer(_jpeg()) is None
