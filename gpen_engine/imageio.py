@@ -55,6 +55,9 @@ _UNSUPPORTED_MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"%PDF", 0, "PDF"),
     (b"\x00\x00\x01\x00", 0, "ICO"),
     (b"qoif", 0, "QOI"),
+    (b"IIRO", 0, "Olympus ORF raw"),
+    (b"IIU\x00", 0, "Panasonic RW2 raw"),
+    (b"FUJIFILMCCD-RAW", 0, "Fujifilm RAF raw"),
 )
 
 # TIFF tags that describe the pixel layout of the source file; they must never be copied into the
@@ -183,6 +186,9 @@ def _open_checked(data: bytes, max_pixels: int) -> tuple[str, ImageFile.ImageFil
     if not data:
         raise InputError("empty file (0 bytes)")
     fmt = _sniff(data)
+    if fmt == "TIFF" and (raw := tiff.raw_camera(data)) is not None:
+        raise UnsupportedImage(f"unsupported image format {raw} (a camera raw file: what opens of it is a small "
+                               "preview; supported: JPEG, PNG, WebP, TIFF, BMP)")
     _check_container_complete(data, fmt)
     if fmt == "WEBP":
         # libwebp allocates its canvas while the file is being opened: check the header first.
@@ -226,6 +232,11 @@ def _sniff(data: bytes) -> str:
             )
     if data[:1] == b"<" and b"<svg" in data[:1024].lower():
         raise UnsupportedImage("unsupported image format SVG (supported: JPEG, PNG, WebP, TIFF, BMP)")
+    if re.match(rb"P[1-7]\s", data[:3]):
+        raise UnsupportedImage("unsupported image format Netpbm (PPM, PGM, PBM, PAM; supported: JPEG, PNG, WebP, "
+                               "TIFF, BMP)")
+    if data.endswith(b"TRUEVISION-XFILE.\x00"):
+        raise UnsupportedImage("unsupported image format TGA (supported: JPEG, PNG, WebP, TIFF, BMP)")
     if prefix.strip(b"\0"):
         raise UnsupportedImage("not an image (unrecognised format)")
     # Only zeros so far: a writer that sets the size first and fills it in later looks like this.

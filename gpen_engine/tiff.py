@@ -165,6 +165,33 @@ def raw_value(data: bytes, tag: int) -> bytes | None:
     return data[where : where + size] if where + size <= len(data) else None
 
 
+DNG_VERSION, SUB_IFDS = 50706, 330
+RAW_PHOTOMETRICS = (32803, 34892)  # colour filter array (a sensor's mosaic), linear raw
+
+
+def raw_camera(data: bytes) -> str | None:
+    """The kind of camera raw file a TIFF-structured file is (DNG, CR2, NEF, ARW...), or None for a TIFF photo.
+
+    Raw files open as TIFF, but what Pillow reads of them is a small preview: restoring it would publish a
+    thumbnail in place of the photo. Told by DNG's version tag, CR2's own header, or a sensor mosaic in the
+    first directory or one of its sub-directories (where NEF, ARW and PEF keep the raw image)."""
+    parsed = directory(data)
+    if parsed is None:
+        return None
+    order, _, entries, _ = parsed
+    if DNG_VERSION in entries:
+        return "DNG"
+    if data[8:10] == b"CR":
+        return "Canon CR2"
+    if ints(data, order, entries, PHOTOMETRIC)[:1] in [(p,) for p in RAW_PHOTOMETRICS]:
+        return "camera raw"
+    for offset in ints(data, order, entries, SUB_IFDS)[:8]:
+        sub = directory(data, offset)
+        if sub is not None and ints(data, order, sub[2], PHOTOMETRIC)[:1] in [(p,) for p in RAW_PHOTOMETRICS]:
+            return "camera raw"
+    return None
+
+
 def planar(data: bytes) -> bool:
     """True when a classic TIFF's first page stores each sample in a plane of its own (PlanarConfiguration 2)."""
     parsed = directory(data)

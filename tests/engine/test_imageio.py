@@ -1063,11 +1063,40 @@ class TestBadInput:
             (b"Dear colleague,\nplease find the photo attached.\n" * 20, "not an image"),
             (b"GIF89a" + bytes(200), "GIF"),
             (b"%PDF-1.7\n" + bytes(200), "PDF"),
+            (b"P6\n64 48\n255\n" + bytes(64 * 48 * 3), "Netpbm"),
+            (bytes(18) + bytes(300) + bytes(8) + b"TRUEVISION-XFILE.\0", "TGA"),
+            (b"IIRO\x08\0\0\0" + bytes(200), "Olympus ORF raw"),
         ],
     )
     def test_non_images_are_refused_with_a_clear_message(self, data: bytes, message: str) -> None:
         """Zero bytes, random bytes, text and unsupported formats raise InputError naming the cause."""
         with pytest.raises(InputError, match=message):
+            decode(data)
+
+    @pytest.mark.parametrize("kind", ["DNG", "Canon CR2", "NEF-like"])
+    def test_a_camera_raw_file_is_refused_not_restored_as_its_preview(self, kind: str) -> None:
+        """Raw files are TIFF inside, and what opens of them is the small preview in the first directory. Restoring
+        that would publish a thumbnail for the photo; the file is refused as a raw one instead."""
+        from PIL import TiffImagePlugin
+
+        from gpen_engine import tiff
+
+        preview = Image.fromarray(_photo(12, 16))
+        extra = TiffImagePlugin.ImageFileDirectory_v2()
+        if kind == "DNG":
+            extra[tiff.DNG_VERSION] = b"\x01\x04\x00\x00"
+            extra.tagtype[tiff.DNG_VERSION] = 1
+        data = _save(preview, "TIFF", tiffinfo=extra)
+        decode(_save(preview, "TIFF"))  # the same picture as a TIFF photo opens
+        if kind == "Canon CR2":  # "CR", version 2.0 after the header, where Pillow put its directory: move it
+            data = tiff.with_tags(data, {})
+            data = data[:8] + b"CR\x02\x00" + data[12:]
+        if kind == "NEF-like":  # the sensor's mosaic in a sub-directory, as Nikon, Sony and Pentax keep it
+            order = "<" if data[:2] == b"II" else ">"
+            start = len(data) + len(data) % 2
+            mosaic = struct.pack(order + "H", 1) + struct.pack(order + "HHIHH", 262, 3, 1, 32803, 0) + bytes(4)
+            data = tiff.with_tags(data.ljust(start, b"\0") + mosaic, {tiff.SUB_IFDS: (tiff.LONG, (start,))})
+        with pytest.raises(UnsupportedImage, match=kind.removesuffix("-like").replace("NEF", "camera raw")):
             decode(data)
 
     def test_tiff_pixel_layout_pillow_cannot_read_is_unsupported_not_corrupt(self) -> None:
