@@ -656,6 +656,37 @@ _SIDECAR = ".error.json"
 _NAME_MAX = 255
 
 
+def recorded_failure(failed_dir: Path, relpath: str, *, folder: str, writer: str, sha256: str | None,
+                     since: float) -> tuple[str, str] | None:
+    """(stage, error) of this file's failure as ``write_failure`` left it in ``failed_dir``, or None.
+
+    For a file missing from its hot folder at a restart: the process may have died between moving it into
+    failed/ and writing that down. Only a sidecar written by ``writer`` about this folder, path and content
+    (``sha256``, None when the file failed before it was hashed), no older than the job (``since``, a Unix
+    time), with its original beside it, counts."""
+    try:
+        target = safe_join(failed_dir, relpath)
+        target = target.with_name(_fit_name(target.name, len(_SIDECAR) + len(" (99)")))
+        names = set(os.listdir(target.parent))
+    except (OSError, UnsafePath):
+        return None
+    for n in range(len(names) + 1):
+        stored = target.name if n == 0 else _suffixed(target.name, n)
+        if stored + _SIDECAR not in names or stored not in names:
+            continue
+        try:
+            with open(target.parent / (stored + _SIDECAR), "rb",
+                      opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
+                info = json.loads(fh.read(1 << 20))
+            written = datetime.fromisoformat(str(info["time"]).replace("Z", "+00:00")).timestamp()
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        same = (("folder", folder), ("relpath", relpath), ("sha256", sha256), ("writer", writer))
+        if all(info.get(k) == v for k, v in same) and written >= int(since) - 1:
+            return str(info.get("stage", "unknown")), str(info.get("error", ""))
+    return None
+
+
 def _earlier_sidecar(sidecar: Path, info: FailureInfo) -> Literal["ours", "same file"] | None:
     """Whether ``sidecar`` (whose original is missing) is about this same file, and written by us (an attempt
     that died) or by someone else; None if it is about another file."""

@@ -857,7 +857,7 @@ class Service:
             return
         gate.forget(job.id)
         if verdict.state == "gone":
-            if self._folder_available(job.folder):
+            if self._folder_available(job.folder) and not self._failed_unrecorded(job, folder):
                 self.jobs.mark_gone(job.id)
                 log.info("file vanished before it was ready", folder=job.folder, path=job.relpath)
             return
@@ -1018,8 +1018,25 @@ class Service:
             self.jobs.finish(job.id, done)
             self._count_done(done)
             return
+        if self._failed_unrecorded(job, folder):
+            return
         self.jobs.mark_gone(job.id)
         log.warning("file vanished while queued", folder=job.folder, path=job.relpath)
+
+    def _failed_unrecorded(self, job: Job, folder: FolderSettings) -> bool:
+        """Whether a missing source is in failed/ already, moved there by an earlier process that died before it
+        wrote the failure down; if so, it is written down now (a failure, not a vanished file)."""
+        assert self.jobs is not None
+        failure = publish.recorded_failure(folder.failed, job.relpath, folder=job.folder, sha256=job.sha256,
+                                           writer=self._failure_info(job, folder, "", "").writer or "",
+                                           since=job.created_at)
+        if failure is None:
+            return False
+        stage, error = failure
+        self.jobs.fail(job.id, stage, error)
+        log.warning("failed (found in the failed folder after a restart)", folder=job.folder, path=job.relpath,
+                    stage=stage, error=error, result="failed")
+        return True
 
     # ----------------------------------------------------------------- device thread
     def _device_loop(self) -> None:

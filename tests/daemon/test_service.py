@@ -744,3 +744,47 @@ def test_waiting_on_slow_publishing_keeps_the_device_alive_while_publishes_finis
     waiting.join(timeout=5)
     assert svc.jobs is not None
     svc.jobs.close()
+
+
+@pytest.mark.parametrize("when", ["at the gate", "while processing"])
+def test_a_file_moved_to_failed_just_before_a_crash_is_recorded_as_failed_not_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """The process dies between moving a failed file into failed/ and writing the failure down. At the next start
+    the file is missing from the hot folder: it is recorded as failed (with its reason), not as vanished, so
+    `status` lists it among the failures. A file that really vanished is still gone."""
+    from daemon.readiness import Verdict
+
+    svc, key, folder = _service_on_its_first_folder(tmp_path)
+    assert svc.jobs is not None
+    jobs = svc.jobs
+    ids = {}
+    for name in ("bad.jpg", "lost.jpg"):
+        if when == "at the gate":  # seen, not judged yet: no hash
+            (folder.path / name).write_bytes(b"Dear colleague, not a photo")
+            ids[name] = jobs.note_candidate(key, name, folder.preset).id
+        else:
+            ids[name] = _queued(svc, key, folder, name, b"Dear colleague, not a photo")
+    bad = jobs.get(ids["bad.jpg"])
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # stands for the SIGKILL: nothing after the move is written down
+
+    monkeypatch.setattr(jobs, "fail", killed)
+    with pytest.raises(KeyboardInterrupt):
+        svc._fail(bad, folder, folder.path / "bad.jpg", "readiness", "not an image (unrecognised format)")
+    monkeypatch.undo()
+    assert (folder.failed / "bad.jpg").is_file() and not (folder.path / "bad.jpg").exists()
+    (folder.path / "lost.jpg").unlink()  # this one a user took away
+
+    for name, job_id in ids.items():
+        job = jobs.get(job_id)
+        if when == "at the gate":
+            gate = type("Gate", (), {"forget": lambda self, job_id: None})()
+            svc._settle_look(gate, folder, job, folder.path / name, Verdict("gone"))  # type: ignore[arg-type]
+        else:
+            svc._source_missing(job, folder)
+    failed, lost = jobs.get(ids["bad.jpg"]), jobs.get(ids["lost.jpg"])
+    assert (failed.state, failed.error_stage, failed.last_error) == (
+        "failed", "readiness", "not an image (unrecognised format)")
+    assert lost.state == "gone"
+    jobs.close()
