@@ -1021,7 +1021,11 @@ class Service:
         if self._failed_unrecorded(job, folder):
             return
         self.jobs.mark_gone(job.id)
-        log.warning("file vanished while queued", folder=job.folder, path=job.relpath)
+        # A backup made before it vanished (the process died between backup and result) may now be its only copy.
+        kept = job.backup_path if job.backup_path and publish.file_has_sha256(Path(job.backup_path), job.sha256) \
+            else None
+        log.warning("file vanished while queued", folder=job.folder, path=job.relpath,
+                    **({"backup_kept": kept} if kept else {}))
 
     def _failed_unrecorded(self, job: Job, folder: FolderSettings) -> bool:
         """Whether a missing source is in failed/ already, moved there by an earlier process that died before it
