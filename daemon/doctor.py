@@ -4,6 +4,7 @@ every weight file, with what to do about each problem. It reads; it never change
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from gpen_engine.types import DeviceError
 
 # Read-only query: clocks, persistence mode and power are reported, never set (shared servers).
 _SMI_FIELDS = (
-    "index,name,driver_version,persistence_mode,clocks.sm,clocks.max.sm,clocks.mem,"
+    "index,pci.bus_id,name,driver_version,persistence_mode,clocks.sm,clocks.max.sm,clocks.mem,"
     "power.draw,power.limit,temperature.gpu,utilization.gpu,memory.used,memory.total"
 )
 
@@ -102,9 +103,20 @@ def _device_section(f: Findings, settings: Settings, probe: CudaProbe | None) ->
 def _device_details(f: Findings, report: DeviceReport) -> None:
     if report.capability:
         f.say(f"  {'':<13}     compute capability {report.capability[0]}.{report.capability[1]}")
+    if report.device.type == "cuda" and (pci := _pci_address(report.device)) is not None:
+        f.say(f"  {'':<13}     PCI {pci} (as nvidia-smi lists it below)")
     if report.total_memory:
         free = f", {_gib(report.free_memory)} free" if report.free_memory is not None else ""
         f.say(f"  {'':<13}     memory {_gib(report.total_memory)} total{free}")
+
+
+def _pci_address(device: torch.device) -> str | None:
+    """The device's PCI address as nvidia-smi writes it (``00000000:17:00.0``), or None where torch cannot say."""
+    try:
+        props: Any = torch.cuda.get_device_properties(device)  # the stubs lack the PCI fields
+        return f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+    except (AttributeError, RuntimeError, AssertionError):
+        return None
 
 
 def _nvidia_smi_section(f: Findings) -> None:
@@ -124,10 +136,18 @@ def _nvidia_smi_section(f: Findings) -> None:
     if result.returncode != 0:
         f.say(f"  nvidia-smi failed: {(result.stderr or result.stdout).strip()}")
         return
+    # nvidia-smi numbers every GPU of the machine in PCI order; torch's cuda:N count only those in
+    # CUDA_VISIBLE_DEVICES, fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID. The PCI address is the same in both.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    order = os.environ.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    if visible != "unset" or order != "PCI_BUS_ID":
+        f.say(f"  (numbered as nvidia-smi does, not as cuda:N: CUDA_VISIBLE_DEVICES={visible}, "
+              f"CUDA_DEVICE_ORDER={order}; match them by PCI address)")
     names = _SMI_FIELDS.split(",")
     for line in result.stdout.strip().splitlines():
         values = dict(zip(names, (v.strip() for v in line.split(",")), strict=False))
-        f.say(f"  GPU {values.get('index')}: {values.get('name')}, driver {values.get('driver_version')}")
+        f.say(f"  GPU {values.get('index')} (PCI {values.get('pci.bus_id')}): {values.get('name')}, "
+              f"driver {values.get('driver_version')}")
         f.say(
             f"    persistence {values.get('persistence_mode')}, SM clock {values.get('clocks.sm')} "
             f"(max {values.get('clocks.max.sm')}), memory clock {values.get('clocks.mem')}"

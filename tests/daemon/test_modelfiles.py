@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
 import pathlib
 import shlex
 import shutil
@@ -346,6 +347,36 @@ class TestDoctor:
             pytest.skip("this machine has a working GPU")
         assert run(env, "doctor", "--device", "cuda") == 1
         assert "device cuda does not work" in capsys.readouterr().out
+
+
+def test_doctor_lists_gpus_by_pci_address_so_nvidia_smi_and_cuda_numbers_can_be_matched(
+        env, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvidia-smi numbers every GPU in PCI order, torch only the visible ones (fastest first): doctor prints the
+    PCI address on both sides and says the numbers differ."""
+    from daemon import doctor
+
+    fake = env["tmp"] / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho '0, 00000000:17:00.0, NVIDIA H100, 550.54, Enabled, 1980 MHz, 1980 MHz, "
+                    "2619 MHz, 70 W, 700 W, 31, 0 %, 1 MiB, 81559 MiB'\n"
+                    "echo '1, 00000000:2A:00.0, NVIDIA H100, 550.54, Enabled, 1980 MHz, 1980 MHz, "
+                    "2619 MHz, 70 W, 700 W, 30, 0 %, 1 MiB, 81559 MiB'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+
+    class Props:
+        pci_domain_id, pci_bus_id, pci_device_id = 0, 0x2A, 0
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    lines = doctor.Findings()
+    doctor._device_details(lines, doctor.DeviceReport(torch.device("cuda:0"), "NVIDIA H100", "cuda requested",
+                                                      torch.__version__, "13.0"))
+    doctor._nvidia_smi_section(lines)
+    out = "\n".join(lines.lines)
+    assert "PCI 00000000:2A:00.0 (as nvidia-smi lists it below)" in out
+    assert "GPU 1 (PCI 00000000:2A:00.0): NVIDIA H100" in out
+    assert "CUDA_VISIBLE_DEVICES=1" in out
 
 
 def test_the_download_hint_fetches_into_the_configured_folder_from_anywhere(
