@@ -112,11 +112,18 @@ def decode(data: bytes, *, max_pixels: int = 100_000_000, long_side: int | None 
         else:
             if fmt == "JPEG" and long_side:
                 _reduce_jpeg(im, long_side)
+            stored = _orientation(im)
             _load(im, fmt)
             rgb, alpha, high_bit, grayscale, icc, info = _pixels(im, data, fmt)
         orientation = _orientation(im)
         exif = _clean_exif(im, reset_orientation=orientation != 1)
         info.update(_format_info(im, data, fmt))
+        if layout is None and orientation == 1 and stored != 1:
+            # Pillow's libtiff path (compressed or tiled TIFFs) turns the pixels upright itself while loading and
+            # drops the tag: the pixels need nothing more, but the dpi still follows the turn.
+            info["source_orientation"] = stored
+            if stored in (5, 6, 7, 8) and isinstance(dpi := info.get("dpi"), tuple):
+                info["dpi"] = dpi[::-1]
     finally:
         im.close()
     if fmt == "JPEG" and long_side:

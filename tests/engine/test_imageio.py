@@ -864,12 +864,16 @@ class TestMetadata:
         assert (150, 150) == tuple(round(v) for v in decode(_save(Image.fromarray(_photo()), "JPEG",
                                                                     dpi=(150, 150))).info["dpi"])
 
-    def test_a_resolution_turns_with_the_photo(self) -> None:
+    @pytest.mark.parametrize(("fmt", "params"), [("JPEG", {}), ("TIFF", {}), ("TIFF", {"compression": "tiff_lzw"})])
+    def test_a_resolution_turns_with_the_photo(self, fmt: str, params: dict[str, object]) -> None:
         """A scan of 204 x 196 dpi stored on its side (orientation 6): upright, its width has the stored height's
-        resolution, or the printed photo comes out stretched."""
+        resolution, or the printed photo comes out stretched. Also where Pillow's libtiff turns the pixels
+        itself (a compressed TIFF)."""
         exif = Image.Exif()
         exif[0x0112] = 6
-        image = decode(_save(Image.fromarray(_photo()), "JPEG", exif=exif, dpi=(204, 196)))
+        pixels = _photo()
+        image = decode(_save(Image.fromarray(pixels), fmt, exif=exif, dpi=(204, 196), **params))
+        assert image.rgb.shape[:2] == pixels.shape[1::-1]
         assert (round(image.info["dpi"][0]), round(image.info["dpi"][1])) == (196, 204)
         back = _open(encode(image, image.rgb, options=EncodeOptions(format="PNG"))[0])
         assert (196, 204) == tuple(round(float(v)) for v in back.info["dpi"])
