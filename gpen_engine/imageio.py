@@ -112,7 +112,8 @@ def decode(data: bytes, *, max_pixels: int = 100_000_000, long_side: int | None 
         else:
             if fmt == "JPEG" and long_side:
                 _reduce_jpeg(im, long_side)
-            stored = _orientation(im)
+            # Read from the bytes: asking Pillow for EXIF before the load changes how it loads some files.
+            stored = tiff.orientation(data) if fmt == "TIFF" else 1
             _load(im, fmt)
             rgb, alpha, high_bit, grayscale, icc, info = _pixels(im, data, fmt)
         orientation = _orientation(im)

@@ -192,6 +192,16 @@ def raw_camera(data: bytes) -> str | None:
     return None
 
 
+def orientation(data: bytes) -> int:
+    """The first directory's Orientation (1-8), 1 when absent or unreadable."""
+    parsed = directory(data)
+    if parsed is None:
+        return 1
+    order, _, entries, _ = parsed
+    value = (ints(data, order, entries, ORIENTATION) or (1,))[0]
+    return value if 1 <= value <= 8 else 1
+
+
 def planar(data: bytes) -> bool:
     """True when a classic TIFF's first page stores each sample in a plane of its own (PlanarConfiguration 2)."""
     parsed = directory(data)
