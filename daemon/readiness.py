@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.paths import UnsafePath, open_file, read_no_follow
-from gpen_engine.imageio import incomplete_trailer
+from gpen_engine.jpeg import incomplete_trailer
 from gpen_engine.types import ImageTooLarge, InputError, UnsupportedImage
 
 __all__ = ["FAILED", "GONE", "NOT_YET", "READY", "ReadinessGate", "State", "Verdict"]

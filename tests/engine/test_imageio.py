@@ -19,10 +19,10 @@ from gpen_engine.imageio import (
     decode,
     encode,
     extension_for,
-    incomplete_trailer,
-    jpeg_damage,
     resize_long_side,
 )
+from gpen_engine.jpeg import damage as jpeg_damage
+from gpen_engine.jpeg import incomplete_trailer
 from gpen_engine.options import EncodeOptions
 from gpen_engine.types import EngineError, ImageTooLarge, InputError, UnsupportedImage
 
