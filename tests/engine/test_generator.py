@@ -320,12 +320,17 @@ class TestPrecision:
         assert _max_error(out, expected) < 0.1
         assert (out - expected).abs().mean().item() < 0.02
 
+    @pytest.mark.parametrize("cuda_formulation", [False, True])
     @pytest.mark.parametrize("upsample", [False, True])
-    def test_fp16_modulated_conv_with_large_styles_stays_finite(self, upsample: bool) -> None:
+    def test_fp16_modulated_conv_with_large_styles_stays_finite(
+            self, upsample: bool, cuda_formulation: bool, monkeypatch: pytest.MonkeyPatch) -> None:
         """Before demodulation a layer's values are larger than its output by 1 / demod: with large styles (a
         bias of 1000) they used to pass fp16's 65504 and come out as inf, a black face. Now they stay finite and
-        match fp32."""
+        match fp32, in the CPU and the CUDA formulation alike."""
+        from gpen_engine import stylegan2
         from gpen_engine.stylegan2 import ModulatedConv2d
+
+        monkeypatch.setattr(stylegan2, "_gpu_formulation", lambda x: cuda_formulation and x.dtype == torch.half)
 
         torch.manual_seed(0)
         conv = ModulatedConv2d(64, 64, 3, 32, upsample=upsample).eval().requires_grad_(False)
@@ -335,9 +340,14 @@ class TestPrecision:
         got = conv(x.half(), style)
         assert torch.isfinite(got).all()
         assert ((got.float() - expected).norm() / expected.norm()).item() < 2e-3
-        out, demod, _ = conv.undemodulated(x.half(), style)  # the fused layers' route
+        out, demod, phase_major = conv.undemodulated(x.half(), style)  # the fused layers' route
         assert demod is not None and torch.isfinite(out).all()
-        assert (((out.float() * demod[:, :, None, None]) - expected).norm() / expected.norm()).item() < 2e-3
+        if phase_major:  # (N, 4 * out, H, W), the four output phases side by side: scaled alike
+            out = out.view(2, 4, 64, 16, 16) * demod[:, None, :, None, None].half()
+            out = out.view(2, 2, 2, 64, 16, 16).permute(0, 3, 4, 1, 5, 2).reshape(2, 64, 32, 32)
+        else:
+            out = out * demod[:, :, None, None].half()
+        assert ((out.float() - expected).norm() / expected.norm()).item() < 2e-3
 
     def test_fp16_falls_back_to_fp32_on_cpu(self) -> None:
         """Half precision is a GPU feature: on the CPU fp16 runs as fp32, bf16 only when asked for."""
