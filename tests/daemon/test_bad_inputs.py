@@ -53,6 +53,32 @@ def _save(im: Image.Image, fmt: str, **kw: object) -> bytes:
     return buf.getvalue()
 
 
+def dng_with_preview() -> bytes:
+    """A DNG as raw converters write it: TIFF structure, DNGVersion, and a small preview as its first image."""
+    from PIL import TiffImagePlugin
+
+    extra = TiffImagePlugin.ImageFileDirectory_v2()
+    extra[50706] = b"\x01\x04\x00\x00"  # DNGVersion 1.4
+    extra.tagtype[50706] = 1
+    return _save(Image.open(io.BytesIO(face_photo(5))).convert("RGB").resize((64, 48)), "TIFF", tiffinfo=extra)
+
+
+def stereo_mpo() -> bytes:
+    """A 3D camera's MPO: two views of one picture, the second marked as a disparity (stereo) view."""
+    left, right = (Image.open(io.BytesIO(face_photo(n))).convert("RGB") for n in (6, 7))
+    data = bytearray(_save(left, "MPO", save_all=True, append_images=[right]))
+    base = data.index(b"MPF\0") + 4
+    order = "<" if data[base : base + 2] == b"II" else ">"
+    ifd = base + struct.unpack_from(order + "I", data, base + 4)[0]
+    for i in range(struct.unpack_from(order + "H", data, ifd)[0]):
+        tag, _kind, _n, value = struct.unpack_from(order + "HHII", data, ifd + 2 + 12 * i)
+        if tag == 0xB002:  # MP entries, 16 bytes each: the second view's type becomes 0x020002 (disparity)
+            at = base + value + 16
+            struct.pack_into(order + "I", data, at, struct.unpack_from(order + "I", data, at)[0] & 0xFF000000
+                             | 0x020002)
+    return bytes(data)
+
+
 def _face_image() -> Image.Image:
     return Image.open(io.BytesIO(face_photo(3)))
 
@@ -74,6 +100,8 @@ def corpus() -> tuple[dict[str, bytes], dict[str, bytes]]:
     frames = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue")]
     fail["animated.webp"] = _save(frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=100)
     fail["animated-gif-named.jpg"] = _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    fail["camera-raw-named.tif"] = dng_with_preview()
+    fail["stereo-pair.jpg"] = stereo_mpo()
 
     face = _face_image()
     ok: dict[str, bytes] = {}
@@ -126,6 +154,8 @@ def test_bad_input_corpus_each_reaches_its_documented_outcome(tmp_path):
         assert "too large" in str(sidecar_of(acc.failed["a/bomb.png"])["error"])
         assert "animated" in str(sidecar_of(acc.failed["a/animated.webp"])["error"])
         assert "GIF" in str(sidecar_of(acc.failed["a/animated-gif-named.jpg"])["error"])
+        assert "camera raw" in str(sidecar_of(acc.failed["a/camera-raw-named.tif"])["error"])
+        assert "2 views" in str(sidecar_of(acc.failed["a/stereo-pair.jpg"])["error"])
 
         # Content, not the name, decides: PNG bytes named .jpg are restored and keep their name.
         assert (layout.out["a"] / "png-bytes-named.jpg").read_bytes().startswith(b"\x89PNG")
