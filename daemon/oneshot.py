@@ -316,8 +316,9 @@ def run(items: list[Item], restorer: Restorer, options: EngineOptions, *, io_thr
                         log(f"error: {got}")
                         bar.update(1)
                     else:
-                        if damage := got.image.info.get("damaged"):
-                            log(f"warning: {got.item.source}: {damage}")
+                        for note in ("damaged", "dropped"):
+                            if text := got.image.info.get(note):
+                                log(f"warning: {got.item.source}: {text}")
                         chunk.append(got)
                 if not chunk:
                     continue

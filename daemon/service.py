@@ -1215,6 +1215,8 @@ class Service:
             log.info("published", output=str(output), faces=len(outcome.faces), ms=times, result="ok")
             if damage := item.image.info.get("damaged"):  # restored all the same: the backup keeps the file as it came
                 log.warning("the source was damaged", damage=damage)
+            if dropped := item.image.info.get("dropped"):
+                log.warning("the result lacks part of the source; the backup has it", dropped=dropped)
             if self.metrics is not None:
                 for stage, ms in times.items():
                     self.metrics.observe_stage(stage, ms / 1000)

@@ -143,6 +143,10 @@ def decode(data: bytes, *, max_pixels: int = 100_000_000, long_side: int | None 
         info["dpi"] = dpi[::-1]  # a fax's 204 x 196 dpi: the upright image's width is the stored height
     if fmt == "JPEG" and (damage := jpeg.damage(data)):
         info["damaged"] = f"the JPEG's compressed data is damaged ({damage}): it decodes as a viewer shows it"
+    if fmt == "TIFF" and (extra := tiff.unspecified_extra_samples(data)):
+        # Pillow reads such a file without them (a mask, a spot colour): the backup has them, the result cannot.
+        info["dropped"] = (f"{extra} extra channel{'s' * (extra > 1)} the TIFF does not call alpha (a mask or spot "
+                           "colour, say) cannot be written back: the result has the colour channels only")
     return DecodedImage(
         rgb=rgb,
         format=fmt,

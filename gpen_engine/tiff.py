@@ -192,6 +192,15 @@ def raw_camera(data: bytes) -> str | None:
     return None
 
 
+def unspecified_extra_samples(data: bytes) -> int:
+    """How many of the first directory's extra samples are "unspecified" (ExtraSamples 0): not alpha."""
+    parsed = directory(data)
+    if parsed is None:
+        return 0
+    order, _, entries, _ = parsed
+    return sum(kind == 0 for kind in ints(data, order, entries, EXTRA_SAMPLES))
+
+
 def orientation(data: bytes) -> int:
     """The first directory's Orientation (1-8), 1 when absent or unreadable."""
     parsed = directory(data)

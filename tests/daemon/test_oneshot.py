@@ -167,6 +167,18 @@ class TestEnhanceFolders:
         assert "damaged.jpg" in warning and "restart marker out of place" in warning
         assert (tmp_path / "damaged.restored.jpg").is_file()
 
+    def test_a_tiff_with_an_extra_channel_is_restored_with_a_warning_that_it_is_left_out(
+            self, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """RGB plus an extra channel that is not alpha (a mask): the result holds the colours only, and says so."""
+        rgb = np.asarray(Image.open(io.BytesIO(jpeg_crop((300, 50, 700, 350)))).convert("RGB"))
+        mask = np.zeros(rgb.shape[:2], np.uint8)
+        src = tmp_path / "masked.tif"
+        Image.fromarray(np.dstack([rgb, mask]), "RGBX").save(src)
+        assert enhance(config, str(src)) == 0
+        [warning] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+        assert "masked.tif" in warning and "1 extra channel" in warning
+        assert (tmp_path / "masked.restored.tif").is_file()
+
     def test_output_dir_keeps_structure_and_never_overwrites(self, config: Path, tmp_path: Path) -> None:
         """-o DIR mirrors subfolders; a second run gets a suffixed name instead of replacing the first."""
         folder, out = tmp_path / "in", tmp_path / "out"

@@ -650,11 +650,22 @@ class TestModes:
         np.testing.assert_array_equal(np.rot90(samples, k=-1), image.high_bit)
 
     def test_16bit_tiff_unspecified_extra_sample_is_not_alpha(self) -> None:
-        """A 16-bit RGB TIFF's 4th sample marked "unspecified" (ExtraSamples = 0) is ignored, as Pillow does."""
+        """A 16-bit RGB TIFF's 4th sample marked "unspecified" (ExtraSamples = 0) is ignored, as Pillow does, and
+        the image says so: the result cannot carry it (the backup does)."""
         samples = np.random.default_rng(8).integers(0, 65536, (4, 5, 4), dtype=np.uint16)
         image = decode(_tiff16(samples, 2, (0,)))
         assert image.alpha is None and image.mode == "RGB"
         np.testing.assert_array_equal(samples[:, :, :3], image.high_bit)
+        assert "1 extra channel the TIFF does not call alpha" in str(image.info["dropped"])
+
+    def test_an_8bit_tiff_s_unspecified_extra_channels_are_named_as_dropped(self) -> None:
+        """RGB plus a channel that is not alpha (a mask, a spot colour): Pillow reads the colours only. The
+        photo is restored, with a note that the result lacks the extra channel; plain RGBA has no such note."""
+        rgbx = np.random.default_rng(9).integers(0, 255, (20, 30, 4), dtype=np.uint8)
+        image = decode(_save(Image.fromarray(rgbx, "RGBX"), "TIFF"))
+        np.testing.assert_array_equal(rgbx[:, :, :3], image.rgb)
+        assert "1 extra channel" in str(image.info["dropped"])
+        assert "dropped" not in decode(_save(Image.fromarray(rgbx, "RGBA"), "TIFF")).info
 
     def test_16bit_cmyk_tiff_decodes_like_8bit_cmyk(self) -> None:
         """A 16-bit CMYK TIFF of pure red (C=0, M=Y=100%) becomes red RGB instead of being refused."""
