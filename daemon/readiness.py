@@ -270,17 +270,18 @@ class ReadinessGate:
         if signature(st) != track.sig or len(data) != st.st_size:
             self._track(key, signature(st), now)
             return Verdict(NOT_YET, "changed while being read")
+        if not lenient and (missing := incomplete_trailer(data)) is not None:
+            # A phone's MPO, Ultra HDR or motion photo written by a writer that paused after the first image:
+            # the photo decodes, but publishing now would back up (and drop) a file without its other half. Asked
+            # before the decode, whose verdict on the whole file (a stereo pair is refused) must wait for it too.
+            track.trailer, track.decode_error = True, missing
+            return None
         try:
             self.check_decodes(data)
         except (ImageTooLarge, UnsupportedImage) as exc:  # the header decides these: waiting will not help
             return self._end(key, Verdict(FAILED, str(exc) or type(exc).__name__))
         except InputError as exc:
             track.decode_error = str(exc) or type(exc).__name__
-            return None
-        if not lenient and (missing := incomplete_trailer(data)) is not None:
-            # A phone's MPO, Ultra HDR or motion photo written by a writer that paused after the first image:
-            # the photo decodes, but publishing now would back up (and drop) a file without its other half.
-            track.trailer, track.decode_error = True, missing
             return None
         digest = hashlib.sha256(data).hexdigest()
         return self._end(

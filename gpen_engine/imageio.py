@@ -196,10 +196,10 @@ def _open_checked(data: bytes, max_pixels: int) -> tuple[str, ImageFile.ImageFil
     if not data:
         raise InputError("empty file (0 bytes)")
     fmt = _sniff(data)
+    _check_container_complete(data, fmt)  # first: a raw file still being copied is not refused while it arrives
     if fmt == "TIFF" and (raw := tiff.raw_camera(data)) is not None:
         raise UnsupportedImage(f"unsupported image format {raw} (a camera raw file: what opens of it is a small "
                                "preview; supported: JPEG, PNG, WebP, TIFF, BMP)")
-    _check_container_complete(data, fmt)
     if fmt == "WEBP":
         # libwebp allocates its canvas while the file is being opened: check the header first.
         size = _webp_canvas_size(data)
