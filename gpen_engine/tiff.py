@@ -175,14 +175,14 @@ def raw_camera(data: bytes) -> str | None:
     Raw files open as TIFF, but what Pillow reads of them is a small preview: restoring it would publish a
     thumbnail in place of the photo. Told by DNG's version tag, CR2's own header, or a sensor mosaic in the
     first directory or one of its sub-directories (where NEF, ARW and PEF keep the raw image)."""
+    if data[:8] == b"II*\0\x10\0\0\0" and data[8:11] == b"CR\x02":  # its directory at 16, after "CR" 2.x
+        return "Canon CR2"
     parsed = directory(data)
     if parsed is None:
         return None
     order, _, entries, _ = parsed
     if DNG_VERSION in entries:
         return "DNG"
-    if data[8:10] == b"CR":
-        return "Canon CR2"
     if ints(data, order, entries, PHOTOMETRIC)[:1] in [(p,) for p in RAW_PHOTOMETRICS]:
         return "camera raw"
     for offset in ints(data, order, entries, SUB_IFDS)[:8]:

@@ -176,6 +176,23 @@ def _tiff_tag(data: bytes, tag: int) -> tuple[int, ...]:
     return ()
 
 
+def _tiff_directory_at_16(pil: Image.Image, between: bytes) -> bytes:
+    """``pil`` as an uncompressed TIFF whose directory lies at byte 16, ``between`` (8 bytes) before it.
+
+    Pillow writes the directory at byte 8 with everything else after it, so every offset moves by 8."""
+    plain = _save(pil, "TIFF")
+    assert plain[:8] == b"II*\0\x08\0\0\0"
+    count = struct.unpack_from("<H", plain, 8)[0]
+    table = bytearray(plain[8 : 8 + 2 + 12 * count + 4])
+    for at in range(2, 2 + 12 * count, 12):
+        tag, kind, n = struct.unpack_from("<HHI", table, at)
+        size = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8}.get(kind, 0) * n
+        if size > 4 or tag == 273:  # a value stored elsewhere, or the one strip's offset held in the entry
+            code = "<H" if size <= 4 and kind == 3 else "<I"
+            struct.pack_into(code, table, at + 8, struct.unpack_from(code, table, at + 8)[0] + 8)
+    return plain[:4] + struct.pack("<I", 16) + between + bytes(table) + plain[8 + len(table) :]
+
+
 def _camera_exif(order: str, orientation: int, pixel_type: int, width: int, height: int,
                  ifd0_extra: tuple[tuple[int, int], ...] = (), thumb: bytes = b"\xff\xd8\xff\xd9",
                  trailer: bytes = b"") -> tuple[bytes, dict[str, int]]:
@@ -1088,6 +1105,13 @@ class TestBadInput:
         with pytest.raises(InputError, match=message):
             decode(data)
 
+    def test_a_tiff_whose_pixels_start_with_cr_is_a_photo_not_a_canon_raw(self) -> None:
+        """libtiff, OpenCV and scanners put the directory last, so the pixels start at byte 8: the letters "CR"
+        there are a reddish first pixel, not Canon's raw header."""
+        pixels = np.full((16, 16, 3), (67, 82, 16), np.uint8)
+        image = decode(cv2.imencode(".tif", pixels[:, :, ::-1], [cv2.IMWRITE_TIFF_COMPRESSION, 1])[1].tobytes())
+        np.testing.assert_array_equal(pixels, image.rgb)
+
     @pytest.mark.parametrize("kind", ["DNG", "Canon CR2", "NEF-like"])
     def test_a_camera_raw_file_is_refused_not_restored_as_its_preview(self, kind: str) -> None:
         """Raw files are TIFF inside, and what opens of them is the small preview in the first directory. Restoring
@@ -1103,9 +1127,8 @@ class TestBadInput:
             extra.tagtype[tiff.DNG_VERSION] = 1
         data = _save(preview, "TIFF", tiffinfo=extra)
         decode(_save(preview, "TIFF"))  # the same picture as a TIFF photo opens
-        if kind == "Canon CR2":  # "CR", version 2.0 after the header, where Pillow put its directory: move it
-            data = tiff.with_tags(data, {})
-            data = data[:8] + b"CR\x02\x00" + data[12:]
+        if kind == "Canon CR2":  # the header points at 16; "CR", version 2.0, and the raw directory's offset between
+            data = _tiff_directory_at_16(preview, b"CR\x02\x00" + bytes(4))
         if kind == "NEF-like":  # the sensor's mosaic in a sub-directory, as Nikon, Sony and Pentax keep it
             order = "<" if data[:2] == b"II" else ">"
             start = len(data) + len(data) % 2
