@@ -88,11 +88,14 @@ def _without_frames(exc: Exception) -> Exception:
     """``exc`` kept for its message only: its traceback holds the failed call's frames and, through them, its
     tensors, which would stay on the device while the rest of the batch runs (and the device test after it)."""
     seen: set[int] = set()
-    link: BaseException | None = exc
-    while link is not None and id(link) not in seen:
+    chain: list[BaseException | None] = [exc]
+    while chain:
+        link = chain.pop()
+        if link is None or id(link) in seen:
+            continue
         seen.add(id(link))
         link.__traceback__ = None
-        link = link.__cause__ or link.__context__
+        chain += [link.__cause__, link.__context__]  # "raise X from Y" while handling Z: both
     return exc
 
 

@@ -26,8 +26,12 @@ def test_a_failed_call_s_memory_is_released_before_the_rest_of_the_batch_runs() 
         held.append(weakref.ref(tensor))
         if "bad" in part:
             try:
-                raise ValueError("inner cause")
-            except ValueError as cause:
+                raise KeyError("an earlier error")
+            except KeyError as earlier:
+                cause = earlier
+            try:
+                raise ValueError("the one being handled")
+            except ValueError:  # raise X from Y while handling Z: X's cause and its context both hold the frame
                 raise RuntimeError("CUDA error: an illegal memory access") from cause
         return [f"restored {p}" for p in part]
 
