@@ -670,16 +670,18 @@ def recorded_failure(failed_dir: Path, relpath: str, *, folder: str, writer: str
         names = set(os.listdir(target.parent))
     except (OSError, UnsafePath):
         return None
-    for n in range(len(names) + 1):
-        stored = target.name if n == 0 else _suffixed(target.name, n)
-        if stored + _SIDECAR not in names or stored not in names:
+    for sidecar in names:
+        stored = sidecar.removesuffix(_SIDECAR)
+        if stored == sidecar or stored not in names:
             continue
+        numbers = re.findall(r" \((\d{1,6})\)", stored)  # the last is the suffix: "a (3) (1).jpg"
+        if stored != target.name and (not numbers or stored != _suffixed(target.name, int(numbers[-1]))):
+            continue  # another file's: only this name and its numbered variants are this file's
         try:
-            with open(target.parent / (stored + _SIDECAR), "rb",
-                      opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
+            with open(target.parent / sidecar, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
                 info = json.loads(fh.read(1 << 20))
             written = datetime.fromisoformat(str(info["time"]).replace("Z", "+00:00")).timestamp()
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):  # deep nesting: a planted sidecar
             continue
         same = (("folder", folder), ("relpath", relpath), ("sha256", sha256), ("writer", writer))
         if all(info.get(k) == v for k, v in same) and written >= int(since) - 1:
@@ -693,7 +695,7 @@ def _earlier_sidecar(sidecar: Path, info: FailureInfo) -> Literal["ours", "same 
     try:
         with open(sidecar, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
             earlier = json.loads(fh.read(1 << 20))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     same = (("folder", info.folder), ("relpath", info.relpath), ("sha256", info.sha256))
     if not isinstance(earlier, dict) or not all(earlier.get(k) == v for k, v in same):

@@ -730,3 +730,37 @@ def test_our_own_leftover_sidecar_is_taken_back_when_the_original_is_gone(tmp_pa
     with pytest.raises(FileNotFoundError):
         write_failure(failed, "a.jpg", hot / "a.jpg", None, info, src_root=hot)
     assert list(failed.iterdir()) == []
+
+
+def test_recorded_failure_finds_only_this_file_s_own_failure(tmp_path: Path) -> None:
+    """After a crash between moving a file into failed/ and writing that down, the failure is found again by its
+    sidecar: written by this instance, about this folder, path and content, and not older than the job. Another
+    file's, another instance's, an earlier failure of the same name and a planted sidecar are not it."""
+    import time
+
+    hot, failed = tmp_path / "hot", tmp_path / "failed"
+    hot.mkdir()
+    failed.mkdir()
+
+    def failing(name: str, data: bytes, *, writer: str = "me", relpath: str = "photo (3).jpg") -> None:
+        (hot / name).write_bytes(data)
+        info = FailureInfo(stage="readiness", error=f"bad {name}", attempts=1, preset="fast", folder=str(hot),
+                           relpath=relpath, sha256=sha(data), writer=writer)
+        write_failure(failed, relpath, hot / name, None, info, src_root=hot)
+
+    def found(since: float, data: bytes = b"ours") -> tuple[str, str] | None:
+        return publish.recorded_failure(failed, "photo (3).jpg", folder=str(hot), writer="me", sha256=sha(data),
+                                        since=since)
+
+    failing("old", b"ours")  # an earlier drop of the same bytes, failed and recorded long ago
+    earlier = time.time()
+    (failed / "photo (3).jpg.error.json").write_text(json.dumps(
+        json.loads((failed / "photo (3).jpg.error.json").read_text()) | {"time": "2001-01-01T00:00:00Z"}))
+    failing("other", b"ours", relpath="photo (3) (1).jpg")  # another file, named like a numbered variant
+    failing("theirs", b"ours", writer="another host")
+    (failed / "photo (3) (9).jpg").write_bytes(b"x")
+    (failed / "photo (3) (9).jpg.error.json").write_text("[" * 100_000 + "]" * 100_000)  # planted
+    assert found(earlier) is None
+    failing("new", b"ours")  # this job's: moved, then the process died
+    assert found(earlier) == ("readiness", "bad new")
+    assert found(earlier, b"other bytes") is None
