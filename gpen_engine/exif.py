@@ -19,6 +19,7 @@ ORIENTATION = 0x0112
 EXIF_IFD = 0x8769
 PIXEL_X, PIXEL_Y = 0xA002, 0xA003
 _SHORT, _LONG, _IFD = 3, 4, 13
+_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
 _THUMBNAIL_OFFSET, _THUMBNAIL_LENGTH = 0x0201, 0x0202  # JPEGInterchangeFormat(Length), in IFD1
 
 
@@ -86,10 +87,32 @@ def _blank_thumbnail(data: bytearray, order: str, link: int) -> None:
     if any(start < end and begin < start + length for begin, end in tables):
         return  # it overlaps a directory: a damaged or hostile block, not a thumbnail to blank
     data[start : start + length] = bytes(length)
-    if not any(data[start:]):
-        # Nothing but the thumbnail (and padding) after it, as cameras lay it out: cut it off. A big thumbnail
-        # can push a block past the 64 KB of one JPEG segment, and zeros alone would keep it there.
-        del data[start:]
+    cut = max(start, _values_end(data, order, ifd0))
+    if not any(data[cut:]):
+        # Nothing but the thumbnail (and padding) after the values, as cameras lay it out: cut it off. A big
+        # thumbnail can push a block past the 64 KB of one JPEG segment, and zeros alone would keep it there.
+        del data[cut:]
+
+
+_SUB_IFDS = (EXIF_IFD, 0x8825, 0xA005)  # Exif, GPS, Interoperability
+
+
+def _values_end(data: bytearray, order: str, ifd: int, seen: set[int] | None = None) -> int:
+    """Where the last value (or directory) that the directory at ``ifd`` and its sub-directories hold ends."""
+    seen = set() if seen is None else seen
+    entries = _entries(data, order, ifd) if ifd not in seen and len(seen) < 16 else None
+    if entries is None:
+        return 0
+    seen.add(ifd)
+    end = ifd + 6 + 12 * len(entries)
+    for entry in entries:
+        tag, kind, count, value = struct.unpack(order + "HHII", data[entry : entry + 12])
+        size = _TYPE_SIZES.get(kind, 0) * count
+        if size > 4:
+            end = max(end, value + size)
+        if tag in _SUB_IFDS and kind in (_LONG, _IFD) and count == 1:
+            end = max(end, _values_end(data, order, value, seen))
+    return end
 
 
 def _entries(data: bytearray, order: str, offset: int) -> list[int] | None:

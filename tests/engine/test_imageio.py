@@ -766,6 +766,21 @@ class TestMetadata:
         expected[at["thumbnail"] : at["thumbnail"] + 4] = bytes(4)
         assert bytes(expected) == written
 
+    def test_a_value_after_the_thumbnail_is_not_cut_off_with_it_even_when_it_is_all_zeros(self) -> None:
+        """A writer that stores a value (a blank UserComment) after the thumbnail: cutting the thumbnail off stops
+        where that value ends, or its offset would point past the block and a reader lose the Exif directory."""
+        blank = bytes(24)
+        block, at = _camera_exif("<", 1, 3, 64, 48, trailer=blank)
+        tiff_part = bytearray(_exif_tiff(block))
+        exif_at = at["pixel_x"] - 8 - 12 * 3 - 2
+        struct.pack_into("<I", tiff_part, exif_at + 2 + 12 + 8, len(tiff_part) - len(blank))  # UserComment
+        struct.pack_into("<I", tiff_part, exif_at + 2 + 12 + 4, len(blank))
+        image = decode(_save(Image.fromarray(_photo()), "JPEG", exif=b"Exif\0\0" + bytes(tiff_part)))
+        for fmt in ("JPEG", "TIFF"):
+            result = _open(encode(image, image.rgb, options=EncodeOptions(format=fmt))[0])
+            sub = result.getexif().get_ifd(0x8769)
+            assert sub.get(0x9000) == b"0231" and sub.get(0x9286) == blank, fmt
+
     def test_exif_over_two_jpeg_segments_for_its_big_thumbnail_is_kept(self) -> None:
         """exiftool writes EXIF with a large thumbnail over several APP1 segments. Once the thumbnail is gone it
         fits in one again: the camera's tags reach the result instead of all of EXIF being dropped as too big."""
