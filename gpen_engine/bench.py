@@ -313,9 +313,13 @@ class _Best:
         self.device_mb = max(filter(None, (self.device_mb, device_mb)), default=None)
 
 
-def _interleaved(runs: dict[str, Callable[[], _Pass]], repeat: int, device: torch.device) -> dict[str, _Best]:
+def _interleaved(runs: dict[str, Callable[[], _Pass]], repeat: int, device: torch.device,
+                 others_mb: dict[str, Callable[[], float]] | None = None) -> dict[str, _Best]:
     """Best of ``repeat`` passes per method, the methods taking turns so that both sides of a ratio see
-    the same machine (other processes come and go); one untimed warm-up pass each first."""
+    the same machine (other processes come and go); one untimed warm-up pass each first.
+
+    ``others_mb``: device memory held for the other methods during a method's passes (the baseline's fp32
+    copy of the generator during the engine's), left out of its peak."""
     for run in runs.values():
         run()  # warm-up: kernel choice, allocator, thread pools
     bests = {name: _Best() for name in runs}
@@ -323,8 +327,19 @@ def _interleaved(runs: dict[str, Callable[[], _Pass]], repeat: int, device: torc
         for name, run in runs.items():
             _reset_peaks(device)
             p = run()
-            bests[name].add(p, peak_rss_mb(), _peak_device_mb(device))
+            peak = _peak_device_mb(device)
+            if peak is not None and (other := (others_mb or {}).get(name)) is not None:
+                peak -= other()
+            bests[name].add(p, peak_rss_mb(), peak)
     return bests
+
+
+def module_mb(module: nn.Module) -> float:
+    """Device memory a module's parameters, buffers and kept derived weights hold, in MiB."""
+    tensors = [*module.parameters(), *module.buffers()]
+    for part in module.modules():
+        tensors += [t for _key, t in part.__dict__.get("_derived_weights", {}).values() if isinstance(t, Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def load_average() -> float | None:
@@ -721,7 +736,9 @@ def run_benchmark(
                 runs["baseline"] = lambda inputs=inputs: baseline_pass(  # type: ignore[misc]
                     inputs, options, detector=models.detector, generator=official, device=device,
                     size=size, template=models.template, mask=mask)
-            passes = _interleaved(runs, repeat, device)
+            others: dict[str, Callable[[], float]] = {} if official is generator else {
+                "engine": functools.partial(module_mb, official), "baseline": functools.partial(module_mb, generator)}
+            passes = _interleaved(runs, repeat, device, others)
             stats = {
                 name: _stats(name, b.best, len(inputs), flops, peak if name == "engine" else peak32,  # type: ignore[arg-type]
                              b.rss, b.device_mb)

@@ -255,3 +255,17 @@ class TestBenchCommand:
         err = capsys.readouterr().err
         assert f"--json {target}: folder {target.parent} does not exist" in err
         assert "measuring" not in err
+
+
+def test_a_method_s_device_peak_leaves_out_what_is_held_for_the_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In half precision the baseline's fp32 copy of the generator stays on the device through the engine's
+    passes (and the engine's generator through the baseline's): each method's peak leaves the other's out."""
+    monkeypatch.setattr(bench, "_reset_peaks", lambda device: None)
+    monkeypatch.setattr(bench, "_peak_device_mb", lambda device: 1000.0)
+    generator = create_generator(GpenArch(32, channel_multiplier=1, narrow=0.0625))
+    held = bench.module_mb(generator)
+    assert held == pytest.approx(sum(p.numel() for p in generator.parameters()) * 4 / 2**20, rel=0.05)
+    empty = bench._Pass(seconds=1.0, faces=1, failed=0, stage_ms={}, errors=[])
+    runs = {"engine": lambda: empty, "baseline": lambda: empty}
+    bests = bench._interleaved(runs, 1, torch.device("cuda"), {"engine": lambda: held})
+    assert (bests["engine"].device_mb, bests["baseline"].device_mb) == (pytest.approx(1000.0 - held), 1000.0)
