@@ -979,8 +979,18 @@ class Service:
             self._retry(job, "read", exc)
             return None
         if hashlib.sha256(data).hexdigest() != job.sha256:
+            if self._published_whole(job):
+                # The old bytes were published before a stop that came before the original's disposal; what is
+                # there now was dropped later: new work, in a row of its own.
+                self.jobs.finish(job.id, job.faces or 0)
+                self.jobs.note_candidate(job.folder, job.relpath, job.preset)
+                log.info("source replaced after its earlier version was published; the new one is new work",
+                         folder=job.folder, path=job.relpath, earlier_output=job.output_path)
+                return None
+            backup = self._backup_of(job)  # made before a stop: the earlier version's only copy now
             self.jobs.requeue_pending(job.id, "source changed after it was queued")
-            log.info("source changed while queued; checking it again", folder=job.folder, path=job.relpath)
+            log.info("source changed while queued; checking it again", folder=job.folder, path=job.relpath,
+                     **({"earlier_version_backup_kept": backup} if backup else {}))
             return None
         restorer = self.restorers.get(job.preset)  # the batch's preset: claimed only while it is loaded
         if restorer is None:  # unloaded by a reload since the claim
@@ -1011,8 +1021,7 @@ class Service:
         if not self._folder_available(job.folder):
             self.jobs.retry_later(job.id, "hot folder unavailable", self.settings.retry_backoff)
             return
-        if job.backup_path and publish.file_has_sha256(Path(job.backup_path), job.sha256) and job.output_path \
-                and Path(job.output_path).exists():
+        if self._published_whole(job):
             # Published completely (before the last stop, or just now); only the bookkeeping was missing.
             done = faces if faces is not None else job.faces or 0
             self.jobs.finish(job.id, done)
@@ -1022,10 +1031,19 @@ class Service:
             return
         self.jobs.mark_gone(job.id)
         # A backup made before it vanished (the process died between backup and result) may now be its only copy.
-        kept = job.backup_path if job.backup_path and publish.file_has_sha256(Path(job.backup_path), job.sha256) \
-            else None
+        kept = self._backup_of(job)
         log.warning("file vanished while queued", folder=job.folder, path=job.relpath,
                     **({"backup_kept": kept} if kept else {}))
+
+    @staticmethod
+    def _backup_of(job: Job) -> str | None:
+        """The job's backup, if it was written whole (it holds the bytes the job was judged on)."""
+        return job.backup_path if job.backup_path and publish.file_has_sha256(Path(job.backup_path), job.sha256) \
+            else None
+
+    def _published_whole(self, job: Job) -> bool:
+        """Whether the job's backup and result are both there: published, before a stop or just now."""
+        return self._backup_of(job) is not None and bool(job.output_path) and Path(str(job.output_path)).exists()
 
     def _failed_unrecorded(self, job: Job, folder: FolderSettings) -> bool:
         """Whether a missing source is in failed/ already, moved there by an earlier process that died before it

@@ -788,3 +788,25 @@ def test_a_file_moved_to_failed_just_before_a_crash_is_recorded_as_failed_not_go
         "failed", "readiness", "not an image (unrecognised format)")
     assert lost.state == "gone"
     jobs.close()
+
+
+def test_a_source_replaced_after_its_publish_but_before_its_disposal_is_new_work(tmp_path: Path) -> None:
+    """The process stopped after publishing a photo (result and backup written) but before removing the original,
+    and the file was replaced while it was down. The earlier publish is recorded as done, so the job table agrees
+    with out/, and the new content gets a row and a publish of its own."""
+    svc, key, folder = _service_on_its_first_folder(tmp_path)
+    assert svc.jobs is not None
+    old, new = b"the first version", b"the second version, dropped while the daemon was down"
+    job_id = _queued(svc, key, folder, "a.jpg", old)
+    output, backup = folder.output / "a.jpg", folder.backup / "a.jpg"
+    svc.jobs.claim(folder.preset, 8)
+    assert svc.jobs.set_targets(job_id, str(output), str(backup))
+    output.write_bytes(b"restored first version")
+    backup.write_bytes(old)
+    (folder.path / "a.jpg").write_bytes(new)  # while it was down; the restart hands the row back in flight
+    assert svc._read_source(svc.jobs.get(job_id)) is None
+    assert svc.jobs.get(job_id).state == "done"
+    again = svc.jobs.active(key, "a.jpg")
+    assert again is not None and again.id != job_id and again.state == "pending"
+    assert backup.read_bytes() == old and output.read_bytes() == b"restored first version"
+    svc.jobs.close()
