@@ -234,6 +234,7 @@ class Service:
         # mount that one covered (where the folder falls through to once it is unmounted): see _note_mounts.
         self.share_mounts: dict[Path, Mount] = {}
         self.share_below: dict[Path, Mount | None] = {}
+        self.leads_to: dict[Path, str] = {}  # where each output/backup/failed/done path led when set up
         # Choosing a free name in failed/, writing the sidecar and moving the original there is one step: folders
         # sharing a failed/ folder must not pick the same name (the move would replace the first original).
         self.failed_lock = threading.Lock()
@@ -409,6 +410,8 @@ class Service:
         """
         for folder in folders:
             for d in (folder.output, folder.backup, folder.failed, folder.done):
+                if d is not None and d not in self.leads_to and d.is_dir():
+                    self.leads_to[d] = os.path.realpath(d)
                 if d is None or not d.is_dir() or (mount := mount_of(d)) is None:
                     continue
                 recorded = self.share_mounts.get(d)
@@ -431,6 +434,12 @@ class Service:
         written there would land on the local disk, hidden once the share is mounted again.
         """
         for root in roots:
+            led = self.leads_to.get(root) if root is not None else None
+            if root is not None and led is not None and (now := os.path.realpath(root)) != led:
+                # Swapped for a link since it was set up: results would land (and originals move) outside.
+                raise publish.ShareUnavailable(
+                    root, f"it now leads to {now}, not to {led} as when it was set up (a folder on its way was "
+                          "swapped for a link?); restart to take it as it is now")
             expected = self.share_mounts.get(root) if root is not None else None
             if root is None or expected is None:
                 continue
@@ -839,6 +848,8 @@ class Service:
                 log.warning("file refused", folder=job.folder, path=job.relpath, reason=str(exc))
                 return
             watcher = self.watchers.get(job.folder)
+            if watcher is not None and watcher.paused is not None:
+                return  # gone, unmounted or swapped for a link: nothing is read there until it is back
             available = watcher.unavailable_reason if watcher else None
             verdict = gate.glance(path, job.id, available=available, base=folder.path)
             if verdict is not None:
@@ -960,6 +971,9 @@ class Service:
         folder = self.folders.get(job.folder)
         if folder is None:  # its folder left the config on reload: the file stays as it is
             self.jobs.forget_unfinished(job.folder, job.id)
+            return None
+        if not self._folder_available(job.folder):  # gone, unmounted or swapped for a link: its files wait
+            self.jobs.retry_later(job.id, "hot folder unavailable", self.settings.retry_backoff)
             return None
         started = time.monotonic()
         try:

@@ -184,6 +184,7 @@ class FolderWatcher:
         self._source: EventSource | None = None
         self._mount: Mount | None = None
         self._below: Mount | None = None  # what _mount covers (see paths.mount_below)
+        self._leads_to: str | None = None  # where the configured path led when first seen (it may be a link)
         self._remount = False  # set by reload_mount, handled on the watcher's own thread
         self._paused: str | None = None
         self._started = False
@@ -268,6 +269,11 @@ class FolderWatcher:
             return f"{self.root} is not a directory"
         if not os.access(self.root, os.R_OK | os.X_OK):
             return f"{self.root}: permission denied"
+        if self._leads_to is not None and (now := os.path.realpath(self.root)) != self._leads_to:
+            # Swapped for a link (or a link re-pointed) since it was set up: following it would read, and
+            # dispose of, files outside the configured folders. Recreated as a plain folder, it leads back.
+            return (f"{self.root} now leads to {now}, not to {self._leads_to} as when it was set up (a folder on "
+                    "its way was swapped for a link?); restart to take it as it is now")
         expected = self._mount
         current = mount_of(self.root, self._mountinfo()) if mount is None else mount
         if expected is not None and current is not None and unmounted(current, expected):
@@ -294,7 +300,7 @@ class FolderWatcher:
         still gone keeps the folder paused, instead of its empty mount point being taken for the folder.
         """
         if old.root == self.root:
-            self._mount, self._below = old._mount, old._below
+            self._mount, self._below, self._leads_to = old._mount, old._below, old._leads_to
             self._remount = True
 
     def wake(self) -> None:
@@ -375,6 +381,8 @@ class FolderWatcher:
         """First sight of the folder, or its return after a pause: choose the mode, start events, rescan."""
         was_paused = self._paused is not None
         self._mount = mount
+        if self._leads_to is None:
+            self._leads_to = os.path.realpath(self.root)
         self._below = mount_below(mount, self._mountinfo()) if mount is not None else None
 
         self._mode = self._choose_mode()

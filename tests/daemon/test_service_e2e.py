@@ -273,3 +273,37 @@ def test_start_up_prunes_old_job_history(tmp_path):
         con.close()
     finally:
         assert daemon.stop() == 0, daemon.log_text()[-3000:]
+
+
+@pytest.mark.parametrize("swapped", ["hot", "out"])
+def test_a_folder_swapped_for_a_link_while_running_is_never_followed(tmp_path, swapped):
+    """Someone replaces a configured folder by a link to another folder while the daemon runs. Following it would
+    read, restore and delete the photos there (the hot folder), or write results there (the output folder). The
+    folder is taken as unavailable instead: nothing outside is touched, and once the folder is back, work goes on."""
+    config, layout = write_config(tmp_path)
+    hot, out = layout.hot["a"], layout.out["a"]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "victim.jpg").write_bytes(face_photo(3))
+    daemon = Daemon(config).start()
+    try:
+        _drop(hot / "first.jpg", face_photo(1))
+        wait_for(lambda: (out / "first.jpg").is_file(), 60, daemon, "first.jpg published")
+        folder = hot if swapped == "hot" else out
+        folder.rename(folder.with_name(folder.name + ".real"))
+        folder.symlink_to(outside, target_is_directory=True)
+        if swapped == "out":
+            _drop(hot / "second.jpg", face_photo(2))
+        time.sleep(4.0)  # many polls and retries
+        assert sorted(p.name for p in outside.iterdir()) == ["victim.jpg"]
+        assert (outside / "victim.jpg").read_bytes() == face_photo(3)
+        assert not any(p.name == "victim.jpg" for p in files_under(layout.backup["a"]))
+        folder.unlink()
+        folder.with_name(folder.name + ".real").rename(folder)  # back as it was
+        if swapped == "hot":
+            _drop(hot / "second.jpg", face_photo(2))
+        wait_for(lambda: (out / "second.jpg").is_file(), 60, daemon, "work going on once the folder is back")
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]
+    assert any("swapped for a link" in line.get("event", "") + str(line.get("reason", "")) + str(line.get("error", ""))
+               for line in daemon.log_lines())
