@@ -500,7 +500,8 @@ class FolderWatcher:
             except OSError as exc:
                 if rel == start == "":
                     raise _Unavailable(f"{self.root} cannot be read: {exc.strerror or exc}") from exc
-                self._problem(f"cannot read folder {rel!r}: {exc.strerror or exc}")
+                # Listed once (and by `status`) instead of logged at every scan; seen again once readable.
+                refused[rel] = f"folder cannot be read: {exc.strerror or exc}"
                 continue
             with it:
                 for entry in it:
@@ -544,8 +545,8 @@ class FolderWatcher:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             return  # removed while scanning
-        except OSError as exc:
-            self._problem(f"cannot read {relpath!r}: {exc.strerror or exc}")
+        except OSError as exc:  # a path too long for the system, an I/O error: listed, not logged every scan
+            refused[relpath] = f"cannot be read: {exc.strerror or exc}"
             return
         if not stat.S_ISREG(st.st_mode):
             refused[relpath] = "not a regular file"

@@ -201,6 +201,28 @@ class TestScanning:
         watcher.step()
         assert sorted(watcher.refused()) == ["bad-\udcff.jpg", "linkdir"]
 
+    def test_a_tree_deeper_than_the_system_can_name_is_listed_once_not_logged_at_every_scan(self, hot):
+        """Folders nested past PATH_MAX cannot be opened by path: that folder is listed among the entries left
+        alone (and so by `status`), once, instead of a log line at every scan."""
+        names = ["D" * 200] * 22
+        fd = os.open(hot, os.O_RDONLY | os.O_DIRECTORY)
+        for name in names:
+            os.mkdir(name, dir_fd=fd)
+            next_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        os.close(os.open("deep.jpg", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+        os.close(fd)
+        rec = Recorder()
+        clock = FakeClock()
+        watcher = make_watcher(hot, rec, sources=[], clock=clock, mountinfo=local_mountinfo)
+        for _ in range(3):
+            watcher.step()
+            clock.now += 31
+        [(where, why)] = watcher.refused().items()
+        assert why.endswith("cannot be read: File name too long") and where.startswith("D" * 200 + "/")
+        assert len(rec.refused) == 1 and rec.problems == []
+
     def test_odd_names_work(self, hot):
         """Names with spaces, Unicode, newlines and leading dashes are candidates like any other."""
         names = ["with space.jpg", "写真 é.jpg", "new\nline.jpg", "-leading-dash.jpg"]
