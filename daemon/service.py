@@ -253,6 +253,7 @@ class Service:
         self.names_lock = threading.Lock()
         self.waiting_since: dict[str, float] = {}
         self.fail_later: dict[int, float] = {}  # job id -> when the gate may look again (failed/ refused it)
+        self.fail_refused: dict[int, str] = {}  # job id -> why failed/ refused it, for `status` (pending rows)
         self.device_name = "?"
         self.counters = {"done": 0, "failed": 0, "faces": 0}
         self.done_times: deque[float] = deque()  # finishing times over the last minute
@@ -1333,10 +1334,12 @@ class Service:
                 self.jobs.retry_later(job.id, f"failed-folder: {exc}", delay)
             else:  # a gate or watch verdict: the gate must not try again on its next pass (5 times a second)
                 self.fail_later[job.id] = time.monotonic() + self.settings.retry_backoff_max
+                self.fail_refused[job.id] = f"{job.relpath} ({error}): {exc.strerror or exc}"
             log.warning("failed file could not be moved to the failed folder; will retry", folder=job.folder,
                         path=job.relpath, stage=stage, error=error, failed_folder_error=str(exc))
             return
         self.jobs.fail(job.id, stage, error, kept=kept)
+        self.fail_refused.pop(job.id, None)
         with self.counters_lock:
             self.counters["failed"] += 1
         if self.metrics is not None:
@@ -1473,7 +1476,28 @@ class Service:
         self.notifier.ready()
 
     def _warnings(self) -> list[str]:
-        return [*([self.reload_rejected] if self.reload_rejected else []), *self.config_warnings]
+        config = [*([self.reload_rejected] if self.reload_rejected else []), *self.config_warnings]
+        return [*(f"config: {w}" for w in config), *self._failed_folder_warnings()]
+
+    def _failed_folder_warnings(self) -> list[str]:
+        """Files that failed at the gate but that their failed/ folder refuses: they wait in the hot folder as
+        pending, which `status` would not otherwise explain. (Files that failed later show as retries.)"""
+        if self.jobs is None or not self.fail_refused:
+            return []
+        for job_id in list(self.fail_refused):
+            try:
+                waiting = self.jobs.get(job_id).state == "pending"
+            except (JobStateError, JobTableError, KeyError, LookupError):
+                waiting = False
+            if not waiting:
+                self.fail_refused.pop(job_id, None)
+        refused = list(self.fail_refused.values())  # the gate thread adds to it
+        if not refused:
+            return []
+        first = refused[0]
+        more = f" and {len(refused) - 1} more" if len(refused) > 1 else ""
+        return [f"failed folder: failed files that cannot be moved into their failed folder stay in the hot folder "
+                f"and are tried again: {first}{more}"]
 
     def _report_status(self) -> None:
         if self.jobs is None:

@@ -412,7 +412,7 @@ def render_text(report: Report) -> str:
             lines.append(f"batch caps (faces): {caps}")
         for folder, reason in sorted(snap.paused.items()):
             lines.append(f"PAUSED {folder}: {reason}")
-        lines += [f"config: {_shown(w)}" for w in snap.warnings]
+        lines += [_shown(w) for w in snap.warnings]  # each says what it is about ("config: ...")
         lines += _refused_lines(snap)
     for owner, n in sorted(report.stranded.items()):
         name = f"instance {owner}" if owner else "the default instance"

@@ -810,3 +810,37 @@ def test_a_source_replaced_after_its_publish_but_before_its_disposal_is_new_work
     assert again is not None and again.id != job_id and again.state == "pending"
     assert backup.read_bytes() == old and output.read_bytes() == b"restored first version"
     svc.jobs.close()
+
+
+def test_status_says_why_a_failed_file_waits_when_its_failed_folder_refuses_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file the gate fails (not an image) while failed/ is read-only stays in the hot folder as pending: `status`
+    says why, until it is moved after all."""
+    from daemon import status
+    from daemon.settings import state_dir
+
+    svc, key, folder = _service_on_its_first_folder(tmp_path)
+    assert svc.jobs is not None
+    state = state_dir(svc.settings)
+    state.mkdir(parents=True, exist_ok=True)
+    (folder.path / "junk.jpg").write_bytes(b"Dear colleague, not a photo")
+    job = svc.jobs.note_candidate(key, "junk.jpg", folder.preset)
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(publish, "write_failure", read_only)
+    svc._fail(job, folder, folder.path / "junk.jpg", "readiness", "not an image (unrecognised format)")
+    svc._write_snapshot({}, {})
+    snap = status.read_snapshot(state / status.SNAPSHOT_FILE)
+    assert snap is not None
+    shown = " ".join(snap.warnings)  # `status` prints them
+    assert "cannot be moved into their failed folder" in shown and "junk.jpg" in shown
+    assert "Read-only file system" in shown
+    monkeypatch.undo()
+    svc._fail(svc.jobs.get(job.id), folder, folder.path / "junk.jpg", "readiness", "not an image")
+    svc._write_snapshot({}, {})
+    snap = status.read_snapshot(state / status.SNAPSHOT_FILE)
+    assert snap is not None and not any("cannot be moved" in w for w in snap.warnings)
+    assert (folder.failed / "junk.jpg").is_file()
+    svc.jobs.close()
