@@ -13,6 +13,7 @@ import contextlib
 import errno
 import faulthandler
 import hashlib
+import math
 import os
 import queue
 import signal
@@ -194,6 +195,24 @@ class _Check:
 
 
 @dataclass
+class _Repeats:
+    """Keeps a loop that fails the same way on every pass (a full disk under the job table) from logging a
+    traceback on every pass: the same error is logged again after ``every`` seconds."""
+
+    every: float = 60.0
+    last: dict[str, float] = field(default_factory=dict)
+
+    def first(self, key: str) -> bool:
+        now = time.monotonic()
+        if now - self.last.get(key, -math.inf) < self.every:
+            return False
+        if len(self.last) > 100:  # errors whose text varies: forget the old ones rather than grow
+            self.last.clear()
+        self.last[key] = now
+        return True
+
+
+@dataclass
 class Heartbeats:
     """When each stage last showed it is alive; the watchdog pings only while all are fresh."""
 
@@ -253,6 +272,7 @@ class Service:
         self.names_lock = threading.Lock()
         self.waiting_since: dict[str, float] = {}
         self.fail_later: dict[int, float] = {}  # job id -> when the gate may look again (failed/ refused it)
+        self.repeats = _Repeats()
         self.fail_refused: dict[int, str] = {}  # job id -> why failed/ refused it, for `status` (pending rows)
         self.device_name = "?"
         self.counters = {"done": 0, "failed": 0, "faces": 0}
@@ -805,8 +825,9 @@ class Service:
                         g.stability_delay, g.max_wait = folder.stability_delay, self.settings.max_ready_wait
                         g.check_decodes, g.max_bytes = check_decodes, max_bytes
                         self._gate_one(g, folder, job, pool, checks, crashed)
-                except Exception:
-                    log.exception("gate pass failed; retrying")
+                except Exception as exc:
+                    if self.repeats.first(f"gate: {exc}"):
+                        log.exception("gate pass failed; retrying (the same error is logged again once a minute)")
                 self.stop_event.wait(0.2)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -910,8 +931,9 @@ class Service:
             self.heartbeats.beat("prep")
             try:
                 batch = self._next_batch()
-            except Exception:
-                log.exception("claiming a batch failed; retrying")
+            except Exception as exc:
+                if self.repeats.first(f"claim: {exc}"):
+                    log.exception("claiming a batch failed; retrying (the same error is logged again once a minute)")
                 self.stop_event.wait(1.0)
                 continue
             if batch is None:

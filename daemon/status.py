@@ -311,6 +311,14 @@ class Report:
         return asdict(self)
 
 
+def _disk_full(folder: str) -> bool:
+    """Whether the disk holding ``folder`` has no block left for an unprivileged writer."""
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except OSError:
+        return False
+
+
 def gather(state: Path, *, failures: int = 10, now: float | None = None) -> Report:
     """Everything `gpen-watch status` shows, read from the state directory ``state``."""
     now = time.time() if now is None else now
@@ -394,7 +402,8 @@ def render_text(report: Report) -> str:
         lines.append(f"gpen-watch: {phase} ({which}pid {snap.pid}, since {since}, version {snap.version})")
         age = time.time() - snap.updated_at
         if age > STALE_AFTER:  # the daemon rewrites it every 2 s: its main loop is stuck or it is still starting
-            lines.append(f"warning: the daemon has not updated its status for {age:.0f} s (still starting, or hung)")
+            why = "its state folder's disk is full" if _disk_full(report.state_dir) else "still starting, or hung"
+            lines.append(f"warning: the daemon has not updated its status for {age:.0f} s ({why})")
     elif snap is not None:
         lines.append(f"gpen-watch: not running ({which}last seen {_when(snap.updated_at)}, pid {snap.pid})")
     else:

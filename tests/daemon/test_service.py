@@ -844,3 +844,34 @@ def test_status_says_why_a_failed_file_waits_when_its_failed_folder_refuses_it(
     assert snap is not None and not any("cannot be moved" in w for w in snap.warnings)
     assert (folder.failed / "junk.jpg").is_file()
     svc.jobs.close()
+
+
+def test_a_loop_failing_the_same_way_on_every_pass_logs_one_traceback_not_one_per_pass(tmp_path: Path) -> None:
+    """The job table's disk is full: claiming a batch fails on every pass. The log gets the error with its
+    traceback once (and again once a minute), not every second."""
+    from structlog.testing import capture_logs
+
+    from daemon.jobs import JobTableError
+
+    svc, _key, _folder = _service_on_its_first_folder(tmp_path)
+    passes = []
+
+    def full() -> None:
+        passes.append(1)
+        raise JobTableError("job table: disk full; free space in the state directory")
+
+    class Stop:
+        def is_set(self) -> bool:
+            return len(passes) >= 5
+
+        def wait(self, timeout: float) -> bool:
+            return self.is_set()
+
+    svc._next_batch = full  # type: ignore[method-assign]
+    svc.stop_event = Stop()  # type: ignore[assignment]
+    with capture_logs() as logs:
+        svc._prep_loop()
+    assert len(passes) == 5
+    assert sum(e["event"].startswith("claiming a batch failed") for e in logs) == 1
+    assert svc.jobs is not None
+    svc.jobs.close()

@@ -191,6 +191,24 @@ class TestCommand:
         main(["status", "--root", str(tmp_path), "--json"])
         assert json.loads(capsys.readouterr().out)["snapshot"]["ready"] is False
 
+    def test_a_snapshot_gone_stale_on_a_full_disk_says_so(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+        """The daemon cannot rewrite its snapshot when the state folder's disk is full: status says that, not
+        "still starting, or hung"."""
+        import dataclasses
+        import os
+        import time
+
+        state = make_state(tmp_path)
+        stale = dataclasses.replace(Snapshot.current(device="cpu", batch_caps={}, paused={}),
+                                    updated_at=time.time() - 120)
+        status.write_snapshot(state / status.SNAPSHOT_FILE, stale)
+        main(["status", "--root", str(tmp_path)])
+        assert "(still starting, or hung)" in capsys.readouterr().out
+        monkeypatch.setattr(os, "statvfs", lambda path: type("Full", (), {"f_bavail": 0})())
+        main(["status", "--root", str(tmp_path)])
+        assert "(its state folder's disk is full)" in capsys.readouterr().out
+
     def test_files_waiting_to_retry_show_why(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """An output share that went away fails nothing: its files wait to retry, and status says why."""
         state = make_state(tmp_path)
