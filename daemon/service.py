@@ -781,6 +781,11 @@ class Service:
             log.warning("file refused", folder=key, path=relpath, reason=reason)
             return
         job = self.jobs.note_candidate(key, relpath, folder.preset)
+        if job.sha256 is not None and job.state in ("ready", "retry"):
+            # The row is the photo that was there before the link took its name: that photo is gone (its backup,
+            # if one was made, stays and is named); the link is an entry of its own.
+            self._source_missing(job, folder)
+            job = self.jobs.note_candidate(key, relpath, folder.preset)
         self._fail(job, folder, path, "watch", f"refused: {reason}")
 
     def _gate_loop(self) -> None:

@@ -875,3 +875,22 @@ def test_a_loop_failing_the_same_way_on_every_pass_logs_one_traceback_not_one_pe
     assert sum(e["event"].startswith("claiming a batch failed") for e in logs) == 1
     assert svc.jobs is not None
     svc.jobs.close()
+
+
+def test_a_photo_replaced_by_a_link_while_it_waits_is_gone_and_the_link_fails_on_its_own(tmp_path: Path) -> None:
+    """A photo queued (or waiting to retry) is replaced by a link under its name. The photo's row ends as gone,
+    not as "refused: symbolic link" with the photo's hash; the link gets a failed row and goes to failed/."""
+    svc, key, folder = _service_on_its_first_folder(tmp_path)
+    assert svc.jobs is not None
+    photo = _queued(svc, key, folder, "orph.jpg", b"the photo's bytes")
+    outside = tmp_path / "hostname"
+    outside.write_text("not for the daemon")
+    (folder.path / "orph.jpg").unlink()
+    (folder.path / "orph.jpg").symlink_to(outside)
+    svc._refuse(key, "orph.jpg", "symbolic link: links are never followed")
+    assert svc.jobs.get(photo).state == "gone"
+    link = svc.jobs.latest(key, "orph.jpg")
+    assert link is not None and link.id != photo
+    assert (link.state, link.error_stage, link.sha256) == ("failed", "watch", None)
+    assert (folder.failed / "orph.jpg").is_symlink() and outside.read_text() == "not for the daemon"
+    svc.jobs.close()
