@@ -483,6 +483,16 @@ class JobTable:
         )
         return [Job(*row) for row in rows]  # type: ignore[arg-type]
 
+    def recent_kept(self, limit: int = 10) -> list[Job]:
+        """The latest finished rows whose original stays in the hot folder (it could not be removed), newest
+        first."""
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM jobs WHERE kept IS NOT NULL AND state IN ('done', 'failed', 'skipped') "
+            "ORDER BY updated_at DESC, id DESC LIMIT ?",
+            (limit,),
+        )
+        return [Job(*row) for row in rows]  # type: ignore[arg-type]
+
     def throughput(self, window_s: float, now: float | None = None) -> float:
         """Files finished per minute over the last ``window_s`` seconds."""
         now = time.time() if now is None else now

@@ -303,6 +303,8 @@ class Report:
     throughput: dict[str, float]  # files per minute over each window of THROUGHPUT_WINDOWS
     instances: dict[str, bool] = field(default_factory=dict)  # instance name ("" = the single daemon) -> running
     retrying: list[Failure] = field(default_factory=list)  # the latest files waiting to retry, with why
+    # the latest files finished whose original stays in the hot folder (it could not be removed), with why
+    kept: list[Failure] = field(default_factory=list)
     # instance name -> files it holds in flight although it is not running: they wait for it to start again
     stranded: dict[str, int] = field(default_factory=dict)
     shown: str | None = None  # the instance whose snapshot this is
@@ -344,6 +346,8 @@ def gather(state: Path, *, failures: int = 10, now: float | None = None) -> Repo
             failures=[Failure.of(job) for job in table.recent_failures(failures)],
             throughput={name: table.throughput(window, now) for name, window in THROUGHPUT_WINDOWS.items()},
             retrying=[Failure.of(job) for job in table.recent_failures(failures, state="retry")],
+            kept=[Failure(job.folder, job.relpath, job.state, job.kept, job.attempts, job.updated_at)
+                  for job in table.recent_kept(failures)],
             stranded={owner: n for owner, n in table.in_flight_by_owner().items() if not running.get(owner, False)},
         )
     finally:
@@ -455,6 +459,13 @@ def render_text(report: Report) -> str:
         for f in report.retrying:
             lines.append(f"  {_when(f.at)}  {_shown(f.folder)}  {_shown(f.relpath)}")
             lines.append(f"      {_shown(_one_line(f.error))} (attempts {f.attempts})")
+    if report.kept:
+        # Finished, but a hot folder the service cannot write keeps the original: it is not processed again.
+        lines.append("")
+        lines.append("originals left in the hot folder (latest; processed, but they could not be removed):")
+        for f in report.kept:
+            lines.append(f"  {_when(f.at)}  {_shown(f.folder)}  {_shown(f.relpath)} ({f.stage})")
+            lines.append(f"      {_shown(_one_line(f.error))}")
     if report.failures:
         lines.append("")
         lines.append("last failures:")

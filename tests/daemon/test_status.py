@@ -209,6 +209,23 @@ class TestCommand:
         main(["status", "--root", str(tmp_path)])
         assert "(its state folder's disk is full)" in capsys.readouterr().out
 
+    def test_originals_left_in_a_read_only_hot_folder_are_listed(self, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+        """A hot folder the service cannot write keeps its originals after they are published: status says which
+        and why (before, only the log did), and --json has them."""
+        state = make_state(tmp_path)
+        with JobTable.open(state / status.JOBS_FILE) as table:
+            job = table.note_candidate("/hot/fast", "kept.jpg", "fast")
+            table.mark_ready(job.id, 10, 1, "kk")
+            (claimed,) = table.claim("fast", 1)
+            table.finish(claimed.id, faces=1, kept="the original could not be removed: Read-only file system")
+        main(["status", "--root", str(tmp_path)])
+        out = capsys.readouterr().out
+        assert "originals left in the hot folder" in out and "kept.jpg (done)" in out
+        assert "Read-only file system" in out
+        main(["status", "--root", str(tmp_path), "--json"])
+        assert [k["relpath"] for k in json.loads(capsys.readouterr().out)["kept"]] == ["kept.jpg"]
+
     def test_files_waiting_to_retry_show_why(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """An output share that went away fails nothing: its files wait to retry, and status says why."""
         state = make_state(tmp_path)
