@@ -185,6 +185,7 @@ class FolderWatcher:
         self._mount: Mount | None = None
         self._below: Mount | None = None  # what _mount covers (see paths.mount_below)
         self._leads_to: str | None = None  # where the configured path led when first seen (it may be a link)
+        self._carried_refused: dict[str, str] = {}  # the replaced watcher's refusals (take_over)
         self._remount = False  # set by reload_mount, handled on the watcher's own thread
         self._paused: str | None = None
         self._started = False
@@ -302,6 +303,8 @@ class FolderWatcher:
         if old.root == self.root:
             self._mount, self._below, self._leads_to = old._mount, old._below, old._leads_to
             self._remount = True
+            with old._lock:  # known already: not reported (and logged) again at every reload
+                self._carried_refused = dict(old._refused)
 
     def wake(self) -> None:
         """Scan now (the service calls this after a reload, for instance)."""
@@ -388,7 +391,8 @@ class FolderWatcher:
         self._mode = self._choose_mode()
         self._snapshot = {}
         with self._lock:
-            self._refused.clear()
+            self._refused = self._carried_refused  # empty but on the first sight after a reload's take-over
+        self._carried_refused = {}
         self._start_source()
         self._paused = None
         self._started = True

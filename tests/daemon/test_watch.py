@@ -223,6 +223,20 @@ class TestScanning:
         assert why.endswith("cannot be read: File name too long") and where.startswith("D" * 200 + "/")
         assert len(rec.refused) == 1 and rec.problems == []
 
+    def test_a_reload_s_new_watcher_does_not_report_known_refusals_again(self, hot, tmp_path):
+        """On every reload each folder's watcher is replaced: the entries already refused (a FIFO, a linked
+        folder) stay listed, but are not reported (and logged) again; a new one is."""
+        os.mkfifo(hot / "pipe.jpg")
+        (hot / "linkdir").symlink_to(tmp_path, target_is_directory=True)
+        first, rec = make_watcher(hot, Recorder(), sources=[], clock=FakeClock(), mountinfo=local_mountinfo), Recorder()
+        first.step()
+        second = make_watcher(hot, rec, sources=[], clock=FakeClock(), mountinfo=local_mountinfo)
+        second.take_over(first)
+        os.mkfifo(hot / "new-pipe.jpg")
+        second.step()
+        assert rec.refused == [("new-pipe.jpg", "not a regular file")]
+        assert sorted(second.refused()) == ["linkdir", "new-pipe.jpg", "pipe.jpg"]
+
     def test_odd_names_work(self, hot):
         """Names with spaces, Unicode, newlines and leading dashes are candidates like any other."""
         names = ["with space.jpg", "写真 é.jpg", "new\nline.jpg", "-leading-dash.jpg"]
