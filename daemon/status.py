@@ -22,6 +22,7 @@ import sqlite3
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from importlib import metadata
@@ -452,28 +453,26 @@ def render_text(report: Report) -> str:
     rates = " · ".join(f"{name} {rate:.1f}" for name, rate in report.throughput.items())
     lines.append(f"throughput (files/min): {rates}")
 
-    if report.retrying:
-        # Passing trouble (an output share away, a full disk) shows here: nothing has failed, files wait.
-        lines.append("")
-        lines.append("waiting to retry (latest):")
-        for f in report.retrying:
-            lines.append(f"  {_when(f.at)}  {_shown(f.folder)}  {_shown(f.relpath)}")
-            lines.append(f"      {_shown(_one_line(f.error))} (attempts {f.attempts})")
-    if report.kept:
-        # Finished, but a hot folder the service cannot write keeps the original: it is not processed again.
-        lines.append("")
-        lines.append("originals left in the hot folder (latest; processed, but they could not be removed):")
-        for f in report.kept:
-            lines.append(f"  {_when(f.at)}  {_shown(f.folder)}  {_shown(f.relpath)} ({f.stage})")
-            lines.append(f"      {_shown(_one_line(f.error))}")
-    if report.failures:
-        lines.append("")
-        lines.append("last failures:")
-        for f in report.failures:
-            stage = f"[{f.stage}] " if f.stage else ""
-            lines.append(f"  {_when(f.at)}  {_shown(f.folder)}  {_shown(f.relpath)}")
-            lines.append(f"      {stage}{_shown(_one_line(f.error))} (attempts {f.attempts})")
+    # Passing trouble (an output share away, a full disk) shows under retries: nothing has failed, files wait.
+    lines += _file_lines("waiting to retry (latest):", report.retrying, lambda f: "",
+                         lambda f: f"{_shown(_one_line(f.error))} (attempts {f.attempts})")
+    # Finished, but a hot folder the service cannot write keeps the original: it is not processed again.
+    lines += _file_lines("originals left in the hot folder (latest; processed, but they could not be removed):",
+                         report.kept, lambda f: f" ({f.stage})", lambda f: _shown(_one_line(f.error)))
+    lines += _file_lines("last failures:", report.failures, lambda f: "",
+                         lambda f: f"{f'[{f.stage}] ' if f.stage else ''}{_shown(_one_line(f.error))} "
+                                   f"(attempts {f.attempts})")
     return "\n".join(lines) + "\n"
+
+
+def _file_lines(title: str, files: list[Failure], after_name: Callable[[Failure], str],
+                why: Callable[[Failure], str]) -> list[str]:
+    """A section of files, each on two lines: when, folder and name; then why."""
+    lines = ["", title] if files else []
+    for f in files:
+        lines.append(f"  {_when(f.at)}  {_shown(f.folder)}  {_shown(f.relpath)}{after_name(f)}")
+        lines.append(f"      {why(f)}")
+    return lines
 
 
 def _refused_lines(snap: Snapshot) -> list[str]:

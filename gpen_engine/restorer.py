@@ -19,11 +19,13 @@ input bytes. Strength 0 skips the generator altogether.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -104,6 +106,20 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, oom_type):
         return True
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _OUT_OF_MEMORY_TEXTS)
+
+
+_T = TypeVar("_T")
+
+
+def _unless_out_of_memory(run: Callable[[], _T]) -> _T | None:
+    """``run()``, or None where it runs out of memory. The error is dropped at once: its traceback holds the
+    failed call's tensors, which the smaller retry needs the memory of."""
+    try:
+        return run()
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+    return None
 
 
 @dataclass
@@ -263,15 +279,10 @@ class Restorer:
 
     def _detect(self, works: list[_Work]) -> None:
         p = self.preset
-        try:
-            found = detect_faces(
-                self.models.detector, [w.rgb for w in works], long_side=p.detect_long_side,
-                confidence=p.det_confidence, min_face_size=p.min_face_size, max_faces=p.max_faces,
-                search=[w.search for w in works])
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            found = None  # leave the except block first: its traceback holds the failed batch's tensors
+        found = _unless_out_of_memory(lambda: detect_faces(
+            self.models.detector, [w.rgb for w in works], long_side=p.detect_long_side,
+            confidence=p.det_confidence, min_face_size=p.min_face_size, max_faces=p.max_faces,
+            search=[w.search for w in works]))
         if found is None:
             if len(works) == 1:
                 works[0].error = DeviceOutOfMemory("face detection does not fit in device memory")
@@ -302,12 +313,7 @@ class Restorer:
                     chunk.append((i, k))
             if not chunk:
                 break
-            try:
-                crops: Tensor | None = self._align(works, chunk)
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                crops = None  # leave the except block first: its traceback holds the failed warp's tensors
+            crops = _unless_out_of_memory(functools.partial(self._align, works, chunk))
             if crops is None:
                 if len(chunk) == 1:
                     i, k = chunk[0]

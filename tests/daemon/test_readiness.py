@@ -192,44 +192,25 @@ class TestReadinessGate:
         ready = gate.look(path, 1)
         assert ready.state is READY and ready.data == data
 
-    def test_a_stereo_pair_still_arriving_is_waited_for_and_refused_once_whole(self, gate, clock, tmp_path):
-        """A 3D camera's MPO is refused (restoring one view would drop the other), but only once it is all there:
-        refused mid-copy, it would be moved to failed/ while its writer still writes."""
-        from tests.daemon.test_bad_inputs import stereo_mpo
+    @pytest.mark.parametrize("kind", ["stereo MPO", "DNG"])
+    def test_a_file_refused_for_what_it_is_is_waited_for_while_it_arrives(self, gate, clock, tmp_path, kind):
+        """A 3D camera's MPO (restoring one view would drop the other) and a camera raw file named .tif are
+        refused, but only once they are all there: refused mid-copy, they would be moved to failed/ while their
+        writer still writes. Half-copied, the MPO's index promises more and the DNG is a truncated TIFF."""
+        from tests.daemon.test_bad_inputs import dng_with_preview, stereo_mpo
 
-        data = stereo_mpo()
-        first_end = data.index(b"\xff\xd9") + 2
-        path = tmp_path / "3d.jpg"
-        path.write_bytes(data[:first_end])
-        touch_mtime(path, 10**18)
-        gate.look(path, 1)
-        clock.advance(2.5)
-        assert gate.look(path, 1).state is NOT_YET
-        with open(path, "ab") as f:
-            f.write(data[first_end:])
-        touch_mtime(path, 10**18 + 1)
-        gate.look(path, 1)
-        clock.advance(2.5)
-        verdict = gate.look(path, 1)
-        assert verdict.state is FAILED and "2 views" in verdict.reason
-
-    def test_a_camera_raw_file_still_arriving_is_waited_for_and_refused_once_whole(self, gate, clock, tmp_path):
-        """Likewise a DNG named .tif: half-copied it is a truncated TIFF (wait), whole it is a raw file (refuse)."""
-        from tests.daemon.test_bad_inputs import dng_with_preview
-
-        data = dng_with_preview()
-        path = tmp_path / "IMG_0002.tif"
-        path.write_bytes(data[: len(data) // 2])
-        touch_mtime(path, 10**18)
-        gate.look(path, 1)
-        clock.advance(2.5)
-        assert gate.look(path, 1).state is NOT_YET
-        path.write_bytes(data)
-        touch_mtime(path, 10**18 + 1)
-        gate.look(path, 1)
-        clock.advance(2.5)
-        verdict = gate.look(path, 1)
-        assert verdict.state is FAILED and "camera raw" in verdict.reason
+        data = stereo_mpo() if kind == "stereo MPO" else dng_with_preview()
+        first = data.index(b"\xff\xd9") + 2 if kind == "stereo MPO" else len(data) // 2
+        path = tmp_path / ("3d.jpg" if kind == "stereo MPO" else "IMG_0002.tif")
+        for part, mtime in ((data[:first], 10**18), (data, 10**18 + 1)):
+            path.write_bytes(part)
+            touch_mtime(path, mtime)
+            gate.look(path, 1)
+            clock.advance(2.5)
+            verdict = gate.look(path, 1)
+            if part != data:
+                assert verdict.state is NOT_YET
+        assert verdict.state is FAILED and ("2 views" if kind == "stereo MPO" else "camera raw") in verdict.reason
 
     def test_a_stale_index_delays_a_good_photo_briefly_and_never_fails_it(self, gate, clock, tmp_path):
         """A camera JPEG rotated losslessly (jpegtran -copy all keeps the MPF index, drops the preview after the
