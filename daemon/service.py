@@ -1003,6 +1003,11 @@ class Service:
         if not self._folder_available(job.folder):  # gone, unmounted or swapped for a link: its files wait
             self.jobs.retry_later(job.id, "hot folder unavailable", self.settings.retry_backoff)
             return None
+        try:  # checked again when publishing; a share already away would have the file restored at every retry
+            self._check_mounted(folder.backup, folder.output, folder.done if folder.after == "move" else None)
+        except publish.ShareUnavailable as exc:
+            self._retry(job, "publish", exc, side="destination")
+            return None
         started = time.monotonic()
         try:
             source = safe_join(folder.path, job.relpath)

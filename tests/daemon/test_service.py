@@ -452,6 +452,31 @@ def _claimed_batch(svc: service.Service, folder: FolderSettings) -> service.Batc
     return service.Batch(folder.preset, items, "batch-1")
 
 
+def test_a_file_waits_unread_while_its_output_share_is_away(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the outputs share unmounted, a claimed file is not decoded and restored only to fail publishing (at every
+    retry, for as long as the share is away): it waits, its original untouched, and the wait names the share."""
+    table = {"text": ROOT_FS}
+    monkeypatch.setattr(paths, "read_mountinfo", lambda: table["text"])
+    svc, key, folder = _service_on_its_first_folder(tmp_path)
+    try:
+        table["text"] = ROOT_FS + tmpfs_at(folder.output)
+        svc._note_mounts(svc.folders.values())
+        photo = io.BytesIO()
+        Image.new("RGB", (64, 48), "gray").save(photo, "JPEG")
+        job_id = _queued(svc, key, folder, "a.jpg", photo.getvalue())
+        table["text"] = ROOT_FS  # the share unmounted: its empty mount point is on the local disk
+        (job,) = svc.jobs.claim(folder.preset, 1)
+        assert svc._read(job) is None
+        waiting = svc.jobs.get(job_id)
+        assert waiting.state == "retry"
+        assert "is no longer mounted" in (waiting.last_error or "")
+        assert (folder.path / "a.jpg").read_bytes() == photo.getvalue()
+    finally:
+        svc.publish_pool.shutdown()
+        svc.read_pool.shutdown()
+        svc.jobs.close()
+
+
 class _Engine:
     """Returns each image as it came, except that a run holding an image named in ``breaks_on`` raises.
 
