@@ -52,6 +52,7 @@ __all__ = [
     "file_has_sha256",
     "is_mounted_share_available",
     "plan_output_name",
+    "plan_result_and_backup",
     "write_atomic",
     "write_failure",
 ]
@@ -428,21 +429,65 @@ def plan_output_name(
     (``a.png`` and ``a.jpg``) never overwrite each other's results.
     Raises ShareUnavailable if ``out_dir`` is missing.
     """
-    if not is_mounted_share_available(out_dir):
-        raise ShareUnavailable(out_dir)
-    same_name = safe_join(out_dir, str(relpath))
-    ext = "." + ext.lstrip(".") if ext else ""
-    base = _fit_name((same_name.stem if ext else same_name.name) + ext, 0)  # a longer extension must still fit
-    folder = same_name.parent
-    is_reserved = reserved or (lambda _p: False)
-    may_replace = replaceable or (lambda _p: True)
-    for n in range(_MAX_SUFFIX):
-        candidate = folder / (base if n == 0 else _suffixed(base, n))
-        if is_reserved(candidate):
-            continue
-        if not os.path.lexists(candidate) or (collisions == "overwrite" and may_replace(candidate)):
-            return candidate
-    raise FileExistsError(errno.EEXIST, f"no free name after {_MAX_SUFFIX} tries", str(folder / base))
+    name = _Name(out_dir, relpath, ext)
+    return name.numbered(name.first_free(0, collisions, reserved, replaceable))
+
+
+def plan_result_and_backup(
+    output_dir: Path,
+    backup_dir: Path,
+    relpath: str | PurePath,
+    ext: str,
+    *,
+    collisions: Collisions = "suffix",
+    reserved: Callable[[Path], bool] | None = None,
+    replaceable: Callable[[Path], bool] | None = None,
+) -> tuple[Path, Path]:
+    """The result's name (as ``plan_output_name``) and the backup's (the original's own name, never replacing).
+
+    With ``suffix`` both take the same number, the first free in both folders (``p (2).jpg`` and ``p (2).png``), so
+    the original of a result is found by its name. With ``overwrite`` the result keeps its name while an earlier
+    backup, perhaps the only copy of an earlier original, is not replaced: the backup's number is its own.
+    """
+    result = _Name(output_dir, relpath, ext)
+    backup = _Name(backup_dir, relpath, PurePath(relpath).suffix)
+    if collisions == "overwrite":
+        return (result.numbered(result.first_free(0, collisions, reserved, replaceable)),
+                backup.numbered(backup.first_free(0, "suffix", reserved, None)))
+    n = 0
+    while True:  # each round moves n up, and first_free gives up past _MAX_SUFFIX
+        n = result.first_free(n, collisions, reserved, replaceable)
+        m = backup.first_free(n, "suffix", reserved, None)
+        if m == n:
+            return result.numbered(n), backup.numbered(n)
+        n = m
+
+
+class _Name:
+    """A file name under ``out_dir`` for ``relpath`` with extension ``ext``, and its numbered variants."""
+
+    def __init__(self, out_dir: Path, relpath: str | PurePath, ext: str) -> None:
+        if not is_mounted_share_available(out_dir):
+            raise ShareUnavailable(out_dir)
+        same_name = safe_join(out_dir, str(relpath))
+        ext = "." + ext.lstrip(".") if ext else ""
+        self.base = _fit_name((same_name.stem if ext else same_name.name) + ext, 0)  # a longer extension must fit
+        self.folder = same_name.parent
+
+    def numbered(self, n: int) -> Path:
+        return self.folder / (self.base if n == 0 else _suffixed(self.base, n))
+
+    def first_free(self, start: int, collisions: Collisions, reserved: Callable[[Path], bool] | None,
+                   replaceable: Callable[[Path], bool] | None) -> int:
+        """The first number from ``start`` whose name is free (or replaceable, with ``overwrite``)."""
+        for n in range(start, _MAX_SUFFIX):
+            candidate = self.numbered(n)
+            if reserved is not None and reserved(candidate):
+                continue
+            if not os.path.lexists(candidate) or (
+                    collisions == "overwrite" and (replaceable is None or replaceable(candidate))):
+                return n
+        raise FileExistsError(errno.EEXIST, f"no free name after {_MAX_SUFFIX} tries", str(self.folder / self.base))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1318,17 +1318,11 @@ class Service:
         jobs = self.jobs
         with self.names_lock:  # this process's threads; set_targets settles it with other instances
             for _ in range(100):
-                reserved = _one_of(jobs.reserved_targets())
-                output = publish.plan_output_name(
-                    folder.output, job.relpath, ext, collisions=self.settings.collisions,
-                    reserved=reserved,
+                output, backup = publish.plan_result_and_backup(
+                    folder.output, folder.backup, job.relpath, ext, collisions=self.settings.collisions,
+                    reserved=_one_of(jobs.reserved_targets()),
                     # "overwrite" replaces this source's own earlier result, never another file's.
                     replaceable=lambda p: jobs.source_of(str(p)) == (job.folder, job.relpath),
-                )
-                # A backup may be the only copy of an earlier original: backups are never replaced.
-                backup = publish.plan_output_name(
-                    folder.backup, job.relpath, Path(job.relpath).suffix, collisions="suffix",
-                    reserved=reserved,
                 )
                 if jobs.set_targets(job.id, str(output), str(backup)):
                     return output, backup

@@ -35,6 +35,7 @@ from daemon.publish import (
     host_tag,
     is_mounted_share_available,
     plan_output_name,
+    plan_result_and_backup,
     write_atomic,
     write_failure,
 )
@@ -269,6 +270,36 @@ class TestPlanOutputName:
         with pytest.raises(ShareUnavailable):
             plan_output_name(tmp_path / "gone", "a.png", ".jpg", collisions="suffix")
         assert not (tmp_path / "gone").exists()
+
+
+class TestResultAndBackupNames:
+    """A result and the backup of its original share their number, so one is found from the other by name."""
+
+    @pytest.fixture
+    def dirs(self, tmp_path: Path) -> tuple[Path, Path]:
+        out, backup = tmp_path / "out", tmp_path / "backup"
+        out.mkdir()
+        backup.mkdir()
+        return out, backup
+
+    def test_a_name_taken_in_either_folder_moves_both_on(self, dirs: tuple[Path, Path]) -> None:
+        out, backup = dirs
+        (out / "p.jpg").write_bytes(b"a result of another photo")
+        (backup / "p (1).png").write_bytes(b"an earlier original")
+        assert plan_result_and_backup(out, backup, "p.png", ".jpg") == (out / "p (2).jpg", backup / "p (2).png")
+
+    def test_a_name_reserved_for_another_job_moves_both_on(self, dirs: tuple[Path, Path]) -> None:
+        out, backup = dirs
+        reserved = {backup / "p.jpg"}
+        assert plan_result_and_backup(out, backup, "p.jpg", ".jpg", reserved=reserved.__contains__) == (
+            out / "p (1).jpg", backup / "p (1).jpg")
+
+    def test_overwrite_replaces_the_result_but_never_a_backup(self, dirs: tuple[Path, Path]) -> None:
+        out, backup = dirs
+        (out / "p.jpg").write_bytes(b"this source's earlier result")
+        (backup / "p.jpg").write_bytes(b"the earlier original, perhaps its only copy")
+        assert plan_result_and_backup(out, backup, "p.jpg", ".jpg", collisions="overwrite") == (
+            out / "p.jpg", backup / "p (1).jpg")
 
 
 class TestOddNames:
