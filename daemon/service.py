@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import structlog
 
-from daemon import publish, status
+from daemon import paths, publish, status
 from daemon.batcher import pick_queue
 from daemon.executor import LocalExecutor, Outcome, Raised, device_lost, out_of_memory, run_narrowing
 from daemon.faults import FailPoints
@@ -454,6 +454,7 @@ class Service:
         An unmounted share leaves its empty mount point behind: the folder still exists, and results
         written there would land on the local disk, hidden once the share is mounted again.
         """
+        table: str | None = None  # read once for all the roots
         for root in roots:
             led = self.leads_to.get(root) if root is not None else None
             if root is not None and led is not None and (now := os.path.realpath(root)) != led:
@@ -464,7 +465,8 @@ class Service:
             expected = self.share_mounts.get(root) if root is not None else None
             if root is None or expected is None:
                 continue
-            current = mount_of(root)
+            table = paths.read_mountinfo() if table is None else table
+            current = mount_of(root, table)
             if current is not None and unmounted(current, expected):
                 raise publish.ShareUnavailable(
                     root, f"the share it was on ({expected.mount_point}) is no longer mounted")
@@ -658,18 +660,18 @@ class Service:
             if spec is None or spec.arch is None:
                 raise ConfigError(f"presets.{name}.model = {preset.model!r}: unknown GPEN model")
             needed = preset_models(preset)
-            paths = ensure_models(settings, needed, download=settings.download, log=log.info)
-            key = (str(paths[spec.name]), str(report.device), precision, preset.detector, preset.use_parsing)
+            weights = ensure_models(settings, needed, download=settings.download, log=log.info)
+            key = (str(weights[spec.name]), str(report.device), precision, preset.detector, preset.use_parsing)
             models = self.models.get(key) or loaded.get(key)
             if models is None:
                 log.info("loading models", preset=name, model=spec.name, precision=precision)
                 self.failpoints.hit("load")
                 models = load_engine_models(
-                    generator_path=paths[spec.name],
+                    generator_path=weights[spec.name],
                     arch=spec.arch,
-                    detector_path=paths[needed[1]],
+                    detector_path=weights[needed[1]],
                     detector_name=preset.detector,
-                    parser_path=paths[needed[2]] if preset.use_parsing else None,
+                    parser_path=weights[needed[2]] if preset.use_parsing else None,
                     device=report.device,
                     precision=precision,
                 )
