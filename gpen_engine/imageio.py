@@ -627,6 +627,7 @@ def _clean_exif(im: ImageFile.ImageFile, *, reset_orientation: bool) -> bytes | 
             exif[_ORIENTATION] = 1
         if not len(exif):
             return None
+        _keep_text(exif)
         return exif.tobytes()
     except (OSError, ValueError, TypeError, SyntaxError, KeyError, struct.error):
         return None  # unreadable EXIF is dropped rather than failing a good photo
@@ -653,6 +654,7 @@ def _exif_sized(block: bytes, size: tuple[int, int]) -> bytes:
         for tag, value in ((exif_block.PIXEL_X, size[0]), (exif_block.PIXEL_Y, size[1])):
             if tag in sub:
                 sub[tag] = value
+        _keep_text(exif)
         return exif.tobytes()
     except (OSError, ValueError, TypeError, SyntaxError, KeyError, struct.error):
         return block
@@ -1071,6 +1073,7 @@ def _with_exif_directories(encoded: bytes, block: bytes) -> bytes:
     try:
         exif = Image.Exif()
         exif.load(block)
+        _keep_text(exif)
         subs: dict[int, dict[int, Any]] = {}
         for pointer in (exif_block.EXIF_IFD, _GPS_IFD):
             if tags := dict(exif.get_ifd(pointer)):
@@ -1116,11 +1119,22 @@ def _tiff_metadata(meta: dict[str, Any], compression: str) -> dict[str, Any]:
             exif = Image.Exif()
     for tag, value in extra.items():
         exif[tag] = value
+    _keep_text(exif)
     if len(exif):
         meta["exif"] = exif
     return meta
 
 
+def _keep_text(exif: Image.Exif) -> None:
+    """Each text value of ``exif`` (its sub-directories' too) that is not ASCII made the bytes it was read from.
+
+    Pillow reads a TIFF text field as Latin-1 and writes text back as ASCII, each other character a "?": the
+    Artist "Jürgen" (UTF-8, as cameras and editors write it) or a "©" would come out as "J??rgen". Bytes it
+    writes as they are. ASCII text stays text, so its field keeps its type where Pillow does not know the tag."""
+    for tags in (exif, *(exif.get_ifd(p) for p in _EXIF_POINTERS if p in exif or p == _INTEROP_IFD)):
+        for tag, value in list(tags.items()):
+            if isinstance(value, str) and not value.isascii():
+                tags[tag] = value.encode("latin-1", "replace")
 def _tiff_compression(image: DecodedImage) -> str:
     source = image.info.get("tiff_compression")
     lossless = ("raw", "tiff_lzw", "tiff_deflate", "tiff_adobe_deflate", "packbits")

@@ -1018,6 +1018,28 @@ class TestMetadata:
         back = _open(encode(image, image.rgb, options=EncodeOptions())[0])
         assert (xmp, iptc, "Jane") == (back.tag_v2.get(700), back.tag_v2.get(33723), back.tag_v2.get(315))
 
+    @pytest.mark.parametrize(("source", "compression", "bits"), [
+        ("JPEG", "raw", 8), ("JPEG", "tiff_lzw", 8),
+        ("TIFF", "raw", 8), ("TIFF", "tiff_lzw", 8), ("TIFF", "raw", 16), ("TIFF", "tiff_lzw", 16),
+    ])
+    def test_exif_text_beyond_ascii_comes_back_in_a_tiff(self, source: str, compression: str, bits: int) -> None:
+        """An archive's Artist and Copyright ("© 2019 Jürgen Müller", UTF-8 as editors write it) come back as they
+        were, not as "?? 2019 J??rgen M??ller"."""
+        artist, rights = "Jürgen Müller", "© 2019 Jürgen Müller"
+        tags = {315: artist.encode(), 33432: rights.encode()}
+        pixels = Image.fromarray(_photo()) if bits == 8 else Image.fromarray(np.full((6, 5), 30000, np.uint16))
+        if source == "JPEG":
+            exif = Image.Exif()
+            exif.update(tags)
+            data = _save(pixels, "JPEG", exif=exif.tobytes())
+        else:
+            data = _save(pixels, "TIFF", compression=compression, tiffinfo=tags)
+        image = decode(data)
+        image.info["tiff_compression"] = compression
+        back = _open(encode(image, image.rgb, options=EncodeOptions(format="TIFF"))[0])
+        as_read = [back.tag_v2.get(tag).encode("latin-1").decode("utf-8") for tag in (315, 33432)]  # as Pillow reads
+        assert as_read == [artist, rights]
+
     @pytest.mark.parametrize("bits", [8, 16])
     @pytest.mark.parametrize("source", ["JPEG", "TIFF"])
     def test_camera_exif_with_its_sub_directories_is_kept_in_a_compressed_tiff(self, bits: int, source: str) -> None:
