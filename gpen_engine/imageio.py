@@ -65,7 +65,7 @@ _UNSUPPORTED_MAGIC: tuple[tuple[bytes, int, str], ...] = (
 # (33723) travel apart from the EXIF, as ``info["xmp"]`` (orientation reset) and ``info["iptc"]``.
 _STRUCTURAL_TAGS = frozenset(
     {254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 277, 278, 279, 280, 281, 284, 317, 320, 322,
-     323, 324, 325, 338, 339, 340, 341, 347, 530, 531, 532, 700, 33723, 34377, 34675, 37724}
+     323, 324, 325, 330, 338, 339, 340, 341, 347, 530, 531, 532, 700, 33723, 34377, 34675, 37724}
 )
 # The most EXIF a JPEG APP1 segment can hold (Pillow refuses more).
 _JPEG_MAX_EXIF = 65533
@@ -1043,49 +1043,40 @@ def _png_text_info(image: DecodedImage, xmp: bytes | None) -> PngImagePlugin.Png
     return pnginfo
 
 
-# EXIF's sub-directories (Exif, GPS, Interoperability): libtiff cannot be handed them, and Pillow then
-# fails the whole save.
+# EXIF's sub-directories (Exif, GPS, Interoperability): libtiff cannot be handed them (Pillow then fails the
+# whole save), and Pillow's own writer copies the Interoperability pointer as the number it was in the source.
 _GPS_IFD, _INTEROP_IFD = 0x8825, 0xA005
 _EXIF_POINTERS = (exif_block.EXIF_IFD, _GPS_IFD, _INTEROP_IFD)
 
 
 def _save_tiff(pil: Image.Image, compression: str, meta: dict[str, Any]) -> bytes:
     try:
-        encoded = _save(pil, "TIFF", compression=compression, **_tiff_metadata(meta, compression))
+        encoded = _save(pil, "TIFF", compression=compression, **_tiff_metadata(meta))
     except (RuntimeError, ValueError, TypeError, struct.error):
         if "exif" not in meta:
             raise
         # libtiff refused a value the source's EXIF carried (a resolution unit out of range, a tag of a
         # type it defines otherwise): a restored photo beats a failure, as for a JPEG's EXIF limit.
         without_exif = {k: v for k, v in meta.items() if k != "exif"}
-        return _save(pil, "TIFF", compression=compression, **_tiff_metadata(without_exif, compression))
-    if compression != "raw" and isinstance(block := meta.get("exif"), bytes):
+        return _save(pil, "TIFF", compression=compression, **_tiff_metadata(without_exif))
+    if isinstance(block := meta.get("exif"), bytes):
         encoded = _with_exif_directories(encoded, block)
     return encoded
 
 
 def _with_exif_directories(encoded: bytes, block: bytes) -> bytes:
-    """``encoded`` (a TIFF libtiff wrote) with the Exif and GPS sub-directories of the EXIF ``block``.
+    """``encoded`` (a TIFF Pillow wrote) with the Exif and GPS sub-directories of the EXIF ``block``.
 
-    libtiff cannot write them, so they are appended (Pillow lays them out for their new place) and the first
-    directory is pointed at them. Where that cannot be done the TIFF is returned as it was: the photo's capture
-    time and place are worth keeping, not worth failing a restored photo for."""
+    Neither of Pillow's TIFF writers writes them whole, so they are appended (laid out for their new place) and
+    the first directory is pointed at them. Where that cannot be done the TIFF is returned as it was: the photo's
+    capture time and place are worth keeping, not worth failing a restored photo for."""
     try:
         exif = Image.Exif()
         exif.load(block)
         _keep_text(exif)
-        subs: dict[int, dict[int, Any]] = {}
-        for pointer in (exif_block.EXIF_IFD, _GPS_IFD):
-            if tags := dict(exif.get_ifd(pointer)):
-                subs[pointer] = tags
+        subs = _sub_directories(exif)
         if not subs:
             return encoded
-        if _INTEROP_IFD in subs.get(exif_block.EXIF_IFD, {}):  # a pointer into the old block: its directory goes along
-            interop = dict(exif.get_ifd(_INTEROP_IFD))
-            if interop:
-                subs[exif_block.EXIF_IFD][_INTEROP_IFD] = interop
-            else:
-                del subs[exif_block.EXIF_IFD][_INTEROP_IFD]
         holder = TiffImagePlugin.ImageFileDirectory_v2(ifh=encoded[:4] + b"\0\0\0\0")
         for pointer, tags in subs.items():
             holder[pointer] = tags
@@ -1101,10 +1092,23 @@ def _with_exif_directories(encoded: bytes, block: bytes) -> bytes:
         return encoded
 
 
-def _tiff_metadata(meta: dict[str, Any], compression: str) -> dict[str, Any]:
-    """``meta`` as Pillow's TIFF writer takes it: EXIF, XMP and IPTC as the tags of one ``exif``, and for a
-    compressed TIFF (which goes through libtiff) EXIF's main tags only, since a camera's EXIF sub-directory
-    fails the save (``_with_exif_directories`` adds them afterwards)."""
+def _sub_directories(exif: Image.Exif) -> dict[int, dict[int, Any]]:
+    """The Exif and GPS directories of ``exif`` by pointer tag, the Interoperability one inside the Exif one.
+
+    Its pointer is an offset into the source's block: copied as a number, it would point at whatever lies there in
+    the new file."""
+    subs = {pointer: dict(tags) for pointer in (exif_block.EXIF_IFD, _GPS_IFD) if (tags := exif.get_ifd(pointer))}
+    if _INTEROP_IFD in subs.get(exif_block.EXIF_IFD, {}):
+        if interop := dict(exif.get_ifd(_INTEROP_IFD)):
+            subs[exif_block.EXIF_IFD][_INTEROP_IFD] = interop
+        else:
+            del subs[exif_block.EXIF_IFD][_INTEROP_IFD]
+    return subs
+
+
+def _tiff_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` as Pillow's TIFF writer takes it: EXIF, XMP and IPTC as the tags of one ``exif``, of EXIF its main
+    tags only (``_with_exif_directories`` adds its sub-directories afterwards)."""
     meta = dict(meta)
     extra = {tag: meta.pop(key) for tag, key in ((_TIFF_XMP, "xmp"), (_TIFF_IPTC, "iptc"),
                                                  (_TIFF_PHOTOSHOP, "photoshop")) if key in meta}
@@ -1112,9 +1116,8 @@ def _tiff_metadata(meta: dict[str, Any], compression: str) -> dict[str, Any]:
     if block := meta.pop("exif", None):
         try:
             exif.load(block)
-            if compression != "raw":
-                for tag in _EXIF_POINTERS:
-                    exif.pop(tag, None)
+            for tag in _EXIF_POINTERS:
+                exif.pop(tag, None)
         except (OSError, ValueError, TypeError, SyntaxError, KeyError, struct.error):
             exif = Image.Exif()
     for tag, value in extra.items():

@@ -1069,6 +1069,23 @@ class TestMetadata:
         assert (got.get_ifd(0x8769)[0x9003], float(got.get_ifd(0x8769)[0x829D])) == ("2001:02:03 04:05:06", 5.6)
         assert (got.get_ifd(0x8825)[1], tuple(map(float, got.get_ifd(0x8825)[2]))) == ("N", (52.0, 30.0, 12.5))
 
+    @pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
+    def test_exif_interoperability_directory_comes_back_where_its_pointer_points(self, compression: str) -> None:
+        """The Interoperability directory (InteropIndex "R98": the colour space a camera means) sits behind a
+        pointer inside the Exif directory; copied as the number it was, it pointed at whatever lay there."""
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9003] = "2001:02:03 04:05:06"
+        exif.get_ifd(0x8769)[0xA005] = {1: "R98"}
+        image = decode(_save(Image.fromarray(_photo()), "JPEG", exif=exif))
+        image.info["tiff_compression"] = compression
+        got = _open(encode(image, image.rgb, options=EncodeOptions(format="TIFF"))[0]).getexif()
+        assert (got.get_ifd(0x8769)[0x9003], got.get_ifd(0xA005)) == ("2001:02:03 04:05:06", {1: "R98"})
+
+    def test_a_tiff_sub_image_pointer_is_not_copied(self) -> None:
+        """SubIFDs (a raw converter's previews) point into the source file: the result has none of them."""
+        image = decode(_save(Image.fromarray(_photo()), "TIFF", tiffinfo={330: (8,)}))
+        assert 330 not in _open(encode(image, image.rgb, options=EncodeOptions())[0]).tag_v2
+
     @pytest.mark.parametrize("bits", [8, 16])
     def test_exif_value_libtiff_refuses_is_left_out_of_a_compressed_tiff(self, bits: int) -> None:
         """A TIFF whose resolution unit is out of range decodes, so its result is written (without that EXIF)."""
