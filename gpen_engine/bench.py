@@ -89,6 +89,25 @@ def _best_seconds(run: Callable[[], object], device: torch.device, repeats: int)
     return best
 
 
+def _matmul_size(device: torch.device, dtype: torch.dtype) -> int:
+    """The side of the products that measure ``device``: 8192 on a GPU; on a CPU up to 2048, smaller where one
+    product takes long enough to time already. CPUs differ in half precision by orders of magnitude: without
+    AVX-512 BF16 it is emulated (about 1 GFLOP/s on two cores), and 2048 would take minutes to measure."""
+    if device.type == "cuda":
+        return 8192
+    n = 256
+    with torch.inference_mode():
+        while n < 2048:
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            a @ a  # the first call of a size starts the library's threads and picks its kernel
+            started = time.perf_counter()
+            a @ a
+            if time.perf_counter() - started > 0.05:
+                break
+            n *= 2
+    return n
+
+
 def measure_matmul(device: torch.device, dtype: torch.dtype, *, n: int | None = None,
                    repeats: int = 5) -> MatmulRate:
     """Best rate of ``repeats`` n x n @ n x n products (2 n^3 FLOPs each), as a matmul and as a 1x1 conv.
@@ -97,7 +116,7 @@ def measure_matmul(device: torch.device, dtype: torch.dtype, *, n: int | None = 
     FLOPs through the convolution library. On CUDA in fp32 the matmul runs with cuDNN's TF32 setting, so
     that both sides of the fraction use (or do not use) the tensor cores alike.
     """
-    n = n or (8192 if device.type == "cuda" else 2048)
+    n = n or _matmul_size(device, dtype)
     tf32 = device.type == "cuda" and dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
     side = 32
     pixels = max(1, n // side**2) * side**2
