@@ -712,13 +712,15 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
         info["progressive"] = bool(im.info.get("progressive") or im.info.get("progression"))
         if isinstance(comment := im.info.get("comment"), bytes) and comment:
             info["jpeg_comment"] = comment
-        resources = im.info.get("photoshop")
-        if isinstance(resources, dict) and isinstance(iptc := resources.get(photoshop.IPTC), bytes) and iptc:
+        # Joined first: Photoshop continues a long run of resources in the next segment, and a record that
+        # crosses into it is cut short in Pillow's reading of each segment alone.
+        resources = jpeg.app13_resources(data)
+        if iptc := photoshop.data_of(resources, photoshop.IPTC):
             info["iptc"] = iptc
         if extended := jpeg.extended_xmp(data):
             info["xmp_extended"] = extended
-        if resources := photoshop.kept(jpeg.app13_resources(data)):
-            info["photoshop_resources"] = resources
+        if kept := photoshop.kept(resources):
+            info["photoshop_resources"] = kept
     elif fmt == "PNG":
         info["png_colour"] = _png_colour_chunks(data)
         text = getattr(im, "text", {}) or {}
@@ -964,10 +966,7 @@ def _encode_8bit(
             encoded = jpeg.with_segments(encoded, [b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
                                                for body in meta["xmp_extended"]])
         if meta.get("iptc") or meta.get("photoshop"):
-            full = jpeg.with_app13(encoded, photoshop.with_iptc(meta.get("photoshop", b""), meta.get("iptc")))
-            if full is encoded and meta.get("iptc"):  # too long for one segment: the IPTC record at least
-                return jpeg.with_app13(encoded, photoshop.block(photoshop.IPTC, meta["iptc"]))
-            return full
+            return jpeg.with_app13(encoded, photoshop.with_iptc(meta.get("photoshop", b""), meta.get("iptc")))
         return encoded
     elif fmt == "PNG":
         params = {k: v for k, v in meta.items() if k not in ("xmp", "iptc")}

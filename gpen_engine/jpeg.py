@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import simplejpeg
 
+from gpen_engine import photoshop
 from gpen_engine import xmp as xmp_packet
 
 APP13_PHOTOSHOP = b"Photoshop 3.0\x00"
@@ -265,13 +266,20 @@ def app13_resources(data: bytes) -> bytes:
 
 
 def with_app13(jpeg: bytes, resources: bytes) -> bytes:
-    """``jpeg`` with an APP13 segment holding Photoshop ``resources`` (8BIM blocks: the IPTC record and those
-    ``photoshop.kept`` keeps), put where Photoshop puts it: after the JFIF and EXIF/XMP segments (APP0, APP1),
-    before the rest. Unchanged if they cannot fit in one segment."""
-    payload = APP13_PHOTOSHOP + resources
-    if len(payload) + 2 > 0xFFFF:
-        return jpeg
-    return with_segments(jpeg, [b"\xff\xed" + struct.pack(">H", len(payload) + 2) + payload])
+    """``jpeg`` with APP13 segments holding Photoshop ``resources`` (8BIM blocks: the IPTC record and those
+    ``photoshop.kept`` keeps), put where Photoshop puts them: after the JFIF and EXIF/XMP segments (APP0, APP1),
+    before the rest. A run too long for one segment continues in the next, as Photoshop writes it (whole blocks
+    to a segment where they fit, so that a reader taking each segment alone still finds them)."""
+    room = 0xFFFF - 2 - len(APP13_PHOTOSHOP)
+    bodies: list[bytes] = []
+    for _, raw in photoshop.blocks(resources):
+        if bodies and len(bodies[-1]) + len(raw) <= room:
+            bodies[-1] += raw
+        else:
+            bodies += [raw[i : i + room] for i in range(0, len(raw), room)]
+    segments = [b"\xff\xed" + struct.pack(">H", len(APP13_PHOTOSHOP) + len(body) + 2) + APP13_PHOTOSHOP + body
+                for body in bodies]
+    return with_segments(jpeg, segments)
 
 
 def with_segments(jpeg: bytes, segments: list[bytes]) -> bytes:

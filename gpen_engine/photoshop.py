@@ -42,6 +42,16 @@ def blocks(resources: bytes) -> list[tuple[int, bytes]]:
     return found
 
 
+def data_of(resources: bytes, ident: int) -> bytes | None:
+    """The data of the first block ``ident`` of ``resources``, or None."""
+    for found, raw in blocks(resources):
+        if found == ident:
+            start = 6 + raw[6] + 1 + (raw[6] + 1) % 2 + 4  # after the name and the size
+            (size,) = struct.unpack(">I", raw[start - 4 : start])
+            return raw[start : start + size]
+    return None
+
+
 def kept(resources: bytes) -> bytes:
     """The blocks of ``resources`` that a restored photo keeps, concatenated."""
     return b"".join(raw for ident, raw in blocks(resources) if ident in _KEPT)

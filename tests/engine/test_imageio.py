@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile, ImageOps, PngImagePlugin
 
+from gpen_engine import jpeg, photoshop
 from gpen_engine.imageio import (
     check_complete,
     decode,
@@ -998,13 +999,34 @@ class TestMetadata:
         source = (plain[:2] + b"\xff\xed" + struct.pack(">H", len(app13) + 2) + app13
                   + b"\xff\xed" + struct.pack(">H", len(app13b) + 2) + app13b + plain[2:])
         image = decode(source)
-        jpeg = encode(image, image.rgb, options=EncodeOptions())[0]
-        assert kept in jpeg and b"\xff\xd8" + bytes(300) not in jpeg
-        assert _open(jpeg).info["photoshop"][0x0404] == iptc
+        as_jpeg = encode(image, image.rgb, options=EncodeOptions())[0]
+        assert kept in as_jpeg and b"\xff\xd8" + bytes(300) not in as_jpeg
+        assert _open(as_jpeg).info["photoshop"][0x0404] == iptc
         as_tiff = encode(image, image.rgb, options=EncodeOptions(format="TIFF"))[0]
         assert kept in as_tiff and iptc == _open(as_tiff).tag_v2.get(33723)
         again = decode(as_tiff)  # TIFF to TIFF: tag 34377 read and written back
         assert kept in encode(again, again.rgb, options=EncodeOptions())[0]
+
+    def test_photoshop_resources_past_one_segment_are_kept_whole(self) -> None:
+        """Past 64 KB (a large thumbnail, long clipping paths) Photoshop continues its resources in a second APP13
+        segment. An IPTC record that crosses into it comes back whole (300 keywords and the copyright, not the
+        first few), and paths too long for one segment come back in as many as they need."""
+        def record(tag: int, value: bytes) -> bytes:
+            return b"\x1c\x02" + bytes([tag]) + struct.pack(">H", len(value)) + value
+
+        def segments(run: bytes, every: int) -> bytes:
+            return b"".join(b"\xff\xed" + struct.pack(">H", len(part) + 16) + b"Photoshop 3.0\0" + part
+                            for part in (run[i : i + every] for i in range(0, len(run), every)))
+
+        iptc = b"".join(record(25, b"keyword %03d" % i) for i in range(300)) + record(116, b"(c) Archive")
+        paths = photoshop.block(0x07D0, bytes(26 * 3000))  # 78 KB of path points
+        run = photoshop.block(0x040C, bytes(63_000)) + photoshop.block(photoshop.IPTC, iptc) + paths
+        plain = _save(Image.fromarray(_photo()), "JPEG")
+        image = decode(plain[:2] + segments(run, 64_000) + plain[2:])
+        assert image.info["iptc"] == iptc
+        data = encode(image, image.rgb, options=EncodeOptions())[0]
+        assert photoshop.kept(jpeg.app13_resources(data)) == photoshop.block(photoshop.IPTC, iptc) + paths
+        assert _open(data).info["photoshop"][photoshop.IPTC] == iptc  # whole in a segment of its own
 
     @pytest.mark.parametrize("bits", [8, 16])
     @pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
