@@ -920,7 +920,9 @@ def _metadata(image: DecodedImage, options: EncodeOptions, colour_space: str, si
         meta["icc_profile"] = image.icc_profile
     if isinstance(xmp := image.info.get("xmp"), bytes):
         extended = image.info.get("xmp_extended") if fmt == "JPEG" else None
-        meta["xmp"] = xmp_packet.for_result(xmp, size, extended_kept=bool(extended))
+        turned = image.info.get("source_orientation")
+        meta["xmp"] = xmp_packet.for_result(xmp, size, extended_kept=bool(extended),
+                                            turned_from=turned if isinstance(turned, int) else 1)
         if extended:
             meta["xmp_extended"] = extended
     if isinstance(iptc := image.info.get("iptc"), bytes):

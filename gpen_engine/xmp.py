@@ -10,6 +10,9 @@ in an attribute (``Camera:MotionPhoto="1"``, as phones do) or in an element of i
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+
+_Turn = Callable[[float, float], tuple[float, float]]
 
 _PREFIX = rb"(?:[\w.-]+:)?"
 _DIRECTORY = _PREFIX + rb"Directory"  # a container's item list
@@ -70,16 +73,18 @@ def _without(xmp: bytes, spans: list[tuple[int, int]]) -> bytes:
     return b"".join(out) + xmp[pos:]
 
 
-def for_result(xmp: bytes, size: tuple[int, int], *, extended_kept: bool = False) -> bytes:
+def for_result(xmp: bytes, size: tuple[int, int], *, extended_kept: bool = False, turned_from: int = 1) -> bytes:
     """``xmp`` describing the restored photo of ``size`` (width, height), which is a still and upright.
 
-    The orientation becomes 1 and the pixel sizes the result's; a motion photo's video and an Ultra HDR gain map
-    are no longer claimed (the container's item list goes, the motion flags become 0); an embedded thumbnail of
-    the unrestored photo goes; so does the pointer to Extended XMP unless ``extended_kept`` (the caller carries
+    The orientation becomes 1 and the pixel sizes the result's; regions (the people named in a photo) move with
+    the pixels turned upright from EXIF orientation ``turned_from``; a motion photo's video and an Ultra HDR gain
+    map are no longer claimed (the container's item list goes, the motion flags become 0); an embedded thumbnail
+    of the unrestored photo goes; so does the pointer to Extended XMP unless ``extended_kept`` (the caller carries
     those segments along)."""
     xmp = _set(xmp, b"tiff:Orientation", b"1")
     for name, axis in _SIZES:
         xmp = _set(xmp, name, str(size[axis]).encode())
+    xmp = _regions_turned(xmp, turned_from, size)
     for flag in _MOTION_FLAGS:
         xmp = _set(xmp, _PREFIX + flag, b"0", escaped=True)
     dropped = [_PREFIX + re.escape(n) for n in _MOTION_FIELDS] + [rb"hdrgm:\w+", rb"xmp:Thumbnails"]
@@ -100,3 +105,62 @@ def _drop(xmp: bytes, key: bytes) -> bytes:
     """Without the property ``key`` (a pattern): its attribute, or its element with whatever it holds."""
     xmp = re.sub(rb"\s%s\s*=\s*([\"'])[^\"'<>]*\1" % key, b"", xmp)
     return _without(xmp, _elements(xmp, key))
+
+
+# Where each EXIF orientation puts a point (x, y) of the stored image, in fractions of its sides, once upright.
+_UPRIGHT: dict[int, _Turn] = {
+    2: lambda x, y: (1 - x, y),
+    3: lambda x, y: (1 - x, 1 - y),
+    4: lambda x, y: (x, 1 - y),
+    5: lambda x, y: (y, x),
+    6: lambda x, y: (1 - y, x),
+    7: lambda x, y: (1 - y, 1 - x),
+    8: lambda x, y: (y, 1 - x),
+}
+
+
+def _regions_turned(xmp: bytes, orientation: int, size: tuple[int, int]) -> bytes:
+    """MWG regions (``mwg-rs:Area``, in which Lightroom, digiKam and photo libraries keep the people in a photo:
+    centre, width and height as fractions of the stored image, not of the turned one a viewer shows) moved with
+    the pixels; the size they apply to (``AppliedToDimensions``) made the result's."""
+    out, pos = [], 0
+    for start, end in _elements(xmp, _PREFIX + rb"AppliedToDimensions"):
+        span = xmp[start:end]
+        if value(span, b"unit") in (None, b"pixel"):
+            span = _set(_set(span, _PREFIX + rb"w", str(size[0]).encode(), escaped=True),
+                        _PREFIX + rb"h", str(size[1]).encode(), escaped=True)
+        out += [xmp[pos:start], span]
+        pos = end
+    xmp = b"".join(out) + xmp[pos:]
+    turn = _UPRIGHT.get(orientation)
+    if turn is None:
+        return xmp
+    out, pos = [], 0
+    for start, end in _elements(xmp, _PREFIX + rb"Area"):
+        out += [xmp[pos:start], _area_turned(xmp[start:end], turn)]
+        pos = end
+    return b"".join(out) + xmp[pos:]
+
+
+def _box_turned(left: float, top: float, width: float, height: float, turn: _Turn
+                ) -> tuple[float, float, float, float]:
+    (x0, y0), (x1, y1) = turn(left, top), turn(left + width, top + height)
+    return min(x0, x1), min(y0, y1), abs(x1 - x0), abs(y1 - y0)
+
+
+def _number(x: float) -> bytes:
+    return (f"{x:.6f}".rstrip("0").rstrip(".") or "0").encode()
+
+
+def _area_turned(area: bytes, turn: _Turn) -> bytes:
+    """One ``Area`` (attributes or elements) with its centre, width and height moved by ``turn``."""
+    if value(area, b"unit") not in (None, b"normalized"):
+        return area
+    try:
+        x, y, w, h = (float(value(area, name) or b"") for name in (b"x", b"y", b"w", b"h"))
+    except ValueError:
+        return area  # a point or a circle (no width and height), or a number not written as one
+    left, top, w, h = _box_turned(x - w / 2, y - h / 2, w, h, turn)
+    for name, new in ((b"x", left + w / 2), (b"y", top + h / 2), (b"w", w), (b"h", h)):
+        area = _set(area, _PREFIX + name, _number(new), escaped=True)
+    return area

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -1028,6 +1029,46 @@ class TestMetadata:
         assert photoshop.kept(jpeg.app13_resources(data)) == photoshop.block(photoshop.IPTC, iptc) + paths
         assert _open(data).info["photoshop"][photoshop.IPTC] == iptc  # whole in a segment of its own
 
+    @pytest.mark.parametrize("form", ["attributes", "elements"])
+    @pytest.mark.parametrize("orientation", range(1, 9))
+    def test_named_face_regions_stay_on_their_faces_in_the_upright_result(self, orientation: int, form: str) -> None:
+        """People named in a photo (MWG regions, as Lightroom and digiKam write them) are placed in fractions of
+        the stored image. Turned upright, the result's regions still frame the same face, and say its size."""
+        left, top, width, height = 75, 60, 30, 30  # the face, in the stored 300 x 200 image
+        area = {"x": (left + width / 2) / 300, "y": (top + height / 2) / 200, "w": width / 300, "h": height / 200}
+        if form == "attributes":
+            fields = " ".join(f'stArea:{k}="{v}"' for k, v in area.items())
+            region = f'<mwg-rs:Area {fields} stArea:unit="normalized"/>'
+            dims = '<mwg-rs:AppliedToDimensions stDim:w="300" stDim:h="200" stDim:unit="pixel"/>'
+        else:
+            fields = "".join(f"<stArea:{k}>{v}</stArea:{k}>" for k, v in area.items())
+            region = (f'<mwg-rs:Area rdf:parseType="Resource">{fields}'
+                      "<stArea:unit>normalized</stArea:unit></mwg-rs:Area>")
+            dims = ('<mwg-rs:AppliedToDimensions rdf:parseType="Resource"><stDim:w>300</stDim:w><stDim:h>200</stDim:h>'
+                    "<stDim:unit>pixel</stDim:unit></mwg-rs:AppliedToDimensions>")
+        packet = (
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            '<rdf:Description xmlns:mwg-rs="http://www.metadataworkinggroup.com/schemas/regions/" '
+            'xmlns:stArea="http://ns.adobe.com/xmp/sType/Area#" '
+            'xmlns:stDim="http://ns.adobe.com/xap/1.0/sType/Dimensions#"><mwg-rs:Regions rdf:parseType="Resource">'
+            f'{dims}<mwg-rs:RegionList><rdf:Bag><rdf:li rdf:parseType="Resource"><mwg-rs:Name>Marie</mwg-rs:Name>'
+            f"{region}</rdf:li></rdf:Bag></mwg-rs:RegionList></mwg-rs:Regions></rdf:Description></rdf:RDF>"
+            "</x:xmpmeta>").encode()
+        stored = np.zeros((200, 300, 3), np.uint8)
+        stored[top : top + height, left : left + width] = 255
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image = decode(_save(Image.fromarray(stored), "PNG", exif=exif, pnginfo=_xmp_png_info(packet)))
+        result = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        upright = np.asarray(result.convert("L"))
+        xmp = result.text["XML:com.adobe.xmp"].encode()  # type: ignore[attr-defined]
+        found = {k: float(_xmp_value(xmp, b"stArea:" + k.encode())) for k in area}
+        rows, cols = upright.shape
+        box = upright[round((found["y"] - found["h"] / 2) * rows) : round((found["y"] + found["h"] / 2) * rows),
+                      round((found["x"] - found["w"] / 2) * cols) : round((found["x"] + found["w"] / 2) * cols)]
+        assert box.size == width * height and box.min() == 255
+        assert (_xmp_value(xmp, b"stDim:w"), _xmp_value(xmp, b"stDim:h")) == (str(cols).encode(), str(rows).encode())
+
     @pytest.mark.parametrize("bits", [8, 16])
     @pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
     def test_tiff_xmp_and_iptc_are_kept(self, compression: str, bits: int) -> None:
@@ -1653,3 +1694,15 @@ def test_a_thumbnail_link_into_the_exif_directories_blanks_nothing() -> None:
     kept = Image.Exif()
     kept.load(patched)
     assert kept[0x010F] == "Canon" and kept.get_ifd(0x8769)[0xA002] == 64  # IFD0 and the Exif IFD intact
+
+
+def _xmp_png_info(packet: bytes) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", packet.decode())
+    return info
+
+
+def _xmp_value(xmp: bytes, name: bytes) -> bytes:
+    found = re.search(rb'%s="([^"]*)"|<%s>([^<]*)<' % (name, name), xmp)
+    assert found is not None, name
+    return found[1] if found[1] is not None else found[2]
