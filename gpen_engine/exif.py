@@ -18,7 +18,9 @@ HEADER = b"Exif\x00\x00"
 ORIENTATION = 0x0112
 EXIF_IFD = 0x8769
 PIXEL_X, PIXEL_Y = 0xA002, 0xA003
-_SHORT, _LONG, _IFD = 3, 4, 13
+X_RESOLUTION, Y_RESOLUTION = 0x011A, 0x011B
+_FOCAL_PLANE_X, _FOCAL_PLANE_Y = 0xA20E, 0xA20F
+_SHORT, _LONG, _RATIONAL, _DOUBLE, _IFD = 3, 4, 5, 12, 13
 _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
 _THUMBNAIL_OFFSET, _THUMBNAIL_LENGTH = 0x0201, 0x0202  # JPEGInterchangeFormat(Length), in IFD1
 
@@ -30,15 +32,19 @@ def tiff_bytes(block: bytes) -> bytes:
     return block
 
 
-def patched(block: bytes, *, drop: Collection[int] = (), size: tuple[int, int] | None = None) -> bytes | None:
+def patched(block: bytes, *, drop: Collection[int] = (), size: tuple[int, int] | None = None,
+            transposed: bool = False) -> bytes | None:
     """``block`` as ``Exif\\0\\0`` + TIFF, edited in place; None if that cannot be done.
 
     In IFD0 the tags in ``drop`` are removed (the entries after them move up within the entry table,
     nothing else moves), Orientation is set to 1 and the link to IFD1, the thumbnail of the unrestored
-    photo, is cut (and the thumbnail's bytes zeroed, or cut off where they end the block). With ``size``
-    (width, height), PixelX/YDimension in the Exif sub-IFD are set to it. Tags are never added. None when
-    the block is not a readable TIFF structure or a value cannot be set without changing its type or place
-    (an Orientation stored as text, a width above 65535 in a SHORT).
+    photo, is cut (and the thumbnail's bytes zeroed, or cut off where they end the block). ``transposed``
+    (the pixels were turned by a quarter): each horizontal value trades places with its vertical one
+    (resolutions, focal-plane resolutions, pixel sizes). With ``size`` (width, height), PixelX/YDimension in
+    the Exif sub-IFD are set to it, and the focal-plane resolutions (pixels per unit of the sensor, from which
+    readers work out the sensor's size and the 35 mm focal length) scaled with them. Tags are never added.
+    None when the block is not a readable TIFF structure or a value cannot be set without changing its type
+    or place (an Orientation stored as text, a width above 65535 in a SHORT).
     """
     data = bytearray(tiff_bytes(block))
     if len(data) < 8 or data[:4] not in (b"II*\x00", b"MM\x00*"):
@@ -59,12 +65,18 @@ def patched(block: bytes, *, drop: Collection[int] = (), size: tuple[int, int] |
         data[ifd0 + 2 + 12 * len(entries) : ifd0 + 6 + 12 * len(entries)] = bytes(4)
     if not entries:
         return None
+    if transposed:
+        _swap(data, order, entries, (X_RESOLUTION, Y_RESOLUTION))
     for entry in entries:
         tag = _tag(data, order, entry)
         if tag == ORIENTATION and not _set(data, order, entry, 1):
             return None
-        if tag == EXIF_IFD and size is not None and not _set_size(data, order, entry, size):
-            return None
+        if tag == EXIF_IFD and (sub := _sub_entries(data, order, entry)) is not None:
+            if transposed:
+                _swap(data, order, sub, (PIXEL_X, PIXEL_Y))
+                _swap(data, order, sub, (_FOCAL_PLANE_X, _FOCAL_PLANE_Y))
+            if size is not None and not _set_size(data, order, sub, size):
+                return None
     return HEADER + bytes(data)
 
 
@@ -139,11 +151,51 @@ def _set(data: bytearray, order: str, entry: int, value: int) -> bool:
     return True
 
 
-def _set_size(data: bytearray, order: str, pointer: int, size: tuple[int, int]) -> bool:
+def _sub_entries(data: bytearray, order: str, pointer: int) -> list[int] | None:
     kind, count, offset = struct.unpack(order + "HII", data[pointer + 2 : pointer + 12])
-    entries = _entries(data, order, offset) if kind in (_LONG, _IFD) and count == 1 else None
-    if entries is None:
-        return False
-    values = {PIXEL_X: size[0], PIXEL_Y: size[1]}
-    tags = [(entry, _tag(data, order, entry)) for entry in entries]
-    return all(_set(data, order, entry, values[tag]) for entry, tag in tags if tag in values)
+    return _entries(data, order, offset) if kind in (_LONG, _IFD) and count == 1 else None
+
+
+def _swap(data: bytearray, order: str, entries: list[int], pair: tuple[int, int]) -> None:
+    """The values of the two tags of ``pair`` traded (types, counts and where they lie), where both are there."""
+    found = {_tag(data, order, entry): entry for entry in entries}
+    if pair[0] in found and pair[1] in found:
+        first, second = found[pair[0]] + 2, found[pair[1]] + 2
+        data[first : first + 10], data[second : second + 10] = data[second : second + 10], data[first : first + 10]
+
+
+def _set_size(data: bytearray, order: str, entries: list[int], size: tuple[int, int]) -> bool:
+    found = {_tag(data, order, entry): entry for entry in entries}
+    for axis, (pixels, focal_plane) in enumerate(((PIXEL_X, _FOCAL_PLANE_X), (PIXEL_Y, _FOCAL_PLANE_Y))):
+        if pixels not in found:
+            continue
+        was = _value(data, order, found[pixels])
+        if not _set(data, order, found[pixels], size[axis]):
+            return False
+        if focal_plane in found and was:
+            _scale_resolution(data, order, found[focal_plane], size[axis] / was)
+    return True
+
+
+def _value(data: bytearray, order: str, entry: int) -> int | None:
+    """A single SHORT or LONG held in the entry itself, or None."""
+    kind, count = struct.unpack(order + "HI", data[entry + 2 : entry + 8])
+    if count != 1 or kind not in (_SHORT, _LONG):
+        return None
+    code = "H" if kind == _SHORT else "I"
+    return int(struct.unpack(order + code, data[entry + 8 : entry + 8 + struct.calcsize(code)])[0])
+
+
+def _scale_resolution(data: bytearray, order: str, entry: int, factor: float) -> None:
+    """A single RATIONAL (its denominator kept) or DOUBLE, where it lies, multiplied by ``factor``; left as it is
+    if it would not fit."""
+    kind, count, offset = struct.unpack(order + "HII", data[entry + 2 : entry + 12])
+    if kind not in (_RATIONAL, _DOUBLE) or count != 1 or offset < 8 or offset + 8 > len(data):
+        return
+    if kind == _DOUBLE:
+        (was,) = struct.unpack(order + "d", data[offset : offset + 8])
+        data[offset : offset + 8] = struct.pack(order + "d", was * factor)
+        return
+    (numerator,) = struct.unpack(order + "I", data[offset : offset + 4])
+    if 0 < (scaled := round(numerator * factor)) <= 0xFFFFFFFF:
+        data[offset : offset + 4] = struct.pack(order + "I", scaled)

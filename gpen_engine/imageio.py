@@ -614,7 +614,8 @@ def _clean_exif(im: ImageFile.ImageFile, *, reset_orientation: bool) -> bytes | 
     every offset, a maker note's included, stay as the camera wrote them.
     """
     block = _exif_source_block(im)
-    if block is not None and (kept := exif_block.patched(block, drop=_STRUCTURAL_TAGS)) is not None:
+    transposed = _orientation(im) in (5, 6, 7, 8)
+    if block is not None and (kept := exif_block.patched(block, drop=_STRUCTURAL_TAGS, transposed=transposed)):
         return kept
     # Re-serialized by Pillow, which changes tag types and moves values (a maker note with offsets of its own then
     # reads wrong): a TIFF's EXIF is the image's own directory, whose values lie among the pixel data, so it has

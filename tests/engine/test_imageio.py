@@ -808,6 +808,29 @@ class TestMetadata:
         sizes = [struct.unpack_from("<HIH", written, at[place] - 6) for place in ("pixel_x", "pixel_y")]
         assert [(3, 1, 20), (3, 1, 30)] == sizes  # type SHORT, count 1, value
 
+    def test_focal_plane_resolution_follows_a_downsized_result(self) -> None:
+        """Readers work the sensor's size (and the 35 mm focal length) out of the pixel size and the focal-plane
+        resolution, pixels per unit of the sensor: shrunk with the photo, it still gives the same sensor."""
+        from PIL.TiffImagePlugin import IFDRational
+
+        exif = Image.Exif()
+        exif.get_ifd(0x8769).update({0xA002: 60, 0xA003: 40, 0xA20E: IFDRational(211667, 100),
+                                     0xA20F: IFDRational(211667, 100), 0xA210: 2})
+        image = decode(_save(Image.fromarray(_photo(40, 60)), "JPEG", exif=exif))
+        data, _ = encode(image, resize_long_side(image.rgb, 30), options=EncodeOptions())
+        sub = _open(data).getexif().get_ifd(0x8769)
+        sensor = [sub[pixels] / float(sub[resolution]) for pixels, resolution in ((0xA002, 0xA20E), (0xA003, 0xA20F))]
+        assert sensor == pytest.approx([60 / 2116.67, 40 / 2116.67], rel=1e-3)
+
+    def test_exif_resolution_turns_with_the_photo(self) -> None:
+        """A fax's 300 x 150 dpi, stored on its side: upright, the EXIF says 150 x 300, as the JFIF header does."""
+        exif = Image.Exif()
+        exif.update({0x0112: 6, 0x011A: 300.0, 0x011B: 150.0, 0x0128: 2})
+        image = decode(_save(Image.fromarray(_photo(40, 60)), "JPEG", exif=exif, dpi=(300, 150)))
+        result = _open(encode(image, image.rgb, options=EncodeOptions())[0])
+        written = result.getexif()
+        assert (float(written[0x011A]), float(written[0x011B])) == pytest.approx(result.info["dpi"]) == (150, 300)
+
     def test_source_layout_tags_leave_the_camera_exif_without_moving_it(self) -> None:
         """IFD0 tags that describe the source's pixel layout (ImageWidth, here, as some phones write it) are
         dropped, and every other value of the EXIF stays at its offset."""
