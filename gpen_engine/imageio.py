@@ -982,7 +982,11 @@ def _encode_8bit(
         params = {"lossless": lossless, "quality": 100 if lossless else options.webp_quality, "exact": lossless}
         params.update({k: v for k, v in meta.items() if k not in ("dpi", "iptc")})
     elif fmt == "TIFF":
-        return _save_tiff(pil, _tiff_compression(image), meta)
+        compression = _tiff_compression(image)
+        # Stored as differences along each row (predictor 2), as the 16-bit writer does: a photo compresses to
+        # about three quarters of the size with LZW or deflate, and every reader of those decodes it.
+        predictor = compression in _PREDICTED and pil.mode in ("L", "LA", "RGB", "RGBA")
+        return _save_tiff(pil, compression, meta, predictor=predictor)
     elif fmt == "BMP" and alpha is not None:
         return _write_bmp32(pixels, meta.get("dpi"))
     elif fmt == "BMP" and "dpi" in meta:
@@ -1051,7 +1055,13 @@ _GPS_IFD, _INTEROP_IFD = 0x8825, 0xA005
 _EXIF_POINTERS = (exif_block.EXIF_IFD, _GPS_IFD, _INTEROP_IFD)
 
 
-def _save_tiff(pil: Image.Image, compression: str, meta: dict[str, Any]) -> bytes:
+_PREDICTED = ("tiff_lzw", "tiff_deflate", "tiff_adobe_deflate")
+
+
+def _save_tiff(pil: Image.Image, compression: str, meta: dict[str, Any], *, predictor: bool = False) -> bytes:
+    """``pil`` as a TIFF with ``meta``; ``predictor``: libtiff stores each row as differences (predictor 2)."""
+    if predictor:
+        meta = meta | {"predictor": 2}
     try:
         encoded = _save(pil, "TIFF", compression=compression, **_tiff_metadata(meta))
     except (RuntimeError, ValueError, TypeError, struct.error):
@@ -1113,7 +1123,8 @@ def _tiff_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     tags only (``_with_exif_directories`` adds its sub-directories afterwards)."""
     meta = dict(meta)
     extra = {tag: meta.pop(key) for tag, key in ((_TIFF_XMP, "xmp"), (_TIFF_IPTC, "iptc"),
-                                                 (_TIFF_PHOTOSHOP, "photoshop")) if key in meta}
+                                                 (_TIFF_PHOTOSHOP, "photoshop"), (tiff.PREDICTOR, "predictor"))
+             if key in meta}
     exif = Image.Exif()
     if block := meta.pop("exif", None):
         try:
@@ -1169,7 +1180,7 @@ def _write_tiff16(pixels: np.ndarray, compression: str, meta: dict[str, Any]) ->
     it is worked out here because libtiff would take differences across neighbouring samples.
     """
     height, width, channels = pixels.shape
-    predictor = compression in ("tiff_lzw", "tiff_deflate", "tiff_adobe_deflate")
+    predictor = compression in _PREDICTED
     rows = pixels
     if predictor:
         rows = pixels.copy()

@@ -499,6 +499,21 @@ class TestModes:
         np.testing.assert_array_equal(gray_alpha[:, :, :1], back.high_bit)
         np.testing.assert_array_equal(gray_alpha[:, :, 1], back.alpha)
 
+    @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+    def test_a_compressed_8bit_tiff_is_written_as_row_differences_and_reads_back_the_same(self, mode: str) -> None:
+        """LZW with predictor 2, as archives store scans (and as the 16-bit writer does): smaller than plain LZW,
+        and every reader gets the same samples back."""
+        photo = Image.fromarray(_photo(200, 300)).convert(mode)
+        image = decode(_save(photo, "TIFF", compression="tiff_lzw"))
+        data = encode(image, image.rgb, options=EncodeOptions())[0]
+        back = _open(data)
+        assert (back.info["compression"], back.tag_v2.get(317)) == ("tiff_lzw", 2)
+        assert len(data) < len(_save(photo, "TIFF", compression="tiff_lzw"))
+        np.testing.assert_array_equal(np.asarray(back), np.asarray(photo))
+        by_opencv = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # libtiff on its own
+        np.testing.assert_array_equal(by_opencv, cv2.imdecode(np.frombuffer(_save(photo, "TIFF"), np.uint8),
+                                                              cv2.IMREAD_UNCHANGED))
+
     def test_16bit_rgb_tiff_round_trips_exactly(self) -> None:
         """A 16-bit RGB TIFF is written back as 16-bit RGB with identical samples."""
         rgb16 = np.random.default_rng(4).integers(0, 65536, (12, 10, 3), dtype=np.uint16)
