@@ -71,6 +71,10 @@ def _read_template() -> str | None:
 
 
 def command(args: Any) -> int:
+    if not str(args.dir).strip():  # `init "$DIR"` with DIR unset: not a wish to fill the current folder
+        print("gpen-watch init: DIR is empty; name the folder to create the layout in (\".\" for this one)",
+              file=sys.stderr)
+        return 2
     root = Path(args.dir).expanduser().absolute()
     if root.exists() and not root.is_dir():
         print(f"gpen-watch init: {root} exists and is not a folder", file=sys.stderr)

@@ -50,6 +50,15 @@ class TestInit:
         assert config.read_text() == 'root = "/elsewhere"\n'
         assert "never overwritten" in capsys.readouterr().out
 
+    def test_an_empty_dir_is_an_error_not_the_current_folder(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`gpen-watch init "$DIR"` with DIR unset creates nothing in whatever folder the shell is in."""
+        monkeypatch.chdir(tmp_path)
+        assert main(["init", ""]) == 2
+        assert "DIR is empty" in capsys.readouterr().err
+        assert list(tmp_path.iterdir()) == []
+
     def test_a_dangling_config_link_is_left_alone_and_named(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
