@@ -28,7 +28,9 @@ __all__ = ["bind_context", "configure_logging", "get_logger", "syslog_priority"]
 LogFormat = Literal["auto", "json", "console"]
 
 # Dependencies that are chatty at DEBUG about things no operator needs (PNG chunks, JIT passes).
-_QUIET = ("PIL", "numba", "matplotlib", "urllib3.connectionpool", "asyncio")
+# Libraries whose debug lines drown the service's own: watchdog logs every raw inotify event, the service's own
+# reads of each file among them.
+_QUIET = ("PIL", "numba", "matplotlib", "urllib3.connectionpool", "asyncio", "watchdog")
 
 
 def syslog_priority(levelno: int) -> int:

@@ -271,6 +271,7 @@ class Service:
         self.in_flight_lock = threading.Lock()
         self.names_lock = threading.Lock()
         self.waiting_since: dict[str, float] = {}
+        self.not_ready_why: dict[int, str] = {}  # job id -> the last reason logged (at debug) for waiting
         self.fail_later: dict[int, float] = {}  # job id -> when the gate may look again (failed/ refused it)
         self.repeats = _Repeats()
         self.fail_refused: dict[int, str] = {}  # job id -> why failed/ refused it, for `status` (pending rows)
@@ -894,7 +895,11 @@ class Service:
                      ) -> None:
         assert self.jobs is not None
         if verdict.state == "not_yet":
+            if self.not_ready_why.get(job.id) != verdict.reason:  # each change once, not every look
+                self.not_ready_why[job.id] = verdict.reason
+                log.debug("not ready yet", folder=job.folder, path=job.relpath, reason=verdict.reason)
             return
+        self.not_ready_why.pop(job.id, None)
         gate.forget(job.id)
         if verdict.state == "gone":
             if self._folder_available(job.folder) and not self._failed_unrecorded(job, folder):
@@ -930,6 +935,7 @@ class Service:
             log.info("duplicate skipped", folder=job.folder, path=job.relpath, **({"kept": kept} if kept else {}))
             return
         self.jobs.mark_ready(job.id, verdict.size, verdict.mtime_ns, verdict.sha256)
+        log.debug("ready; queued", folder=job.folder, path=job.relpath, bytes=verdict.size, preset=folder.preset)
         self.waiting_since.setdefault(folder.preset, time.monotonic())
 
     # ----------------------------------------------------------------- prep thread
@@ -985,7 +991,9 @@ class Service:
             raise
         if not items:
             return None
-        return Batch(preset, items, batch_id=jobs[0].batch_id or f"b{jobs[0].id}")
+        batch = Batch(preset, items, batch_id=jobs[0].batch_id or f"b{jobs[0].id}")
+        log.debug("batch read", batch_id=batch.batch_id, preset=preset, files=len(items), claimed=len(jobs))
+        return batch
 
     def _read(self, job: Job) -> Prepared | None:
         """Read and decode one claimed job's source; settle the job here if that fails."""

@@ -21,6 +21,7 @@ from tests.daemon.harness import (
     plain_photo,
     temp_leftovers,
     wait_for,
+    wait_ready,
     write_config,
 )
 
@@ -307,3 +308,26 @@ def test_a_folder_swapped_for_a_link_while_running_is_never_followed(tmp_path, s
         assert daemon.stop() == 0, daemon.log_text()[-3000:]
     assert any("swapped for a link" in line.get("event", "") + str(line.get("reason", "")) + str(line.get("error", ""))
                for line in daemon.log_lines())
+
+
+def test_debug_logs_say_why_a_file_waits_and_leave_library_chatter_out(tmp_path):
+    """log_level = "debug" is for finding out why a file is not processed yet: the service's own reasons, each
+    once as it changes, not every raw inotify event of the watching library."""
+    config, layout = write_config(tmp_path, watch="events", extra='log_level = "debug"')
+    photo = face_photo(1)
+    daemon = Daemon(config).start()
+    try:
+        wait_ready(daemon)
+        with open(layout.hot["a"] / "slow.jpg", "wb") as fh:
+            fh.write(photo[: len(photo) // 2])
+            fh.flush()
+            wait_for(lambda: "not ready yet" in daemon.log_text(), 30, daemon, "the wait explained")
+            fh.write(photo[len(photo) // 2 :])
+        wait_for(lambda: (layout.out["a"] / "slow.jpg").exists(), 60, daemon, "the result")
+    finally:
+        assert daemon.stop() == 0
+    waits = [line for line in daemon.log_lines() if line.get("event") == "not ready yet"]
+    assert waits and all(line["path"] == "slow.jpg" for line in waits)
+    assert len({line["reason"] for line in waits}) == len(waits)  # each reason once in a row
+    assert any(line.get("event") == "ready; queued" for line in daemon.log_lines())
+    assert "watchdog" not in daemon.log_text()
