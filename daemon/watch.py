@@ -138,6 +138,11 @@ class _Unavailable(Exception):
     pass
 
 
+# Seconds a file of a type that is not restored must stay unchanged before it is listed as left in the folder:
+# copy tools write under temporary names of their own (``photo.jpg.sb-1f2e``), renamed once complete.
+UNLISTED_QUIET = 60.0
+
+
 class FolderWatcher:
     """Reports candidate files of one hot folder; see the module docstring for the rules."""
 
@@ -544,9 +549,11 @@ class FolderWatcher:
                 seen_dirs.add(ident)
                 stack.append(relpath)
                 return
-            if not is_candidate(relpath, self._extensions):
-                return
             st = entry.stat(follow_symlinks=False)
+            if not is_candidate(relpath, self._extensions):
+                if stat.S_ISREG(st.st_mode) and time.time() - st.st_mtime > UNLISTED_QUIET:
+                    refused[relpath] = self._not_restored(name)
+                return
         except FileNotFoundError:
             return  # removed while scanning
         except OSError as exc:  # a path too long for the system, an I/O error: listed, not logged every scan
@@ -558,6 +565,11 @@ class FolderWatcher:
             refused[relpath] = "file name is not valid UTF-8"
         else:
             found[relpath] = (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def _not_restored(self, name: str) -> str:
+        ext = os.path.splitext(name)[1]
+        kind = f"{ext!r} files" if ext else "files without an extension"
+        return f"not an image type gpen-watch restores ({kind}; it restores {', '.join(sorted(self._extensions))})"
 
     def _check_one(self, rel: str) -> bool:
         """Whether one path from an event is a candidate now; refusals are reported."""

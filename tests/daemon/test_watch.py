@@ -1,6 +1,7 @@
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,23 @@ class TestScanning:
         rec = Recorder()
         assert make_watcher(hot, rec, sources=[]).scan() == []
         assert rec.refused == [("pipe.jpg", "not a regular file")]
+
+    def test_files_of_a_type_not_restored_are_listed_once_they_stay(self, hot):
+        """An iPhone's .heic, a .gif, or a "photo.jpg " with a trailing space is not silently ignored: once it has
+        stayed unchanged for a minute it is listed as left in the folder, saying which types are restored. A copy
+        tool's temporary name still changing, and junk (.DS_Store, .part), are not listed."""
+        old = time.time() - 3600
+        for name in ("IMG_0001.HEIC", "scan.gif", "photo.jpg ", "README", ".DS_Store", "big.tif.part"):
+            (hot / name).write_bytes(b"x")
+            os.utime(hot / name, (old, old))
+        (hot / "photo.jpg.sb-1f2e").write_bytes(b"being copied")
+        rec = Recorder()
+        assert make_watcher(hot, rec, sources=[]).scan() == []
+        reasons = dict(rec.refused)
+        assert sorted(reasons) == ["IMG_0001.HEIC", "README", "photo.jpg ", "scan.gif"]
+        assert reasons["IMG_0001.HEIC"].startswith("not an image type gpen-watch restores ('.HEIC' files; it restores ")
+        assert "'.jpg ' files" in reasons["photo.jpg "] and "files without an extension" in reasons["README"]
+        assert ".jpg" in reasons["scan.gif"] and ".png" in reasons["scan.gif"]
 
     def test_what_is_left_in_the_folder_is_listed_until_it_goes(self, hot, tmp_path):
         """refused() lists every entry that will never be processed, and forgets one at the scan after it went."""
