@@ -216,7 +216,8 @@ _LOCKED_HINT = (
 )
 _CORRUPT_HINT = (
     "stop gpen-watch, move the file (and its -wal and -shm files) aside and start again: the hot folders are "
-    "rescanned and no source file has been touched; keep the old file for diagnosis"
+    "rescanned and no source file has been touched (originals kept in place, after = \"keep\", whose backup and "
+    "result are on the outputs share are known as done, not published again); keep the old file for diagnosis"
 )
 
 

@@ -917,6 +917,13 @@ class Service:
                 job.folder, job.relpath, verdict.size, verdict.mtime_ns, sha256=verdict.sha256):
             self.jobs.mark_skipped(job.id, "already processed (unchanged since)")
             return
+        if folder.after == "keep" and self._published_before(folder, job.relpath, verdict.sha256):
+            # A job table that was lost (moved aside as corrupted, a new state_dir) knows none of the originals
+            # left in place: the outputs share does.
+            self.jobs.mark_skipped(job.id, "already processed (its backup has the same bytes, and its result is there)",
+                                   identity=(verdict.size, verdict.mtime_ns, verdict.sha256))
+            log.info("already processed before this job table; not done again", folder=job.folder, path=job.relpath)
+            return
         if self.settings.duplicates == "skip" and self.jobs.find_done_by_hash(job.folder, verdict.sha256):
             kept = None  # the row stays pending (not claimable) until the duplicate is dealt with
             try:  # only the bytes that were checked: a file saved under the name since is new work
@@ -937,6 +944,23 @@ class Service:
         self.jobs.mark_ready(job.id, verdict.size, verdict.mtime_ns, verdict.sha256)
         log.debug("ready; queued", folder=job.folder, path=job.relpath, bytes=verdict.size, preset=folder.preset)
         self.waiting_since.setdefault(folder.preset, time.monotonic())
+
+    @staticmethod
+    def _published_before(folder: FolderSettings, relpath: str, sha256: str) -> bool:
+        """Whether the backup under ``relpath``'s own name holds these bytes and a result of that name is there."""
+        try:
+            backup = safe_join(folder.backup, relpath)
+            results = safe_join(folder.output, relpath).parent
+        except UnsafePath:
+            return False
+        stem = os.path.splitext(backup.name)[0]
+        try:
+            with os.scandir(results) as entries:
+                if not any(os.path.splitext(e.name)[0] == stem and e.is_file(follow_symlinks=False) for e in entries):
+                    return False
+        except OSError:
+            return False
+        return publish.file_has_sha256(backup, sha256)
 
     # ----------------------------------------------------------------- prep thread
     def _prep_loop(self) -> None:

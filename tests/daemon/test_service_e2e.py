@@ -210,6 +210,36 @@ def test_a_kept_original_that_is_only_touched_is_not_processed_again(tmp_path):
         assert daemon.stop() == 0, daemon.log_text()[-3000:]
 
 
+def test_kept_originals_are_not_redone_when_the_job_table_is_lost(tmp_path):
+    """after = "keep" leaves processed originals in the hot folder; only the job table knows they are done. Moved
+    aside as corrupted (as its error says to), a new table finds them again: those with their backup and result
+    on the outputs share are not restored and published a second time; one whose result never landed is."""
+    config, layout = write_config(tmp_path)
+    config.write_text(config.read_text().replace("stability_delay = 0.3", 'stability_delay = 0.3\nafter = "keep"'))
+    hot, out, backup = layout.hot["a"], layout.out["a"], layout.backup["a"]
+    daemon = Daemon(config).start()
+    try:
+        for i in (1, 2):
+            _drop(hot / f"k{i}.jpg", face_photo(i))
+        wait_for(lambda: (out / "k1.jpg").is_file() and (out / "k2.jpg").is_file(), 90, daemon, "both published")
+    finally:
+        assert daemon.stop() == 0
+    for name in os.listdir(tmp_path / "state"):
+        if name.startswith("jobs.sqlite3"):
+            os.replace(tmp_path / "state" / name, tmp_path / f"aside-{name}")
+    (out / "k2.jpg").unlink()  # as if the process had died between the backup and the result
+    again = Daemon(config).start()
+    try:
+        wait_for(lambda: (out / "k2 (1).jpg").is_file(), 90, again, "k2 redone")
+        wait_for(lambda: "already processed before this job table" in again.log_text(), 30, again, "k1 known")
+        time.sleep(2.5)  # two more rescans
+    finally:
+        assert again.stop() == 0
+    # k2's earlier backup is never replaced: its redo takes the next number, in both folders.
+    assert sorted(p.name for p in files_under(out)) == ["k1.jpg", "k2 (1).jpg"]
+    assert sorted(p.name for p in files_under(backup)) == ["k1.jpg", "k2 (1).jpg", "k2.jpg"]
+
+
 def _skipped_in_table(root) -> bool:
     with sqlite3.connect(root / "state" / "jobs.sqlite3") as con:
         return bool(con.execute("SELECT 1 FROM jobs WHERE state = 'skipped'").fetchall())
