@@ -277,6 +277,8 @@ def _list(settings: Settings) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    if any(row[3] == "present" for row in rows[1:]):
+        print("present: the file is there, not yet checked; `gpen-watch models verify` loads each one strictly")
     return 0
 
 
@@ -293,11 +295,21 @@ def _download(settings: Settings, names: list[str], *, force: bool) -> int:
     for name in names:
         spec = table[name]
         path = resolve_path(settings, spec)
+        corrupt = None
         if _present(path) and not force:
-            print(f"{name}: present ({_human(path.stat().st_size)}), skipped (use --force to fetch again)")
-            continue
+            # Loaded (or its checksum taken) before it is called present: an error page saved under the name, or a
+            # copy cut short, would otherwise be "skipped" here and refused by `run`.
+            state = file_state(spec, path, check=True)
+            if state.state != "corrupt":
+                print(f"{name}: present ({_human(state.size)}, loads), skipped (use --force to fetch again)")
+                continue
+            corrupt = state.detail
+            print(f"{name}: present but CORRUPT: {corrupt}" + ("; fetching it again" if spec.urls else ""))
         if not spec.urls:
-            if _present(path):  # --force on a file only the user can supply: keep it, nothing to fetch
+            if corrupt is not None:
+                print(f"{name}: no download address is configured for it: copy a good file to {path}",
+                      file=sys.stderr)
+            elif _present(path):  # --force on a file only the user can supply: keep it, nothing to fetch
                 print(f"{name}: present, kept: no download address is configured for it", file=sys.stderr)
             else:
                 print(missing_message(spec, path, downloads_off=False), file=sys.stderr)

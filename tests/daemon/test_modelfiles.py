@@ -291,6 +291,21 @@ class TestDownloads:
         assert run(env, "models", "download", "tiny") == 0
         assert "present" in capsys.readouterr().out
 
+    def test_models_download_fetches_a_damaged_file_again(self, env, file_server, capsys) -> None:
+        """An error page saved under the weight file's name is not "present, skipped": `run` would refuse it.
+        It is named corrupt and fetched again; without an address to fetch from, the command fails."""
+        root, base = file_server
+        tiny_generator_file(root / "tiny.pth")
+        (env["models"] / "tiny.pth").write_text("<html>403 Forbidden</html>")
+        env["config"].write_text(_config(env["models"], url=f"{base}/tiny.pth"))
+        assert run(env, "models", "download", "tiny") == 0
+        assert "present but CORRUPT" in capsys.readouterr().out
+        assert (env["models"] / "tiny.pth").read_bytes() == (root / "tiny.pth").read_bytes()
+        (env["models"] / "tiny.pth").write_text("<html>403 Forbidden</html>")
+        env["config"].write_text(_config(env["models"]))
+        assert run(env, "models", "download", "tiny") == 1
+        assert "copy a good file to" in capsys.readouterr().err
+
     def test_models_download_without_names_fetches_what_the_presets_use(self, env, file_server, capsys) -> None:
         """Not every known model (seven files, some of 300 MB): only those the configured folders' presets name."""
         root, base = file_server
