@@ -27,7 +27,15 @@ from tqdm import tqdm
 
 from daemon.executor import Raised, device_lost, run_narrowing
 from daemon.modelfiles import MissingModelError, ensure_models, models_of
-from daemon.paths import FileTooLarge, UnsafePath, is_candidate, max_file_bytes, normalize_extensions, read_no_follow
+from daemon.paths import (
+    FileTooLarge,
+    UnsafePath,
+    is_candidate,
+    is_ignored_name,
+    max_file_bytes,
+    normalize_extensions,
+    read_no_follow,
+)
 from daemon.publish import fit_stem, write_atomic
 from daemon.settings import ConfigError, Settings, engine_options, preset_table, settings_from_args
 from gpen_engine import imageio
@@ -114,9 +122,11 @@ def command(args: Any) -> int:
             why = "a file, not a folder" if output.exists() and not output.is_dir() else exc.strerror or exc
             print(f"error: output folder {output}: {why}", file=sys.stderr)
             return 2
-    items, problems = collect_inputs([Path(p) for p in args.paths], output, settings.extensions)
+    skipped: list[tuple[Path, str]] = []
+    items, problems = collect_inputs([Path(p) for p in args.paths], output, settings.extensions, skipped)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
+    _say_skipped(skipped)
     if not items:
         print("error: no image files to restore", file=sys.stderr)
         return 1
@@ -130,7 +140,8 @@ def command(args: Any) -> int:
     tally = run(items, Restorer(models, preset), options, io_threads=settings.io_threads,
                 compare=bool(args.compare), log=lambda m: tqdm.write(m, file=sys.stderr))
     tally.failed += len(problems)
-    summary = f"{tally.ok} ok, {tally.failed} failed, {tally.faces} faces"
+    summary = f"{tally.ok} ok, {tally.failed} failed, {tally.faces} faces" + (
+        f", {len(skipped)} skipped" if skipped else "")
     if tally.device_lost is not None:
         not_done = len(items) + len(problems) - tally.ok - tally.failed
         print(f"error: the device stopped working ({tally.device_lost}); even a blank test image fails, so the "
@@ -144,6 +155,17 @@ def command(args: Any) -> int:
     if random_weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     return 1 if tally.failed else 0
+
+
+def _say_skipped(skipped: list[tuple[Path, str]], shown: int = 3) -> None:
+    """One line per reason, naming the first few files: found in the folders, left alone, never silently."""
+    by_reason: dict[str, list[Path]] = {}
+    for path, why in skipped:
+        by_reason.setdefault(why, []).append(path)
+    for why, paths in by_reason.items():
+        names = ", ".join(str(p) for p in paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown
+                                                           else "")
+        print(f"skipped {len(paths)} file(s), {why}: {names}", file=sys.stderr)
 
 
 def load_models(settings: Settings, preset: Preset, *, device: str | None, random_weights: bool,
@@ -193,15 +215,16 @@ def load_models(settings: Settings, preset: Preset, *, device: str | None, rando
 
 
 def collect_inputs(
-    paths: list[Path], output: Path | None, extensions: list[str]
+    paths: list[Path], output: Path | None, extensions: list[str], skipped: list[tuple[Path, str]] | None = None,
 ) -> tuple[list[Item], list[str]]:
     """Files to restore (folders walked recursively) and a message for each argument that cannot be used.
 
-    Inside folders only candidate images count: junk, hidden and temporary names, other extensions,
-    symbolic links and this command's own earlier outputs are skipped; a folder that cannot be read is
-    a problem, not a silent gap. A file named on the command line is read even through a link (the
-    user chose it); its result goes beside the name given. A result that would land in its source's
-    own folder is always marked ``.restored``, so that a later run does not take it for an input.
+    Inside folders only candidate images count: junk, hidden and temporary names are passed over; other
+    extensions, symbolic links and this command's own earlier outputs are skipped, each added to ``skipped``
+    with why; a folder that cannot be read is a problem, not a silent gap. A file named on the command line is
+    read even through a link (the user chose it); its result goes beside the name given. A result that would
+    land in its source's own folder is always marked ``.restored``, so that a later run does not take it for
+    an input.
     """
     exts = normalize_extensions(extensions)
     # An -o inside a folder being walked: its results would be inputs to the next run on that folder.
@@ -219,7 +242,7 @@ def collect_inputs(
             problems.append(f"{path}: {exc.strerror or exc}")
             continue
         if stat.S_ISDIR(st.st_mode):
-            for rel in _walk(path, exts, output, problems):
+            for rel in _walk(path, exts, output, problems, [] if skipped is None else skipped):
                 source = path / rel
                 _add(items, seen, _item(source, source, (output / rel).parent if output else source.parent, mark))
         elif stat.S_ISREG(st.st_mode):
@@ -248,7 +271,8 @@ def _add(items: list[Item], seen: set[Path], item: Item) -> None:
         items.append(item)
 
 
-def _walk(root: Path, exts: frozenset[str], output: Path | None, problems: list[str]) -> Iterator[str]:
+def _walk(root: Path, exts: frozenset[str], output: Path | None, problems: list[str],
+          skipped: list[tuple[Path, str]]) -> Iterator[str]:
     """POSIX relative paths of candidate images below ``root``, sorted, never through a link."""
     skip = output.resolve() if output else None
 
@@ -261,9 +285,16 @@ def _walk(root: Path, exts: frozenset[str], output: Path | None, problems: list[
         for name in sorted(filenames):
             full = here / name
             rel = full.relative_to(root).as_posix()
-            if not is_candidate(rel, exts) or _OWN_OUTPUT.search(name) or full.is_symlink():
-                continue
-            yield rel
+            if any(is_ignored_name(part) for part in rel.split("/")):
+                continue  # junk, hidden and temporary names: not the user's photos
+            if full.is_symlink():
+                skipped.append((full, "links inside folders are not followed"))
+            elif not is_candidate(rel, exts):
+                skipped.append((full, "not an image type that is restored"))
+            elif _OWN_OUTPUT.search(name):
+                skipped.append((full, "a result of an earlier run (.restored, .compare)"))
+            else:
+                yield rel
 
 
 # ----------------------------------------------------------------------------------------- run

@@ -283,6 +283,24 @@ class TestAwkwardArguments:
         assert "locked: cannot read folder: Permission denied" in err
         assert "1 ok, 1 failed" in err
 
+    def test_files_left_alone_in_a_folder_are_named_not_passed_over(self, config: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+        """A link, an iPhone .heic and an earlier result in the folder are not restored, and the run says so (and
+        counts them); junk such as .DS_Store is not worth a word."""
+        folder = tmp_path / "in"
+        folder.mkdir()
+        (folder / "p.jpg").write_bytes(jpeg_crop((300, 50, 700, 350)))
+        (folder / "IMG_0001.heic").write_bytes(b"not read")
+        (folder / "old.restored.jpg").write_bytes(b"not read")
+        (folder / "passwd.jpg").symlink_to("/etc/passwd")
+        (folder / ".DS_Store").write_bytes(b"junk")
+        assert enhance(config, str(folder)) == 0
+        err = capsys.readouterr().err
+        assert "skipped 1 file(s), links inside folders are not followed: " in err and "passwd.jpg" in err
+        assert "skipped 1 file(s), not an image type that is restored: " in err and "IMG_0001.heic" in err
+        assert "skipped 1 file(s), a result of an earlier run" in err and "old.restored.jpg" in err
+        assert ".DS_Store" not in err and "1 ok, 0 failed" in err and ", 3 skipped" in err
+
     def test_output_into_the_input_folder_is_not_restored_again(self, config: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
         """-o naming the input folder itself marks results .restored, so a second run skips them."""
