@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import re
 from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -289,9 +290,11 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         flags = [k for k, v in overrides.items() if v is not None]
         raise ConfigError(format_validation_error(exc, toml_file, flags)) from None
     except SettingsError as exc:  # an environment variable that is not JSON where a list or table is needed
+        field = re.search(r'field "([^"]+)"', str(exc))
+        var = f"${ENV_PREFIX}{field[1].upper()}" if field else "an environment variable"
         raise ConfigError(
-            f"invalid environment variable: {exc} ({exc.__cause__}); lists and tables are written as JSON, "
-            """e.g. GPEN_WATCH_EXTENSIONS='[".jpg", ".png"]'"""
+            f"invalid configuration: {var} is not valid JSON ({exc.__cause__}); lists and tables are written as "
+            """JSON in the environment, e.g. GPEN_WATCH_EXTENSIONS='[".jpg", ".png"]'"""
         ) from None
     except (OSError, ValueError) as exc:  # unreadable file, TOML syntax error
         raise ConfigError(f"cannot read config {toml_file}: {exc}") from None
@@ -329,11 +332,37 @@ def format_validation_error(exc: ValidationError, source: Path | None, flags: Co
             lines.append(f"  {message}")
         elif err["type"] == "missing":
             lines.append(f"  {name}: required setting is missing{origin}")
+        elif err["type"] == "extra_forbidden":
+            lines.append(f"  {name}: not a setting{origin}{_unknown_key_hint(err['loc'])}")
         elif "input" in err and not isinstance(err["input"], dict | list):
             lines.append(f"  {name} = {err['input']!r}: {message}{origin}")
         else:
             lines.append(f"  {name}: {message}{origin}")
     return "\n".join(lines)
+
+
+# The tables a key can be in, by the path that leads to them (a name or an index in place of "*").
+_TABLES: dict[tuple[str, ...], type[BaseModel]] = {
+    ("folders", "*"): FolderSettings, ("presets", "*"): PresetSettings, ("models", "*"): ModelEntry,
+    ("metrics",): MetricsSettings,
+}
+
+
+def _unknown_key_hint(loc: tuple[int | str, ...]) -> str:
+    """'; did you mean ...?' for a key no table has, and where TOML put a top-level key written after a table."""
+    key, parent = str(loc[-1]), loc[:-1]
+    pattern = tuple("*" if i % 2 and parent[0] in ("folders", "presets", "models") else str(part)
+                    for i, part in enumerate(parent))
+    model = _TABLES.get(pattern) if parent else None
+    known = list((model or Settings).model_fields)
+    if model is not None and key in Settings.model_fields and key not in known:
+        return (f"; {key} is a top-level setting: in TOML a key written below a [table] header belongs to that "
+                "table, so move it above the first header")
+    singular = {"folder": "[[folders]]", "model": "[[models]]", "preset": "[presets.NAME]"}
+    if not parent and key in singular:
+        return f"; did you mean {key}s? (its tables are written {singular[key]})"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean {'.'.join(map(str, parent + (close[0],)))}?" if close else ""
 
 
 def _env_origin(loc: tuple[int | str, ...]) -> str:

@@ -118,8 +118,9 @@ def test_an_environment_value_is_named_as_such(tmp_path: Path, monkeypatch: pyte
         load_settings(write(tmp_path, ""))
     monkeypatch.setenv("GPEN_WATCH_MAX_ATTEMPTS", "3")
     monkeypatch.setenv("GPEN_WATCH_EXTENSIONS", ".jpg")
-    with pytest.raises(ConfigError, match="invalid environment variable"):
+    with pytest.raises(ConfigError, match=r"\$GPEN_WATCH_EXTENSIONS is not valid JSON") as exc:
         load_settings(write(tmp_path, ""))
+    assert "EnvSettingsSource" not in str(exc.value)  # the library's own words for where it read it
 
 
 def test_bases_that_go_round_in_a_circle_are_named(tmp_path: Path) -> None:
@@ -140,6 +141,23 @@ def test_a_misspelt_environment_variable_is_refused(tmp_path: Path, monkeypatch:
         load_settings(None)
     assert "$GPEN_WATCH_MAX_ATEMPTS: not a setting (did you mean $GPEN_WATCH_MAX_ATTEMPTS?)" in str(exc.value)
     assert "did you mean $GPEN_WATCH_METRICS__ENABLED?" in str(exc.value)
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("max_ready_wiat = 3\n", "max_ready_wiat: not a setting; did you mean max_ready_wait?"),
+    ("[metrics]\nenable = true\n", "metrics.enable: not a setting; did you mean metrics.enabled?"),
+    ('[[folder]]\npath = "/srv/in"\n',
+     "folder: not a setting; did you mean folders? (its tables are written [[folders]])"),
+    ("[presets.fast]\nstrength = 60\nmax_ready_wait = 30\n",
+     "presets.fast.max_ready_wait: not a setting; max_ready_wait is a top-level setting: in TOML a key written "
+     "below a [table] header belongs to that table"),
+])
+def test_an_unknown_key_says_what_was_likely_meant(tmp_path: Path, text: str, said: str) -> None:
+    """A misspelt key, a [[folder]] for [[folders]], or a top-level setting written below a table (which TOML
+    puts inside it) is refused with what was likely meant, not pydantic's "Extra inputs are not permitted"."""
+    with pytest.raises(ConfigError) as exc:
+        load_settings(write(tmp_path, text))
+    assert said in str(exc.value) and "Extra inputs" not in str(exc.value)
 
 
 def test_an_empty_extension_list_is_refused(tmp_path: Path) -> None:
