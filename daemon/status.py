@@ -392,8 +392,12 @@ def _one_line(text: str | None, width: int = 160) -> str:
 
 
 def _shown(text: str) -> str:
-    """``text`` with control characters escaped: a file name must not move the cursor or recolour a terminal."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    """``text`` with control characters escaped: a file name must not move the cursor or recolour a terminal.
+
+    A byte of a name that is not UTF-8 (read as a lone surrogate) is shown as ``\\xff``, as ``ls -b`` and
+    shells write it, so that the file can be found and named."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else ascii(c)[1:-1] for c in text)
 
 
 def render_text(report: Report) -> str:
