@@ -711,8 +711,11 @@ def _format_info(im: ImageFile.ImageFile, data: bytes, fmt: str) -> dict[str, ob
     if fmt == "JPEG":
         info["jpeg_subsampling"] = JpegImagePlugin.get_sampling(im)
         info["progressive"] = bool(im.info.get("progressive") or im.info.get("progression"))
-        if isinstance(comment := im.info.get("comment"), bytes) and comment:
-            info["jpeg_comment"] = comment
+        # Every comment segment, in order: scanners and archives leave several (a scanner's note, a box number),
+        # and Pillow keeps only the last.
+        if comments := [data[pos + 4 : pos + 2 + length] for marker, pos, length in jpeg.header_segments(data)
+                        if marker == 0xFE and length > 2]:
+            info["jpeg_comments"] = comments
         # Joined first: Photoshop continues a long run of resources in the next segment, and a record that
         # crosses into it is cut short in Pillow's reading of each segment alone.
         resources = jpeg.app13_resources(data)
@@ -962,9 +965,10 @@ def _encode_8bit(
                 del params["xmp"]
             else:
                 params["xmp"] = xmp
-        if options.keep_metadata and isinstance(comment := image.info.get("jpeg_comment"), bytes):
-            params["comment"] = comment
         encoded = _save(pil, fmt, **params)
+        if options.keep_metadata and isinstance(comments := image.info.get("jpeg_comments"), list):
+            encoded = jpeg.with_segments(encoded, [b"\xff\xfe" + struct.pack(">H", len(text) + 2) + text
+                                               for text in comments])
         if meta.get("xmp_extended"):
             encoded = jpeg.with_segments(encoded, [b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
                                                for body in meta["xmp_extended"]])

@@ -1019,6 +1019,19 @@ class TestMetadata:
         as_tiff = _open(encode(image, image.rgb, options=EncodeOptions(format="TIFF"))[0])
         assert iptc == as_tiff.tag_v2.get(33723)
 
+    def test_every_jpeg_comment_is_kept_in_order(self) -> None:
+        """A scanner's note and an archive's box number, in two comment segments: both come back, in order."""
+        plain = _save(Image.fromarray(_photo()), "JPEG")
+        notes = [b"scanned 1998 by the archive", b"box 17, folder 3"]
+        source = plain[:2] + b"".join(b"\xff\xfe" + struct.pack(">H", len(n) + 2) + n for n in notes) + plain[2:]
+        image = decode(source)
+        data = encode(image, image.rgb, options=EncodeOptions())[0]
+        found = [data[pos + 4 : pos + 2 + length] for marker, pos, length in jpeg.header_segments(data)
+                 if marker == 0xFE]
+        assert found == notes
+        assert not [m for m, _, _ in jpeg.header_segments(encode(image, image.rgb, options=EncodeOptions(
+            keep_metadata=False))[0]) if m == 0xFE]
+
     def test_photoshop_rights_and_paths_are_kept_and_its_thumbnail_is_not(self) -> None:
         """Besides IPTC, Photoshop's resources hold the copyright flag, the rights URL and clipping paths (named):
         they come back, block for block, in a JPEG result and in a TIFF one (tag 34377). Its thumbnail of the
