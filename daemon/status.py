@@ -459,14 +459,19 @@ def render_text(report: Report) -> str:
 
     # Passing trouble (an output share away, a full disk) shows under retries: nothing has failed, files wait.
     lines += _file_lines("waiting to retry (latest):", report.retrying, lambda f: "",
-                         lambda f: f"{_shown(_one_line(f.error))} (attempts {f.attempts})")
+                         lambda f: f"{_shown(_one_line(f.error))}{_tries(f.attempts)}")
     # Finished, but a hot folder the service cannot write keeps the original: it is not processed again.
     lines += _file_lines("originals left in the hot folder (latest; processed, but they could not be removed):",
                          report.kept, lambda f: f" ({f.stage})", lambda f: _shown(_one_line(f.error)))
     lines += _file_lines("last failures:", report.failures, lambda f: "",
-                         lambda f: f"{f'[{f.stage}] ' if f.stage else ''}{_shown(_one_line(f.error))} "
-                                   f"(attempts {f.attempts})")
+                         lambda f: f"{f'[{f.stage}] ' if f.stage else ''}{_shown(_one_line(f.error))}"
+                                   f"{_tries(f.attempts)}")
     return "\n".join(lines) + "\n"
+
+
+def _tries(attempts: int) -> str:
+    """How often the file was taken up for restoring; nothing for one refused before it ever was (at the gate)."""
+    return f" (tried {attempts} time{'s' * (attempts != 1)})" if attempts else ""
 
 
 def _file_lines(title: str, files: list[Failure], after_name: Callable[[Failure], str],

@@ -234,10 +234,13 @@ class TestCommand:
             table.mark_ready(job.id, 10, 1, "ee")
             (claimed,) = table.claim("fast", 1)
             table.retry_later(claimed.id, "publish: result /srv/out/e.jpg: Read-only file system", 60)
+            refused = table.note_candidate("/hot/fast", "empty.jpg", "fast")
+            table.fail(refused.id, "readiness", "empty file (0 bytes for 600 s)")
         main(["status", "--root", str(tmp_path)])
         out = capsys.readouterr().out
         assert "waiting to retry (latest):" in out
-        assert "publish: result /srv/out/e.jpg: Read-only file system (attempts 1)" in out
+        assert "publish: result /srv/out/e.jpg: Read-only file system (tried 1 time)" in out
+        assert "[readiness] empty file (0 bytes for 600 s)\n" in out  # never taken up: no count of tries
         main(["status", "--root", str(tmp_path), "--json"])
         assert json.loads(capsys.readouterr().out)["retrying"][0]["relpath"] == "e.jpg"
 
