@@ -374,6 +374,9 @@ def run(items: list[Item], restorer: Restorer, options: EngineOptions, *, io_thr
                         log(f"error: {decoded.item.source}: cannot write result: {exc}")
                         bar.update(1)
                         continue
+                    if targets[0].stem != decoded.item.stem:  # the plain name was taken: say which input this is
+                        log(f"{decoded.item.source}: its result is {targets[0].name} "
+                            f"({decoded.item.stem}{targets[0].suffix} was taken)")
                     writes.append((pool.submit(_encode_write, decoded, result, options, *targets), len(result.faces)))
                 finish_writes(block=False)
         except KeyboardInterrupt:

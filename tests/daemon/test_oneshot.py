@@ -179,17 +179,21 @@ class TestEnhanceFolders:
         assert "masked.tif" in warning and "1 extra channel" in warning
         assert (tmp_path / "masked.restored.tif").is_file()
 
-    def test_output_dir_keeps_structure_and_never_overwrites(self, config: Path, tmp_path: Path) -> None:
-        """-o DIR mirrors subfolders; a second run gets a suffixed name instead of replacing the first."""
+    def test_output_dir_keeps_structure_and_never_overwrites(self, config: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+        """-o DIR mirrors subfolders; a second run gets a suffixed name instead of replacing the first, and says
+        which result is which input's."""
         folder, out = tmp_path / "in", tmp_path / "out"
         (folder / "a" / "b").mkdir(parents=True)
         (folder / "a" / "b" / "photo.jpg").write_bytes(jpeg_crop((300, 50, 700, 350)))
         assert enhance(config, "-o", str(out), str(folder)) == 0
         first = out / "a" / "b" / "photo.jpg"
         first_bytes = first.read_bytes()
+        capsys.readouterr()
         assert enhance(config, "-o", str(out), str(folder)) == 0
         assert first_bytes == first.read_bytes()
         assert (out / "a" / "b" / "photo (1).jpg").is_file()
+        assert "photo.jpg: its result is photo (1).jpg (photo.jpg was taken)" in capsys.readouterr().err
 
     def test_rerun_beside_inputs_skips_own_outputs(self, config: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
