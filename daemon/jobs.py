@@ -438,6 +438,15 @@ class JobTable:
         )
         return {str(p) for row in rows for p in row if p is not None}
 
+    def remembers(self, folder: str, relpath: str, paths: Collection[str], *, besides: int) -> bool:
+        """Whether a row other than ``besides`` is of this file, or planned one of ``paths`` as a result or backup."""
+        marks = ", ".join("?" * len(paths)) or "NULL"
+        return bool(self._read(
+            f"SELECT 1 FROM jobs WHERE id != ? AND ((folder = ? AND relpath = ?) OR output_path IN ({marks}) "
+            f"OR backup_path IN ({marks})) LIMIT 1",
+            (besides, folder, relpath, *paths, *paths),
+        ))
+
     def source_of(self, output_path: str) -> tuple[str, str] | None:
         """(folder, relpath) of the newest job whose result was planned at ``output_path``, if any."""
         rows = self._read(

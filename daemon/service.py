@@ -917,7 +917,7 @@ class Service:
                 job.folder, job.relpath, verdict.size, verdict.mtime_ns, sha256=verdict.sha256):
             self.jobs.mark_skipped(job.id, "already processed (unchanged since)")
             return
-        if folder.after == "keep" and self._published_before(folder, job.relpath, verdict.sha256):
+        if folder.after == "keep" and self._published_before(folder, job, verdict.sha256):
             # A job table that was lost (moved aside as corrupted, a new state_dir) knows none of the originals
             # left in place: the outputs share does.
             self.jobs.mark_skipped(job.id, "already processed (its backup has the same bytes, and its result is there)",
@@ -945,20 +945,23 @@ class Service:
         log.debug("ready; queued", folder=job.folder, path=job.relpath, bytes=verdict.size, preset=folder.preset)
         self.waiting_since.setdefault(folder.preset, time.monotonic())
 
-    @staticmethod
-    def _published_before(folder: FolderSettings, relpath: str, sha256: str) -> bool:
-        """Whether the backup under ``relpath``'s own name holds these bytes and a result of that name is there."""
+    def _published_before(self, folder: FolderSettings, job: Job, sha256: str) -> bool:
+        """Whether this kept original was published before the job table knew it: the backup under its own name
+        holds these bytes and a result of that name is there, and the table has no row of the file, nor of either
+        name (so neither is another file's: folders may share an outputs folder)."""
+        assert self.jobs is not None
         try:
-            backup = safe_join(folder.backup, relpath)
-            results = safe_join(folder.output, relpath).parent
-        except UnsafePath:
-            return False
-        stem = os.path.splitext(backup.name)[0]
-        try:
+            backup = safe_join(folder.backup, job.relpath)
+            results = safe_join(folder.output, job.relpath).parent
+            if not os.path.isfile(backup):  # the common case, a new photo: one stat
+                return False
+            stem = os.path.splitext(backup.name)[0]
             with os.scandir(results) as entries:
-                if not any(os.path.splitext(e.name)[0] == stem and e.is_file(follow_symlinks=False) for e in entries):
-                    return False
-        except OSError:
+                found = [e.path for e in entries if os.path.splitext(e.name)[0] == stem
+                         and e.is_file(follow_symlinks=False)]
+        except (UnsafePath, OSError):
+            return False
+        if not found or self.jobs.remembers(job.folder, job.relpath, [str(backup), *found], besides=job.id):
             return False
         return publish.file_has_sha256(backup, sha256)
 

@@ -173,6 +173,21 @@ class TestQueue:
         assert table.claim("fast", 10) == []
         assert table.queue_depths() == {"quality": 1}
 
+    def test_what_the_table_remembers_of_a_file_and_its_names(self, table):
+        """``remembers``: another row of the same file, or a name another job planned; not the row asked about."""
+        first = table.note_candidate("/hot", "p.jpg", "fast")
+        assert not table.remembers("/hot", "p.jpg", ["/out/p.jpg"], besides=first.id)
+        table.mark_gone(first.id)
+        again = table.note_candidate("/hot", "p.jpg", "fast")
+        assert table.remembers("/hot", "p.jpg", [], besides=again.id)  # an earlier version of the file
+        job = ready_job(table, "q.jpg")
+        [claimed] = table.claim("fast", 1)
+        assert table.set_targets(claimed.id, "/out/q.jpg", "/backup/q.jpg")
+        new = table.note_candidate("/other", "q.jpg", "fast")
+        assert table.remembers("/other", "q.jpg", ["/backup/q.jpg"], besides=new.id)
+        assert not table.remembers("/other", "q.jpg", ["/backup/r.jpg"], besides=new.id)
+        assert job.id == claimed.id
+
     def test_retry_waits_until_due(self, table):
         """A transient failure is claimable again only once its delay has passed, and counts attempts."""
         job = ready_job(table, "a.jpg")

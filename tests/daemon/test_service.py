@@ -452,6 +452,32 @@ def _claimed_batch(svc: service.Service, folder: FolderSettings) -> service.Batc
     return service.Batch(folder.preset, items, "batch-1")
 
 
+def test_a_kept_original_counts_as_published_only_where_the_job_table_knows_nothing_of_it(tmp_path: Path) -> None:
+    """after = "keep" with a lost job table: a backup with the same bytes and a result of the name say the original
+    was published; not where another folder's job made those names (folders may share an outputs folder): that is
+    another file's. (Nor where the table has an earlier row of the file: ``JobTable.remembers``.)"""
+    svc, key, folder = _service_on_its_first_folder(tmp_path)
+    try:
+        assert svc.jobs is not None
+        photo = b"the photo's bytes" * 100
+        digest = hashlib.sha256(photo).hexdigest()
+        (folder.backup / "p.jpg").write_bytes(photo)
+        (folder.output / "p.jpg").write_bytes(b"its result")
+        job = svc.jobs.note_candidate(key, "p.jpg", folder.preset)
+        assert svc._published_before(folder, job, digest)
+        assert not svc._published_before(folder, job, hashlib.sha256(b"other bytes").hexdigest())
+        other = svc.jobs.note_candidate("/srv/another-hot-folder", "p.jpg", folder.preset)
+        svc.jobs.mark_ready(other.id, len(photo), 1, digest)
+        (claimed,) = svc.jobs.claim(folder.preset, 1)
+        assert svc.jobs.set_targets(claimed.id, str(folder.output / "p.jpg"), str(folder.backup / "p.jpg"))
+        assert not svc._published_before(folder, job, digest)
+    finally:
+        svc.publish_pool.shutdown()
+        svc.read_pool.shutdown()
+        assert svc.jobs is not None
+        svc.jobs.close()
+
+
 def test_a_file_waits_unread_while_its_output_share_is_away(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the outputs share unmounted, a claimed file is not decoded and restored only to fail publishing (at every
     retry, for as long as the share is away): it waits, its original untouched, and the wait names the share."""
