@@ -19,7 +19,7 @@ ORIENTATION = 0x0112
 EXIF_IFD = 0x8769
 PIXEL_X, PIXEL_Y = 0xA002, 0xA003
 X_RESOLUTION, Y_RESOLUTION = 0x011A, 0x011B
-_FOCAL_PLANE_X, _FOCAL_PLANE_Y = 0xA20E, 0xA20F
+FOCAL_PLANE_X, FOCAL_PLANE_Y = 0xA20E, 0xA20F
 _SHORT, _LONG, _RATIONAL, _DOUBLE, _IFD = 3, 4, 5, 12, 13
 _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
 _THUMBNAIL_OFFSET, _THUMBNAIL_LENGTH = 0x0201, 0x0202  # JPEGInterchangeFormat(Length), in IFD1
@@ -74,7 +74,7 @@ def patched(block: bytes, *, drop: Collection[int] = (), size: tuple[int, int] |
         if tag == EXIF_IFD and (sub := _sub_entries(data, order, entry)) is not None:
             if transposed:
                 _swap(data, order, sub, (PIXEL_X, PIXEL_Y))
-                _swap(data, order, sub, (_FOCAL_PLANE_X, _FOCAL_PLANE_Y))
+                _swap(data, order, sub, (FOCAL_PLANE_X, FOCAL_PLANE_Y))
             if size is not None and not _set_size(data, order, sub, size):
                 return None
     return HEADER + bytes(data)
@@ -166,7 +166,7 @@ def _swap(data: bytearray, order: str, entries: list[int], pair: tuple[int, int]
 
 def _set_size(data: bytearray, order: str, entries: list[int], size: tuple[int, int]) -> bool:
     found = {_tag(data, order, entry): entry for entry in entries}
-    for axis, (pixels, focal_plane) in enumerate(((PIXEL_X, _FOCAL_PLANE_X), (PIXEL_Y, _FOCAL_PLANE_Y))):
+    for axis, (pixels, focal_plane) in enumerate(((PIXEL_X, FOCAL_PLANE_X), (PIXEL_Y, FOCAL_PLANE_Y))):
         if pixels not in found:
             continue
         was = _value(data, order, found[pixels])

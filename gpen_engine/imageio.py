@@ -115,7 +115,9 @@ def decode(data: bytes, *, max_pixels: int = 100_000_000, long_side: int | None 
             _load(im, fmt)
             rgb, alpha, high_bit, grayscale, icc, info = _pixels(im, data, fmt)
         orientation = _orientation(im)
-        exif = _clean_exif(im, reset_orientation=orientation != 1)
+        # Pillow's libtiff path turns a TIFF upright itself as it loads, and forgets the tag: the bytes say.
+        turned = orientation if orientation != 1 or layout is not None else stored
+        exif = _clean_exif(im, reset_orientation=orientation != 1, transposed=turned in (5, 6, 7, 8))
         info.update(_format_info(im, data, fmt))
         if layout is None and orientation == 1 and stored != 1:
             # Pillow's libtiff path (compressed or tiled TIFFs) turns the pixels upright itself while loading and
@@ -607,14 +609,13 @@ def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(transforms[orientation](array))
 
 
-def _clean_exif(im: ImageFile.ImageFile, *, reset_orientation: bool) -> bytes | None:
+def _clean_exif(im: ImageFile.ImageFile, *, reset_orientation: bool, transposed: bool) -> bytes | None:
     """The source's EXIF for the restored photo: Orientation 1, no thumbnail, no tags describing the source's layout.
 
     Edited in place wherever the source carries EXIF as a block of its own (JPEG, PNG, WebP), so tag types and
     every offset, a maker note's included, stay as the camera wrote them.
     """
     block = _exif_source_block(im)
-    transposed = _orientation(im) in (5, 6, 7, 8)
     if block is not None and (kept := exif_block.patched(block, drop=_STRUCTURAL_TAGS, transposed=transposed)):
         return kept
     # Re-serialized by Pillow, which changes tag types and moves values (a maker note with offsets of its own then
@@ -628,6 +629,15 @@ def _clean_exif(im: ImageFile.ImageFile, *, reset_orientation: bool) -> bytes | 
             exif[_ORIENTATION] = 1
         if not len(exif):
             return None
+        if transposed:  # as exif_block.patched does in place
+            pairs: list[tuple[Any, tuple[int, int]]] = [(exif, (exif_block.X_RESOLUTION, exif_block.Y_RESOLUTION))]
+            if exif_block.EXIF_IFD in exif:
+                sub = exif.get_ifd(exif_block.EXIF_IFD)
+                pairs += [(sub, (exif_block.PIXEL_X, exif_block.PIXEL_Y)),
+                          (sub, (exif_block.FOCAL_PLANE_X, exif_block.FOCAL_PLANE_Y))]
+            for tags, (x, y) in pairs:
+                if x in tags and y in tags:
+                    tags[x], tags[y] = tags[y], tags[x]
         _keep_text(exif)
         return exif.tobytes()
     except (OSError, ValueError, TypeError, SyntaxError, KeyError, struct.error):

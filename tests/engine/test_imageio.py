@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile, ImageOps, PngImagePlugin
 
-from gpen_engine import jpeg, photoshop
+from gpen_engine import imageio, jpeg, photoshop
 from gpen_engine.imageio import (
     check_complete,
     decode,
@@ -845,6 +845,24 @@ class TestMetadata:
         result = _open(encode(image, image.rgb, options=EncodeOptions())[0])
         written = result.getexif()
         assert (float(written[0x011A]), float(written[0x011B])) == pytest.approx(result.info["dpi"]) == (150, 300)
+
+    @pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
+    def test_a_turned_tiff_s_exif_turns_with_it(self, compression: str) -> None:
+        """A TIFF's EXIF is rewritten, not edited in place (and libtiff turns a compressed one as it loads): its
+        resolutions, pixel sizes and focal-plane resolutions still trade places with the turn, not get scaled."""
+        from PIL.TiffImagePlugin import IFDRational
+
+        exif = Image.Exif()
+        exif.update({0x0112: 6, 0x011A: 300.0, 0x011B: 150.0, 0x0128: 2})
+        tiff_data = _save(Image.fromarray(_photo(48, 64)), "TIFF", compression=compression, exif=exif)
+        sub = {0xA002: 64, 0xA003: 48, 0xA20E: IFDRational(1000), 0xA20F: IFDRational(2000), 0xA210: 2}
+        holder = Image.Exif()
+        holder.get_ifd(0x8769).update(sub)
+        image = decode(imageio._with_exif_directories(tiff_data, holder.tobytes()))
+        got = _open(encode(image, image.rgb, options=EncodeOptions(format="JPEG"))[0]).getexif()
+        inner = got.get_ifd(0x8769)
+        assert (float(got[0x011A]), float(got[0x011B])) == (150, 300)
+        assert (inner[0xA002], inner[0xA003], float(inner[0xA20E]), float(inner[0xA20F])) == (48, 64, 2000, 1000)
 
     def test_source_layout_tags_leave_the_camera_exif_without_moving_it(self) -> None:
         """IFD0 tags that describe the source's pixel layout (ImageWidth, here, as some phones write it) are
