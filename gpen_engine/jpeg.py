@@ -258,11 +258,18 @@ def extended_xmp(data: bytes) -> list[bytes]:
 
 
 def app13_resources(data: bytes) -> bytes:
-    """A JPEG's Photoshop resources: the bodies of its APP13 segments after their header, in order (Photoshop
-    splits a long run over several)."""
-    return b"".join(data[pos + 4 + len(APP13_PHOTOSHOP) : pos + 2 + length]
-                    for marker, pos, length in header_segments(data)
-                    if marker == 0xED and data.startswith(APP13_PHOTOSHOP, pos + 4))
+    """A JPEG's Photoshop resources: the 8BIM blocks of its APP13 segments, in order.
+
+    Photoshop continues a long run in the next segment, so the bodies are read joined. Other writers close each
+    segment (with padding, or a block cut short): where the joined run does not read to its end, each segment's
+    blocks are read on their own instead."""
+    bodies = [data[pos + 4 + len(APP13_PHOTOSHOP) : pos + 2 + length] for marker, pos, length in header_segments(data)
+              if marker == 0xED and data.startswith(APP13_PHOTOSHOP, pos + 4)]
+    joined = b"".join(bodies)
+    blocks = photoshop.blocks(joined)
+    if sum(len(raw) for _, raw in blocks) >= len(joined.rstrip(b"\0")):
+        return b"".join(raw for _, raw in blocks)
+    return b"".join(raw for body in bodies for _, raw in photoshop.blocks(body))
 
 
 def with_app13(jpeg: bytes, resources: bytes) -> bytes:

@@ -1077,6 +1077,19 @@ class TestMetadata:
         again = decode(as_tiff)  # TIFF to TIFF: tag 34377 read and written back
         assert kept in encode(again, again.rgb, options=EncodeOptions())[0]
 
+    def test_photoshop_resources_in_segments_closed_on_their_own_are_read_each(self) -> None:
+        """Not every writer continues its run across segments: one that pads each segment (or ends one on a block
+        cut short) has its IPTC record in the next segment found all the same."""
+        iptc = b"\x1c\x02\x78" + struct.pack(">H", 5) + b"hello"
+        first = photoshop.block(0x040A, b"\x01") + bytes(6)  # the copyright flag, then padding
+        second = photoshop.block(photoshop.IPTC, iptc)
+        plain = _save(Image.fromarray(_photo()), "JPEG")
+        app13 = b"".join(b"\xff\xed" + struct.pack(">H", len(body) + 16) + b"Photoshop 3.0\0" + body
+                         for body in (first, second))
+        image = decode(plain[:2] + app13 + plain[2:])
+        assert image.info["iptc"] == iptc
+        assert photoshop.data_of(image.info["photoshop_resources"], 0x040A) == b"\x01"
+
     def test_photoshop_resources_past_one_segment_are_kept_whole(self) -> None:
         """Past 64 KB (a large thumbnail, long clipping paths) Photoshop continues its resources in a second APP13
         segment. An IPTC record that crosses into it comes back whole (300 keywords and the copyright, not the
