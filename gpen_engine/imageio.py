@@ -24,7 +24,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image, ImageCms, ImageFile, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
+from PIL import Image, ImageCms, ImageFile, JpegImagePlugin, PngImagePlugin, TiffImagePlugin, TiffTags
 
 from gpen_engine import exif as exif_block
 from gpen_engine import jpeg, photoshop, tiff
@@ -1156,15 +1156,18 @@ def _tiff_metadata(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _keep_text(exif: Image.Exif) -> None:
-    """Each text value of ``exif`` (its sub-directories' too) that is not ASCII made the bytes it was read from.
+    """Each of ``exif``'s main text fields that is not ASCII made the bytes it was read from.
 
     Pillow reads a TIFF text field as Latin-1 and writes text back as ASCII, each other character a "?": the
     Artist "Jürgen" (UTF-8, as cameras and editors write it) or a "©" would come out as "J??rgen". Bytes it
-    writes as they are. ASCII text stays text, so its field keeps its type where Pillow does not know the tag."""
-    for tags in (exif, *(exif.get_ifd(p) for p in _EXIF_POINTERS if p in exif or p == _INTEROP_IFD)):
-        for tag, value in list(tags.items()):
-            if isinstance(value, str) and not value.isascii():
-                tags[tag] = value.encode("latin-1", "replace")
+    writes as they are, as text where it knows the field is text: the main ones (Artist, Copyright,
+    ImageDescription, Make, Model...). Others (most of the Exif sub-directory's) it would write as numbers, so
+    they keep Pillow's "?"."""
+    for tag, value in list(exif.items()):
+        if isinstance(value, str) and not value.isascii() and TiffTags.lookup(tag).type == TiffTags.ASCII:
+            exif[tag] = value.encode("latin-1", "replace")
+
+
 def _tiff_compression(image: DecodedImage) -> str:
     source = image.info.get("tiff_compression")
     lossless = ("raw", "tiff_lzw", "tiff_deflate", "tiff_adobe_deflate", "packbits")

@@ -1214,6 +1214,13 @@ class TestMetadata:
         assert (got.get_ifd(0x8769)[0x9003], float(got.get_ifd(0x8769)[0x829D])) == ("2001:02:03 04:05:06", 5.6)
         assert (got.get_ifd(0x8825)[1], tuple(map(float, got.get_ifd(0x8825)[2]))) == ("N", (52.0, 30.0, 12.5))
 
+    def test_a_scanner_s_tiff_exif_gains_no_empty_sub_directory(self) -> None:
+        """A scan's EXIF is its TIFF tags alone (Make, Software): written into a JPEG, it has no Exif directory
+        with nothing in it, which validators warn about."""
+        image = decode(_save(Image.fromarray(_photo()), "TIFF", tiffinfo={271: "Epson", 305: "Scan"}))
+        got = _open(encode(image, image.rgb, options=EncodeOptions(format="JPEG"))[0]).getexif()
+        assert (got.get(271), got.get(305), 0x8769 in got) == ("Epson", "Scan", False)
+
     @pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
     def test_exif_interoperability_directory_comes_back_where_its_pointer_points(self, compression: str) -> None:
         """The Interoperability directory (InteropIndex "R98": the colour space a camera means) sits behind a
