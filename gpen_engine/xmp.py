@@ -9,6 +9,7 @@ in an attribute (``Camera:MotionPhoto="1"``, as phones do) or in an element of i
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
@@ -124,7 +125,9 @@ def _regions_turned(xmp: bytes, orientation: int, size: tuple[int, int]) -> byte
     centre, width and height as fractions of the stored image, not of the turned one a viewer shows) moved with
     the pixels; the size they apply to (``AppliedToDimensions``) made the result's."""
     out, pos = [], 0
-    for start, end in _elements(xmp, _PREFIX + rb"AppliedToDimensions"):
+    dimensions = _elements(xmp, _PREFIX + rb"AppliedToDimensions")
+    upright = orientation in (5, 6, 7, 8) and dimensions and _upright_already(xmp[slice(*dimensions[0])], size)
+    for start, end in dimensions:
         span = xmp[start:end]
         if value(span, b"unit") in (None, b"pixel"):
             span = _set(_set(span, _PREFIX + rb"w", str(size[0]).encode(), escaped=True),
@@ -133,13 +136,26 @@ def _regions_turned(xmp: bytes, orientation: int, size: tuple[int, int]) -> byte
         pos = end
     xmp = b"".join(out) + xmp[pos:]
     turn = _UPRIGHT.get(orientation)
-    if turn is None:
+    if turn is None or upright:
         return xmp
     out, pos = [], 0
     for start, end in _elements(xmp, _PREFIX + rb"Area"):
         out += [xmp[pos:start], _area_turned(xmp[start:end], turn)]
         pos = end
     return b"".join(out) + xmp[pos:]
+
+
+def _upright_already(dimensions: bytes, size: tuple[int, int]) -> bool:
+    """Whether regions that apply to ``dimensions`` were placed on the turned image a viewer shows, as some writers
+    do: its width and height have the upright result's proportions, not the stored image's (turned a quarter)."""
+    try:
+        w, h = (float(value(dimensions, name) or b"") for name in (b"w", b"h"))
+    except ValueError:
+        return False
+    if w <= 0 or h <= 0 or size[0] <= 0 or size[1] <= 0:
+        return False
+    shape, upright = w / h, size[0] / size[1]
+    return abs(math.log(shape / upright)) < abs(math.log(shape * upright))
 
 
 def _box_turned(left: float, top: float, width: float, height: float, turn: _Turn
@@ -149,7 +165,8 @@ def _box_turned(left: float, top: float, width: float, height: float, turn: _Tur
 
 
 def _number(x: float) -> bytes:
-    return (f"{x:.6f}".rstrip("0").rstrip(".") or "0").encode()
+    text = f"{x:.6f}".rstrip("0").rstrip(".")
+    return (text if text not in ("", "-0") else "0").encode()
 
 
 def _area_turned(area: bytes, turn: _Turn) -> bytes:
@@ -157,9 +174,17 @@ def _area_turned(area: bytes, turn: _Turn) -> bytes:
     if value(area, b"unit") not in (None, b"normalized"):
         return area
     try:
-        x, y, w, h = (float(value(area, name) or b"") for name in (b"x", b"y", b"w", b"h"))
+        x, y = (float(value(area, name) or b"") for name in (b"x", b"y"))
     except ValueError:
-        return area  # a point or a circle (no width and height), or a number not written as one
+        return area  # a number not written as one
+    if value(area, b"w") is None and value(area, b"h") is None:  # a point, or a circle's centre (its d stays)
+        for name, new in zip((b"x", b"y"), turn(x, y), strict=True):
+            area = _set(area, _PREFIX + name, _number(new), escaped=True)
+        return area
+    try:
+        w, h = (float(value(area, name) or b"") for name in (b"w", b"h"))
+    except ValueError:
+        return area
     left, top, w, h = _box_turned(x - w / 2, y - h / 2, w, h, turn)
     for name, new in ((b"x", left + w / 2), (b"y", top + h / 2), (b"w", w), (b"h", h)):
         area = _set(area, _PREFIX + name, _number(new), escaped=True)

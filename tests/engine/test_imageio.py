@@ -1151,6 +1151,23 @@ class TestMetadata:
         assert box.size == width * height and box.min() == 255
         assert (_xmp_value(xmp, b"stDim:w"), _xmp_value(xmp, b"stDim:h")) == (str(cols).encode(), str(rows).encode())
 
+    def test_regions_a_writer_placed_on_the_upright_photo_stay_and_a_point_turns(self) -> None:
+        """Some writers place regions on the photo as shown (AppliedToDimensions then has its upright shape):
+        those are left where they are. A point region (a focus point) turns like any other."""
+        from gpen_engine import xmp
+
+        def packet(dims: str, area: str) -> bytes:
+            return (f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><mwg-rs:Regions><mwg-rs:AppliedToDimensions {dims} '
+                    f'stDim:unit="pixel"/><mwg-rs:Area {area} stArea:unit="normalized"/></mwg-rs:Regions>'
+                    "</x:xmpmeta>").encode()
+
+        shown = packet('stDim:w="200" stDim:h="300"', 'stArea:x="0.25" stArea:y="0.3" stArea:w="0.1" stArea:h="0.2"')
+        assert b'stArea:x="0.25" stArea:y="0.3" stArea:w="0.1" stArea:h="0.2"' in xmp.for_result(
+            shown, (100, 150), turned_from=6)
+        point = packet('stDim:w="300" stDim:h="200"', 'stArea:x="0.25" stArea:y="0.3"')
+        turned = xmp.for_result(point, (100, 150), turned_from=6)
+        assert b'stArea:x="0.7" stArea:y="0.25"' in turned and b'stDim:w="100" stDim:h="150"' in turned
+
     @pytest.mark.parametrize("bits", [8, 16])
     @pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
     def test_tiff_xmp_and_iptc_are_kept(self, compression: str, bits: int) -> None:
