@@ -808,7 +808,11 @@ class Service:
                         del checks[job_id]
                     beat_at = time.monotonic()
                     check_decodes, max_bytes = _gate_limits(self.settings)  # a reload may change max_pixels
-                    for job in self.jobs.pending():
+                    pending = self.jobs.pending()
+                    waiting = {job.id for job in pending}
+                    for job_id in [i for i in self.not_ready_why if i not in waiting]:  # settled elsewhere
+                        del self.not_ready_why[job_id]
+                    for job in pending:
                         if self.stop_event.is_set():
                             break
                         if time.monotonic() - beat_at > 1.0:  # a pass over a big drop stats every file

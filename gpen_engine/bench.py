@@ -661,7 +661,7 @@ def _remeasured(rate: MatmulRate, device: torch.device, dtype: torch.dtype, swee
                 passes: Sequence[PassStats | None]) -> MatmulRate:
     """The matmul rate measured again at the end; the higher of the two is the machine's (less disturbed), and
     the fractions of the sweeps and passes measured against ``rate`` are rescaled to it."""
-    again = measure_matmul(device, dtype)
+    again = measure_matmul(device, dtype, n=rate.n)  # the same products: the two rates compare
     if again.flops_per_s <= rate.flops_per_s:
         return rate
     factor = rate.flops_per_s / again.flops_per_s
