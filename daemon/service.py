@@ -1011,6 +1011,7 @@ class Service:
         self.waiting_since[preset] = time.monotonic()
         if not jobs:
             return None
+        jobs = self._with_shares_there(jobs)
         try:
             items = [p for p in self.read_pool.map(self._read, jobs) if p is not None]
         except Exception as exc:
@@ -1025,6 +1026,26 @@ class Service:
         batch = Batch(preset, items, batch_id=jobs[0].batch_id or f"b{jobs[0].id}")
         log.debug("batch read", batch_id=batch.batch_id, preset=preset, files=len(items), claimed=len(jobs))
         return batch
+
+    def _with_shares_there(self, jobs: list[Job]) -> list[Job]:
+        """``jobs`` whose folder's outputs shares are there (looked at once per folder); the others wait unread.
+
+        Checked again when publishing; a share already away would have each file restored at every retry."""
+        away: dict[str, publish.ShareUnavailable | None] = {}
+        kept = []
+        for job in jobs:
+            folder = self.folders.get(job.folder)
+            if folder is not None and job.folder not in away:
+                try:
+                    self._check_mounted(folder.backup, folder.output, folder.done if folder.after == "move" else None)
+                    away[job.folder] = None
+                except publish.ShareUnavailable as lost:
+                    away[job.folder] = lost
+            if (why := away.get(job.folder)) is not None:
+                self._retry(job, "publish", why, side="destination")
+            else:
+                kept.append(job)
+        return kept
 
     def _read(self, job: Job) -> Prepared | None:
         """Read and decode one claimed job's source; settle the job here if that fails."""
@@ -1043,11 +1064,6 @@ class Service:
             return None
         if not self._folder_available(job.folder):  # gone, unmounted or swapped for a link: its files wait
             self.jobs.retry_later(job.id, "hot folder unavailable", self.settings.retry_backoff)
-            return None
-        try:  # checked again when publishing; a share already away would have the file restored at every retry
-            self._check_mounted(folder.backup, folder.output, folder.done if folder.after == "move" else None)
-        except publish.ShareUnavailable as exc:
-            self._retry(job, "publish", exc, side="destination")
             return None
         started = time.monotonic()
         try:

@@ -492,7 +492,7 @@ def test_a_file_waits_unread_while_its_output_share_is_away(tmp_path: Path, monk
         job_id = _queued(svc, key, folder, "a.jpg", photo.getvalue())
         table["text"] = ROOT_FS  # the share unmounted: its empty mount point is on the local disk
         (job,) = svc.jobs.claim(folder.preset, 1)
-        assert svc._read(job) is None
+        assert svc._with_shares_there([job]) == []  # the prep thread reads none of them
         waiting = svc.jobs.get(job_id)
         assert waiting.state == "retry"
         assert "is no longer mounted" in (waiting.last_error or "")
